@@ -1,0 +1,42 @@
+# backup_assets: `make run` starts the demo and Dagster, `make test` runs the suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export BACKUP_ASSETS_DEMO_HOME ?= $(CURDIR)/.demo
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+
+.PHONY: install run setup backup test bench clean stop
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## set up the demo databases (reused when present) and start Dagster with its daemon on :3000
+run: install
+	$(PY) -m backup_assets.demo run
+
+setup: install
+	$(PY) -m backup_assets.demo setup
+
+## back up yesterday's partition of every daily asset of the demo, from the command line
+backup: install
+	$(PY) -m backup_assets.demo backup
+
+stop: install
+	$(PY) -m backup_assets.demo stop
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) -m bench.run
+
+clean:
+	-$(PY) -m backup_assets.demo stop
+	rm -rf .demo .dagster_home

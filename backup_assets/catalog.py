@@ -1,0 +1,396 @@
+"""The catalog: what is backed up, where to, and on which tiers.
+
+One YAML file, validated once into pydantic models. Every error names the file, the key and the
+problem in one line, so a typo in production fails `dagster definitions validate` instead of a
+3 a.m. backup.
+
+Values may reference environment variables as ``${NAME}`` or ``${NAME:-default}``; the password
+itself is never written here, only the *name* of the variable that holds it (``password_env``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+TIER_NAMES = ("daily", "weekly", "monthly")
+IDENT = r"^[A-Za-z_][A-Za-z0-9_]*$"
+WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+DEFAULT_RETENTION = {"daily": 7, "weekly": 28, "monthly": 180}
+ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class CatalogError(ValueError):
+    """A catalog that cannot be used; the message names file, key and problem."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TierConfig(_Model):
+    enabled: bool = True
+    time: str = "03:00"
+    timezone: str | None = None
+    retention_days: Annotated[int, Field(ge=1)] = 7
+    # weekly runs on this weekday, monthly on this day of the month
+    day_of_week: Literal[WEEKDAYS] = "monday"  # type: ignore[valid-type]
+    day_of_month: Annotated[int, Field(ge=1, le=28)] = 1
+    # restore drills: run the `restore_drill` check on every partition of this tier
+    drill: bool | None = None
+
+    @field_validator("time")
+    @classmethod
+    def _time(cls, value: str) -> str:
+        match = re.fullmatch(r"(\d{1,2}):(\d{2})", value)
+        if not match or int(match.group(1)) > 23 or int(match.group(2)) > 59:
+            raise ValueError(f"bad time {value!r}: expected HH:MM between 00:00 and 23:59")
+        return f"{int(match.group(1)):02d}:{match.group(2)}"
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_timezone(value)
+        return value
+
+    @property
+    def hour(self) -> int:
+        return int(self.time.split(":")[0])
+
+    @property
+    def minute(self) -> int:
+        return int(self.time.split(":")[1])
+
+
+def _check_timezone(value: str) -> None:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown timezone {value!r}") from None
+
+
+class PostgresConnection(_Model):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 5432
+    dbname: str
+    user: str = "postgres"
+    password_env: str | None = None
+    sslmode: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_password(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("password", "passwd", "pass", "dsn", "url"):
+                if key in data:
+                    raise ValueError(
+                        f"'{key}' is not allowed: write the password into an environment variable "
+                        "and name that variable in password_env"
+                    )
+        return data
+
+    @field_validator("password_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(IDENT, value):
+            raise ValueError(
+                "password_env must be the NAME of an environment variable (letters, digits, _), "
+                "not the password itself"
+            )
+        return value
+
+    def password(self) -> str | None:
+        if self.password_env is None:
+            return None
+        value = os.environ.get(self.password_env)
+        if value is None:
+            raise CatalogError(f"environment variable {self.password_env} (password_env) is not set")
+        return value
+
+
+class TableGroup(_Model):
+    description: str | None = None
+    # None: the whole database
+    tables: list[str] | None = None
+
+    @field_validator("tables")
+    @classmethod
+    def _tables(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("a table group needs at least one table (leave 'tables' out for the whole database)")
+            for table in value:
+                parts = table.split(".")
+                if len(parts) > 2 or not all(re.fullmatch(IDENT, p) for p in parts):
+                    raise ValueError(f"bad table name {table!r}: expected table or schema.table")
+        return value
+
+
+class PruneRule(_Model):
+    table: str
+    timestamp_column: str
+    days: Annotated[int, Field(ge=1)]
+    # rows are pruned only once the backup of this group has passed a restore drill
+    verified_by_group: str = "core"
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 5_000
+
+    @field_validator("table", "timestamp_column")
+    @classmethod
+    def _ident(cls, value: str) -> str:
+        if not all(re.fullmatch(IDENT, p) for p in value.split(".")):
+            raise ValueError(f"bad identifier {value!r}")
+        return value
+
+
+class Source(_Model):
+    engine: Literal["postgres", "sqlite"]
+    description: str | None = None
+    owners: list[str] = []
+    # PostgreSQL
+    connection: PostgresConnection | None = None
+    pg_bin_dir: str | None = None
+    groups: dict[str, TableGroup] | None = None
+    drill_server: PostgresConnection | None = None
+    prune: list[PruneRule] = []
+    # SQLite
+    path: str | None = None
+    tables: list[str] | None = None
+    # both
+    tiers: list[Literal[TIER_NAMES]] | None = None  # type: ignore[valid-type]
+    pool: str | None = None
+
+    @model_validator(mode="after")
+    def _engine_fields(self) -> "Source":
+        if self.engine == "postgres":
+            if self.connection is None:
+                raise ValueError("a postgres source needs 'connection'")
+            if not self.groups:
+                raise ValueError("missing table group: a postgres source needs 'groups' with at least one group")
+            for name in self.groups:
+                if not re.fullmatch(IDENT, name):
+                    raise ValueError(f"bad group name {name!r}: letters, digits and _ only")
+            for field in ("path", "tables"):
+                if getattr(self, field) is not None:
+                    raise ValueError(f"'{field}' belongs to sqlite sources; postgres sources use 'groups'")
+            for rule in self.prune:
+                if rule.verified_by_group not in self.groups:
+                    raise ValueError(
+                        f"prune rule for {rule.table!r} names unknown table group {rule.verified_by_group!r}"
+                    )
+        else:
+            if not self.path:
+                raise ValueError("a sqlite source needs 'path'")
+            for field in ("connection", "groups", "pg_bin_dir", "drill_server"):
+                if getattr(self, field) is not None:
+                    raise ValueError(f"'{field}' belongs to postgres sources")
+            if self.prune:
+                raise ValueError("'prune' rules are supported for postgres sources only")
+        return self
+
+    def group_names(self) -> list[str]:
+        return list(self.groups) if self.engine == "postgres" else ["full"]
+
+    def group_tables(self, group: str) -> list[str] | None:
+        if self.engine == "sqlite":
+            return self.tables
+        return self.groups[group].tables
+
+    def pool_name(self) -> str:
+        if self.pool:
+            return self.pool
+        if self.engine == "postgres":
+            return re.sub(r"[^A-Za-z0-9_]", "_", f"pg_{self.connection.host}_{self.connection.port}")
+        return re.sub(r"[^A-Za-z0-9_]", "_", f"sqlite_{Path(self.path).name}")
+
+
+class Repository(_Model):
+    root: str
+
+
+class Catalog(_Model):
+    repository: Repository
+    timezone: str = "UTC"
+    start_date: dt.date = dt.date(2026, 1, 1)
+    tiers: dict[str, TierConfig] = Field(default_factory=dict, validate_default=True)
+    sources: dict[str, Source]
+    size_anomaly_threshold: Annotated[float, Field(gt=0)] = 0.5
+    # set by the loader, not by the file
+    catalog_path: str | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, value: str) -> str:
+        _check_timezone(value)
+        return value
+
+    @field_validator("tiers", mode="before")
+    @classmethod
+    def _tier_defaults(cls, value: Any) -> Any:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            return value
+        merged: dict[str, Any] = {}
+        for name, cfg in value.items():
+            if name not in TIER_NAMES:
+                raise ValueError(f"unknown tier {name!r} (expected one of {', '.join(TIER_NAMES)})")
+            cfg = dict(cfg or {})
+            cfg.setdefault("retention_days", DEFAULT_RETENTION[name])
+            cfg.setdefault("drill", name != "daily")
+            merged[name] = cfg
+        for name in TIER_NAMES:
+            merged.setdefault(name, {"retention_days": DEFAULT_RETENTION[name], "drill": name != "daily"})
+        return merged
+
+    @field_validator("sources")
+    @classmethod
+    def _source_names(cls, value: dict[str, Source]) -> dict[str, Source]:
+        if not value:
+            raise ValueError("at least one source is needed")
+        for name in value:
+            if not re.fullmatch(IDENT, name):
+                raise ValueError(f"bad source name {name!r}: letters, digits and _ only")
+        return value
+
+    # -- derived views ------------------------------------------------------------------------
+    @property
+    def base_dir(self) -> Path:
+        return Path(self.catalog_path).parent if self.catalog_path else Path.cwd()
+
+    def resolve_path(self, value: str) -> Path:
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+    @property
+    def repository_root(self) -> Path:
+        return self.resolve_path(self.repository.root)
+
+    def tier(self, name: str) -> TierConfig:
+        return self.tiers[name]
+
+    def tier_timezone(self, name: str) -> str:
+        return self.tiers[name].timezone or self.timezone
+
+    def source_tiers(self, source: str) -> list[str]:
+        src = self.sources[source]
+        wanted = src.tiers if src.tiers is not None else list(TIER_NAMES)
+        return [t for t in TIER_NAMES if t in wanted and self.tiers[t].enabled]
+
+    def backup_targets(self) -> list[tuple[str, str, str]]:
+        """Every (source, group, tier) that becomes a backup asset."""
+        return [
+            (source, group, tier)
+            for source, src in self.sources.items()
+            for group in src.group_names()
+            for tier in self.source_tiers(source)
+        ]
+
+
+def _interpolate(value: Any, env: dict[str, str], where: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str):
+
+        def repl(match: re.Match) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise CatalogError(f"{where}: environment variable {name} is not set")
+
+        return ENV_REF.sub(repl, value)
+    return value
+
+
+def _location(loc: tuple) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif str(item).startswith("function-") or item in ("literal['postgres','sqlite']",):
+            continue
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "(top level)"
+
+
+def _message(error: dict) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "missing required key"
+    msg = error["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    if kind == "literal_error":
+        msg = f"{msg}, got {error.get('input')!r}"
+    return msg
+
+
+def parse_catalog(data: Any, *, source_name: str = "<catalog>", env: dict[str, str] | None = None) -> Catalog:
+    environ = dict(os.environ)
+    if env:
+        environ = {**env, **environ}
+    if not isinstance(data, dict):
+        raise CatalogError(f"{source_name}: the catalog must be a mapping with 'repository' and 'sources'")
+    try:
+        data = _interpolate(data, environ, "")
+    except CatalogError as exc:
+        raise CatalogError(f"{source_name}: {exc}") from None
+    try:
+        catalog = Catalog.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        # the engine decides which fields apply: report a bad engine before anything it implies
+        for err in exc.errors():
+            if err["loc"][-1:] == ("engine",):
+                first = err
+                break
+        key = _location(first["loc"])
+        more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
+        raise CatalogError(f"{source_name}: {key}: {_message(first)}{more}") from None
+    return catalog
+
+
+def load_catalog(path: str | os.PathLike, *, env: dict[str, str] | None = None) -> Catalog:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise CatalogError(f"{path}: cannot read catalog: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise CatalogError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    catalog = parse_catalog(data, source_name=str(path), env=env)
+    return catalog.model_copy(update={"catalog_path": str(path.resolve())})
+
+
+DEMO_CATALOG = Path(__file__).parent / "demo" / "catalog.yaml"
+
+
+def demo_home() -> Path:
+    return Path(os.environ.get("BACKUP_ASSETS_DEMO_HOME") or (Path.cwd() / ".demo")).resolve()
+
+
+def catalog_from_env() -> Catalog:
+    """The catalog named by BACKUP_ASSETS_CATALOG, else the packaged demo catalog."""
+    path = os.environ.get("BACKUP_ASSETS_CATALOG")
+    if path:
+        return load_catalog(path)
+    return load_catalog(DEMO_CATALOG, env={"BACKUP_ASSETS_DEMO_HOME": str(demo_home())})

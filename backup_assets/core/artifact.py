@@ -1,0 +1,183 @@
+"""Artifacts on disk: stream → zstd → SHA-256 → temporary file → fsync → rename.
+
+Nothing that is still being written has an artifact's name, and a manifest is written only after
+its artifact is complete, so a crash at any point leaves nothing that looks like a good backup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import zstandard
+
+CHUNK = 1 << 20
+PARTIAL_MARK = ".partial-"
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+def ensure_dir(path: Path) -> Path:
+    """Create a folder (and parents) readable by its owner only."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for folder in reversed(missing):
+        folder.mkdir(mode=DIR_MODE, exist_ok=True)
+        folder.chmod(DIR_MODE)
+    return path
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def partial_path(final: Path) -> Path:
+    return final.with_name(f".{final.name}{PARTIAL_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+class _HashingSink:
+    """A file-like sink that hashes and counts what it writes."""
+
+    def __init__(self, fh: BinaryIO):
+        self._fh = fh
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self._fh.write(data)
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+
+@dataclass
+class WrittenArtifact:
+    path: Path
+    size_bytes: int
+    raw_size_bytes: int
+    sha256: str
+
+
+class ArtifactWriter:
+    """Compress a byte stream into `final` atomically. Use as a context manager.
+
+    Feed it with `write()` or `copy_from()`, then `commit()`; leaving the block without a
+    commit (an exception, a kill) removes the partial file.
+    """
+
+    def __init__(self, final: Path, *, level: int = 3, threads: int = 0):
+        self.final = final
+        self.level = level
+        self.threads = threads if threads > 0 else (os.cpu_count() or 1)
+        self._tmp = partial_path(final)
+        self._fh: BinaryIO | None = None
+        self._sink: _HashingSink | None = None
+        self._zw = None
+        self.raw_size = 0
+        self.result: WrittenArtifact | None = None
+
+    def __enter__(self) -> "ArtifactWriter":
+        ensure_dir(self.final.parent)
+        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        self._fh = os.fdopen(fd, "wb", buffering=CHUNK)
+        self._sink = _HashingSink(self._fh)
+        cctx = zstandard.ZstdCompressor(level=self.level, threads=self.threads, write_checksum=True)
+        self._zw = cctx.stream_writer(self._sink, closefd=False, write_size=CHUNK)
+        return self
+
+    def write(self, data: bytes) -> None:
+        self.raw_size += len(data)
+        self._zw.write(data)
+
+    def copy_from(self, stream: BinaryIO) -> None:
+        read = getattr(stream, "read1", stream.read)
+        while True:
+            chunk = read(CHUNK)
+            if not chunk:
+                break
+            self.write(chunk)
+
+    def commit(self) -> WrittenArtifact:
+        self._zw.flush(zstandard.FLUSH_FRAME)
+        self._zw.close()
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        os.replace(self._tmp, self.final)
+        fsync_dir(self.final.parent)
+        self.result = WrittenArtifact(self.final, self._sink.size, self.raw_size, self._sink.sha256.hexdigest())
+        return self.result
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.result is None:
+            try:
+                if self._fh and not self._fh.closed:
+                    self._fh.close()
+            finally:
+                try:
+                    os.unlink(self._tmp)
+                except FileNotFoundError:
+                    pass
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    ensure_dir(path.parent)
+    tmp = partial_path(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(payload, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextmanager
+def open_decompressed(path: Path) -> Iterator[BinaryIO]:
+    """A streaming reader of the artifact's original bytes."""
+    with open(path, "rb") as fh:
+        reader = zstandard.ZstdDecompressor().stream_reader(fh, read_size=CHUNK, read_across_frames=True)
+        try:
+            yield reader
+        finally:
+            reader.close()
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(n) < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n}"

@@ -1,0 +1,168 @@
+"""Taking a backup: dump (or promote) one source × group × tier × partition into the repository.
+
+Weekly and monthly partitions do not dump again when the source has a daily tier: they promote
+the daily artifact of their boundary day (the last day of their window) with a hard link, and
+write a manifest of their own. Without such a daily artifact they dump on their own.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import time
+from dataclasses import replace
+
+from ..catalog import Catalog
+from . import BackupError
+from .artifact import ArtifactWriter, ensure_dir, fsync_dir, human_size, partial_path, write_json_atomic
+from .engines import postgres, sqlite
+from .manifest import Manifest, manifest_path_for
+from .repository import LocalRepository, StoredBackup
+
+
+def endpoint_for(catalog: Catalog, source: str, dbname: str | None = None) -> postgres.Endpoint:
+    conn = catalog.sources[source].connection
+    return postgres.Endpoint(conn.host, conn.port, conn.user, dbname or conn.dbname, conn.password(), conn.sslmode)
+
+
+def repository_for(catalog: Catalog) -> LocalRepository:
+    return LocalRepository(catalog.repository_root)
+
+
+def asset_key_path(source: str, group: str, tier: str) -> str:
+    return f"{source}/{group}/{tier}"
+
+
+def window(tier: str, partition: str) -> tuple[dt.date, dt.date]:
+    """[first, last] day covered by a partition of a tier."""
+    start = dt.date.fromisoformat(partition[:10])
+    if tier == "daily":
+        return start, start
+    if tier == "weekly":
+        return start, start + dt.timedelta(days=6)
+    if tier == "monthly":
+        nxt = (start.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
+        return start, nxt - dt.timedelta(days=1)
+    raise BackupError(f"unknown tier {tier!r}")
+
+
+def boundary_day(tier: str, partition: str) -> str:
+    return window(tier, partition)[1].isoformat()
+
+
+def _now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def run_backup(catalog: Catalog, source: str, group: str, tier: str, partition: str, *, log=None) -> Manifest:
+    """Back up one partition; returns its manifest once artifact and manifest are on disk."""
+    say = log or (lambda _msg: None)
+    src = catalog.sources[source]
+    if (source, group, tier) not in catalog.backup_targets():
+        raise BackupError(f"{source}/{group}/{tier} is not in the catalog")
+    repo = repository_for(catalog)
+    repo.sweep_partials()
+    if tier != "daily" and "daily" in catalog.source_tiers(source):
+        day = boundary_day(tier, partition)
+        daily = repo.latest(source, group, "daily", day)
+        if daily is not None and _artifact_looks_complete(daily):
+            say(f"promoting daily backup {daily.manifest.artifact} of {day} to {tier} {partition}")
+            return promote(repo, daily, tier, partition)
+        say(f"no daily backup of {day} to promote: dumping {source}/{group} for {tier} {partition}")
+    return dump(catalog, source, group, tier, partition, say=say)
+
+
+def _artifact_looks_complete(backup: StoredBackup) -> bool:
+    try:
+        return backup.artifact_path.stat().st_size == backup.manifest.size_bytes
+    except FileNotFoundError:
+        return False
+
+
+def dump(catalog: Catalog, source: str, group: str, tier: str, partition: str, *, say=print) -> Manifest:
+    src = catalog.sources[source]
+    repo = repository_for(catalog)
+    what = f"source '{source}' group '{group}': "
+    final = repo.new_artifact_path(src.engine, tier, source, group, partition)
+    level = 3
+    started = time.monotonic()
+    try:
+        with ArtifactWriter(final, level=level) as writer:
+            if src.engine == "postgres":
+                ep = endpoint_for(catalog, source)
+                result = postgres.dump(ep, src.group_tables(group), writer.copy_from, pg_bin_dir=src.pg_bin_dir, what=what)
+                facts = result.facts
+                details = dict(
+                    database=ep.dbname, host=ep.host, port=ep.port, format="pg_dump-custom",
+                    tables=result.tables, row_counts=facts.row_counts, vectors=facts.vectors,
+                    indexes=facts.indexes, extensions=facts.extensions, snapshot_at=result.snapshot_at,
+                    server_version=result.server_version, tool_version=result.tool_version,
+                )
+            else:
+                db_path = catalog.resolve_path(src.path)
+                scratch = partial_path(repo.scratch_dir() / f"{source}.db")
+                try:
+                    snapshot_at = _now_iso()
+                    sqlite.online_copy(db_path, scratch, what=what)
+                    counts = sqlite.check_copy(scratch, src.tables, what=what)
+                    idx = sqlite.indexes(scratch)
+                    with open(scratch, "rb") as fh:
+                        writer.copy_from(fh)
+                finally:
+                    scratch.unlink(missing_ok=True)
+                details = dict(
+                    database=str(db_path), host=None, port=None, format="sqlite",
+                    tables=sorted(counts), row_counts=counts, indexes=idx, snapshot_at=snapshot_at,
+                    server_version=f"SQLite {sqlite.sqlite_version()}", tool_version="sqlite3 online backup API",
+                )
+            written = writer.commit()
+    except OSError as exc:
+        raise BackupError(f"{what}writing the backup to {final.parent} failed: {exc.strerror or exc}") from None
+    duration = time.monotonic() - started
+    manifest = Manifest(
+        timestamp=_now_iso(), backup_type=tier, size_bytes=written.size_bytes,
+        size_human=human_size(written.size_bytes), compression=f"zstd -{level}",
+        engine=src.engine, source=source, group=group, tier=tier, partition=partition,
+        asset_key=asset_key_path(source, group, tier), artifact=final.name, sha256=written.sha256,
+        raw_size_bytes=written.raw_size_bytes, duration_s=round(duration, 3), **details,
+    )
+    try:
+        write_json_atomic(manifest_path_for(final), manifest.to_json())
+    except OSError as exc:
+        final.unlink(missing_ok=True)
+        raise BackupError(f"{what}writing the manifest beside {final} failed: {exc.strerror or exc}") from None
+    say(f"wrote {final} ({manifest.size_human}, {manifest.total_rows} rows, {duration:.1f}s)")
+    return manifest
+
+
+def promote(repo: LocalRepository, daily: StoredBackup, tier: str, partition: str) -> Manifest:
+    """Give a daily artifact a weekly/monthly name by hard link (a copy across filesystems)."""
+    m = daily.manifest
+    final = repo.new_artifact_path(m.engine, tier, m.source, m.group, partition)
+    ensure_dir(final.parent)
+    tmp = partial_path(final)
+    try:
+        try:
+            os.link(daily.artifact_path, tmp)
+        except OSError:
+            shutil.copyfile(daily.artifact_path, tmp)
+            os.chmod(tmp, 0o600)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise BackupError(f"promoting {daily.artifact_path} to {tier} failed: {exc.strerror or exc}") from None
+    started = time.monotonic()
+    promoted = replace(
+        m, timestamp=_now_iso(), backup_type=tier, tier=tier, partition=partition,
+        asset_key=asset_key_path(m.source, m.group, tier), artifact=final.name,
+        promoted_from=repo.key_of(daily.artifact_path), duration_s=round(time.monotonic() - started, 3),
+    )
+    try:
+        write_json_atomic(manifest_path_for(final), promoted.to_json())
+    except OSError:
+        final.unlink(missing_ok=True)
+        raise
+    return promoted
+

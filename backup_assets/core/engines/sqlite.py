@@ -1,0 +1,88 @@
+"""SQLite: consistent online copies, integrity checks and row counts.
+
+The copy uses SQLite's online backup API in a single step, so it is one consistent snapshot even
+while another process keeps writing (in WAL mode writers are not blocked). The copy must pass
+`PRAGMA integrity_check` before it counts.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from .. import BackupError
+
+BUSY_TIMEOUT_MS = 30_000
+
+
+def open_readonly(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+
+
+def online_copy(source: Path, dest: Path, *, what: str = "") -> None:
+    if not source.is_file():
+        raise BackupError(f"{what}SQLite file {source} does not exist")
+    try:
+        src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            src.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            src.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            dst = sqlite3.connect(dest)
+            try:
+                src.backup(dst, pages=-1)
+            finally:
+                dst.close()
+        finally:
+            src.close()
+    except sqlite3.DatabaseError as exc:
+        raise BackupError(f"{what}cannot copy SQLite file {source}: {exc}") from None
+
+
+def integrity_problems(path: Path) -> list[str]:
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+        rows = [r[0] for r in conn.execute("PRAGMA integrity_check").fetchall()]
+    return [] if rows == ["ok"] else rows
+
+
+def tables(conn: sqlite3.Connection) -> list[str]:
+    return [r[0] for r in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name"
+    ).fetchall()]
+
+
+def row_counts(path: Path) -> dict[str, int]:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return {t: conn.execute(f'SELECT count(*) FROM "{t.replace(chr(34), chr(34) * 2)}"').fetchone()[0]
+                for t in tables(conn)}
+    finally:
+        conn.close()
+
+
+def indexes(path: Path) -> list[dict[str, str]]:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return [{"table": t, "name": n, "method": "btree", "definition": s or ""}
+                for n, t, s in conn.execute(
+                    "SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'index' ORDER BY name")]
+    finally:
+        conn.close()
+
+
+def check_copy(path: Path, expected_tables: list[str] | None, *, what: str = "") -> dict[str, int]:
+    """integrity_check, expected tables present; returns the per-table row counts."""
+    try:
+        problems = integrity_problems(path)
+    except sqlite3.DatabaseError as exc:
+        raise BackupError(f"{what}{path} is not a readable SQLite database: {exc}") from None
+    if problems:
+        raise BackupError(f"{what}integrity_check failed on {path}: {'; '.join(problems[:5])}")
+    counts = row_counts(path)
+    missing = [t for t in (expected_tables or []) if t not in counts]
+    if missing:
+        raise BackupError(f"{what}table(s) missing in {path}: {', '.join(missing)}")
+    return counts
+
+
+def sqlite_version() -> str:
+    return sqlite3.sqlite_version

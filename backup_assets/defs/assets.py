@@ -1,0 +1,88 @@
+"""Backup assets: one per source × table group × tier, built from the catalog."""
+
+import warnings
+
+import dagster as dg
+from dagster import AssetExecutionContext
+
+from ..catalog import Catalog
+from ..core.backup import repository_for, run_backup
+from ..core.manifest import Manifest
+from .partitions import partitions_for
+
+KIND = {"postgres": "postgres", "sqlite": "sqlite"}
+
+
+def backup_key(source: str, group: str, tier: str) -> dg.AssetKey:
+    return dg.AssetKey([source, group, tier])
+
+
+def upstream_tier(catalog: Catalog, source: str, tier: str) -> str | None:
+    """daily → weekly → monthly, skipping tiers the source does not have."""
+    tiers = catalog.source_tiers(source)
+    earlier = [t for t in tiers[: tiers.index(tier)]]
+    return earlier[-1] if earlier else None
+
+
+def backup_metadata(manifest: Manifest, path: str) -> dict:
+    duration = max(manifest.duration_s, 1e-6)
+    return {
+        "dagster/size_bytes": dg.MetadataValue.int(manifest.size_bytes),
+        "dagster/row_count": dg.MetadataValue.int(manifest.total_rows),
+        "duration_s": dg.MetadataValue.float(round(manifest.duration_s, 3)),
+        "throughput_mb_s": dg.MetadataValue.float(round(manifest.raw_size_bytes / 1e6 / duration, 2)),
+        "compression_ratio": dg.MetadataValue.float(
+            round(manifest.raw_size_bytes / manifest.size_bytes, 3) if manifest.size_bytes else 0.0
+        ),
+        "sha256": dg.MetadataValue.text(manifest.sha256),
+        "path": dg.MetadataValue.path(path),
+        "partition": dg.MetadataValue.text(manifest.partition),
+        "snapshot_at": dg.MetadataValue.text(manifest.snapshot_at or ""),
+        "promoted_from": dg.MetadataValue.text(manifest.promoted_from or ""),
+        "row_counts": dg.MetadataValue.json(manifest.row_counts),
+    }
+
+
+def build_backup_asset(catalog: Catalog, source: str, group: str, tier: str) -> dg.AssetsDefinition:
+    src = catalog.sources[source]
+    tables = src.group_tables(group)
+    what = "the whole database" if tables is None else ", ".join(tables)
+    upstream = upstream_tier(catalog, source, tier)
+    deps = []
+    if upstream is not None:
+        deps.append(dg.AssetDep(backup_key(source, group, upstream), partition_mapping=dg.TimeWindowPartitionMapping()))
+    promoted = " Promoted from the daily backup of the last day of its window (a hard link, no second dump)." if (
+        tier != "daily" and "daily" in catalog.source_tiers(source)) else ""
+    description = (
+        f"{tier.capitalize()} {src.engine} backup of {source} ({group}: {what}). On disk: "
+        f"{catalog.repository_root}/{src.engine}/{tier}/{source}-{group}-<partition>-<timestamp>."
+        f"{'dump' if src.engine == 'postgres' else 'db'}.zst, zstd-compressed, with a .meta JSON manifest "
+        f"(sha256, row counts, versions).{promoted}"
+    )
+
+    # BackfillPolicy is beta in dagster 1.13; one partition per run is what we rely on
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
+
+    @dg.asset(
+        key=backup_key(source, group, tier),
+        partitions_def=partitions_for(catalog, tier),
+        group_name=source,
+        kinds={KIND[src.engine]},
+        owners=src.owners or None,
+        description=description,
+        pool=src.pool_name(),
+        deps=deps,
+        backfill_policy=dg.BackfillPolicy.multi_run(1),
+        tags={"backup_assets/tier": tier, "backup_assets/source": source},
+        metadata={"tables": dg.MetadataValue.text(what), "engine": src.engine},
+    )
+    def _backup(context: AssetExecutionContext) -> dg.MaterializeResult:
+        manifest = run_backup(catalog, source, group, tier, context.partition_key, log=context.log.info)
+        path = repository_for(catalog).folder(src.engine, tier) / manifest.artifact
+        return dg.MaterializeResult(metadata=backup_metadata(manifest, str(path)))
+
+    return _backup
+
+
+def build_backup_assets(catalog: Catalog) -> list[dg.AssetsDefinition]:
+    return [build_backup_asset(catalog, *target) for target in catalog.backup_targets()]

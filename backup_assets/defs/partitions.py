@@ -1,0 +1,24 @@
+"""Partitions per tier, in the catalog's timezone."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from ..catalog import WEEKDAYS, Catalog
+
+# dagster counts weekdays from Sunday = 0
+DAGSTER_WEEKDAY = {day: (i + 1) % 7 for i, day in enumerate(WEEKDAYS)}
+
+
+def partitions_for(catalog: Catalog, tier: str) -> dg.TimeWindowPartitionsDefinition:
+    start = catalog.start_date.isoformat()
+    tz = catalog.tier_timezone(tier)
+    if tier == "daily":
+        return dg.DailyPartitionsDefinition(start_date=start, timezone=tz)
+    if tier == "weekly":
+        # a week ends the day before the weekly run day: Monday runs back up Monday..Sunday
+        day = DAGSTER_WEEKDAY[catalog.tier("weekly").day_of_week]
+        return dg.WeeklyPartitionsDefinition(start_date=start, timezone=tz, day_offset=day)
+    if tier == "monthly":
+        return dg.MonthlyPartitionsDefinition(start_date=start, timezone=tz)
+    raise ValueError(f"unknown tier {tier!r}")

