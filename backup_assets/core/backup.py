@@ -110,7 +110,7 @@ def dump(catalog: Catalog, source: str, group: str, tier: str, partition: str, *
                     with open(scratch, "rb") as fh:
                         writer.copy_from(fh)
                 finally:
-                    scratch.unlink(missing_ok=True)
+                    sqlite.remove_with_sidecars(scratch)
                 details = dict(
                     database=str(db_path), host=None, port=None, format="sqlite",
                     tables=sorted(counts), row_counts=counts, indexes=idx, snapshot_at=snapshot_at,

@@ -30,12 +30,19 @@ def online_copy(source: Path, dest: Path, *, what: str = "") -> None:
             dst = sqlite3.connect(dest)
             try:
                 src.backup(dst, pages=-1)
+                # the copy is one self-contained file: no -wal/-shm beside it
+                dst.execute("PRAGMA journal_mode=DELETE")
             finally:
                 dst.close()
         finally:
             src.close()
     except sqlite3.DatabaseError as exc:
         raise BackupError(f"{what}cannot copy SQLite file {source}: {exc}") from None
+
+
+def remove_with_sidecars(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
 def integrity_problems(path: Path) -> list[str]:
