@@ -211,6 +211,20 @@ class Source(_Model):
         return re.sub(r"[^A-Za-z0-9_]", "_", f"sqlite_{Path(self.path).name}")
 
 
+class DrDrillConfig(_Model):
+    enabled: bool = True
+    # monthly by default: 05:00 on the 1st, after the night's backups
+    cron: str = "0 5 1 * *"
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        fields = value.split()
+        if len(fields) != 5 or not all(re.fullmatch(r"[0-9*/,\-]+|[A-Za-z]{3}(-[A-Za-z]{3})?", f) for f in fields):
+            raise ValueError(f"bad cron schedule {value!r}: expected five fields like '0 5 1 * *'")
+        return value
+
+
 class Repository(_Model):
     root: str
 
@@ -222,6 +236,7 @@ class Catalog(_Model):
     tiers: dict[str, TierConfig] = Field(default_factory=dict, validate_default=True)
     sources: dict[str, Source]
     size_anomaly_threshold: Annotated[float, Field(gt=0)] = 0.5
+    dr_drill: DrDrillConfig = DrDrillConfig()
     # set by the loader, not by the file
     catalog_path: str | None = None
 

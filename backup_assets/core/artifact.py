@@ -164,15 +164,52 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+class TruncatedArtifact(zstandard.ZstdError):
+    pass
+
+
+class _StrictReader:
+    """Decompresses a zstd file; raises at the end if the last frame is incomplete (zstandard's
+    own stream reader returns a short read for a truncated file without complaint)."""
+
+    def __init__(self, fh: BinaryIO):
+        self._fh = fh
+        self._dctx = zstandard.ZstdDecompressor()
+        self._dobj = self._dctx.decompressobj()
+        self._buf = bytearray()
+        self._eof = False
+
+    def _fill(self) -> None:
+        chunk = self._fh.read(CHUNK)
+        if not chunk:
+            if not self._dobj.eof:
+                raise TruncatedArtifact("zstd stream ends before its last frame is complete (truncated)")
+            self._eof = True
+            return
+        while chunk:
+            self._buf += self._dobj.decompress(chunk)
+            chunk = self._dobj.unused_data if self._dobj.eof else b""
+            if chunk:
+                self._dobj = self._dctx.decompressobj()
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            while not self._eof:
+                self._fill()
+            out, self._buf = bytes(self._buf), bytearray()
+            return out
+        while len(self._buf) < size and not self._eof:
+            self._fill()
+        out = bytes(self._buf[:size])
+        del self._buf[:size]
+        return out
+
+
 @contextmanager
 def open_decompressed(path: Path) -> Iterator[BinaryIO]:
-    """A streaming reader of the artifact's original bytes."""
+    """A streaming reader of the artifact's original bytes; a truncated stream raises."""
     with open(path, "rb") as fh:
-        reader = zstandard.ZstdDecompressor().stream_reader(fh, read_size=CHUNK, read_across_frames=True)
-        try:
-            yield reader
-        finally:
-            reader.close()
+        yield _StrictReader(fh)
 
 
 def human_size(n: float) -> str:

@@ -6,7 +6,13 @@ import dagster as dg
 
 from ..catalog import Catalog
 from .assets import build_backup_assets
+from .checks import build_backup_checks, build_dr_drill
 
 
 def build_definitions(catalog: Catalog) -> dg.Definitions:
-    return dg.Definitions(assets=build_backup_assets(catalog))
+    dr_drill, dr_drill_schedule = build_dr_drill(catalog)
+    return dg.Definitions(
+        assets=[*build_backup_assets(catalog), dr_drill],
+        asset_checks=build_backup_checks(catalog),
+        schedules=[dr_drill_schedule],
+    )

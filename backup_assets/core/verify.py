@@ -1,0 +1,362 @@
+"""Proving a backup: intact, readable, restorable to exactly what was dumped.
+
+Each function returns an `Outcome` (passed, a one-line message naming the artifact and what
+differs, and metadata) rather than raising, so the Dagster checks and the CLI report the same
+thing. Restore drills go into scratch targets that are always removed, also after a failure; a
+drill killed midway leaves a database marked as a drill, which the next drill removes first.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+from ..catalog import Catalog
+from . import BackupError
+from .artifact import CHUNK, open_decompressed
+from .backup import endpoint_for, repository_for
+from .engines import postgres, sqlite
+from .manifest import Manifest, manifest_path_for, read_manifest
+from .repository import LocalRepository, StoredBackup
+
+DRILL_MARK = "backup_assets restore drill"
+
+
+@dataclass
+class Outcome:
+    passed: bool
+    message: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    warn: bool = False  # a non-blocking warning rather than an error
+
+
+# -- finding the backup of a partition ----------------------------------------------------------
+
+def find_backup(catalog: Catalog, source: str, group: str, tier: str, partition: str) -> StoredBackup:
+    """The newest backup of a partition, with its manifest read strictly (a bad one is an error)."""
+    repo = repository_for(catalog)
+    engine = catalog.sources[source].engine
+    folder = repo.folder(engine, tier)
+    prefix = f"{source}-{group}-{partition}-"
+    candidates = sorted(p for p in folder.glob(prefix + "*") if not p.name.startswith(".")) if folder.is_dir() else []
+    artifacts = [p for p in candidates if not p.name.endswith(".meta")]
+    if not artifacts:
+        raise BackupError(f"no backup of {source}/{group}/{tier} partition {partition} in {folder}")
+    artifact = artifacts[-1]
+    manifest = read_manifest(manifest_path_for(artifact))
+    if manifest.artifact != artifact.name:
+        raise BackupError(f"manifest {manifest_path_for(artifact)} describes {manifest.artifact}, not {artifact.name}")
+    return StoredBackup(manifest, manifest_path_for(artifact))
+
+
+# -- artifact_intact ----------------------------------------------------------------------------
+
+def artifact_intact(backup: StoredBackup) -> Outcome:
+    """Size and SHA-256 match the manifest, and the zstd stream decodes to its end."""
+    m, path = backup.manifest, backup.artifact_path
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return Outcome(False, f"{path}: artifact is missing")
+    if size != m.size_bytes:
+        return Outcome(False, f"{path}: size {size} bytes differs from the manifest's {m.size_bytes}",
+                       {"size_bytes": size, "manifest_size_bytes": m.size_bytes})
+    digest = hashlib.sha256()
+    decoded = 0
+    decode_error: str | None = None
+    dctx = zstandard.ZstdDecompressor()
+    dobj = dctx.decompressobj()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+            while chunk and decode_error is None:
+                try:
+                    decoded += len(dobj.decompress(chunk))
+                except zstandard.ZstdError as exc:
+                    decode_error = f"zstd stream is corrupt after {decoded} decoded bytes: {exc}"
+                    break
+                chunk = dobj.unused_data if dobj.eof else b""
+                if chunk:
+                    dobj = dctx.decompressobj()
+    if decode_error is None and not dobj.eof:
+        decode_error = "zstd stream ends before its last frame is complete (truncated)"
+    if digest.hexdigest() != m.sha256:
+        also = f"; {decode_error}" if decode_error else ""
+        return Outcome(False, f"{path}: sha256 {digest.hexdigest()} differs from the manifest's {m.sha256}{also}",
+                       {"sha256": digest.hexdigest(), "manifest_sha256": m.sha256})
+    if decode_error:
+        return Outcome(False, f"{path}: {decode_error}")
+    if decoded != m.raw_size_bytes:
+        return Outcome(False, f"{path}: decodes to {decoded} bytes, the manifest says {m.raw_size_bytes}")
+    return Outcome(True, f"{path.name}: {m.size_human}, sha256 and zstd stream verified",
+                   {"sha256": m.sha256, "size_bytes": size, "decoded_bytes": decoded})
+
+
+# -- archive_readable ---------------------------------------------------------------------------
+
+def archive_readable(catalog: Catalog, backup: StoredBackup) -> Outcome:
+    m, path = backup.manifest, backup.artifact_path
+    if m.engine == "postgres":
+        src = catalog.sources.get(m.source)
+        try:
+            tool, _ = postgres.find_tool("pg_restore", dump_major(m), src.pg_bin_dir if src else None)
+        except BackupError as exc:
+            return Outcome(False, f"{path}: {exc}")
+        rc, toc, error = _feed_pg_restore([str(tool), "--list"], path)
+        if rc != 0:
+            return Outcome(False, f"{path}: pg_restore --list failed: {error}")
+        # every data block must be readable too: replay the whole archive as a script into nothing
+        rc, _, error = _feed_pg_restore([str(tool), "--file=/dev/null"], path)
+        if rc != 0:
+            return Outcome(False, f"{path}: pg_restore cannot read the whole archive: {error}")
+        listed = set(re.findall(r"^\d+; \d+ \d+ TABLE (\S+) (\S+) ", toc, re.MULTILINE))
+        listed = {f"{s}.{t}" for s, t in listed}
+        with_data = {f"{s}.{t}" for s, t in re.findall(r"^\d+; \d+ \d+ TABLE DATA (\S+) (\S+) ", toc, re.MULTILINE)}
+        missing = sorted(set(m.tables) - listed)
+        no_data = sorted(set(m.tables) - with_data)
+        if missing:
+            return Outcome(False, f"{path}: archive lacks table(s) {', '.join(missing)}")
+        if no_data:
+            return Outcome(False, f"{path}: archive lacks the data of table(s) {', '.join(no_data)}")
+        return Outcome(True, f"{path.name}: pg_restore lists all {len(m.tables)} table(s) and reads every data block",
+                       {"toc_entries": toc.count("\n"), "tables": len(m.tables)})
+    with tempfile.TemporaryDirectory(dir=repository_for(catalog).scratch_dir()) as tmp:
+        copy = Path(tmp) / "check.db"
+        try:
+            _decompress_to(path, copy)
+            counts = sqlite.check_copy(copy, m.tables)
+        except (BackupError, zstandard.ZstdError) as exc:
+            return Outcome(False, f"{path}: {exc}")
+        return Outcome(True, f"{path.name}: integrity_check ok, {len(counts)} table(s)", {"tables": len(counts)})
+
+
+def _feed_pg_restore(args: list[str], artifact: Path) -> tuple[int, str, str]:
+    """Stream the decompressed artifact into pg_restore; (exit code, stdout, error text)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=out, stderr=err)
+        decode_error = None
+        try:
+            with open_decompressed(artifact) as reader:
+                while chunk := reader.read(CHUNK):
+                    proc.stdin.write(chunk)
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # --list stops reading once it has the table of contents; its exit code decides
+        except zstandard.ZstdError as exc:
+            decode_error = f"the zstd stream cannot be decoded: {exc}"
+            proc.kill()
+        rc = proc.wait()
+        out.seek(0)
+        err.seek(0)
+        error = decode_error or err.read().decode(errors="replace").strip()
+        return (1 if decode_error else rc), out.read().decode(errors="replace"), error
+
+
+def dump_major(m: Manifest) -> int:
+    """The major version of the pg_dump that wrote the archive: pg_restore must be at least that."""
+    match = re.search(r"\(PostgreSQL\)\s+(\d+)", m.tool_version or "") or re.search(r"(\d+)", m.server_version or "0")
+    return int(match.group(1))
+
+
+def _decompress_to(artifact: Path, dest: Path) -> None:
+    with open_decompressed(artifact) as reader, open(dest, "wb") as out:
+        shutil.copyfileobj(reader, out, CHUNK)
+
+
+# -- comparing a restored database with the manifest --------------------------------------------
+
+def compare_with_manifest(m: Manifest, counts: dict[str, int], vectors: dict, indexes: list[dict],
+                          extensions: dict[str, str] | None = None) -> list[str]:
+    """Every difference between what was restored and what the manifest says was dumped."""
+    problems = []
+    for table, expected in sorted(m.row_counts.items()):
+        got = counts.get(table)
+        if got is None:
+            problems.append(f"table {table} is missing")
+        elif got != expected:
+            problems.append(f"{table} has {got} rows, the manifest says {expected}")
+    for table, cols in sorted(m.vectors.items()):
+        for col, facts in sorted(cols.items()):
+            got = vectors.get(table, {}).get(col)
+            if got is None:
+                problems.append(f"vector column {table}.{col} is missing")
+                continue
+            for key in ("type", "dims", "non_null"):
+                if got.get(key) != facts.get(key):
+                    problems.append(f"{table}.{col} {key} is {got.get(key)}, the manifest says {facts.get(key)}")
+    have = {(i["table"], i["name"]): i["method"] for i in indexes}
+    for idx in m.indexes:
+        method = have.get((idx["table"], idx["name"]))
+        if method is None:
+            problems.append(f"index {idx['name']} ({idx['method']}) on {idx['table']} is missing")
+        elif method != idx["method"]:
+            problems.append(f"index {idx['name']} is {method}, the manifest says {idx['method']}")
+    if extensions is not None:
+        for ext in m.extensions:
+            if ext not in extensions:
+                problems.append(f"extension {ext} is missing")
+    return problems
+
+
+# -- restore drill ------------------------------------------------------------------------------
+
+def drill_endpoint(catalog: Catalog, source: str) -> postgres.Endpoint:
+    src = catalog.sources[source]
+    server = src.drill_server or src.connection
+    return postgres.Endpoint(server.host, server.port, server.user, server.dbname, server.password(), server.sslmode)
+
+
+def _marker(name: str) -> str:
+    return json.dumps({"mark": DRILL_MARK, "name": name, "pid": os.getpid(), "host": os.uname().nodename,
+                       "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+
+
+def _is_drill_db(comment: str | None) -> bool:
+    try:
+        return json.loads(comment or "").get("mark") == DRILL_MARK
+    except (ValueError, AttributeError):
+        return False
+
+
+def cleanup_drill_leftovers(conn, *, protect: set[str]) -> list[str]:
+    """Drop databases left by interrupted drills (marked by us, named drill_*), never another."""
+    dropped = []
+    rows = conn.execute(
+        "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database WHERE datname LIKE 'drill\\_%'"
+    ).fetchall()
+    for name, comment in rows:
+        if name in protect or not _is_drill_db(comment):
+            continue
+        postgres.drop_database(conn, name)
+        dropped.append(name)
+    return dropped
+
+
+def drill_name(source: str, group: str, partition: str, n: int = 1) -> str:
+    base = re.sub(r"[^a-z0-9_]", "_", f"drill_{source}_{group}_{partition.replace('-', '')}".lower())
+    return f"{base[:56]}_{n}"
+
+
+def restore_drill(catalog: Catalog, backup: StoredBackup, *, jobs: int = 2) -> Outcome:
+    m = backup.manifest
+    if m.engine == "sqlite":
+        return _sqlite_drill(catalog, backup)
+    return _postgres_drill(catalog, backup, jobs=jobs)
+
+
+def _postgres_drill(catalog: Catalog, backup: StoredBackup, *, jobs: int) -> Outcome:
+    m, path = backup.manifest, backup.artifact_path
+    src = catalog.sources.get(m.source)
+    if src is None or src.engine != "postgres":
+        return Outcome(False, f"{path}: source {m.source!r} is not a postgres source in the catalog")
+    ep = drill_endpoint(catalog, m.source)
+    protected = {src.connection.dbname, ep.dbname, "postgres", "template0", "template1"}
+    scratch_dir = repository_for(catalog).scratch_dir()
+    started = time.monotonic()
+    with postgres.connect(ep, what=f"restore drill of {m.source}/{m.group}: ") as admin:
+        cleaned = cleanup_drill_leftovers(admin, protect=protected)
+        name = None
+        for n in range(1, 100):
+            candidate = drill_name(m.source, m.group, m.partition, n)
+            if candidate in protected:
+                continue
+            if not postgres.database_exists(admin, candidate):
+                name = candidate
+                break
+            if not _is_drill_db(postgres.database_comment(admin, candidate)):
+                return Outcome(False, f"{path}: database {candidate} exists and is not a restore drill's; refusing to touch it")
+        if name is None:
+            return Outcome(False, f"{path}: no free drill database name")
+        postgres.create_database(admin, name, comment=_marker(name))
+        try:
+            with tempfile.TemporaryDirectory(dir=scratch_dir) as tmp:
+                raw = Path(tmp) / "archive.dump"
+                t0 = time.monotonic()
+                try:
+                    _decompress_to(path, raw)
+                except zstandard.ZstdError as exc:
+                    return Outcome(False, f"{path}: restore drill cannot decompress the artifact: {exc}",
+                                   {"drill_database": name, "leftovers_dropped": cleaned})
+                decompress_s = time.monotonic() - t0
+                target = ep.with_db(name)
+                with postgres.connect(target) as conn:
+                    for ext in m.extensions:
+                        conn.execute(f'CREATE EXTENSION IF NOT EXISTS "{ext}"')
+                t1 = time.monotonic()
+                postgres.pg_restore(target, raw, jobs=jobs, pg_bin_dir=src.pg_bin_dir, dump_major=dump_major(m),
+                                    what=f"restore drill of {path.name}: ")
+                restore_s = time.monotonic() - t1
+            with postgres.connect(target) as conn:
+                present = set(postgres.user_tables(conn))
+                facts = postgres.table_facts(conn, sorted(present & set(m.row_counts)))
+                exts = dict(conn.execute("SELECT extname, extversion FROM pg_extension").fetchall())
+            rto = time.monotonic() - started
+            problems = compare_with_manifest(m, facts.row_counts, facts.vectors, facts.indexes, exts)
+        finally:
+            postgres.drop_database(admin, name)
+    meta = {
+        "rto_s": round(rto, 3), "decompress_s": round(decompress_s, 3), "pg_restore_s": round(restore_s, 3),
+        "drill_database": name, "drill_server": f"{ep.host}:{ep.port}", "row_counts": facts.row_counts,
+        "tables": len(facts.row_counts), "rows": sum(facts.row_counts.values()),
+        "leftovers_dropped": cleaned,
+    }
+    if problems:
+        return Outcome(False, f"{path}: restore differs from the manifest: {'; '.join(problems[:8])}", meta)
+    return Outcome(True, f"{path.name}: restored into {name} in {rto:.1f}s, {len(facts.row_counts)} table(s) and "
+                         f"{sum(facts.row_counts.values())} rows match the manifest", meta)
+
+
+def _sqlite_drill(catalog: Catalog, backup: StoredBackup) -> Outcome:
+    m, path = backup.manifest, backup.artifact_path
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(dir=repository_for(catalog).scratch_dir()) as tmp:
+        copy = Path(tmp) / "drill.db"
+        try:
+            _decompress_to(path, copy)
+            problems_found = sqlite.integrity_problems(copy)
+            if problems_found:
+                return Outcome(False, f"{path}: integrity_check failed after restore: {'; '.join(problems_found[:5])}")
+            counts = sqlite.row_counts(copy)
+            idx = sqlite.indexes(copy)
+        except (zstandard.ZstdError, BackupError, OSError) as exc:
+            return Outcome(False, f"{path}: restore drill failed: {exc}")
+        except Exception as exc:  # sqlite3.DatabaseError and friends
+            return Outcome(False, f"{path}: restored copy is not a usable SQLite database: {exc}")
+    rto = time.monotonic() - started
+    problems = compare_with_manifest(m, counts, {}, idx)
+    meta = {"rto_s": round(rto, 3), "row_counts": counts, "tables": len(counts), "rows": sum(counts.values())}
+    if problems:
+        return Outcome(False, f"{path}: restore differs from the manifest: {'; '.join(problems[:8])}", meta)
+    return Outcome(True, f"{path.name}: restored in {rto:.2f}s, {len(counts)} table(s) match the manifest", meta)
+
+
+# -- size anomaly -------------------------------------------------------------------------------
+
+def size_anomaly(repo: LocalRepository, backup: StoredBackup, threshold: float) -> Outcome:
+    m = backup.manifest
+    earlier = [b for b in repo.backups(source=m.source, group=m.group, tier=m.tier) if b.manifest.partition < m.partition]
+    if not earlier:
+        return Outcome(True, f"{backup.artifact_path.name}: first partition of {m.asset_key}, nothing to compare with",
+                       {"previous_partition": None})
+    prev = earlier[-1].manifest
+    change = (m.size_bytes - prev.size_bytes) / prev.size_bytes if prev.size_bytes else float("inf")
+    meta = {"previous_partition": prev.partition, "previous_size_bytes": prev.size_bytes,
+            "size_bytes": m.size_bytes, "change_pct": round(change * 100, 1), "threshold_pct": round(threshold * 100, 1)}
+    if abs(change) > threshold:
+        return Outcome(False, f"{backup.artifact_path.name}: compressed size {m.size_human} changed by {change:+.0%} "
+                              f"against partition {prev.partition} ({prev.size_human}); threshold {threshold:.0%}",
+                       meta, warn=True)
+    return Outcome(True, f"{backup.artifact_path.name}: size changed by {change:+.1%} against {prev.partition}", meta)
+

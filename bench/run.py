@@ -1,0 +1,243 @@
+"""`make bench`: backup_assets against the raw tools, in one run, on this machine.
+
+For each database size it times
+  (a) the runbook's `pg_dump | gzip`, (b) `pg_dump | zstd -T2 -3`,
+  (c) the asset's materialization of the full group (dagster.materialize, peak RSS measured),
+  (d) raw `pg_restore -j2` of (c)'s dump, (e) backup_assets' restore drill of (c), and
+  (f) backup_assets' restore of (c) into a new database,
+and for SQLite, the asset's materialization against `sqlite3 .backup` alone.
+Ratios are printed and written as JSON under bench/results/. Goals (from the issues):
+  (c)/(b) wall ≤ 1.2, output ≤ 1.05, peak RSS ≤ 300 MB and flat across sizes;
+  drill/(d) ≤ 1.2; restore/(d) ≤ 1.1; SQLite ≤ 1.5× .backup.
+
+Usage: python -m bench.run [--sizes small,large] [--fresh] [--skip-sqlite]
+The generated databases are kept in bench/data/ and reused by the next run (--fresh rebuilds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from backup_assets.demo.cluster import LocalCluster, embedded_bin_dir, free_port
+from backup_assets.demo.seed import Scale, seed_miyabi, seed_myloware
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "data"
+RESULTS = HERE / "results"
+PASSWORD_ENV = "BENCH_PG_PASSWORD"
+
+# about 0.4 GB and 1.5 GB on disk (tables + TOAST; the HNSW index is rebuilt, not dumped)
+SIZES = {
+    "small": Scale(runs=50_000, artifacts_per_run=3, webhooks=100_000, checkpoints_per_run=2,
+                   documents=3_000, chunks_per_document=5, dims=1536, text_bytes=1024, days=365),
+    "large": Scale(runs=200_000, artifacts_per_run=3, webhooks=400_000, checkpoints_per_run=2,
+                   documents=12_000, chunks_per_document=5, dims=1536, text_bytes=1024, days=365),
+}
+
+
+def timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def sh(cmd: str, env: dict) -> None:
+    subprocess.run(["bash", "-o", "pipefail", "-c", cmd], check=True, env=env)
+
+
+def cluster() -> LocalCluster:
+    DATA.mkdir(exist_ok=True)
+    pw_file = DATA / "password"
+    if not pw_file.exists():
+        pw_file.write_text("bench-" + os.urandom(8).hex())
+    port_file = DATA / "port"
+    if not port_file.exists():
+        port_file.write_text(str(free_port()))
+    c = LocalCluster(embedded_bin_dir(), DATA / "pg", int(port_file.read_text()), pw_file.read_text().strip())
+    c.start()
+    os.environ[PASSWORD_ENV] = c.password
+    return c
+
+
+def ensure_db(c: LocalCluster, name: str, scale: Scale, fresh: bool) -> int:
+    with c.connect() as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if exists and fresh:
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            exists = None
+        if not exists:
+            print(f"generating {name} ...", flush=True)
+            conn.execute(f'CREATE DATABASE "{name}"')
+            with c.connect(name) as db:
+                db.execute("SET maintenance_work_mem = '1GB'")
+                seed_myloware(db, scale)
+    with c.connect(name) as db:
+        return db.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+
+
+def catalog_file(c: LocalCluster, dbname: str, root: Path) -> Path:
+    sources = {
+        "bench": {
+            "engine": "postgres",
+            "connection": {"host": c.host, "port": c.port, "dbname": dbname, "user": c.superuser,
+                           "password_env": PASSWORD_ENV},
+            "groups": {"full": {}},
+        }
+    }
+    path = root / "catalog.yaml"
+    path.write_text(yaml.safe_dump({"repository": {"root": str(root / "repo")}, "sources": sources}))
+    return path
+
+
+MATERIALIZE = r"""
+import json, resource, sys, time
+import dagster as dg
+from backup_assets.catalog import load_catalog
+from backup_assets.defs.build import build_definitions
+catalog = load_catalog(sys.argv[1])
+key = dg.AssetKey(sys.argv[2].split("/"))
+asset = build_definitions(catalog).resolve_assets_def(key)
+with dg.instance_for_test() as instance:
+    start = time.perf_counter()
+    result = dg.materialize([asset], partition_key="2026-11-20", instance=instance,
+                            run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}})
+    wall = time.perf_counter() - start
+assert result.success
+print(json.dumps({"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def materialize(catalog: Path, key: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", MATERIALIZE, str(catalog), key], check=True, capture_output=True,
+                         text=True, env=dict(os.environ, DAGSTER_HOME=tempfile.mkdtemp()))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_postgres(c: LocalCluster, size: str, fresh: bool, work: Path) -> dict:
+    dbname = f"bench_{size}"
+    db_size = ensure_db(c, dbname, SIZES[size], fresh)
+    bin_dir = embedded_bin_dir()
+    env = dict(os.environ, PGPASSWORD=c.password, PGHOST=c.host, PGPORT=str(c.port), PGUSER=c.superuser)
+    out = work / size
+    out.mkdir(parents=True, exist_ok=True)
+    res: dict = {"database": dbname, "database_bytes": db_size}
+
+    a, _ = timed(lambda: sh(f"'{bin_dir}/pg_dump' -d {dbname} | gzip > '{out}/a.sql.gz'", env))
+    b, _ = timed(lambda: sh(f"'{bin_dir}/pg_dump' -d {dbname} | zstd -q -T2 -3 > '{out}/b.sql.zst'", env))
+    res["a_pg_dump_gzip"] = {"wall_s": a, "bytes": (out / "a.sql.gz").stat().st_size}
+    res["b_pg_dump_zstd"] = {"wall_s": b, "bytes": (out / "b.sql.zst").stat().st_size}
+
+    cat = catalog_file(c, dbname, out)
+    m = materialize(cat, "bench/full/daily")
+    artifact = next((out / "repo" / "postgres" / "daily").glob("*.dump.zst"))
+    res["c_asset"] = {**m, "bytes": artifact.stat().st_size}
+    res["ratio_c_b_wall"] = m["wall_s"] / b
+    res["ratio_c_b_bytes"] = artifact.stat().st_size / (out / "b.sql.zst").stat().st_size
+    res["ratio_c_a_wall"] = m["wall_s"] / a
+
+    # raw pg_restore -j2 of the same dump, for the drill and restore comparisons of later steps
+    raw = out / "c.dump"
+    sh(f"zstd -q -d -f '{artifact}' -o '{raw}'", env)
+    target = f"{dbname}_raw_restore"
+    with c.connect() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{target}"')
+    d, _ = timed(lambda: sh(f"'{bin_dir}/pg_restore' -j2 --exit-on-error -d {target} '{raw}'", env))
+    res["d_raw_pg_restore_j2"] = {"wall_s": d}
+    with c.connect() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE)')
+    raw.unlink()
+    for extra in EXTRA_POSTGRES:
+        res.update(extra(c, cat, artifact, res))
+    for f in ("a.sql.gz", "b.sql.zst"):
+        (out / f).unlink()
+    return res
+
+
+# later benchmarks (drill, restore) register here: fn(cluster, catalog_path, artifact, results) -> dict
+EXTRA_POSTGRES: list = []
+
+
+def bench_sqlite(fresh: bool, work: Path) -> dict:
+    src = DATA / "miyabi-bench.db"
+    if fresh or not src.exists():
+        src.unlink(missing_ok=True)
+        print("generating the SQLite store ...", flush=True)
+        seed_miyabi(src, runs=150_000, checkpoints_per_run=3, payload_bytes=1024)
+    out = work / "sqlite"
+    out.mkdir(parents=True, exist_ok=True)
+    raw, _ = timed(lambda: subprocess.run(["sqlite3", str(src), f".backup '{out}/raw.db'"], check=True))
+    cat = _sqlite_catalog(out, src)
+    m = materialize(cat, "benchlite/full/daily")
+    artifact = next((out / "repo" / "sqlite" / "daily").glob("*.db.zst"))
+    (out / "raw.db").unlink()
+    return {"database_bytes": src.stat().st_size, "sqlite3_backup": {"wall_s": raw},
+            "asset": {**m, "bytes": artifact.stat().st_size}, "ratio_asset_backup_wall": m["wall_s"] / raw}
+
+
+def _sqlite_catalog(root: Path, src: Path) -> Path:
+    path = root / "catalog.yaml"
+    path.write_text(yaml.safe_dump({"repository": {"root": str(root / "repo")},
+                                    "sources": {"benchlite": {"engine": "sqlite", "path": str(src)}}}))
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="small,large")
+    parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--skip-sqlite", action="store_true")
+    args = parser.parse_args(argv)
+    if not shutil.which("zstd") or not shutil.which("sqlite3"):
+        sys.exit("bench needs the zstd and sqlite3 command-line tools (apt-get install zstd sqlite3)")
+    work = Path(tempfile.mkdtemp(prefix="backup_assets_bench_", dir=DATA if DATA.exists() else None))
+    c = cluster()
+    results: dict = {"when": dt.datetime.now(dt.timezone.utc).isoformat(), "cpus": os.cpu_count(), "postgres": {}}
+    try:
+        for size in args.sizes.split(","):
+            print(f"== PostgreSQL {size}", flush=True)
+            results["postgres"][size] = bench_postgres(c, size, args.fresh, work)
+            report_pg(size, results["postgres"][size])
+        if not args.skip_sqlite:
+            print("== SQLite", flush=True)
+            results["sqlite"] = bench_sqlite(args.fresh, work)
+            s = results["sqlite"]
+            print(f"  sqlite3 .backup {s['sqlite3_backup']['wall_s']:.1f}s, asset {s['asset']['wall_s']:.1f}s "
+                  f"-> ratio {s['ratio_asset_backup_wall']:.2f} (goal <= 1.5), peak RSS {s['asset']['peak_rss_mb']:.0f} MB")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"bench-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.write_text(json.dumps(results, indent=2))
+    print(f"results: {path}")
+    return 0
+
+
+def report_pg(size: str, r: dict) -> None:
+    mb = 1 / 1e6
+    print(f"  database {r['database_bytes'] * mb:.0f} MB")
+    print(f"  (a) pg_dump | gzip      {r['a_pg_dump_gzip']['wall_s']:7.1f}s  {r['a_pg_dump_gzip']['bytes'] * mb:8.1f} MB")
+    print(f"  (b) pg_dump | zstd -T2  {r['b_pg_dump_zstd']['wall_s']:7.1f}s  {r['b_pg_dump_zstd']['bytes'] * mb:8.1f} MB")
+    print(f"  (c) asset               {r['c_asset']['wall_s']:7.1f}s  {r['c_asset']['bytes'] * mb:8.1f} MB  "
+          f"peak RSS {r['c_asset']['peak_rss_mb']:.0f} MB")
+    print(f"  (c)/(b) wall {r['ratio_c_b_wall']:.2f} (goal <= 1.2), size {r['ratio_c_b_bytes']:.2f} (goal <= 1.05); "
+          f"(c)/(a) wall {r['ratio_c_a_wall']:.2f}")
+    print(f"  (d) raw pg_restore -j2  {r['d_raw_pg_restore_j2']['wall_s']:7.1f}s")
+    for key, value in r.items():
+        if key.startswith("ratio_") and key not in ("ratio_c_b_wall", "ratio_c_b_bytes", "ratio_c_a_wall"):
+            print(f"  {key} {value:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
