@@ -11,12 +11,36 @@ import json
 import sys
 
 from .catalog import CatalogError, catalog_from_env, load_catalog
-from .core import BackupError
+from .core import BackupError, verification
 from .core.backup import repository_for
+from .core.drill import markdown_report, run_dr_drill
+from .core.restore import backup_from_file, choose_backup, restore_plan, restore_postgres, restore_sqlite
+from .core.verify import archive_readable, artifact_intact, restore_drill
 
 
 class UsageError(Exception):
     """Refused: bad arguments or a missing confirmation (exit code 2)."""
+
+
+class Reporter:
+    """Progress on a terminal (one line rewritten in place), plain lines otherwise."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self._open = False
+
+    def __call__(self, message: str, progress: bool = False) -> None:
+        if progress and self.tty:
+            self.stream.write("\r" + message.ljust(60))
+            self._open = True
+        else:
+            if self._open:
+                self.stream.write("\n")
+                self._open = False
+            if not progress or message.endswith("ed"):
+                self.stream.write(message + "\n")
+        self.stream.flush()
 
 
 def _catalog(args):
@@ -39,15 +63,104 @@ def cmd_list(args) -> int:
         rows.append({
             "source": m.source, "group": m.group, "tier": m.tier, "partition": m.partition,
             "created": m.timestamp, "size": m.size_human, "size_bytes": m.size_bytes, "rows": m.total_rows,
-            "where": "local", "path": str(b.artifact_path),
+            "verified": verification.summary(b), "where": "local", "path": str(b.artifact_path),
         })
     if args.json:
         print(json.dumps(rows, indent=2))
     elif rows:
-        _print_table(rows, ["source", "group", "tier", "partition", "created", "size", "rows", "where", "path"])
+        _print_table(rows, ["source", "group", "tier", "partition", "created", "size", "rows", "verified", "where", "path"])
     else:
         print("no backups match", file=sys.stderr)
     return 0
+
+
+def _selected_backup(args, catalog, say):
+    if args.file:
+        return backup_from_file(catalog, args.file)
+    if not (args.source and args.group):
+        raise UsageError("name a backup: FILE, or --source and --group (with --tier/--partition)")
+    return choose_backup(catalog, source=args.source, group=args.group, tier=args.tier, partition=args.partition, say=say)
+
+
+def cmd_verify(args) -> int:
+    catalog = _catalog(args)
+    say = Reporter()
+    backup = _selected_backup(args, catalog, say)
+    steps = [("artifact_intact", lambda: artifact_intact(backup)), ("archive_readable", lambda: archive_readable(catalog, backup))]
+    if args.drill:
+        steps.append(("restore_drill", lambda: restore_drill(catalog, backup, jobs=args.jobs)))
+    results = []
+    for name, run in steps:
+        outcome = run()
+        verification.record(backup, name, outcome.passed, outcome.message, outcome.metadata)
+        results.append({"check": name, "passed": outcome.passed, "message": outcome.message,
+                        **({"rto_s": outcome.metadata["rto_s"]} if "rto_s" in outcome.metadata else {})})
+        if not args.json:
+            print(f"{'PASS' if outcome.passed else 'FAIL'} {name}: {outcome.message}")
+        if not outcome.passed and name == "artifact_intact":
+            break
+    ok = all(r["passed"] for r in results)
+    if args.json:
+        print(json.dumps({"artifact": str(backup.artifact_path), "passed": ok, "checks": results}, indent=2))
+    return 0 if ok else 1
+
+
+def _confirm(args, plan: str, target: str) -> None:
+    if args.confirm:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError(f"refusing to {plan} without --confirm (no terminal to ask)")
+    print(f"This will {plan}.", file=sys.stderr)
+    answer = input(f"Type {target!r} to go on: ")
+    if answer.strip() != target:
+        raise UsageError("not confirmed; nothing was changed")
+
+
+def cmd_restore(args) -> int:
+    catalog = _catalog(args)
+    say = Reporter()
+    if args.from_ == "s3":
+        from .core.replica import fetch_from_s3
+
+        backup = fetch_from_s3(catalog, source=args.source, group=args.group, tier=args.tier,
+                               partition=args.partition, say=say)
+    else:
+        backup = _selected_backup(args, catalog, say)
+    m = backup.manifest
+    if m.engine == "sqlite" and (args.target_db or args.tables):
+        raise BackupError(f"{backup.artifact_path.name} is a SQLite backup: --target-db and --tables are for PostgreSQL")
+    if m.engine == "postgres" and args.target_file:
+        raise BackupError(f"{backup.artifact_path.name} is a PostgreSQL backup and cannot be restored onto a SQLite file")
+    tables = [t for spec in (args.tables or []) for t in spec.split(",") if t]
+    plan = restore_plan(catalog, backup, target_db=args.target_db, tables=tables, target_file=args.target_file,
+                        safety_copy=not args.no_safety_copy)
+    target = args.target_db or args.target_file or (
+        catalog.sources[m.source].connection.dbname if m.engine == "postgres" else str(catalog.resolve_path(catalog.sources[m.source].path)))
+    _confirm(args, plan, target)
+    say(f"restoring {backup.artifact_path}")
+    if m.engine == "postgres":
+        result = restore_postgres(catalog, backup, target_db=args.target_db, tables=tables or None, jobs=args.jobs,
+                                  safety_copy=not args.no_safety_copy,
+                                  terminate_connections=args.terminate_connections, say=say)
+    else:
+        result = restore_sqlite(catalog, backup, target_file=args.target_file, safety_copy=not args.no_safety_copy, say=say)
+    print(result.table())
+    print(f"restored {result.artifact} into {result.target} in {result.duration_s:.1f}s"
+          + (f"; the previous data is kept as {result.safety_copy}" if result.safety_copy else ""))
+    if result.problems:
+        print("DIFFERS from the manifest: " + "; ".join(result.problems), file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_drill(args) -> int:
+    catalog = _catalog(args)
+    results = run_dr_drill(catalog, sources=args.source, jobs=args.jobs, log=Reporter())
+    for r in results:
+        if r.backup:
+            verification.record(r.backup, "restore_drill", r.outcome.passed, r.outcome.message, r.outcome.metadata)
+    print(markdown_report(results))
+    return 0 if all(r.outcome.passed for r in results) else 1
 
 
 def cmd_backup(args) -> int:
@@ -95,6 +208,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_list)
+
+    def backup_selector(p, file_arg: bool = True):
+        if file_arg:
+            p.add_argument("file", nargs="?", help="an artifact in the repository")
+        else:
+            p.add_argument("--file", help="an artifact in the repository")
+        p.add_argument("--source")
+        p.add_argument("--group")
+        p.add_argument("--tier", choices=["daily", "weekly", "monthly"])
+        p.add_argument("--partition", help="partition key (default: the newest backup that verifies)")
+
+    p = sub.add_parser("verify", help="check a backup: checksum, readability, optionally a restore drill")
+    backup_selector(p)
+    p.add_argument("--drill", action="store_true", help="also restore it into a scratch target and compare")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("restore", help="restore a backup (asks first; keeps a safety copy)")
+    backup_selector(p, file_arg=False)
+    p.add_argument("--from", dest="from_", choices=["local", "s3"], default="local")
+    p.add_argument("--target-db", help="restore into this PostgreSQL database (created if missing)")
+    p.add_argument("--target-file", help="restore into this SQLite file (default: the source's path)")
+    p.add_argument("--tables", nargs="+", help="replace only these tables (PostgreSQL), e.g. runs artifacts")
+    p.add_argument("--jobs", type=int, default=2, help="parallel pg_restore jobs")
+    p.add_argument("--confirm", action="store_true", help="do not ask")
+    p.add_argument("--no-safety-copy", action="store_true", help="do not keep the replaced data")
+    p.add_argument("--terminate-connections", action="store_true", help="end other sessions on the target")
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("drill", help="the disaster-recovery drill: restore the newest backup of everything, compare")
+    p.add_argument("--source", nargs="*")
+    p.add_argument("--jobs", type=int, default=2)
+    p.set_defaults(func=cmd_drill)
 
     p = sub.add_parser("backup", help="back up now through Dagster (default: the newest complete partition)")
     p.add_argument("--tier", default="daily", choices=["daily", "weekly", "monthly"])

@@ -11,6 +11,7 @@ import datetime as dt
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from ..catalog import Catalog
@@ -105,10 +106,13 @@ def dump(catalog: Catalog, source: str, group: str, tier: str, partition: str, *
                 try:
                     snapshot_at = _now_iso()
                     sqlite.online_copy(db_path, scratch, what=what)
-                    counts = sqlite.check_copy(scratch, src.tables, what=what)
+                    # check the copy while it is being compressed; nothing is committed unless it passes
+                    with ThreadPoolExecutor(max_workers=1) as pool:
+                        checked = pool.submit(sqlite.check_copy, scratch, src.tables, what=what)
+                        with open(scratch, "rb") as fh:
+                            writer.copy_from(fh)
+                        counts = checked.result()
                     idx = sqlite.indexes(scratch)
-                    with open(scratch, "rb") as fh:
-                        writer.copy_from(fh)
                 finally:
                     sqlite.remove_with_sidecars(scratch)
                 details = dict(

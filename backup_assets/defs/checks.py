@@ -7,6 +7,7 @@ from dagster import AssetCheckExecutionContext, AssetExecutionContext
 
 from ..catalog import Catalog
 from ..core import BackupError
+from ..core import verification
 from ..core.backup import repository_for
 from ..core.drill import markdown_report, run_dr_drill
 from ..core.verify import Outcome, archive_readable, artifact_intact, find_backup, restore_drill, size_anomaly
@@ -57,6 +58,7 @@ def _checks_for(catalog: Catalog, source: str, group: str, tier: str) -> list[dg
                 outcome = fn(backup)
             except BackupError as exc:
                 outcome = Outcome(False, str(exc))
+            verification.record(backup, context.check_specs[0].name, outcome.passed, outcome.message, outcome.metadata)
             (context.log.info if outcome.passed else context.log.error)(outcome.message)
             return check_result(outcome)
 

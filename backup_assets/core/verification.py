@@ -1,0 +1,62 @@
+"""The last outcome of each check, kept beside the artifact as `<artifact>.checks.json`.
+
+The manifest is written once by the backup; check outcomes change over time, so they live in a
+file of their own. The CLI's `list`, restore's choice of "the newest backup that verifies",
+retention and table pruning read it without Dagster.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+from .artifact import write_json_atomic
+from .repository import StoredBackup
+
+CHECKS_SUFFIX = ".checks.json"
+
+
+def checks_path(backup: StoredBackup) -> Path:
+    return backup.artifact_path.with_name(backup.artifact_path.name + CHECKS_SUFFIX)
+
+
+def read_status(backup: StoredBackup) -> dict[str, dict]:
+    try:
+        data = json.loads(checks_path(backup).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def record(backup: StoredBackup, check: str, passed: bool, message: str, metadata: dict | None = None) -> None:
+    status = read_status(backup)
+    status[check] = {
+        "passed": passed,
+        "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "message": message,
+        **({"rto_s": metadata["rto_s"]} if metadata and "rto_s" in metadata else {}),
+    }
+    write_json_atomic(checks_path(backup), status)
+
+
+def summary(backup: StoredBackup) -> str:
+    """'ok', 'FAILED: check', or 'unknown' for a backup nobody has checked yet."""
+    status = read_status(backup)
+    if not status:
+        return "unknown"
+    failed = sorted(name for name, s in status.items() if not s.get("passed") and name != "size_anomaly")
+    if failed:
+        return "FAILED: " + ", ".join(failed)
+    return "drilled" if status.get("restore_drill", {}).get("passed") else "ok"
+
+
+def is_verified(backup: StoredBackup) -> bool:
+    """Intact and readable by its last checks, and no blocking check failed."""
+    status = read_status(backup)
+    blocking = {k: v for k, v in status.items() if k != "size_anomaly"}
+    return bool(status.get("artifact_intact", {}).get("passed")) and all(v.get("passed") for v in blocking.values())
+
+
+def passed_drill(backup: StoredBackup) -> bool:
+    return bool(read_status(backup).get("restore_drill", {}).get("passed")) and is_verified(backup)

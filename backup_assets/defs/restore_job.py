@@ -1,0 +1,74 @@
+"""The `restore` job: the CLI's restore, launchable from the UI's launchpad with typed config."""
+
+import dagster as dg
+from dagster import OpExecutionContext
+from pydantic import Field
+
+from ..catalog import Catalog
+from ..core import BackupError
+from ..core.restore import choose_backup, restore_plan, restore_postgres, restore_sqlite
+
+
+class RestoreConfig(dg.Config):
+    source: str = Field(description="source name from the catalog")
+    group: str = Field(default="full", description="table group (SQLite sources: full)")
+    tier: str | None = Field(default=None, description="daily, weekly or monthly (default: any)")
+    partition: str | None = Field(default=None, description="partition key (default: the newest backup that verifies)")
+    target_database: str | None = Field(default=None, description="PostgreSQL: restore into this database instead")
+    target_file: str | None = Field(default=None, description="SQLite: restore into this file instead")
+    tables: list[str] = Field(default=[], description="PostgreSQL: replace only these tables")
+    jobs: int = Field(default=2, description="parallel pg_restore jobs")
+    safety_copy: bool = Field(default=True, description="keep the replaced data")
+    terminate_connections: bool = Field(default=False, description="end other sessions on the target database")
+    confirm: bool = Field(default=False, description="must be true: this replaces data")
+
+
+def build_restore_job(catalog: Catalog) -> dg.JobDefinition:
+    @dg.op(name="restore_backup", tags={"backup_assets/kind": "restore"})
+    def restore_backup(context: OpExecutionContext, config: RestoreConfig) -> dg.Output:
+        def say(message: str, progress: bool = False) -> None:
+            if not progress or message.endswith("ed"):
+                context.log.info(message)
+
+        try:
+            backup = choose_backup(catalog, source=config.source, group=config.group, tier=config.tier,
+                                   partition=config.partition, say=say)
+            plan = restore_plan(catalog, backup, target_db=config.target_database, tables=config.tables,
+                                target_file=config.target_file, safety_copy=config.safety_copy)
+            if not config.confirm:
+                raise dg.Failure(description=f"refusing without confirm: true. This run would {plan}.")
+            context.log.info(f"about to {plan}")
+            if backup.manifest.engine == "postgres":
+                if config.target_file:
+                    raise BackupError("target_file is for SQLite sources")
+                result = restore_postgres(catalog, backup, target_db=config.target_database, tables=config.tables or None,
+                                          jobs=config.jobs, safety_copy=config.safety_copy,
+                                          terminate_connections=config.terminate_connections, say=say)
+            else:
+                if config.target_database or config.tables:
+                    raise BackupError("target_database and tables are for PostgreSQL sources")
+                result = restore_sqlite(catalog, backup, target_file=config.target_file,
+                                        safety_copy=config.safety_copy, say=say)
+        except BackupError as exc:
+            raise dg.Failure(description=str(exc)) from None
+        if result.problems:
+            raise dg.Failure(description="restored data differs from the manifest: " + "; ".join(result.problems))
+        return dg.Output(
+            result.target,
+            metadata={
+                "artifact": dg.MetadataValue.text(result.artifact),
+                "target": dg.MetadataValue.text(result.target),
+                "safety_copy": dg.MetadataValue.text(result.safety_copy or ""),
+                "duration_s": dg.MetadataValue.float(result.duration_s),
+                "row_counts": dg.MetadataValue.json(result.counts),
+                "counts": dg.MetadataValue.md("```\n" + result.table() + "\n```"),
+            },
+        )
+
+    @dg.job(name="restore", description="Restore a backup (the same code as `backup-assets restore`). "
+                                         "Refuses to run without confirm: true.",
+            tags={"backup_assets/kind": "restore"})
+    def restore():
+        restore_backup()
+
+    return restore
