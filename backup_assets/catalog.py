@@ -229,6 +229,62 @@ class Repository(_Model):
     root: str
 
 
+class S3Replication(_Model):
+    bucket: str
+    prefix: str = ""
+    region: str = "us-east-1"
+    # AWS, Cloudflare R2, MinIO... (None: AWS itself)
+    endpoint_url: str | None = None
+    # names of the environment variables with the credentials (None: boto3's default chain)
+    access_key_id_env: str | None = None
+    secret_access_key_env: str | None = None
+    sse: Literal["AES256", "aws:kms", "none"] = "AES256"
+    kms_key_id: str | None = None
+    storage_class: str = "STANDARD"
+    part_size_mb: Annotated[int, Field(ge=5, le=5120)] = 64
+    # per tier; a tier left out keeps the tier's own retention_days
+    retention_days: dict[Literal[TIER_NAMES], Annotated[int, Field(ge=1)]] = {}  # type: ignore[valid-type]
+
+    @field_validator("access_key_id_env", "secret_access_key_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(IDENT, value):
+            raise ValueError("must be the NAME of an environment variable, not the secret itself")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secret(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("access_key_id", "secret_access_key", "aws_secret_access_key", "aws_access_key_id"):
+                if key in data:
+                    raise ValueError(f"'{key}' is not allowed: name an environment variable in {key}_env instead")
+            if data.get("endpoint_url") == "":
+                data = {**data, "endpoint_url": None}
+        return data
+
+    @model_validator(mode="after")
+    def _kms(self) -> "S3Replication":
+        if self.sse == "aws:kms" and not self.kms_key_id:
+            raise ValueError("sse 'aws:kms' needs kms_key_id")
+        return self
+
+    def credentials(self) -> dict[str, str]:
+        out = {}
+        for env_field, arg in (("access_key_id_env", "aws_access_key_id"), ("secret_access_key_env", "aws_secret_access_key")):
+            name = getattr(self, env_field)
+            if name:
+                value = os.environ.get(name)
+                if value is None:
+                    raise CatalogError(f"environment variable {name} ({env_field}) is not set")
+                out[arg] = value
+        return out
+
+
+class Replication(_Model):
+    s3: S3Replication | None = None
+
+
 class Catalog(_Model):
     repository: Repository
     timezone: str = "UTC"
@@ -237,6 +293,7 @@ class Catalog(_Model):
     sources: dict[str, Source]
     size_anomaly_threshold: Annotated[float, Field(gt=0)] = 0.5
     dr_drill: DrDrillConfig = DrDrillConfig()
+    replication: Replication = Replication()
     # set by the loader, not by the file
     catalog_path: str | None = None
 
@@ -290,6 +347,11 @@ class Catalog(_Model):
 
     def tier(self, name: str) -> TierConfig:
         return self.tiers[name]
+
+    def retention_days(self, tier: str, where: str = "local") -> int:
+        if where == "s3" and self.replication.s3 and tier in self.replication.s3.retention_days:
+            return self.replication.s3.retention_days[tier]
+        return self.tiers[tier].retention_days
 
     def tier_timezone(self, name: str) -> str:
         return self.tiers[name].timezone or self.timezone

@@ -163,6 +163,32 @@ def cmd_drill(args) -> int:
     return 0 if all(r.outcome.passed for r in results) else 1
 
 
+def _dry_run(args) -> bool:
+    if args.apply and args.dry_run:
+        raise UsageError("--apply and --dry-run exclude each other")
+    return not args.apply
+
+
+def cmd_retention_prune(args) -> int:
+    from .core.retention import prune
+
+    report = prune(_catalog(args), dry_run=_dry_run(args))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_retention_prune_tables(args) -> int:
+    from .core.prune_tables import prune_tables
+
+    catalog = _catalog(args)
+    sources = args.source or [s for s, src in catalog.sources.items() if src.engine == "postgres" and src.prune]
+    if not sources:
+        raise UsageError("no postgres source in the catalog has prune rules")
+    reports = [prune_tables(catalog, s, dry_run=_dry_run(args), say=Reporter()) for s in sources]
+    print(json.dumps(reports, indent=2, default=str))
+    return 0
+
+
 def cmd_backup(args) -> int:
     """Materialize partitions through Dagster (recorded in DAGSTER_HOME, visible in the UI)."""
     import dagster as dg
@@ -242,6 +268,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", nargs="*")
     p.add_argument("--jobs", type=int, default=2)
     p.set_defaults(func=cmd_drill)
+
+    p = sub.add_parser("retention", help="retention: prune old backups, prune old application rows")
+    rsub = p.add_subparsers(dest="retention_command", required=True)
+    for name, func, text in (
+        ("prune", cmd_retention_prune, "delete backups past their tier's retention (local and S3)"),
+        ("prune-tables", cmd_retention_prune_tables, "delete old application rows covered by a drilled backup"),
+    ):
+        r = rsub.add_parser(name, help=text + " (a dry run unless --apply)")
+        r.add_argument("--dry-run", action="store_true", help="only report (the default)")
+        r.add_argument("--apply", action="store_true", help="really delete")
+        if name == "prune-tables":
+            r.add_argument("--source", nargs="*")
+        r.set_defaults(func=func)
 
     p = sub.add_parser("backup", help="back up now through Dagster (default: the newest complete partition)")
     p.add_argument("--tier", default="daily", choices=["daily", "weekly", "monthly"])

@@ -140,3 +140,59 @@ def pg_restore_into(cluster: LocalCluster, artifact: Path, dbname: str) -> None:
         check=True, env=env, capture_output=True,
     )
     raw.unlink()
+
+
+# -- S3 through moto's server on 127.0.0.1 ----------------------------------------------------------
+
+AWS_KEY_ENV = "BA_TEST_AWS_ACCESS_KEY_ID"
+AWS_SECRET_ENV = "BA_TEST_AWS_SECRET_ACCESS_KEY"
+
+
+class MotoS3:
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._cls = ThreadedMotoServer
+        self.server = None
+        os.environ[AWS_KEY_ENV] = "testing-key"
+        os.environ[AWS_SECRET_ENV] = "testing-secret"
+
+    def start(self):
+        self.server = self._cls(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self):
+        if self.server:
+            self.server.stop()
+            self.server = None
+
+    def client(self, **config):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id="testing-key", aws_secret_access_key="testing-secret",
+                            config=Config(**config) if config else None)
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    server = MotoS3()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(moto_s3, request):
+    name = "ba-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-")
+    client = moto_s3.client()
+    client.create_bucket(Bucket=name)
+    return name
+
+
+def s3_replication(moto_s3, bucket: str, **extra) -> dict:
+    return {"s3": {"bucket": bucket, "prefix": "backups", "region": "us-east-1", "endpoint_url": moto_s3.endpoint,
+                   "access_key_id_env": AWS_KEY_ENV, "secret_access_key_env": AWS_SECRET_ENV, **extra}}

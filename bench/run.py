@@ -165,8 +165,39 @@ def bench_postgres(c: LocalCluster, size: str, fresh: bool, work: Path) -> dict:
     return res
 
 
-# later benchmarks (drill, restore) register here: fn(cluster, catalog_path, artifact, results) -> dict
-EXTRA_POSTGRES: list = []
+def bench_drill(c: LocalCluster, cat: Path, artifact: Path, res: dict) -> dict:
+    """The restore_drill check of the same dump against raw pg_restore -j2 (d)."""
+    from backup_assets.catalog import load_catalog
+    from backup_assets.core.verify import find_backup, restore_drill
+
+    catalog = load_catalog(cat)
+    backup = find_backup(catalog, "bench", "full", "daily", "2026-11-20")
+    wall, outcome = timed(lambda: restore_drill(catalog, backup, jobs=2))
+    assert outcome.passed, outcome.message
+    return {"e_restore_drill": {"wall_s": wall, "rto_s": outcome.metadata["rto_s"]},
+            "ratio_drill_vs_raw_pg_restore": wall / res["d_raw_pg_restore_j2"]["wall_s"]}
+
+
+def bench_restore(c: LocalCluster, cat: Path, artifact: Path, res: dict) -> dict:
+    """backup_assets' restore of the same dump into a new database against raw pg_restore -j2 (d)."""
+    from backup_assets.catalog import load_catalog
+    from backup_assets.core.restore import restore_postgres
+    from backup_assets.core.verify import find_backup
+
+    catalog = load_catalog(cat)
+    backup = find_backup(catalog, "bench", "full", "daily", "2026-11-20")
+    target = f"{backup.manifest.database}_restored"
+    with c.connect() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE)')
+    wall, result = timed(lambda: restore_postgres(catalog, backup, target_db=target, jobs=2))
+    assert result.matches
+    with c.connect() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE)')
+    return {"f_restore": {"wall_s": wall}, "ratio_restore_vs_raw_pg_restore": wall / res["d_raw_pg_restore_j2"]["wall_s"]}
+
+
+# later benchmarks register here: fn(cluster, catalog_path, artifact, results) -> dict
+EXTRA_POSTGRES: list = [bench_drill, bench_restore]
 
 
 def bench_sqlite(fresh: bool, work: Path) -> dict:
@@ -234,9 +265,11 @@ def report_pg(size: str, r: dict) -> None:
     print(f"  (c)/(b) wall {r['ratio_c_b_wall']:.2f} (goal <= 1.2), size {r['ratio_c_b_bytes']:.2f} (goal <= 1.05); "
           f"(c)/(a) wall {r['ratio_c_a_wall']:.2f}")
     print(f"  (d) raw pg_restore -j2  {r['d_raw_pg_restore_j2']['wall_s']:7.1f}s")
+    goals = {"ratio_drill_vs_raw_pg_restore": 1.2, "ratio_restore_vs_raw_pg_restore": 1.1}
     for key, value in r.items():
         if key.startswith("ratio_") and key not in ("ratio_c_b_wall", "ratio_c_b_bytes", "ratio_c_a_wall"):
-            print(f"  {key} {value:.2f}")
+            goal = f" (goal <= {goals[key]})" if key in goals else ""
+            print(f"  {key} {value:.2f}{goal}")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def find_backup(catalog: Catalog, source: str, group: str, tier: str, partition:
     folder = repo.folder(engine, tier)
     prefix = f"{source}-{group}-{partition}-"
     candidates = sorted(p for p in folder.glob(prefix + "*") if not p.name.startswith(".")) if folder.is_dir() else []
-    artifacts = [p for p in candidates if not p.name.endswith(".meta")]
+    artifacts = [p for p in candidates if p.name.endswith(".zst")]
     if not artifacts:
         raise BackupError(f"no backup of {source}/{group}/{tier} partition {partition} in {folder}")
     artifact = artifacts[-1]

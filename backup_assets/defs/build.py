@@ -6,15 +6,44 @@ import dagster as dg
 
 from ..catalog import Catalog
 from .assets import build_backup_assets
+from .assets import backup_key
 from .checks import build_backup_checks, build_dr_drill
+from .partitions import partitions_for
+from .replication import build_replicas, replica_key, s3_resource
 from .restore_job import build_restore_job
+from .retention import build_retention
 
 
 def build_definitions(catalog: Catalog) -> dg.Definitions:
     dr_drill, dr_drill_schedule = build_dr_drill(catalog)
+    replicas, replica_checks = build_replicas(catalog)
+    resources = {"s3": s3_resource(catalog)} if catalog.replication.s3 else {}
+    jobs = [build_restore_job(catalog), *tier_jobs(catalog)]
     return dg.Definitions(
-        assets=[*build_backup_assets(catalog), dr_drill],
-        asset_checks=build_backup_checks(catalog),
+        assets=[*build_backup_assets(catalog), dr_drill, *replicas, *build_retention(catalog)],
+        asset_checks=[*build_backup_checks(catalog), *replica_checks],
+        resources=resources,
         schedules=[dr_drill_schedule],
-        jobs=[build_restore_job(catalog)],
+        jobs=jobs,
     )
+
+
+def tier_jobs(catalog: Catalog) -> list:
+    """One partitioned job per tier: its backups, their checks and their replicas, one partition a run."""
+    jobs = []
+    for tier in catalog.tiers:
+        targets = [t for t in catalog.backup_targets() if t[2] == tier]
+        if not targets:
+            continue
+        keys = [backup_key(*t) for t in targets]
+        if catalog.replication.s3:
+            keys += [replica_key(*t) for t in targets]
+        jobs.append(dg.define_asset_job(
+            f"{tier}_backups",
+            selection=dg.AssetSelection.assets(*keys),
+            partitions_def=partitions_for(catalog, tier),
+            description=f"The {tier} backups of every source and group, their checks"
+                        f"{' and S3 replicas' if catalog.replication.s3 else ''}.",
+            tags={"backup_assets/tier": tier},
+        ))
+    return jobs

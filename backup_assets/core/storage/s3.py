@@ -1,0 +1,250 @@
+"""S3 (and R2, MinIO): the off-site copy of the repository, under the same relative keys.
+
+Uploads stream the file in parts of a fixed size (bounded memory whatever the artifact's size),
+with server-side encryption and storage class from the catalog. The manifest's SHA-256 travels as
+object metadata (`sha256`) and is checked with a HEAD after the upload; single-part uploads also
+carry it as S3's own SHA-256 checksum, multipart uploads carry one per part. An interrupted
+multipart upload is aborted, never left to look like a replica.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+
+from ...catalog import S3Replication
+from .. import BackupError
+
+MIB = 1024 * 1024
+COPY_LIMIT = 5 * 1024 * MIB  # copy_object's limit; larger objects are copied in parts
+
+
+def make_client(cfg: S3Replication):
+    return boto3.client(
+        "s3",
+        region_name=cfg.region,
+        endpoint_url=cfg.endpoint_url,
+        config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60,
+                      signature_version="s3v4"),
+        **cfg.credentials(),
+    )
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
+
+
+@dataclass
+class ObjectInfo:
+    key: str
+    size: int
+    sha256: str | None
+    metadata: dict[str, str]
+    server_side_encryption: str | None
+    storage_class: str | None
+
+
+def _explain(exc: Exception, what: str) -> BackupError:
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        text = {
+            "NoSuchBucket": "bucket does not exist",
+            "AccessDenied": "access denied",
+            "InvalidAccessKeyId": "access key is not valid",
+            "SignatureDoesNotMatch": "secret key does not match",
+        }.get(code, exc.response.get("Error", {}).get("Message", code) or code)
+        return BackupError(f"{what}: {text} ({code})")
+    if isinstance(exc, EndpointConnectionError):
+        return BackupError(f"{what}: S3 endpoint unreachable: {exc.kwargs.get('endpoint_url', '')}")
+    return BackupError(f"{what}: {exc}")
+
+
+class S3Storage:
+    def __init__(self, cfg: S3Replication, client=None):
+        self.cfg = cfg
+        self.client = client or make_client(cfg)
+        self.bucket = cfg.bucket
+
+    # -- keys ------------------------------------------------------------------------------
+    def key(self, repo_key: str) -> str:
+        prefix = self.cfg.prefix.strip("/")
+        return f"{prefix}/{repo_key}" if prefix else repo_key
+
+    def repo_key(self, key: str) -> str:
+        prefix = self.cfg.prefix.strip("/")
+        return key[len(prefix) + 1:] if prefix and key.startswith(prefix + "/") else key
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def _put_args(self) -> dict:
+        args = {"StorageClass": self.cfg.storage_class}
+        if self.cfg.sse != "none":
+            args["ServerSideEncryption"] = self.cfg.sse
+            if self.cfg.sse == "aws:kms":
+                args["SSEKMSKeyId"] = self.cfg.kms_key_id
+        return args
+
+    # -- reads -----------------------------------------------------------------------------
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            r = self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise _explain(exc, f"HEAD {self.uri(key)}") from None
+        except BotoCoreError as exc:
+            raise _explain(exc, f"HEAD {self.uri(key)}") from None
+        meta = r.get("Metadata", {})
+        return ObjectInfo(key, r["ContentLength"], meta.get("sha256"), meta, r.get("ServerSideEncryption"),
+                          r.get("StorageClass", "STANDARD"))
+
+    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.key(prefix)):
+                for obj in page.get("Contents", []):
+                    yield obj["Key"], obj["Size"]
+        except (ClientError, BotoCoreError) as exc:
+            raise _explain(exc, f"listing {self.uri(self.key(prefix))}") from None
+
+    def get_file(self, key: str, dest: Path) -> None:
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            with open(dest, "wb") as out:
+                for chunk in body.iter_chunks(MIB):
+                    out.write(chunk)
+        except (ClientError, BotoCoreError) as exc:
+            raise _explain(exc, f"downloading {self.uri(key)}") from None
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except (ClientError, BotoCoreError) as exc:
+            raise _explain(exc, f"downloading {self.uri(key)}") from None
+
+    # -- writes ----------------------------------------------------------------------------
+    def put_file(self, path: Path, key: str, *, sha256: str, metadata: dict[str, str] | None = None) -> ObjectInfo:
+        """Upload a file (multipart above the part size) and verify it with a HEAD."""
+        size = path.stat().st_size
+        part_size = self.cfg.part_size_mb * MIB
+        meta = {"sha256": sha256, **(metadata or {})}
+        what = f"uploading {path.name} to {self.uri(key)}"
+        self._abort_stale_uploads(key)
+        try:
+            if size <= part_size:
+                with open(path, "rb") as fh:
+                    data = fh.read()
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=data, Metadata=meta,
+                                       ChecksumSHA256=_b64(hashlib.sha256(data).digest()), **self._put_args())
+            else:
+                self._multipart(path, key, part_size, meta)
+        except (ClientError, BotoCoreError) as exc:
+            raise _explain(exc, what) from None
+        return self.verify(key, size=size, sha256=sha256)
+
+    def _multipart(self, path: Path, key: str, part_size: int, meta: dict[str, str]) -> None:
+        upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=meta,
+                                                        ChecksumAlgorithm="SHA256", **self._put_args())["UploadId"]
+        try:
+            parts = []
+            with open(path, "rb") as fh:
+                number = 1
+                while chunk := fh.read(part_size):
+                    checksum = _b64(hashlib.sha256(chunk).digest())
+                    r = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                                                Body=chunk, ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum)
+                    parts.append({"PartNumber": number, "ETag": r["ETag"], "ChecksumSHA256": checksum})
+                    number += 1
+                    del chunk
+            self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                                  MultipartUpload={"Parts": parts})
+        except BaseException:
+            self._abort(key, upload_id)
+            raise
+
+    def _abort(self, key: str, upload_id: str) -> None:
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except (ClientError, BotoCoreError):
+            # the endpoint may be gone; _abort_stale_uploads clears it on the next attempt
+            pass
+
+    def _abort_stale_uploads(self, key: str) -> None:
+        try:
+            r = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=key)
+        except (ClientError, BotoCoreError) as exc:
+            raise _explain(exc, f"checking {self.uri(key)}") from None
+        for upload in r.get("Uploads", []):
+            if upload["Key"] == key:
+                self._abort(key, upload["UploadId"])
+
+    def copy(self, src_key: str, dst_key: str, *, size: int, sha256: str, metadata: dict[str, str] | None = None) -> ObjectInfo:
+        """A server-side copy (promotions: daily → weekly/monthly), no second upload."""
+        meta = {"sha256": sha256, **(metadata or {})}
+        source = {"Bucket": self.bucket, "Key": src_key}
+        try:
+            if size <= COPY_LIMIT:
+                self.client.copy_object(Bucket=self.bucket, Key=dst_key, CopySource=source, Metadata=meta,
+                                        MetadataDirective="REPLACE", **self._put_args())
+            else:
+                upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=dst_key, Metadata=meta,
+                                                                **self._put_args())["UploadId"]
+                try:
+                    parts, start, number = [], 0, 1
+                    step = max(self.cfg.part_size_mb * MIB, 64 * MIB)
+                    while start < size:
+                        end = min(start + step, size) - 1
+                        r = self.client.upload_part_copy(Bucket=self.bucket, Key=dst_key, UploadId=upload_id,
+                                                         PartNumber=number, CopySource=source,
+                                                         CopySourceRange=f"bytes={start}-{end}")
+                        parts.append({"PartNumber": number, "ETag": r["CopyPartResult"]["ETag"]})
+                        start, number = end + 1, number + 1
+                    self.client.complete_multipart_upload(Bucket=self.bucket, Key=dst_key, UploadId=upload_id,
+                                                          MultipartUpload={"Parts": parts})
+                except BaseException:
+                    self._abort(dst_key, upload_id)
+                    raise
+        except (ClientError, BotoCoreError) as exc:
+            raise _explain(exc, f"copying {self.uri(src_key)} to {dst_key}") from None
+        return self.verify(dst_key, size=size, sha256=sha256)
+
+    def verify(self, key: str, *, size: int, sha256: str) -> ObjectInfo:
+        info = self.head(key)
+        if info is None:
+            raise BackupError(f"{self.uri(key)}: object is missing after upload")
+        if info.size != size:
+            raise BackupError(f"{self.uri(key)}: size {info.size} differs from the manifest's {size}")
+        if info.sha256 != sha256:
+            raise BackupError(f"{self.uri(key)}: sha256 {info.sha256} differs from the manifest's {sha256}")
+        return info
+
+    def delete(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):
+            batch = keys[start:start + 1000]
+            try:
+                r = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch],
+                                                                          "Quiet": True})
+            except (ClientError, BotoCoreError) as exc:
+                raise _explain(exc, f"deleting from s3://{self.bucket}") from None
+            if r.get("Errors"):
+                first = r["Errors"][0]
+                raise BackupError(f"deleting {first['Key']} from s3://{self.bucket} failed: {first.get('Message')}")
+
+
+def with_retries(fn, *, attempts: int = 3, first_delay: float = 1.0, retry_on=(BackupError,)):
+    """Retry a whole step with backoff (botocore already retries single requests)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except retry_on as exc:
+            if attempt == attempts or "does not exist" in str(exc) or "access denied" in str(exc):
+                raise
+            time.sleep(first_delay * 2 ** (attempt - 1))

@@ -1,0 +1,196 @@
+"""S3 replicas through moto's server over real HTTP: multipart, checksums, SSE, copies, failures."""
+
+from __future__ import annotations
+
+import time
+
+import dagster as dg
+import pytest
+
+from backup_assets.cli import main
+from backup_assets.core import BackupError
+from backup_assets.core.backup import run_backup
+from backup_assets.core.replica import fetch_from_s3, replica_intact, replicate, storage_for
+from backup_assets.core.storage.s3 import S3Storage
+from backup_assets.core.verify import find_backup
+from backup_assets.defs.build import build_definitions
+from backup_assets.demo.seed import seed_miyabi
+
+from .conftest import pg_source, s3_replication
+
+P = "2026-11-20"
+
+
+@pytest.fixture
+def big_sqlite(tmp_path):
+    """A store whose compressed backup (about 12 MB of random blobs) spans three 5 MB parts."""
+    path = tmp_path / "data" / "big.db"
+    seed_miyabi(path, runs=3000, checkpoints_per_run=3, payload_bytes=1024)
+    return path
+
+
+def materialize_with_replica(catalog, key: str, partition: str = P, instance=None):
+    """Run the tier's job for one asset, its replica and their checks."""
+    defs = build_definitions(catalog)
+    parts = key.split("/")
+    job = defs.resolve_job_def(f"{parts[2]}_backups")
+    return job.execute_in_process(partition_key=partition, asset_selection=[dg.AssetKey(parts), dg.AssetKey([*parts, "s3"])],
+                                  instance=instance or dg.DagsterInstance.ephemeral(), raise_on_error=False)
+
+
+def test_multipart_replica_with_sse_checksum_and_idempotent_rerun(big_sqlite, write_catalog, moto_s3, bucket):
+    catalog = write_catalog({"big": {"engine": "sqlite", "path": str(big_sqlite)}},
+                            replication=s3_replication(moto_s3, bucket, part_size_mb=5, storage_class="STANDARD_IA"))
+    calls = []
+    result = materialize_with_replica(catalog, "big/full/daily")
+    assert result.success
+    evals = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert evals["replica_intact"].passed and evals["artifact_intact"].passed
+    backup = find_backup(catalog, "big", "full", "daily", P)
+    assert backup.manifest.size_bytes > 10 * 1024 * 1024
+    client = moto_s3.client()
+    key = f"backups/sqlite/daily/{backup.artifact_path.name}"
+    head = client.head_object(Bucket=bucket, Key=key)
+    assert head["ContentLength"] == backup.manifest.size_bytes
+    assert head["Metadata"]["sha256"] == backup.manifest.sha256
+    assert head["ServerSideEncryption"] == "AES256"
+    assert head.get("StorageClass") == "STANDARD_IA"
+    assert "-" in head["ETag"], "a multipart upload has a composite ETag"
+    body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    import hashlib
+
+    assert hashlib.sha256(body).hexdigest() == backup.manifest.sha256
+    assert client.head_object(Bucket=bucket, Key=key + ".meta")["Metadata"]["sha256"]
+
+    # re-running the partition uploads nothing
+    storage = storage_for(catalog, moto_s3.client())
+    storage.client.meta.events.register("before-call.s3.*", lambda model, **kw: calls.append(model.name))
+    again = replicate(catalog, backup, storage)
+    assert again.mode == "already-replicated"
+    assert not {"PutObject", "UploadPart", "CreateMultipartUpload", "CopyObject"} & set(calls)
+
+
+def test_replica_check_fails_on_a_tampered_object(miyabi_db, write_catalog, moto_s3, bucket):
+    catalog = write_catalog({"miyabi": {"engine": "sqlite", "path": str(miyabi_db)}},
+                            replication=s3_replication(moto_s3, bucket))
+    assert materialize_with_replica(catalog, "miyabi/full/daily").success
+    backup = find_backup(catalog, "miyabi", "full", "daily", P)
+    key = f"backups/sqlite/daily/{backup.artifact_path.name}"
+    moto_s3.client().put_object(Bucket=bucket, Key=key, Body=b"evil", Metadata={"sha256": backup.manifest.sha256})
+    outcome = replica_intact(catalog, backup, storage_for(catalog, moto_s3.client()))
+    assert not outcome.passed and "size 4 differs from the manifest's" in outcome.message
+    moto_s3.client().delete_object(Bucket=bucket, Key=key)
+    outcome = replica_intact(catalog, backup, storage_for(catalog, moto_s3.client()))
+    assert not outcome.passed and "replica is missing" in outcome.message
+
+
+def test_promotions_are_server_side_copies(pg18, myloware_db, write_catalog, moto_s3, bucket):
+    catalog = write_catalog({"myloware": pg_source(pg18, myloware_db)}, replication=s3_replication(moto_s3, bucket))
+    assert materialize_with_replica(catalog, "myloware/core/daily", "2026-11-15").success
+    calls = []
+    storage = storage_for(catalog, moto_s3.client())
+    storage.client.meta.events.register("before-call.s3.*", lambda model, **kw: calls.append(model.name))
+    run_backup(catalog, "myloware", "core", "weekly", "2026-11-09")
+    weekly = find_backup(catalog, "myloware", "core", "weekly", "2026-11-09")
+    result = replicate(catalog, weekly, storage)
+    assert result.mode == "copy"
+    assert "CopyObject" in calls and "UploadPart" not in calls
+    assert [c for c in calls if c == "PutObject"] == ["PutObject"], "only the weekly's own manifest is uploaded"
+    head = moto_s3.client().head_object(Bucket=bucket, Key=f"backups/postgres/weekly/{weekly.artifact_path.name}")
+    assert head["Metadata"]["sha256"] == weekly.manifest.sha256 and head["ServerSideEncryption"] == "AES256"
+
+
+def test_server_stopped_mid_upload_leaves_no_replica_and_the_retry_cleans_up(big_sqlite, write_catalog, moto_s3, bucket):
+    catalog = write_catalog({"big": {"engine": "sqlite", "path": str(big_sqlite)}},
+                            replication=s3_replication(moto_s3, bucket, part_size_mb=5))
+    run_backup(catalog, "big", "full", "daily", P)
+    backup = find_backup(catalog, "big", "full", "daily", P)
+    key = f"backups/sqlite/daily/{backup.artifact_path.name}"
+    parts = []
+
+    def stop_on_second_part(**kwargs):
+        parts.append(1)
+        if len(parts) == 2:
+            moto_s3.stop()
+
+    client = moto_s3.client(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=5)
+    client.meta.events.register("before-call.s3.UploadPart", stop_on_second_part)
+    storage = S3Storage(catalog.replication.s3, client)
+    try:
+        with pytest.raises(BackupError, match=r"uploading .* to s3://.*: S3 endpoint unreachable"):
+            storage.put_file(backup.artifact_path, key, sha256=backup.manifest.sha256)
+    finally:
+        if moto_s3.server is None:
+            moto_s3.start()
+    s3 = moto_s3.client()
+    assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix=key), "no object may look like a replica"
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads"), "the abort could not reach the stopped server"
+    result = replicate(catalog, backup, storage_for(catalog, moto_s3.client()))
+    assert result.mode == "upload"
+    assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads"), "the stale upload was aborted"
+    assert replica_intact(catalog, backup, storage_for(catalog, s3)).passed
+
+
+@pytest.mark.parametrize("case", ["missing bucket", "access denied", "unreachable"])
+def test_replica_failures_are_clear(case, miyabi_db, write_catalog, moto_s3, bucket, monkeypatch):
+    from backup_assets.demo.cluster import free_port
+
+    repl = s3_replication(moto_s3, bucket)
+    if case == "missing bucket":
+        repl["s3"]["bucket"] = "no-such-bucket-here"
+        expected = "bucket does not exist"
+    elif case == "unreachable":
+        repl["s3"]["endpoint_url"] = f"http://127.0.0.1:{free_port()}"
+        expected = "S3 endpoint unreachable"
+    else:
+        expected = "access denied"
+    catalog = write_catalog({"miyabi": {"engine": "sqlite", "path": str(miyabi_db)}}, replication=repl)
+    run_backup(catalog, "miyabi", "full", "daily", P)
+    backup = find_backup(catalog, "miyabi", "full", "daily", P)
+    client_kwargs = {"retries": {"max_attempts": 1}, "connect_timeout": 1}
+    if case == "unreachable":
+        import boto3
+        from botocore.config import Config
+
+        client = boto3.client("s3", endpoint_url=repl["s3"]["endpoint_url"], region_name="us-east-1",
+                              aws_access_key_id="k", aws_secret_access_key="s", config=Config(**client_kwargs))
+    else:
+        client = moto_s3.client(**client_kwargs)
+    if case == "access denied":
+        from botocore.exceptions import ClientError
+
+        def deny(**kwargs):
+            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "PutObject")
+
+        client.meta.events.register("before-call.s3.PutObject", deny)
+    storage = S3Storage(catalog.replication.s3, client)
+    started = time.monotonic()
+    with pytest.raises(BackupError, match=expected):
+        replicate(catalog, backup, storage)
+    assert time.monotonic() - started < 60
+
+
+def test_restore_from_s3_downloads_verifies_and_restores(miyabi_db, write_catalog, moto_s3, bucket, tmp_path, capsys):
+    import shutil
+    import sqlite3
+
+    catalog = write_catalog({"miyabi": {"engine": "sqlite", "path": str(miyabi_db)}},
+                            replication=s3_replication(moto_s3, bucket))
+    assert materialize_with_replica(catalog, "miyabi/full/daily").success
+    # the local repository is lost: the restore comes from S3
+    shutil.rmtree(catalog.repository_root / "sqlite")
+    with sqlite3.connect(miyabi_db) as conn:
+        conn.execute("DELETE FROM execution_runs")
+    assert main(["--catalog", catalog.catalog_path, "restore", "--from", "s3", "--source", "miyabi",
+                 "--group", "full", "--confirm"]) == 0
+    with sqlite3.connect(miyabi_db) as conn:
+        assert conn.execute("SELECT count(*) FROM execution_runs").fetchone()[0] == 300
+    assert find_backup(catalog, "miyabi", "full", "daily", P).manifest.sha256
+
+    # a replica whose bytes do not match its manifest is refused before anything changes
+    backup = find_backup(catalog, "miyabi", "full", "daily", P)
+    shutil.rmtree(catalog.repository_root / "sqlite")
+    moto_s3.client().put_object(Bucket=bucket, Key=f"backups/sqlite/daily/{backup.artifact_path.name}", Body=b"x" * 10)
+    with pytest.raises(BackupError, match="downloaded sha256 .* differs"):
+        fetch_from_s3(catalog, source="miyabi", group="full", storage=storage_for(catalog, moto_s3.client()))
+    assert not list((catalog.repository_root / "sqlite").rglob("*.zst"))
