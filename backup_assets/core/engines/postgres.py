@@ -252,7 +252,7 @@ def dump(ep: Endpoint, tables: list[str] | None, write: Callable[[BinaryIO], Non
     conn = connect(ep, autocommit=False, what=what)
     try:
         major = server_major(conn)
-        pg_dump, tool_major = find_tool("pg_dump", major, pg_bin_dir)
+        pg_dump, _ = find_tool("pg_dump", major, pg_bin_dir)
         tool_version = subprocess.run([str(pg_dump), "--version"], capture_output=True, text=True).stdout.strip()
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         snapshot_id, snapshot_at = conn.execute("SELECT pg_export_snapshot(), now()").fetchone()
@@ -263,11 +263,6 @@ def dump(ep: Endpoint, tables: list[str] | None, write: Callable[[BinaryIO], Non
             if missing:
                 raise BackupError(f"{what}table(s) missing in {ep.describe()}: {', '.join(missing)}")
             group_tables = [qname(t) for t in tables]
-        facts = table_facts(conn, group_tables)
-        if tables is not None:
-            used = {i["method"] for i in facts.indexes}
-            has_vectors = bool(facts.vectors) or bool(used & {"hnsw", "ivfflat"})
-            facts.extensions = {k: v for k, v in facts.extensions.items() if k == "vector" and has_vectors}
         version = server_version(conn)
 
         args = [str(pg_dump), f"--snapshot={snapshot_id}", "--format=custom", "--compress=0", "--no-password"]
@@ -279,19 +274,39 @@ def dump(ep: Endpoint, tables: list[str] | None, write: Callable[[BinaryIO], Non
         stderr = bytearray()
         drain = threading.Thread(target=_drain, args=(proc.stderr, stderr), daemon=True)
         drain.start()
+        # the counts are read from the same snapshot while pg_dump streams, not before it
+        facts_box: dict = {}
+
+        def read_facts() -> None:
+            try:
+                facts_box["facts"] = table_facts(conn, group_tables)
+            except BaseException as exc:  # re-raised in the calling thread
+                facts_box["error"] = exc
+
+        counter = threading.Thread(target=read_facts, daemon=True)
+        counter.start()
         try:
             write(proc.stdout)
         except BaseException:
             proc.kill()
             proc.wait()
+            counter.join()
             raise
         finally:
             proc.stdout.close()
         rc = proc.wait()
         drain.join(timeout=10)
+        counter.join()
         if rc != 0:
             detail = ep.scrub(stderr.decode(errors="replace").strip()) or f"exit code {rc}"
             raise BackupError(f"{what}pg_dump of {ep.describe()} failed: {detail}")
+        if "error" in facts_box:
+            raise facts_box["error"]
+        facts = facts_box["facts"]
+        if tables is not None:
+            used = {i["method"] for i in facts.indexes}
+            has_vectors = bool(facts.vectors) or bool(used & {"hnsw", "ivfflat"})
+            facts.extensions = {k: v for k, v in facts.extensions.items() if k == "vector" and has_vectors}
         conn.commit()
         return DumpResult(group_tables, facts, version, tool_version, snapshot_at.astimezone(dt.timezone.utc).isoformat())
     except psycopg.Error as exc:
