@@ -281,6 +281,51 @@ class S3Replication(_Model):
         return out
 
 
+class SlackAlerts(_Model):
+    token_env: str
+    channel: str
+    # a stand-in for https://slack.com/api/ (tests, proxies)
+    base_url: str | None = None
+
+
+class EmailAlerts(_Model):
+    host: str
+    port: Annotated[int, Field(ge=1, le=65535)] = 587
+    starttls: bool = True
+    # CA bundle to verify the server's certificate (default: the system's)
+    ca_file: str | None = None
+    username: str | None = None
+    password_env: str | None = None
+    sender: str
+    recipients: list[str]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_password(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "password" in data:
+            raise ValueError("'password' is not allowed: name an environment variable in password_env")
+        return data
+
+
+class WebhookAlerts(_Model):
+    url: str
+    # HMAC-SHA256 of the body in X-Backup-Assets-Signature, with the secret from this variable
+    hmac_secret_env: str | None = None
+    timeout_s: Annotated[float, Field(gt=0)] = 10
+
+
+class Alerts(_Model):
+    dagster_url: str = "http://127.0.0.1:3000"
+    # one alert per failing asset and cause per window
+    window_minutes: Annotated[int, Field(ge=0)] = 60
+    sensor_interval_seconds: Annotated[int, Field(ge=5)] = 30
+    disk_free_min_gb: Annotated[float, Field(ge=0)] = 10
+    disk_free_min_percent: Annotated[float, Field(ge=0, le=100)] | None = None
+    slack: SlackAlerts | None = None
+    email: EmailAlerts | None = None
+    webhook: WebhookAlerts | None = None
+
+
 class Replication(_Model):
     s3: S3Replication | None = None
 
@@ -294,6 +339,10 @@ class Catalog(_Model):
     size_anomaly_threshold: Annotated[float, Field(gt=0)] = 0.5
     dr_drill: DrDrillConfig = DrDrillConfig()
     replication: Replication = Replication()
+    alerts: Alerts = Alerts()
+    # backup-health: how old the newest good backup of a tier may be (recovery point objective)
+    rpo_hours: dict[Literal[TIER_NAMES], Annotated[float, Field(gt=0)]] = {  # type: ignore[valid-type]
+        "daily": 26, "weekly": 7 * 24 + 2, "monthly": 31 * 24 + 2}
     # set by the loader, not by the file
     catalog_path: str | None = None
 

@@ -189,6 +189,16 @@ def cmd_retention_prune_tables(args) -> int:
     return 0
 
 
+def cmd_runs_prune(args) -> int:
+    import dagster as dg
+
+    from .defs.hygiene import prune_runs
+
+    report = prune_runs(dg.DagsterInstance.get(), older_than_days=args.older_than_days, dry_run=not args.apply)
+    print(json.dumps({k: v for k, v in report.items() if k != "run_ids"}, indent=2))
+    return 0
+
+
 def cmd_backup(args) -> int:
     """Materialize partitions through Dagster (recorded in DAGSTER_HOME, visible in the UI)."""
     import dagster as dg
@@ -281,6 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "prune-tables":
             r.add_argument("--source", nargs="*")
         r.set_defaults(func=func)
+
+    p = sub.add_parser("runs", help="Dagster run history in $DAGSTER_HOME")
+    rsub = p.add_subparsers(dest="runs_command", required=True)
+    r = rsub.add_parser("prune", help="delete old runs, never one holding a partition's latest materialization "
+                                      "(a dry run unless --apply)")
+    r.add_argument("--older-than-days", type=int, default=90)
+    r.add_argument("--apply", action="store_true")
+    r.set_defaults(func=cmd_runs_prune)
 
     p = sub.add_parser("backup", help="back up now through Dagster (default: the newest complete partition)")
     p.add_argument("--tier", default="daily", choices=["daily", "weekly", "monthly"])

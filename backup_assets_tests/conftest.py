@@ -196,3 +196,112 @@ def bucket(moto_s3, request):
 def s3_replication(moto_s3, bucket: str, **extra) -> dict:
     return {"s3": {"bucket": bucket, "prefix": "backups", "region": "us-east-1", "endpoint_url": moto_s3.endpoint,
                    "access_key_id_env": AWS_KEY_ENV, "secret_access_key_env": AWS_SECRET_ENV, **extra}}
+
+
+# -- alert receivers: SMTP (aiosmtpd, STARTTLS), a webhook / Slack stand-in over HTTP ----------------
+
+class SmtpSink:
+    def __init__(self, tmp: Path):
+        import ssl
+
+        from aiosmtpd.controller import Controller
+
+        self.messages: list = []
+        cert, key = tmp / "smtp.crt", tmp / "smtp.key"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                       check=True, capture_output=True)
+        self.ca_file = str(cert)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(str(cert), str(key))
+        sink = self
+
+        class Handler:
+            async def handle_DATA(self, server, session, envelope):
+                import email
+
+                sink.messages.append(email.message_from_bytes(envelope.content))
+                return "250 OK"
+
+        self.port = free_port()
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=self.port, tls_context=context,
+                                     require_starttls=True)
+        self.controller.start()
+
+    def stop(self):
+        self.controller.stop()
+
+
+class HttpSink:
+    """Records POSTs; answers like Slack's API ({"ok": true}) so it can stand in for it too."""
+
+    def __init__(self):
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[dict] = []
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                sink.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                payload = json.dumps({"ok": True, "channel": "C1", "ts": "1.0"}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+
+
+@pytest.fixture
+def smtp_sink(tmp_path):
+    sink = SmtpSink(tmp_path)
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture
+def http_sink():
+    sink = HttpSink()
+    yield sink
+    sink.stop()
+
+
+WEBHOOK_SECRET_ENV = "BA_TEST_WEBHOOK_SECRET"
+SLACK_TOKEN_ENV = "BA_TEST_SLACK_TOKEN"
+
+
+def alert_config(smtp_sink, http_sink, **extra) -> dict:
+    os.environ[WEBHOOK_SECRET_ENV] = "hook-secret-" + secrets.token_hex(4)
+    os.environ[SLACK_TOKEN_ENV] = "xoxb-test-" + secrets.token_hex(4)
+    return {
+        "dagster_url": "http://127.0.0.1:3000",
+        "email": {"host": "127.0.0.1", "port": smtp_sink.port, "starttls": True, "ca_file": smtp_sink.ca_file,
+                  "sender": "backups@example.invalid", "recipients": ["ops@example.invalid"]},
+        "webhook": {"url": f"{http_sink.url}/hooks/backup", "hmac_secret_env": WEBHOOK_SECRET_ENV},
+        "slack": {"token_env": SLACK_TOKEN_ENV, "channel": "#ops", "base_url": f"{http_sink.url}/slack/api/"},
+        **extra,
+    }
+
+
+@pytest.fixture(autouse=True)
+def _forget_disposed_dagster_instances():
+    """A disposed test instance can stay registered as the current defs-state storage (a context
+    variable in dagster 1.13) and break the next test's definitions load; forget it."""
+    yield
+    from dagster._core.storage.defs_state.base import _current_storage
+
+    _current_storage.set(None)

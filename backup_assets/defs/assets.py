@@ -9,6 +9,7 @@ from ..catalog import Catalog
 from ..core.backup import repository_for, run_backup
 from ..core.manifest import Manifest
 from .partitions import partitions_for
+from .sensors import freshness_policy
 
 KIND = {"postgres": "postgres", "sqlite": "sqlite"}
 
@@ -73,6 +74,7 @@ def build_backup_asset(catalog: Catalog, source: str, group: str, tier: str) -> 
         pool=src.pool_name(),
         deps=deps,
         backfill_policy=dg.BackfillPolicy.multi_run(1),
+        freshness_policy=freshness_policy(tier),
         tags={"backup_assets/tier": tier, "backup_assets/source": source},
         metadata={"tables": dg.MetadataValue.text(what), "engine": src.engine},
     )

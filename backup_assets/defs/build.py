@@ -11,19 +11,27 @@ from .checks import build_backup_checks, build_dr_drill
 from .partitions import partitions_for
 from .replication import build_replicas, replica_key, s3_resource
 from .restore_job import build_restore_job
+from .hygiene import prune_run_history_job
 from .retention import build_retention
+from .sensors import HEALTH_KEY, build_health, build_schedules, build_sensors
 
 
 def build_definitions(catalog: Catalog) -> dg.Definitions:
     dr_drill, dr_drill_schedule = build_dr_drill(catalog)
     replicas, replica_checks = build_replicas(catalog)
     resources = {"s3": s3_resource(catalog)} if catalog.replication.s3 else {}
-    jobs = [build_restore_job(catalog), *tier_jobs(catalog)]
+    tiers = tier_jobs(catalog)
+    retention_assets = build_retention(catalog)
+    maintenance = dg.define_asset_job(
+        "maintenance", selection=dg.AssetSelection.assets(*[a.key for a in retention_assets], HEALTH_KEY),
+        description="Retention, application-table pruning and the backup-health report.")
+    jobs = [build_restore_job(catalog), *tiers, maintenance, prune_run_history_job]
     return dg.Definitions(
-        assets=[*build_backup_assets(catalog), dr_drill, *replicas, *build_retention(catalog)],
+        assets=[*build_backup_assets(catalog), dr_drill, *replicas, *retention_assets, build_health(catalog)],
         asset_checks=[*build_backup_checks(catalog), *replica_checks],
         resources=resources,
-        schedules=[dr_drill_schedule],
+        schedules=[dr_drill_schedule, *build_schedules(catalog, tiers, maintenance)],
+        sensors=build_sensors(catalog),
         jobs=jobs,
     )
 

@@ -1,0 +1,179 @@
+"""Alerts: Slack, email over SMTP, and a signed JSON webhook, with no storms.
+
+Each alert names source, group, tier, partition, what failed, the error and a link to the run.
+One alert per failing asset and cause per window (`alerts.window_minutes`); the memory of what
+was sent lives in the repository (`.alerts/sent.json`), so it holds across sensors and restarts.
+Secrets (Slack token, SMTP password, HMAC secret) come from environment variables and never
+appear in an alert or an error.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import json
+import smtplib
+import ssl
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from email.message import EmailMessage
+from pathlib import Path
+
+from ..catalog import Alerts, Catalog, CatalogError
+from . import BackupError
+from .artifact import ensure_dir, write_json_atomic
+from .secrets import scrub
+
+SIGNATURE_HEADER = "X-Backup-Assets-Signature"
+
+
+@dataclass
+class Alert:
+    what: str  # e.g. "run failed", "check restore_drill failed", "backup is stale"
+    error: str
+    severity: str = "error"  # or "warning"
+    source: str | None = None
+    group: str | None = None
+    tier: str | None = None
+    partition: str | None = None
+    asset: str | None = None
+    run_url: str | None = None
+    cause: str | None = None  # what makes two alerts the same, with the asset
+
+    @property
+    def dedupe_key(self) -> str:
+        return f"{self.asset or '-'}|{self.partition or '-'}|{self.cause or self.what}"
+
+    def title(self) -> str:
+        target = "/".join(x for x in (self.source, self.group, self.tier) if x) or self.asset or "backup_assets"
+        part = f" [{self.partition}]" if self.partition else ""
+        return f"[{self.severity.upper()}] {target}{part}: {self.what}"
+
+    def text(self) -> str:
+        lines = [self.title(), "",
+                 f"source: {self.source or '-'}", f"group: {self.group or '-'}", f"tier: {self.tier or '-'}",
+                 f"partition: {self.partition or '-'}", f"what failed: {self.what}", f"error: {self.error}"]
+        if self.run_url:
+            lines.append(f"run: {self.run_url}")
+        return "\n".join(lines)
+
+
+def _secret(env_name: str | None) -> str | None:
+    import os
+
+    if env_name is None:
+        return None
+    value = os.environ.get(env_name)
+    if value is None:
+        raise CatalogError(f"environment variable {env_name} is not set")
+    return value
+
+
+class Notifier:
+    def __init__(self, cfg: Alerts, state_dir: Path):
+        self.cfg = cfg
+        self.state_path = state_dir / "sent.json"
+
+    @classmethod
+    def for_catalog(cls, catalog: Catalog) -> "Notifier":
+        return cls(catalog.alerts, catalog.repository_root / ".alerts")
+
+    @property
+    def channels(self) -> list[str]:
+        return [name for name in ("slack", "email", "webhook") if getattr(self.cfg, name) is not None]
+
+    # -- storms ------------------------------------------------------------------------------
+    def _sent(self) -> dict[str, str]:
+        try:
+            return json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def should_send(self, alert: Alert, now: dt.datetime) -> bool:
+        last = self._sent().get(alert.dedupe_key)
+        if last is None:
+            return True
+        return now - dt.datetime.fromisoformat(last) >= dt.timedelta(minutes=self.cfg.window_minutes)
+
+    def _remember(self, alert: Alert, now: dt.datetime) -> None:
+        sent = self._sent()
+        horizon = now - dt.timedelta(days=7)
+        sent = {k: v for k, v in sent.items() if dt.datetime.fromisoformat(v) > horizon}
+        sent[alert.dedupe_key] = now.isoformat()
+        ensure_dir(self.state_path.parent)
+        write_json_atomic(self.state_path, sent)
+
+    # -- sending -----------------------------------------------------------------------------
+    def send(self, alert: Alert, *, now: dt.datetime | None = None) -> list[str]:
+        """Deliver to every configured channel; returns the channels reached. Raises if none was."""
+        now = now or dt.datetime.now(dt.timezone.utc)
+        if not self.should_send(alert, now):
+            return []
+        secrets = [self._safe_secret(getattr(getattr(self.cfg, c, None), f, None))
+                   for c, f in (("slack", "token_env"), ("email", "password_env"), ("webhook", "hmac_secret_env"))]
+        alert = Alert(**{**asdict(alert), "error": scrub(alert.error, *secrets)})
+        reached, failures = [], []
+        for name in self.channels:
+            try:
+                getattr(self, f"_send_{name}")(alert)
+                reached.append(name)
+            except Exception as exc:  # one broken channel must not silence the others
+                failures.append(f"{name}: {scrub(str(exc), *secrets)}")
+        if reached:
+            self._remember(alert, now)
+        if failures and not reached:
+            raise BackupError("no alert channel reached: " + "; ".join(failures))
+        return reached
+
+    @staticmethod
+    def _safe_secret(env_name: str | None) -> str | None:
+        try:
+            return _secret(env_name)
+        except CatalogError:
+            return None
+
+    def _send_slack(self, alert: Alert) -> None:
+        from slack_sdk import WebClient
+
+        cfg = self.cfg.slack
+        kwargs = {"base_url": cfg.base_url} if cfg.base_url else {}
+        client = WebClient(token=_secret(cfg.token_env), timeout=10, **kwargs)
+        client.chat_postMessage(channel=cfg.channel, text=alert.text(),
+                                blocks=[{"type": "section", "text": {"type": "mrkdwn", "text": f"*{alert.title()}*"}},
+                                        {"type": "section", "text": {"type": "mrkdwn", "text": "```" + alert.text() + "```"}}])
+
+    def _send_email(self, alert: Alert) -> None:
+        cfg = self.cfg.email
+        msg = EmailMessage()
+        msg["Subject"] = alert.title()
+        msg["From"] = cfg.sender
+        msg["To"] = ", ".join(cfg.recipients)
+        msg.set_content(alert.text())
+        with smtplib.SMTP(cfg.host, cfg.port, timeout=15) as smtp:
+            if cfg.starttls:
+                smtp.starttls(context=ssl.create_default_context(cafile=cfg.ca_file))
+            if cfg.username:
+                smtp.login(cfg.username, _secret(cfg.password_env) or "")
+            smtp.send_message(msg)
+
+    def _send_webhook(self, alert: Alert) -> None:
+        cfg = self.cfg.webhook
+        body = json.dumps({"title": alert.title(), **asdict(alert)}, sort_keys=True).encode()
+        headers = {"Content-Type": "application/json", "User-Agent": "backup_assets"}
+        secret = _secret(cfg.hmac_secret_env)
+        if secret:
+            headers[SIGNATURE_HEADER] = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+        request = urllib.request.Request(cfg.url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=cfg.timeout_s) as response:
+                if response.status >= 300:
+                    raise BackupError(f"webhook answered HTTP {response.status}")
+        except urllib.error.URLError as exc:
+            raise BackupError(f"webhook {cfg.url} unreachable: {exc.reason}") from None
+
+
+def verify_signature(body: bytes, header: str | None, secret: str) -> bool:
+    expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return bool(header) and hmac.compare_digest(header, expected)

@@ -1,0 +1,204 @@
+"""Sensors that tell people when anything goes wrong, the schedules that run the backups, and the
+backup-health asset. Delivery (Slack, email, webhook) and storm control are in core.alerts."""
+
+import datetime as dt
+
+import dagster as dg
+from dagster import AssetExecutionContext, RunFailureSensorContext, SensorEvaluationContext
+
+# the check-execution table is the one record of check outcomes that every storage indexes
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+
+from ..catalog import Catalog
+from ..core import health
+from ..core.alerts import Alert, Notifier
+from .partitions import DAGSTER_WEEKDAY
+
+# freshness per tier: (warn after, fail after)
+FRESHNESS = {
+    "daily": (dt.timedelta(hours=26), dt.timedelta(hours=30)),
+    "weekly": (dt.timedelta(days=7, hours=2), dt.timedelta(days=7, hours=6)),
+    "monthly": (dt.timedelta(days=31, hours=2), dt.timedelta(days=32)),
+}
+HEALTH_KEY = dg.AssetKey(["operations", "backup_health"])
+
+
+def freshness_policy(tier: str) -> dg.FreshnessPolicy:
+    warn, fail = FRESHNESS[tier]
+    return dg.FreshnessPolicy.time_window(fail_window=fail, warn_window=warn)
+
+
+def describe_key(key: dg.AssetKey) -> dict:
+    path = key.path
+    if len(path) >= 3 and path[2] in FRESHNESS:
+        return {"source": path[0], "group": path[1], "tier": path[2], "asset": key.to_user_string()}
+    return {"asset": key.to_user_string()}
+
+
+def root_cause(error) -> str:
+    """The innermost error's first line, without the exception's class path."""
+    while getattr(error, "cause", None) is not None:
+        error = error.cause
+    line = (error.message or "").strip().splitlines()[0] if (error.message or "").strip() else error.cls_name or ""
+    head, sep, rest = line.partition(": ")
+    return rest if sep and "." in head and " " not in head else line
+
+
+def run_url(catalog: Catalog, run_id: str) -> str:
+    return f"{catalog.alerts.dagster_url.rstrip('/')}/runs/{run_id}"
+
+
+def _notify(context, notifier: Notifier, alert: Alert) -> None:
+    if not notifier.channels:
+        context.log.info(f"no alert channel configured: {alert.title()}")
+        return
+    reached = notifier.send(alert)
+    context.log.info(f"alert {'sent to ' + ', '.join(reached) if reached else 'suppressed (already sent in window)'}: "
+                     f"{alert.title()}")
+
+
+def build_sensors(catalog: Catalog) -> list:
+    notifier = Notifier.for_catalog(catalog)
+    interval = catalog.alerts.sensor_interval_seconds
+
+    @dg.run_failure_sensor(name="run_failure_alerts", minimum_interval_seconds=interval,
+                           default_status=dg.DefaultSensorStatus.RUNNING,
+                           description="Alerts on every failed backup, replication, retention, drill and restore run.")
+    def run_failure_alerts(context: RunFailureSensorContext):
+        run = context.dagster_run
+        failures = context.get_step_failure_events()
+        error = "; ".join(root_cause(e.event_specific_data.error) if e.event_specific_data and e.event_specific_data.error
+                          else (e.message or "") for e in failures)[:2000]
+        error = error or (context.failure_event.message or "run failed")
+        keys = sorted(run.asset_selection or [], key=lambda k: k.to_user_string())
+        partition = run.tags.get("dagster/partition")
+        if not keys:
+            _notify(context, notifier, Alert(what=f"job {run.job_name} failed", error=error, partition=partition,
+                                             run_url=run_url(catalog, run.run_id), cause=f"run:{run.job_name}",
+                                             asset=run.job_name))
+            return
+        failed_steps = {e.step_key for e in failures}
+        for key in keys:
+            step = "__".join(key.path)
+            own = [s for s in failed_steps if s == step or (s.startswith(step + "_") and not s.startswith(step + "__"))]
+            if failed_steps and not own and len(keys) > 1:
+                continue
+            _notify(context, notifier, Alert(what=f"run of {run.job_name} failed", error=error, partition=partition,
+                                             run_url=run_url(catalog, run.run_id), cause="run-failure",
+                                             **describe_key(key)))
+
+    backup_check_names = ("artifact_intact", "archive_readable", "restore_drill", "size_anomaly")
+    check_keys = [dg.AssetCheckKey(dg.AssetKey(list(t)), n) for t in catalog.backup_targets() for n in backup_check_names]
+    if catalog.replication.s3:
+        check_keys += [dg.AssetCheckKey(dg.AssetKey([*t, "s3"]), "replica_intact") for t in catalog.backup_targets()]
+
+    @dg.sensor(name="check_failure_alerts", minimum_interval_seconds=interval,
+               default_status=dg.DefaultSensorStatus.RUNNING,
+               description="Alerts once on every failed asset check, WARN ones (size anomalies) included, which a "
+                           "run-failure sensor never sees.")
+    def check_failure_alerts(context: SensorEvaluationContext):
+        cursor = int(context.cursor or 0)
+        new_cursor = cursor
+        found = []
+        for check_key in check_keys:
+            for record in context.instance.event_log_storage.get_asset_check_execution_history(
+                    check_key, limit=200, status={AssetCheckExecutionRecordStatus.FAILED}):
+                if record.id > cursor and record.event is not None:
+                    found.append(record)
+        for record in sorted(found, key=lambda r: r.id):
+            evaluation = record.event.dagster_event.event_specific_data
+            warn = evaluation.severity == dg.AssetCheckSeverity.WARN
+            _notify(context, notifier, Alert(
+                what=f"check {evaluation.check_name} failed", error=evaluation.description or "",
+                severity="warning" if warn else "error", partition=getattr(evaluation, "partition", None),
+                run_url=run_url(catalog, record.run_id), cause=f"check:{evaluation.check_name}",
+                **describe_key(evaluation.asset_key)))
+            new_cursor = max(new_cursor, record.id)
+        context.update_cursor(str(new_cursor))
+
+    backup_keys = [dg.AssetKey(list(t)) for t in catalog.backup_targets()]
+
+    @dg.sensor(name="freshness_alerts", minimum_interval_seconds=max(interval, 60),
+               default_status=dg.DefaultSensorStatus.RUNNING,
+               description="Alerts when a backup's newest materialization is older than its tier allows "
+                           "(daily: warning after 26 h, error after 30 h).")
+    def freshness_alerts(context: SensorEvaluationContext):
+        now = dt.datetime.now(dt.timezone.utc)
+        for key in backup_keys:
+            event = context.instance.get_latest_materialization_event(key)
+            if event is None:
+                continue  # never backed up yet: backup_health shows it; the schedule has not run
+            age = now - dt.datetime.fromtimestamp(event.timestamp, dt.timezone.utc)
+            warn, fail = FRESHNESS[key.path[2]]
+            if age > warn:
+                level = "error" if age > fail else "warning"
+                _notify(context, notifier, Alert(
+                    what="backup is stale", severity=level, cause=f"stale-{level}",
+                    error=f"newest backup is {age.total_seconds() / 3600:.1f} h old "
+                          f"(warn after {warn.total_seconds() / 3600:g} h, fail after {fail.total_seconds() / 3600:g} h)",
+                    run_url=run_url(catalog, event.run_id), **describe_key(key)))
+
+    @dg.sensor(name="disk_space_alerts", minimum_interval_seconds=max(interval, 60),
+               default_status=dg.DefaultSensorStatus.RUNNING,
+               description="Alerts when the repository's volume runs low on free space.")
+    def disk_space_alerts(context: SensorEvaluationContext):
+        disk = health.disk_status(catalog)
+        if disk["low"]:
+            _notify(context, notifier, Alert(
+                what="backup volume low on space", cause="disk-low", asset=disk["path"],
+                error=f"{disk['free_bytes'] / 1024**3:.1f} GB ({disk['free_percent']}%) free on {disk['path']}; "
+                      f"threshold {catalog.alerts.disk_free_min_gb:g} GB"
+                      + (f" or {catalog.alerts.disk_free_min_percent:g}%" if catalog.alerts.disk_free_min_percent else "")))
+
+    return [run_failure_alerts, check_failure_alerts, freshness_alerts, disk_space_alerts]
+
+
+def build_health(catalog: Catalog) -> dg.AssetsDefinition:
+    @dg.asset(key=HEALTH_KEY, group_name="operations",
+              deps=[dg.AssetKey(list(t)) for t in catalog.backup_targets()],
+              description="Per source, group and tier: the newest good backup, its age against the RPO, the last "
+                          "drill's RTO and the size trend; disk space and the 30-day storage forecast.")
+    def backup_health(context: AssetExecutionContext) -> dg.MaterializeResult:
+        rows, forecast = health.report(catalog)
+        missed = [f"{r.source}/{r.group}/{r.tier}" for r in rows if not r.rpo_ok]
+        if missed:
+            context.log.warning(f"RPO not met: {', '.join(missed)}")
+        return dg.MaterializeResult(metadata={
+            "report": dg.MetadataValue.md(health.markdown(rows, forecast)),
+            "rpo_missed": dg.MetadataValue.int(len(missed)),
+            "repository_bytes": dg.MetadataValue.int(forecast["repository_bytes"]),
+            "estimated_30_day_bytes": dg.MetadataValue.int(forecast["estimated_30_day_bytes"]),
+            "disk_free_bytes": dg.MetadataValue.int(forecast["disk"]["free_bytes"]),
+            "forecast": dg.MetadataValue.json(forecast),
+        })
+
+    return backup_health
+
+
+def build_schedules(catalog: Catalog, tier_jobs: list, maintenance_job) -> list:
+    schedules = []
+    by_name = {j.name: j for j in tier_jobs}
+    for tier, cfg in catalog.tiers.items():
+        job = by_name.get(f"{tier}_backups")
+        if job is None:
+            continue
+        extra = {}
+        if tier == "weekly":
+            extra["day_of_week"] = DAGSTER_WEEKDAY[cfg.day_of_week]
+        if tier == "monthly":
+            extra["day_of_month"] = cfg.day_of_month
+        schedules.append(dg.build_schedule_from_partitioned_job(
+            job, name=f"{tier}_backup_schedule", hour_of_day=cfg.hour, minute_of_hour=cfg.minute,
+            default_status=dg.DefaultScheduleStatus.RUNNING,
+            description=f"{tier.capitalize()} backups at {cfg.time} ({catalog.tier_timezone(tier)})"
+                        + (f" on {cfg.day_of_week}s" if tier == "weekly" else "")
+                        + (f" on day {cfg.day_of_month}" if tier == "monthly" else "") + ", newest complete partition.",
+            **extra))
+    daily = catalog.tiers["daily"]
+    hour = (daily.hour + 1) % 24
+    schedules.append(dg.ScheduleDefinition(
+        name="maintenance_schedule", job=maintenance_job, cron_schedule=f"{daily.minute} {hour} * * *",
+        execution_timezone=catalog.tier_timezone("daily"), default_status=dg.DefaultScheduleStatus.RUNNING,
+        description="Retention, application-table pruning and the health report, daily an hour after the backups."))
+    return schedules
+
