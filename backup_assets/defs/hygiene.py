@@ -46,8 +46,8 @@ class PruneRunsConfig(dg.Config):
     dry_run: bool = False
 
 
-@dg.op(name="prune_run_history")
-def prune_run_history(context: OpExecutionContext, config: PruneRunsConfig) -> dg.Output:
+@dg.op(name="prune_old_runs")
+def prune_old_runs(context: OpExecutionContext, config: PruneRunsConfig) -> dg.Output:
     report = prune_runs(context.instance, older_than_days=config.older_than_days, dry_run=config.dry_run)
     context.log.info(f"{'would delete' if config.dry_run else 'deleted'} {report['deleted']} run(s), kept "
                      f"{report['kept_latest_materialization']} holding a latest materialization")
@@ -57,4 +57,4 @@ def prune_run_history(context: OpExecutionContext, config: PruneRunsConfig) -> d
 @dg.job(name="prune_run_history", description="Deletes old runs and their event logs, never a run holding a "
                                               "partition's latest materialization.")
 def prune_run_history_job():
-    prune_run_history()
+    prune_old_runs()
