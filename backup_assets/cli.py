@@ -200,11 +200,13 @@ def cmd_runs_prune(args) -> int:
 
 
 def cmd_backup(args) -> int:
-    """Materialize partitions through Dagster (recorded in DAGSTER_HOME, visible in the UI)."""
+    """Run backups through Dagster (recorded in DAGSTER_HOME, visible in the UI): one run per asset
+    and partition, with the backup's checks and, when configured, its S3 replica."""
     import dagster as dg
 
     from .defs.assets import backup_key
     from .defs.build import build_definitions
+    from .defs.replication import replica_key
 
     catalog = _catalog(args)
     targets = [t for t in catalog.backup_targets() if t[2] == args.tier]
@@ -213,22 +215,29 @@ def cmd_backup(args) -> int:
     if not targets:
         raise UsageError(f"no {args.tier} backup assets match {args.select or 'the catalog'}")
     defs = build_definitions(catalog)
+    job = defs.resolve_job_def(f"{args.tier}_backups")
     instance = dg.DagsterInstance.get()
     failed = 0
     for source, group, tier in targets:
         asset = defs.resolve_assets_def(backup_key(source, group, tier))
-        partition = args.partition or asset.partitions_def.get_last_partition_key()
-        result = dg.materialize([asset], partition_key=partition, instance=instance, raise_on_error=False,
-                                tags={"backup_assets/trigger": "cli"},
-                                run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
-        latest = repository_for(catalog).latest(source, group, tier, partition)
-        if result.success and latest:
-            print(f"{source}/{group}/{tier} {partition}: {latest.artifact_path} ({latest.manifest.size_human})")
-        else:
-            failed += 1
-            errors = [e.event_specific_data.error.message.strip() for e in result.all_events
-                      if e.is_step_failure and e.event_specific_data and e.event_specific_data.error]
-            print(f"{source}/{group}/{tier} {partition}: FAILED {errors[0] if errors else ''}", file=sys.stderr)
+        partitions = args.partition or [asset.partitions_def.get_last_partition_key()]
+        for partition in partitions:
+            selection = [backup_key(source, group, tier)] + ([replica_key(source, group, tier)] if catalog.replication.s3 else [])
+            result = job.execute_in_process(
+                partition_key=partition, instance=instance, raise_on_error=False, asset_selection=selection,
+                tags={"backup_assets/trigger": "cli"},
+                run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
+            latest = repository_for(catalog).latest(source, group, tier, partition)
+            if result.success and latest:
+                print(f"{source}/{group}/{tier} {partition}: {latest.artifact_path} ({latest.manifest.size_human}, "
+                      f"checks {verification.summary(latest)})")
+            else:
+                failed += 1
+                from .defs.sensors import root_cause
+
+                errors = [root_cause(e.event_specific_data.error) for e in result.all_events
+                          if e.is_step_failure and e.event_specific_data and e.event_specific_data.error]
+                print(f"{source}/{group}/{tier} {partition}: FAILED {errors[0] if errors else ''}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -302,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("backup", help="back up now through Dagster (default: the newest complete partition)")
     p.add_argument("--tier", default="daily", choices=["daily", "weekly", "monthly"])
-    p.add_argument("--partition", help="partition key, e.g. 2026-11-20 (default: the newest complete one)")
+    p.add_argument("--partition", nargs="+", help="partition key(s), e.g. 2026-11-18 2026-11-19 (a backfill: one "
+                                                 "run each; default: the newest complete one)")
     p.add_argument("--select", nargs="*", help="source or source/group names")
     p.set_defaults(func=cmd_backup)
     return parser

@@ -17,6 +17,7 @@ def load_demo_defs(monkeypatch, tmp_path) -> dg.Definitions:
 
 def test_demo_definitions_have_one_asset_per_source_group_and_tier(monkeypatch, tmp_path):
     defs = load_demo_defs(monkeypatch, tmp_path)
+    dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     expected = {f"{s}/{g}/{t}" for s, g in [("myloware", "full"), ("myloware", "core"), ("myloware", "kb"),
