@@ -44,6 +44,16 @@ def root_cause(error) -> str:
     return rest if sep and "." in head and " " not in head else line
 
 
+def run_partition(tags) -> str | None:
+    """The partition of a run: one key, or a range (backfill runs carry a range, often of one key)."""
+    if "dagster/partition" in tags:
+        return tags["dagster/partition"]
+    start, end = tags.get("dagster/asset_partition_range_start"), tags.get("dagster/asset_partition_range_end")
+    if start and end:
+        return start if start == end else f"{start}...{end}"
+    return None
+
+
 def run_url(catalog: Catalog, run_id: str) -> str:
     return f"{catalog.alerts.dagster_url.rstrip('/')}/runs/{run_id}"
 
@@ -60,32 +70,47 @@ def _notify(context, notifier: Notifier, alert: Alert) -> None:
 def build_sensors(catalog: Catalog) -> list:
     notifier = Notifier.for_catalog(catalog)
     interval = catalog.alerts.sensor_interval_seconds
+    known = [dg.AssetKey(list(t)) for t in catalog.backup_targets()]
+    known += [dg.AssetKey([*t, "s3"]) for t in catalog.backup_targets()]
+    known += [dg.AssetKey(["operations", n]) for n in ("dr_drill", "retention", "backup_health")]
+    known += [dg.AssetKey([s, "app_table_pruning"]) for s in catalog.sources]
+    step_keys = {"__".join(k.path): k for k in known}
+
+    def asset_of_step(step_key: str | None) -> dg.AssetKey | None:
+        """The asset a failed step belongs to: its own op, or one of its checks (`<op>_<check>`)."""
+        if not step_key:
+            return None
+        if step_key in step_keys:
+            return step_keys[step_key]
+        owners = [k for s, k in step_keys.items() if step_key.startswith(s + "_") and not step_key.startswith(s + "__")]
+        return max(owners, key=lambda k: len(k.path), default=None)
 
     @dg.run_failure_sensor(name="run_failure_alerts", minimum_interval_seconds=interval,
                            default_status=dg.DefaultSensorStatus.RUNNING,
                            description="Alerts on every failed backup, replication, retention, drill and restore run.")
     def run_failure_alerts(context: RunFailureSensorContext):
         run = context.dagster_run
-        failures = context.get_step_failure_events()
-        error = "; ".join(root_cause(e.event_specific_data.error) if e.event_specific_data and e.event_specific_data.error
-                          else (e.message or "") for e in failures)[:2000]
-        error = error or (context.failure_event.message or "run failed")
-        keys = sorted(run.asset_selection or [], key=lambda k: k.to_user_string())
-        partition = run.tags.get("dagster/partition")
-        if not keys:
-            _notify(context, notifier, Alert(what=f"job {run.job_name} failed", error=error, partition=partition,
-                                             run_url=run_url(catalog, run.run_id), cause=f"run:{run.job_name}",
-                                             asset=run.job_name))
+        partition = run_partition(run.tags)
+        url = run_url(catalog, run.run_id)
+        failed_keys: dict[dg.AssetKey, str] = {}
+        for event in context.get_step_failure_events():
+            key = asset_of_step(event.step_key)
+            error = root_cause(event.event_specific_data.error) if event.event_specific_data and \
+                event.event_specific_data.error else (event.message or "")
+            if key is not None:
+                failed_keys.setdefault(key, error[:2000])
+        if not failed_keys:
+            error = context.failure_event.message or "run failed"
+            for key in run.asset_selection or []:
+                failed_keys[key] = error
+        if not failed_keys:
+            _notify(context, notifier, Alert(what=f"job {run.job_name} failed", partition=partition, run_url=url,
+                                             error=context.failure_event.message or "run failed",
+                                             cause=f"run:{run.job_name}", asset=run.job_name))
             return
-        failed_steps = {e.step_key for e in failures}
-        for key in keys:
-            step = "__".join(key.path)
-            own = [s for s in failed_steps if s == step or (s.startswith(step + "_") and not s.startswith(step + "__"))]
-            if failed_steps and not own and len(keys) > 1:
-                continue
+        for key, error in sorted(failed_keys.items(), key=lambda kv: kv[0].to_user_string()):
             _notify(context, notifier, Alert(what=f"run of {run.job_name} failed", error=error, partition=partition,
-                                             run_url=run_url(catalog, run.run_id), cause="run-failure",
-                                             **describe_key(key)))
+                                             run_url=url, cause="run-failure", **describe_key(key)))
 
     backup_check_names = ("artifact_intact", "archive_readable", "restore_drill", "size_anomaly")
     check_keys = [dg.AssetCheckKey(dg.AssetKey(list(t)), n) for t in catalog.backup_targets() for n in backup_check_names]

@@ -1,0 +1,198 @@
+"""End to end: dagster-webserver and dagster-daemon as processes, their instance stored in a real
+PostgreSQL (the production dagster.yaml), a schedule with a near tick, a backfill of three missed
+days from the UI's GraphQL API, then the database under backup stopped and the alert arriving by
+SMTP and webhook."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from backup_assets.demo.cluster import LocalCluster, embedded_bin_dir, free_port
+from backup_assets.demo.seed import Scale, seed_myloware
+
+from .conftest import PG18_PASSWORD_ENV, alert_config, s3_replication
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE_PASSWORD_ENV = "BA_E2E_SOURCE_PASSWORD"
+
+
+def graphql(url: str, query: str, variables: dict | None = None) -> dict:
+    body = json.dumps({"query": query, "variables": variables or {}}).encode()
+    request = urllib.request.Request(f"{url}/graphql", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        data = json.loads(response.read())
+    assert "errors" not in data, data
+    return data["data"]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 2.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def next_tick() -> dt.datetime:
+    """The next whole minute at least 40 seconds away, in UTC."""
+    now = dt.datetime.now(dt.timezone.utc)
+    tick = (now + dt.timedelta(minutes=1)).replace(second=0, microsecond=0)
+    return tick if (tick - now).total_seconds() >= 40 else tick + dt.timedelta(minutes=1)
+
+
+@pytest.fixture
+def source_cluster(tmp_path):
+    cluster = LocalCluster(embedded_bin_dir(), tmp_path / "source_pg", free_port(), "src-" + os.urandom(6).hex())
+    cluster.start()
+    os.environ[SOURCE_PASSWORD_ENV] = cluster.password
+    cluster.create_database("myloware")
+    with cluster.connect("myloware") as conn:
+        seed_myloware(conn, Scale(runs=200, webhooks=200, documents=10, chunks_per_document=3, dims=16))
+    yield cluster
+    cluster.destroy()
+
+
+def test_daemon_runs_the_schedule_backfills_and_alerts(pg18, source_cluster, moto_s3, bucket, smtp_sink, http_sink,
+                                                       tmp_path, monkeypatch):
+    # the Dagster instance lives in PostgreSQL, as in production
+    pg18.create_database("dagster_e2e")
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    web_port = free_port()
+    web = f"http://127.0.0.1:{web_port}"
+    tick = next_tick()
+    catalog = {
+        "repository": {"root": str(tmp_path / "backups")},
+        "start_date": "2026-11-01",
+        "tiers": {"daily": {"time": tick.strftime("%H:%M"), "drill": True},
+                  "weekly": {"enabled": False}, "monthly": {"enabled": False}},
+        "dr_drill": {"enabled": False},
+        "sources": {"myloware": {
+            "engine": "postgres",
+            "connection": {"host": "127.0.0.1", "port": source_cluster.port, "dbname": "myloware",
+                           "user": "postgres", "password_env": SOURCE_PASSWORD_ENV},
+            "groups": {"core": {"tables": ["runs", "artifacts", "webhook_events", "hitl_approvals"]}},
+        }},
+        "replication": s3_replication(moto_s3, bucket),
+        "alerts": alert_config(smtp_sink, http_sink, dagster_url=web, sensor_interval_seconds=5, window_minutes=0),
+    }
+    catalog_path = tmp_path / "catalog.yaml"
+    catalog_path.write_text(yaml.safe_dump(catalog))
+    env = dict(os.environ, DAGSTER_HOME=str(home), BACKUP_ASSETS_CATALOG=str(catalog_path),
+               DAGSTER_PG_HOST=pg18.host, DAGSTER_PG_PORT=str(pg18.port), DAGSTER_PG_DB="dagster_e2e",
+               DAGSTER_PG_USER=pg18.superuser, DAGSTER_PG_PASSWORD=os.environ[PG18_PASSWORD_ENV])
+    for name in ("DAGSTER_PG_HOST", "DAGSTER_PG_PORT", "DAGSTER_PG_DB", "DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD"):
+        monkeypatch.setenv(name, env[name])  # this process reads the same instance
+    bin_dir = Path(sys.executable).parent
+    logs = {name: open(tmp_path / f"{name}.log", "wb") for name in ("webserver", "daemon")}
+    procs = [
+        subprocess.Popen([str(bin_dir / "dagster-webserver"), "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1",
+                          "-p", str(web_port)], cwd=ROOT, env=env, stdout=logs["webserver"], stderr=subprocess.STDOUT,
+                         start_new_session=True),
+        subprocess.Popen([str(bin_dir / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")], cwd=ROOT, env=env,
+                         stdout=logs["daemon"], stderr=subprocess.STDOUT, start_new_session=True),
+    ]
+    key = ["myloware", "core", "daily"]
+    try:
+        def server_up():
+            try:
+                return graphql(web, "{ version }")
+            except OSError:
+                return None
+
+        wait_for(server_up, 120, "dagster-webserver")
+
+        # 1. the schedule fires by itself and backs up yesterday's partition, checked and replicated
+        yesterday = (tick - dt.timedelta(days=1)).date().isoformat()
+        runs_query = """query($tags: [ExecutionTag!]) { runsOrError(filter: {tags: $tags}) {
+            ... on Runs { results { runId status tags { key value } } } } }"""
+
+        def scheduled_run_done():
+            results = graphql(web, runs_query, {"tags": [{"key": "dagster/schedule_name",
+                                                         "value": "daily_backup_schedule"}]})["runsOrError"]["results"]
+            done = [r for r in results if r["status"] in ("SUCCESS", "FAILURE", "CANCELED")]
+            return done[0] if done else None
+
+        run = wait_for(scheduled_run_done, 240, "the scheduled run")
+        assert run["status"] == "SUCCESS", (tmp_path / "daemon.log").read_text()[-3000:]
+        assert {"key": "dagster/partition", "value": yesterday} in run["tags"]
+        asset_query = """query($key: AssetKeyInput!) { assetOrError(assetKey: $key) { ... on Asset {
+            assetMaterializations(limit: 50) { partition runId } } } }"""
+        mats = graphql(web, asset_query, {"key": {"path": key}})["assetOrError"]["assetMaterializations"]
+        assert {"partition": yesterday, "runId": run["runId"]} in mats
+        replica = graphql(web, asset_query, {"key": {"path": [*key, "s3"]}})["assetOrError"]["assetMaterializations"]
+        assert any(m["partition"] == yesterday for m in replica)
+        instance = dg.DagsterInstance.from_config(str(home))
+        check_keys = [dg.AssetCheckKey(dg.AssetKey(key), n) for n in ("artifact_intact", "archive_readable", "restore_drill")]
+        latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(check_keys)
+        assert {k.name: r.status.value for k, r in latest.items()} == {
+            "artifact_intact": "SUCCEEDED", "archive_readable": "SUCCEEDED", "restore_drill": "SUCCEEDED"}
+
+        # 2. three missed days, backfilled from the UI's API (the daily_backups job's partitions, which
+        #    carry the checks and the replica): one run per partition
+        missed = ["2026-11-10", "2026-11-11", "2026-11-12"]
+        selector = {"repositorySelector": {"repositoryName": "__repository__",
+                                           "repositoryLocationName": "backup_assets.definitions"},
+                    "partitionSetName": "daily_backups_partition_set"}
+        launched = graphql(web, """mutation($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $params) {
+            __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }""",
+                           {"params": {"selector": selector, "partitionNames": missed}})["launchPartitionBackfill"]
+        assert launched["__typename"] == "LaunchBackfillSuccess", launched
+        akey = dg.AssetKey(key)
+        wait_for(lambda: set(missed) <= instance.get_materialized_partitions(dg.AssetKey([*key, "s3"])), 300,
+                 "the backfill")
+        assert set(missed) <= instance.get_materialized_partitions(akey)
+        backfill_runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/backfill": launched["backfillId"]}))
+        from backup_assets.defs.sensors import run_partition
+
+        assert sorted(run_partition(r.tags) for r in backfill_runs) == missed, "one partition per run"
+        for partition in missed:
+            history = instance.event_log_storage.get_asset_check_execution_history(
+                dg.AssetCheckKey(akey, "artifact_intact"), limit=50)
+            assert any(r.status.value == "SUCCEEDED" and r.event and
+                       r.event.dagster_event.event_specific_data.partition == partition for r in history), partition
+
+        # 3. the database under backup goes away: the failure reaches people by SMTP and webhook
+        source_cluster.stop("immediate")
+        before = len(smtp_sink.messages)
+        launched = graphql(web, """mutation($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $params) {
+            __typename ... on LaunchBackfillSuccess { backfillId } } }""",
+                           {"params": {"selector": selector, "partitionNames": ["2026-11-13"]}})
+        assert launched["launchPartitionBackfill"]["__typename"] == "LaunchBackfillSuccess"
+        mail = wait_for(lambda: [m for m in smtp_sink.messages[before:] if "run of" in str(m["Subject"])], 240,
+                        "the failure alert by email")[0]
+        body = mail.get_payload()
+        assert "partition: 2026-11-13" in body and "cannot connect to PostgreSQL" in body and f"{web}/runs/" in body
+        hooks = [json.loads(r["body"]) for r in http_sink.requests if r["path"] == "/hooks/backup"]
+        assert any(h["partition"] == "2026-11-13" and h["source"] == "myloware" and "cannot connect" in h["error"]
+                   for h in hooks)
+        instance.dispose()
+    finally:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        for fh in logs.values():
+            fh.close()
