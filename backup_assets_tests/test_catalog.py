@@ -48,7 +48,9 @@ def test_good_catalog_defaults(tmp_path):
     assert catalog.sources["myloware"].pool_name() == "pg_127_0_0_1_5432"
 
 
-def test_demo_catalog_loads_with_the_myloware_and_miyabi_groups(tmp_path):
+def test_demo_catalog_loads_with_the_myloware_and_miyabi_groups(tmp_path, monkeypatch):
+    # the loader's env are defaults: a variable set in the environment (make exports one) wins
+    monkeypatch.delenv("BACKUP_ASSETS_DEMO_HOME", raising=False)
     catalog = load_catalog(DEMO_CATALOG, env={"BACKUP_ASSETS_DEMO_HOME": str(tmp_path)})
     assert catalog.sources["myloware"].groups["core"].tables == ["runs", "artifacts", "webhook_events", "hitl_approvals"]
     assert catalog.sources["myloware"].groups["kb"].tables == ["kb_documents", "kb_embeddings"]
