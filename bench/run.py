@@ -5,12 +5,13 @@ For each database size it times
   (c) the asset's materialization of the full group (dagster.materialize, peak RSS measured),
   (d) raw `pg_restore -j2` of (c)'s dump, (e) backup_assets' restore drill of (c), and
   (f) backup_assets' restore of (c) into a new database,
-and for SQLite, the asset's materialization against `sqlite3 .backup` alone.
+for SQLite, the asset's materialization against `sqlite3 .backup` alone, and the peak RSS of a
+streaming multipart upload of a 2 GB artifact to moto's S3 server on 127.0.0.1.
 Ratios are printed and written as JSON under bench/results/. Goals (from the issues):
   (c)/(b) wall ≤ 1.2, output ≤ 1.05, peak RSS ≤ 300 MB and flat across sizes;
-  drill/(d) ≤ 1.2; restore/(d) ≤ 1.1; SQLite ≤ 1.5× .backup.
+  drill/(d) ≤ 1.2; restore/(d) ≤ 1.1; SQLite ≤ 1.5× .backup; S3 upload peak RSS ≤ 300 MB.
 
-Usage: python -m bench.run [--sizes small,large] [--fresh] [--skip-sqlite]
+Usage: python -m bench.run [--sizes small,large] [--fresh] [--skip-sqlite] [--s3-upload-gb 2] [--only-s3]
 The generated databases are kept in bench/data/ and reused by the next run (--fresh rebuilds).
 """
 
@@ -217,6 +218,51 @@ def bench_sqlite(fresh: bool, work: Path) -> dict:
             "asset": {**m, "bytes": artifact.stat().st_size}, "ratio_asset_backup_wall": m["wall_s"] / raw}
 
 
+UPLOAD = r"""
+import json, resource, sys, time
+from backup_assets.catalog import S3Replication
+from backup_assets.core.storage.s3 import S3Storage
+cfg = S3Replication(bucket="bench", endpoint_url=sys.argv[1], part_size_mb=64)
+import boto3
+client = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1",
+                      aws_access_key_id="bench", aws_secret_access_key="bench")
+start = time.perf_counter()
+S3Storage(cfg, client).put_file(__import__("pathlib").Path(sys.argv[2]), "bench/artifact.zst", sha256=sys.argv[3])
+print(json.dumps({"wall_s": time.perf_counter() - start,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def bench_s3_upload(gb: float, work: Path) -> dict:
+    """Streaming multipart upload of a large artifact to moto's server: peak RSS of the uploader."""
+    import hashlib
+
+    from moto.server import ThreadedMotoServer
+
+    path = work / "big.zst"
+    digest = hashlib.sha256()
+    with open(path, "wb") as fh:
+        for _ in range(int(gb * 1024)):
+            block = os.urandom(1 << 20)
+            digest.update(block)
+            fh.write(block)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        import boto3
+
+        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                     aws_access_key_id="bench", aws_secret_access_key="bench").create_bucket(Bucket="bench")
+        out = subprocess.run([sys.executable, "-c", UPLOAD, f"http://127.0.0.1:{port}", str(path), digest.hexdigest()],
+                             check=True, capture_output=True, text=True)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        server.stop()
+        path.unlink()
+    return {"artifact_bytes": int(gb * 1024**3), **result}
+
+
 def _sqlite_catalog(root: Path, src: Path) -> Path:
     path = root / "catalog.yaml"
     path.write_text(yaml.safe_dump({"repository": {"root": str(root / "repo")},
@@ -229,6 +275,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default="small,large")
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--skip-sqlite", action="store_true")
+    parser.add_argument("--s3-upload-gb", type=float, default=2.0, help="size of the S3 upload test (0: skip)")
+    parser.add_argument("--only-s3", action="store_true", help="only the S3 upload test")
     args = parser.parse_args(argv)
     if not shutil.which("zstd") or not shutil.which("sqlite3"):
         sys.exit("bench needs the zstd and sqlite3 command-line tools (apt-get install zstd sqlite3)")
@@ -236,11 +284,15 @@ def main(argv=None) -> int:
     c = cluster()
     results: dict = {"when": dt.datetime.now(dt.timezone.utc).isoformat(), "cpus": os.cpu_count(), "postgres": {}}
     try:
-        for size in args.sizes.split(","):
+        for size in ([] if args.only_s3 else args.sizes.split(",")):
             print(f"== PostgreSQL {size}", flush=True)
             results["postgres"][size] = bench_postgres(c, size, args.fresh, work)
             report_pg(size, results["postgres"][size])
-        if not args.skip_sqlite:
+        if args.s3_upload_gb > 0:
+            print(f"== S3 multipart upload of {args.s3_upload_gb:g} GB", flush=True)
+            results["s3_upload"] = u = bench_s3_upload(args.s3_upload_gb, work)
+            print(f"  {u['wall_s']:.1f}s, peak RSS {u['peak_rss_mb']:.0f} MB (goal <= 300 MB)")
+        if not args.skip_sqlite and not args.only_s3:
             print("== SQLite", flush=True)
             results["sqlite"] = bench_sqlite(args.fresh, work)
             s = results["sqlite"]
