@@ -189,8 +189,6 @@ def test_weekly_and_monthly_promote_the_daily_artifact(pg18, myloware_db, write_
 
 def test_backup_of_a_postgres_15_server(pg15, write_catalog):
     pg15.create_database("myloware15")
-    from backup_assets.demo.seed import Scale, seed_myloware
-
     with pg15.connect("myloware15") as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS runs (id serial PRIMARY KEY, status text NOT NULL)")
         conn.execute("TRUNCATE runs")
@@ -201,7 +199,6 @@ def test_backup_of_a_postgres_15_server(pg15, write_catalog):
     m = only_backup(catalog).manifest
     assert m.server_version.startswith("15") and m.tool_version.split()[-1].startswith("18")
     assert m.row_counts == {"public.runs": 1234}
-    del Scale, seed_myloware
 
 
 def test_pg_dump_older_than_the_server_is_a_clear_error(pg18, myloware_db, write_catalog):
@@ -241,7 +238,8 @@ def test_failures_name_source_and_cause_and_leave_nothing(case, pg18, myloware_d
         assert "source 'myloware'" in str(info.value)
     result = materialize(catalog, "myloware/core/daily", "2026-11-20", raise_on_error=False)
     assert not result.success
-    assert not [p for p in catalog.repository_root.rglob("*") if p.is_file()] if catalog.repository_root.exists() else True
+    leftovers = [p for p in catalog.repository_root.rglob("*") if p.is_file()] if catalog.repository_root.exists() else []
+    assert leftovers == []
 
 
 def test_disk_full_leaves_no_artifact(pg18, myloware_db, write_catalog, tmp_path):
