@@ -15,7 +15,6 @@ import pytest
 from backup_assets.core import BackupError
 from backup_assets.core.artifact import sha256_file
 from backup_assets.core.backup import run_backup
-from backup_assets.core.manifest import read_manifest
 from backup_assets.core.repository import LocalRepository
 from backup_assets.defs.build import build_definitions
 

@@ -13,8 +13,7 @@ import dagster as dg
 import pytest
 
 from backup_assets.core.drill import markdown_report, run_dr_drill
-from backup_assets.core.repository import LocalRepository
-from backup_assets.core.verify import (archive_readable, artifact_intact, cleanup_drill_leftovers, drill_name,
+from backup_assets.core.verify import (archive_readable, cleanup_drill_leftovers, drill_name,
                                        find_backup, restore_drill)
 from backup_assets.defs.build import build_definitions
 

@@ -59,7 +59,6 @@ def _now_iso() -> str:
 def run_backup(catalog: Catalog, source: str, group: str, tier: str, partition: str, *, log=None) -> Manifest:
     """Back up one partition; returns its manifest once artifact and manifest are on disk."""
     say = log or (lambda _msg: None)
-    src = catalog.sources[source]
     if (source, group, tier) not in catalog.backup_targets():
         raise BackupError(f"{source}/{group}/{tier} is not in the catalog")
     repo = repository_for(catalog)

@@ -174,7 +174,7 @@ def restore_plan(catalog: Catalog, backup: StoredBackup, *, target_db: str | Non
     db = target_db or (src.connection.dbname if src else m.database)
     where = f"{src.connection.host}:{src.connection.port}" if src else "?"
     if tables:
-        keep = f"; the current rows are kept in schema before_restore_<timestamp>" if safety_copy else ""
+        keep = "; the current rows are kept in schema before_restore_<timestamp>" if safety_copy else ""
         return (f"replace the rows of {', '.join(tables)} in database {db} on {where} with those of "
                 f"{backup.artifact_path.name} (partition {m.partition}); other tables are left untouched{keep}")
     keep = f"; the current database is kept as {db}_before_restore_<timestamp>" if safety_copy else ""

@@ -26,7 +26,7 @@ import zstandard
 from ..catalog import Catalog
 from . import BackupError
 from .artifact import CHUNK, open_decompressed
-from .backup import endpoint_for, repository_for
+from .backup import repository_for
 from .engines import postgres, sqlite
 from .manifest import Manifest, manifest_path_for, read_manifest
 from .repository import LocalRepository, StoredBackup
