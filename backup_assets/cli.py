@@ -38,7 +38,7 @@ class Reporter:
             if self._open:
                 self.stream.write("\n")
                 self._open = False
-            if not progress or message.endswith("ed"):
+            if not progress:
                 self.stream.write(message + "\n")
         self.stream.flush()
 

@@ -10,10 +10,11 @@ import hashlib
 import json
 import os
 import secrets
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import zstandard
 
@@ -168,48 +169,73 @@ class TruncatedArtifact(zstandard.ZstdError):
     pass
 
 
-class _StrictReader:
-    """Decompresses a zstd file; raises at the end if the last frame is incomplete (zstandard's
-    own stream reader returns a short read for a truncated file without complaint)."""
+class _CheckedReader:
+    """The artifact's original bytes, in bounded pieces (zstandard's stream reader). That reader
+    ends a truncated stream with a short read and no complaint, so the end is checked against
+    the size the manifest recorded."""
 
-    def __init__(self, fh: BinaryIO):
-        self._fh = fh
-        self._dctx = zstandard.ZstdDecompressor()
-        self._dobj = self._dctx.decompressobj()
-        self._buf = bytearray()
-        self._eof = False
+    def __init__(self, fh: BinaryIO, expected_size: int | None):
+        self._reader = zstandard.ZstdDecompressor().stream_reader(fh, read_size=CHUNK, read_across_frames=True)
+        self.expected_size = expected_size
+        self.decoded = 0
 
-    def _fill(self) -> None:
-        chunk = self._fh.read(CHUNK)
-        if not chunk:
-            if not self._dobj.eof:
-                raise TruncatedArtifact("zstd stream ends before its last frame is complete (truncated)")
-            self._eof = True
-            return
-        while chunk:
-            self._buf += self._dobj.decompress(chunk)
-            chunk = self._dobj.unused_data if self._dobj.eof else b""
-            if chunk:
-                self._dobj = self._dctx.decompressobj()
-
-    def read(self, size: int = -1) -> bytes:
-        if size is None or size < 0:
-            while not self._eof:
-                self._fill()
-            out, self._buf = bytes(self._buf), bytearray()
-            return out
-        while len(self._buf) < size and not self._eof:
-            self._fill()
-        out = bytes(self._buf[:size])
-        del self._buf[:size]
-        return out
+    def read(self, size: int = CHUNK) -> bytes:
+        data = self._reader.read(size if size and size > 0 else CHUNK)
+        self.decoded += len(data)
+        if not data and self.expected_size is not None and self.decoded != self.expected_size:
+            raise TruncatedArtifact(
+                f"zstd stream ends before its last frame is complete (truncated): decodes to {self.decoded} bytes, "
+                f"the manifest says {self.expected_size}")
+        return data
 
 
 @contextmanager
-def open_decompressed(path: Path) -> Iterator[BinaryIO]:
-    """A streaming reader of the artifact's original bytes; a truncated stream raises."""
+def open_decompressed(path: Path, expected_size: int | None = None) -> Iterator[_CheckedReader]:
+    """A streaming reader of the artifact's original bytes; give the manifest's raw size to have a
+    truncated stream raise."""
     with open(path, "rb") as fh:
-        yield _StrictReader(fh)
+        yield _CheckedReader(fh, expected_size)
+
+
+def decompress_to(artifact: Path, dest: Path, *, expected_size: int | None = None,
+                  on_progress: Callable[[int], None] | None = None) -> None:
+    """Decompress to a file; `on_progress(bytes_done)` at most once a second."""
+    last = time.monotonic()
+    with open_decompressed(artifact, expected_size) as reader, open(dest, "wb") as out:
+        while chunk := reader.read(CHUNK):
+            out.write(chunk)
+            if on_progress and time.monotonic() - last > 1:
+                on_progress(reader.decoded)
+                last = time.monotonic()
+
+
+class _HashingReader:
+    def __init__(self, fh: BinaryIO):
+        self._fh = fh
+        self.sha256 = hashlib.sha256()
+
+    def read(self, size: int = CHUNK) -> bytes:
+        data = self._fh.read(size)
+        self.sha256.update(data)
+        return data
+
+
+def scan_artifact(path: Path, expected_size: int) -> tuple[str, str | None]:
+    """One pass over the file: its SHA-256, and why its zstd stream does not decode to the
+    expected size (None when it does)."""
+    error = None
+    with open(path, "rb") as fh:
+        hashed = _HashingReader(fh)
+        reader = _CheckedReader(hashed, expected_size)
+        try:
+            while reader.read(CHUNK):
+                pass
+        except zstandard.ZstdError as exc:
+            error = str(exc) if isinstance(exc, TruncatedArtifact) else \
+                f"zstd stream is corrupt after {reader.decoded} decoded bytes: {exc}"
+        while hashed.read(CHUNK):  # the hash covers the whole file, also after a decode error
+            pass
+    return hashed.sha256.hexdigest(), error
 
 
 def human_size(n: float) -> str:

@@ -80,7 +80,7 @@ def _artifact_looks_complete(backup: StoredBackup) -> bool:
         return False
 
 
-def dump(catalog: Catalog, source: str, group: str, tier: str, partition: str, *, say=print) -> Manifest:
+def dump(catalog: Catalog, source: str, group: str, tier: str, partition: str, *, say=lambda _msg: None) -> Manifest:
     src = catalog.sources[source]
     repo = repository_for(catalog)
     what = f"source '{source}' group '{group}': "

@@ -16,19 +16,18 @@ restored copy with `PRAGMA integrity_check`, then replace the original atomicall
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from psycopg import sql
 
 from ..catalog import Catalog
 from . import BackupError
-from .artifact import CHUNK, open_decompressed, partial_path
+from .artifact import CHUNK, decompress_to, human_size, partial_path
 from .backup import endpoint_for, repository_for
 from .engines import postgres, sqlite
 from .repository import StoredBackup
@@ -96,7 +95,7 @@ def choose_backup(catalog: Catalog, *, source: str, group: str, tier: str | None
         if read_status(b) and not is_verified(b):
             say(f"skipping {b.artifact_path.name}: its last checks failed")
             continue
-        outcome = artifact_intact(b)
+        outcome = _intact(b)
         if outcome.passed:
             return b
         say(f"skipping {b.artifact_path.name}: {outcome.message}")
@@ -127,31 +126,39 @@ def backup_from_file(catalog: Catalog, file: str) -> StoredBackup:
     return StoredBackup(manifest, manifest_path_for(resolved))
 
 
-def verify_before_restore(backup: StoredBackup) -> None:
+# artifacts whose checksum this process has verified, by path, size, mtime and manifest sha256:
+# choosing "the newest backup that verifies" reads the file once, and the restore does not again
+_verified_here: set[tuple] = set()
+
+
+def _fingerprint(backup: StoredBackup) -> tuple | None:
+    try:
+        st = backup.artifact_path.stat()
+    except FileNotFoundError:
+        return None
+    return (str(backup.artifact_path), st.st_size, st.st_mtime_ns, backup.manifest.sha256)
+
+
+def _intact(backup: StoredBackup):
     outcome = artifact_intact(backup)
+    if outcome.passed and (key := _fingerprint(backup)):
+        _verified_here.add(key)
+    return outcome
+
+
+def verify_before_restore(backup: StoredBackup) -> None:
+    key = _fingerprint(backup)
+    if key is not None and key in _verified_here:
+        return
+    outcome = _intact(backup)
     if not outcome.passed:
         raise BackupError(f"refusing to restore: {outcome.message}")
 
 
 # -- PostgreSQL ---------------------------------------------------------------------------------
 
-def _is_marked(comment: str | None, mark: str) -> bool:
-    try:
-        return json.loads(comment or "").get("mark") == mark
-    except (ValueError, AttributeError):
-        return False
-
-
 def cleanup_restore_leftovers(conn, target: str) -> list[str]:
-    dropped = []
-    for name, comment in conn.execute(
-        "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database WHERE datname LIKE %s",
-        (f"{target[:30]}\\_restoring\\_%",),
-    ).fetchall():
-        if _is_marked(comment, RESTORE_MARK):
-            postgres.drop_database(conn, name)
-            dropped.append(name)
-    return dropped
+    return postgres.drop_marked_databases(conn, like=f"{target[:30]}\\_restoring\\_%", mark=RESTORE_MARK)
 
 
 def other_sessions(conn, dbname: str) -> list[tuple[int, str]]:
@@ -216,17 +223,9 @@ def restore_postgres(catalog: Catalog, backup: StoredBackup, *, target_db: str |
 
 def _decompress(backup: StoredBackup, dest: Path, say) -> None:
     total = backup.manifest.raw_size_bytes or 1
-    done = 0
-    last = 0.0
-    with open_decompressed(backup.artifact_path) as reader, open(dest, "wb") as out:
-        while chunk := reader.read(CHUNK):
-            out.write(chunk)
-            done += len(chunk)
-            now = time.monotonic()
-            if now - last > 1:
-                say(f"decompressing {100 * done / total:5.1f}%", progress=True)
-                last = now
-    say("decompressed", progress=True)
+    decompress_to(backup.artifact_path, dest, expected_size=backup.manifest.raw_size_bytes,
+                  on_progress=lambda done: say(f"decompressing {100 * done / total:5.1f}%", progress=True))
+    say(f"decompressed {human_size(total)}")
 
 
 def _restore_whole(catalog: Catalog, backup: StoredBackup, admin, ep: postgres.Endpoint, target: str, *,
@@ -246,7 +245,7 @@ def _restore_whole(catalog: Catalog, backup: StoredBackup, admin, ep: postgres.E
     if dropped:
         say(f"removed leftovers of interrupted restores: {', '.join(dropped)}")
     temp = f"{target[:30]}_restoring_{stamp}"
-    postgres.create_database(admin, temp, comment=json.dumps({"mark": RESTORE_MARK, "target": target, "pid": os.getpid()}))
+    postgres.create_database(admin, temp, comment=postgres.marker(RESTORE_MARK, target=target))
     swapped = False
     try:
         with tempfile.TemporaryDirectory(dir=repository_for(catalog).scratch_dir()) as tmp:
@@ -372,9 +371,8 @@ def _restore_tables(catalog: Catalog, backup: StoredBackup, ep: postgres.Endpoin
     with postgres.connect(ep) as conn:
         facts = postgres.table_facts(conn, names)
     expected = {t: m.row_counts[t] for t in names}
-    sub = type(m)(**{**m.to_json(), "row_counts": expected,
-                     "vectors": {t: v for t, v in m.vectors.items() if t in names},
-                     "indexes": [i for i in m.indexes if i["table"] in names]})
+    sub = replace(m, row_counts=expected, vectors={t: v for t, v in m.vectors.items() if t in names},
+                  indexes=[i for i in m.indexes if i["table"] in names])
     problems = compare_with_manifest(sub, facts.row_counts, facts.vectors, facts.indexes)
     return RestoreResult(ep.dbname, facts.row_counts, expected, problems,
                          f"{ep.dbname}.{safety_schema}" if safety_schema else None, 0.0, m.artifact)

@@ -8,12 +8,7 @@ drill killed midway leaves a database marked as a drill, which the next drill re
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import json
-import os
 import re
-import shutil
 import subprocess
 import tempfile
 import time
@@ -25,7 +20,7 @@ import zstandard
 
 from ..catalog import Catalog
 from . import BackupError
-from .artifact import CHUNK, open_decompressed
+from .artifact import CHUNK, decompress_to, open_decompressed, scan_artifact
 from .backup import repository_for
 from .engines import postgres, sqlite
 from .manifest import Manifest, manifest_path_for, read_manifest
@@ -73,35 +68,15 @@ def artifact_intact(backup: StoredBackup) -> Outcome:
     if size != m.size_bytes:
         return Outcome(False, f"{path}: size {size} bytes differs from the manifest's {m.size_bytes}",
                        {"size_bytes": size, "manifest_size_bytes": m.size_bytes})
-    digest = hashlib.sha256()
-    decoded = 0
-    decode_error: str | None = None
-    dctx = zstandard.ZstdDecompressor()
-    dobj = dctx.decompressobj()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-            while chunk and decode_error is None:
-                try:
-                    decoded += len(dobj.decompress(chunk))
-                except zstandard.ZstdError as exc:
-                    decode_error = f"zstd stream is corrupt after {decoded} decoded bytes: {exc}"
-                    break
-                chunk = dobj.unused_data if dobj.eof else b""
-                if chunk:
-                    dobj = dctx.decompressobj()
-    if decode_error is None and not dobj.eof:
-        decode_error = "zstd stream ends before its last frame is complete (truncated)"
-    if digest.hexdigest() != m.sha256:
+    digest, decode_error = scan_artifact(path, m.raw_size_bytes)
+    if digest != m.sha256:
         also = f"; {decode_error}" if decode_error else ""
-        return Outcome(False, f"{path}: sha256 {digest.hexdigest()} differs from the manifest's {m.sha256}{also}",
-                       {"sha256": digest.hexdigest(), "manifest_sha256": m.sha256})
+        return Outcome(False, f"{path}: sha256 {digest} differs from the manifest's {m.sha256}{also}",
+                       {"sha256": digest, "manifest_sha256": m.sha256})
     if decode_error:
         return Outcome(False, f"{path}: {decode_error}")
-    if decoded != m.raw_size_bytes:
-        return Outcome(False, f"{path}: decodes to {decoded} bytes, the manifest says {m.raw_size_bytes}")
     return Outcome(True, f"{path.name}: {m.size_human}, sha256 and zstd stream verified",
-                   {"sha256": m.sha256, "size_bytes": size, "decoded_bytes": decoded})
+                   {"sha256": m.sha256, "size_bytes": size, "decoded_bytes": m.raw_size_bytes})
 
 
 # -- archive_readable ---------------------------------------------------------------------------
@@ -114,11 +89,11 @@ def archive_readable(catalog: Catalog, backup: StoredBackup) -> Outcome:
             tool, _ = postgres.find_tool("pg_restore", dump_major(m), src.pg_bin_dir if src else None)
         except BackupError as exc:
             return Outcome(False, f"{path}: {exc}")
-        rc, toc, error = _feed_pg_restore([str(tool), "--list"], path)
+        rc, toc, error = _feed_pg_restore([str(tool), "--list"], path, m.raw_size_bytes)
         if rc != 0:
             return Outcome(False, f"{path}: pg_restore --list failed: {error}")
         # every data block must be readable too: replay the whole archive as a script into nothing
-        rc, _, error = _feed_pg_restore([str(tool), "--file=/dev/null"], path)
+        rc, _, error = _feed_pg_restore([str(tool), "--file=/dev/null"], path, m.raw_size_bytes)
         if rc != 0:
             return Outcome(False, f"{path}: pg_restore cannot read the whole archive: {error}")
         listed = set(re.findall(r"^\d+; \d+ \d+ TABLE (\S+) (\S+) ", toc, re.MULTILINE))
@@ -135,20 +110,20 @@ def archive_readable(catalog: Catalog, backup: StoredBackup) -> Outcome:
     with tempfile.TemporaryDirectory(dir=repository_for(catalog).scratch_dir()) as tmp:
         copy = Path(tmp) / "check.db"
         try:
-            _decompress_to(path, copy)
+            decompress_to(path, copy, expected_size=m.raw_size_bytes)
             counts = sqlite.check_copy(copy, m.tables)
         except (BackupError, zstandard.ZstdError) as exc:
             return Outcome(False, f"{path}: {exc}")
         return Outcome(True, f"{path.name}: integrity_check ok, {len(counts)} table(s)", {"tables": len(counts)})
 
 
-def _feed_pg_restore(args: list[str], artifact: Path) -> tuple[int, str, str]:
+def _feed_pg_restore(args: list[str], artifact: Path, expected_size: int) -> tuple[int, str, str]:
     """Stream the decompressed artifact into pg_restore; (exit code, stdout, error text)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=out, stderr=err)
         decode_error = None
         try:
-            with open_decompressed(artifact) as reader:
+            with open_decompressed(artifact, expected_size) as reader:
                 while chunk := reader.read(CHUNK):
                     proc.stdin.write(chunk)
             proc.stdin.close()
@@ -168,11 +143,6 @@ def dump_major(m: Manifest) -> int:
     """The major version of the pg_dump that wrote the archive: pg_restore must be at least that."""
     match = re.search(r"\(PostgreSQL\)\s+(\d+)", m.tool_version or "") or re.search(r"(\d+)", m.server_version or "0")
     return int(match.group(1))
-
-
-def _decompress_to(artifact: Path, dest: Path) -> None:
-    with open_decompressed(artifact) as reader, open(dest, "wb") as out:
-        shutil.copyfileobj(reader, out, CHUNK)
 
 
 # -- comparing a restored database with the manifest --------------------------------------------
@@ -218,30 +188,9 @@ def drill_endpoint(catalog: Catalog, source: str) -> postgres.Endpoint:
     return postgres.Endpoint(server.host, server.port, server.user, server.dbname, server.password(), server.sslmode)
 
 
-def _marker(name: str) -> str:
-    return json.dumps({"mark": DRILL_MARK, "name": name, "pid": os.getpid(), "host": os.uname().nodename,
-                       "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
-
-
-def _is_drill_db(comment: str | None) -> bool:
-    try:
-        return json.loads(comment or "").get("mark") == DRILL_MARK
-    except (ValueError, AttributeError):
-        return False
-
-
 def cleanup_drill_leftovers(conn, *, protect: set[str]) -> list[str]:
     """Drop databases left by interrupted drills (marked by us, named drill_*), never another."""
-    dropped = []
-    rows = conn.execute(
-        "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database WHERE datname LIKE 'drill\\_%'"
-    ).fetchall()
-    for name, comment in rows:
-        if name in protect or not _is_drill_db(comment):
-            continue
-        postgres.drop_database(conn, name)
-        dropped.append(name)
-    return dropped
+    return postgres.drop_marked_databases(conn, like="drill\\_%", mark=DRILL_MARK, protect=protect)
 
 
 def drill_name(source: str, group: str, partition: str, n: int = 1) -> str:
@@ -275,17 +224,17 @@ def _postgres_drill(catalog: Catalog, backup: StoredBackup, *, jobs: int) -> Out
             if not postgres.database_exists(admin, candidate):
                 name = candidate
                 break
-            if not _is_drill_db(postgres.database_comment(admin, candidate)):
+            if not postgres.has_marker(postgres.database_comment(admin, candidate), DRILL_MARK):
                 return Outcome(False, f"{path}: database {candidate} exists and is not a restore drill's; refusing to touch it")
         if name is None:
             return Outcome(False, f"{path}: no free drill database name")
-        postgres.create_database(admin, name, comment=_marker(name))
+        postgres.create_database(admin, name, comment=postgres.marker(DRILL_MARK, name=name))
         try:
             with tempfile.TemporaryDirectory(dir=scratch_dir) as tmp:
                 raw = Path(tmp) / "archive.dump"
                 t0 = time.monotonic()
                 try:
-                    _decompress_to(path, raw)
+                    decompress_to(path, raw, expected_size=m.raw_size_bytes)
                 except zstandard.ZstdError as exc:
                     return Outcome(False, f"{path}: restore drill cannot decompress the artifact: {exc}",
                                    {"drill_database": name, "leftovers_dropped": cleaned})
@@ -324,7 +273,7 @@ def _sqlite_drill(catalog: Catalog, backup: StoredBackup) -> Outcome:
     with tempfile.TemporaryDirectory(dir=repository_for(catalog).scratch_dir()) as tmp:
         copy = Path(tmp) / "drill.db"
         try:
-            _decompress_to(path, copy)
+            decompress_to(path, copy, expected_size=m.raw_size_bytes)
             problems_found = sqlite.integrity_problems(copy)
             if problems_found:
                 return Outcome(False, f"{path}: integrity_check failed after restore: {'; '.join(problems_found[:5])}")

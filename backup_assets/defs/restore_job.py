@@ -27,7 +27,7 @@ def build_restore_job(catalog: Catalog) -> dg.JobDefinition:
     @dg.op(name="restore_backup", tags={"backup_assets/kind": "restore"})
     def restore_backup(context: OpExecutionContext, config: RestoreConfig) -> dg.Output:
         def say(message: str, progress: bool = False) -> None:
-            if not progress or message.endswith("ed"):
+            if not progress:
                 context.log.info(message)
 
         try:

