@@ -70,6 +70,27 @@ def test_multipart_replica_with_sse_checksum_and_idempotent_rerun(big_sqlite, wr
     assert not {"PutObject", "UploadPart", "CreateMultipartUpload", "CopyObject"} & set(calls)
 
 
+def test_only_good_backups_go_off_site(miyabi_db, write_catalog, moto_s3, bucket):
+    from backup_assets.core import verification
+
+    catalog = write_catalog({"miyabi": {"engine": "sqlite", "path": str(miyabi_db)}},
+                            replication=s3_replication(moto_s3, bucket))
+    run_backup(catalog, "miyabi", "full", "daily", P)
+    backup = find_backup(catalog, "miyabi", "full", "daily", P)
+    storage = storage_for(catalog, moto_s3.client())
+    verification.record(backup, "restore_drill", False, "counts differ")
+    with pytest.raises(BackupError, match=r"not replicated, its check\(s\) restore_drill failed"):
+        replicate(catalog, backup, storage)
+    # a backup nobody checked is verified first; a damaged one is refused
+    verification.checks_path(backup).unlink()
+    data = bytearray(backup.artifact_path.read_bytes())
+    data[100] ^= 0xFF
+    backup.artifact_path.write_bytes(bytes(data))
+    with pytest.raises(BackupError, match=r"artifact_intact failed"):
+        replicate(catalog, backup, storage)
+    assert "Contents" not in moto_s3.client().list_objects_v2(Bucket=bucket)
+
+
 def test_replica_check_fails_on_a_tampered_object(miyabi_db, write_catalog, moto_s3, bucket):
     catalog = write_catalog({"miyabi": {"engine": "sqlite", "path": str(miyabi_db)}},
                             replication=s3_replication(moto_s3, bucket))

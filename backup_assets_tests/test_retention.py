@@ -87,14 +87,17 @@ def test_real_prune_over_200_days_local_and_s3(write_catalog, tmp_path, moto_s3,
     made = []
     for day in range(201):
         created = (start + dt.timedelta(days=day)).replace(hour=3)
-        # the last 40 days of dailies all failed their checks: the newest good one is 40 days old
-        made.append(_fake_backup(repo, "app", "full", "daily", created, status=day <= 160))
+        # the last 40 days of dailies will fail their drills: the newest good one is 40 days old
+        made.append(_fake_backup(repo, "app", "full", "daily", created, status=True if day <= 160 else None))
         if created.weekday() == 0:
             made.append(_fake_backup(repo, "app", "full", "weekly", created, status=True))
         if created.day == 1:
             made.append(_fake_backup(repo, "app", "full", "monthly", created, status=True))
     for b in made[-60:]:
-        replicate(catalog, b, storage)
+        replicate(catalog, b, storage)  # intact when they went off-site...
+    for b in made:
+        if b.manifest.tier == "daily" and b.manifest.partition > (start + dt.timedelta(days=160)).date().isoformat():
+            verification.record(b, "restore_drill", False, "counts differ")  # ...their drills failed later
     total_files = sum(1 for p in catalog.repository_root.rglob("*") if p.is_file())
 
     dry = prune(catalog, dry_run=True, storage=storage, now=NOW)

@@ -13,8 +13,8 @@ from .backup import repository_for
 from .manifest import MANIFEST_SUFFIX, manifest_path_for, read_manifest
 from .repository import StoredBackup
 from .storage.s3 import S3Storage, with_retries
-from .verification import is_verified
-from .verify import Outcome
+from .verification import is_verified, read_status, record
+from .verify import Outcome, artifact_intact
 
 ARTIFACT_NAME = re.compile(r"^(?P<source>[A-Za-z_][A-Za-z0-9_]*)-(?P<group>[A-Za-z_][A-Za-z0-9_]*)-"
                            r"(?P<partition>\d{4}-\d{2}-\d{2})-(?P<stamp>\d{8}T\d{12}Z)\.(?P<ext>dump|db)\.zst$")
@@ -34,8 +34,22 @@ class ReplicaResult:
     duration_s: float
 
 
+def ensure_replicable(backup: StoredBackup) -> None:
+    """Only good backups go off-site: refuse one whose blocking checks failed, and verify one that
+    nobody has checked yet (a run without its checks, such as an asset backfill)."""
+    status = read_status(backup)
+    if "artifact_intact" not in status:
+        outcome = artifact_intact(backup)
+        record(backup, "artifact_intact", outcome.passed, outcome.message, outcome.metadata)
+        status = read_status(backup)
+    failed = sorted(n for n, s in status.items() if not s.get("passed") and n != "size_anomaly")
+    if failed:
+        raise BackupError(f"{backup.artifact_path.name}: not replicated, its check(s) {', '.join(failed)} failed")
+
+
 def replicate(catalog: Catalog, backup: StoredBackup, storage: S3Storage, *, say=lambda _m: None) -> ReplicaResult:
-    """Put an artifact and its manifest in S3; promotions become server-side copies."""
+    """Put a good artifact and its manifest in S3; promotions become server-side copies."""
+    ensure_replicable(backup)
     repo = repository_for(catalog)
     m = backup.manifest
     key = storage.key(repo.key_of(backup.artifact_path))

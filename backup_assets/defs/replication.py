@@ -10,9 +10,7 @@ from ..catalog import Catalog
 from ..core import BackupError
 from ..core.replica import replica_intact, replicate
 from ..core.storage.s3 import S3Storage
-from ..core import verification
-from ..core.verification import read_status
-from ..core.verify import Outcome, artifact_intact, find_backup
+from ..core.verify import Outcome, find_backup
 from .assets import backup_key
 from .checks import check_result
 from .partitions import partitions_for
@@ -56,16 +54,6 @@ def build_replica(catalog: Catalog, source: str, group: str, tier: str) -> list:
     )
     def replica(context: AssetExecutionContext, s3: S3Resource) -> dg.MaterializeResult:
         backup = find_backup(catalog, source, group, tier, context.partition_key)
-        status = read_status(backup)
-        if "artifact_intact" not in status:
-            # a run without the backup's checks (an asset backfill, say): verify before sending off-site
-            outcome = artifact_intact(backup)
-            verification.record(backup, "artifact_intact", outcome.passed, outcome.message, outcome.metadata)
-            status = read_status(backup)
-        failed = [n for n, s in status.items() if not s.get("passed") and n != "size_anomaly"]
-        if failed:
-            raise dg.Failure(description=f"{backup.artifact_path.name}: not replicated, its check(s) "
-                                         f"{', '.join(failed)} failed")
         try:
             result = replicate(catalog, backup, _storage(catalog, s3), say=context.log.info)
         except BackupError as exc:
