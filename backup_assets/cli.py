@@ -54,17 +54,47 @@ def _print_table(rows: list[dict], columns: list[str]) -> None:
         print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
 
 
+def _s3_listing(catalog, args) -> dict[str, int]:
+    """Replicated artifacts by repository key (empty without replication, with --local-only, or
+    when S3 cannot be reached, which is said on stderr)."""
+    if catalog.replication.s3 is None or args.local_only:
+        return {}
+    from .core.replica import storage_for
+
+    try:
+        storage = storage_for(catalog)
+        return {storage.repo_key(k): size for k, size in storage.list("") if k.endswith(".zst")}
+    except (BackupError, CatalogError) as exc:
+        print(f"backup-assets: S3 not listed: {exc}", file=sys.stderr)
+        return {}
+
+
 def cmd_list(args) -> int:
+    from .core.artifact import human_size
+    from .core.replica import parse_artifact_name
+
     catalog = _catalog(args)
     repo = repository_for(catalog)
+    remote = _s3_listing(catalog, args)
     rows = []
     for b in repo.backups(source=args.source, group=args.group, tier=args.tier, partition=args.partition):
         m = b.manifest
+        key = repo.key_of(b.artifact_path)
         rows.append({
             "source": m.source, "group": m.group, "tier": m.tier, "partition": m.partition,
             "created": m.timestamp, "size": m.size_human, "size_bytes": m.size_bytes, "rows": m.total_rows,
-            "verified": verification.summary(b), "where": "local", "path": str(b.artifact_path),
+            "verified": verification.summary(b), "where": "local+s3" if remote.pop(key, None) is not None else "local",
+            "path": str(b.artifact_path),
         })
+    for key, size in sorted(remote.items()):  # in S3 only (pruned locally, or a lost disk)
+        parsed = parse_artifact_name(key.rsplit("/", 1)[-1])
+        tier = key.split("/")[-2] if key.count("/") >= 2 else None
+        if not parsed or (args.source and parsed["source"] != args.source) or (args.group and parsed["group"] != args.group) \
+                or (args.tier and tier != args.tier) or (args.partition and parsed["partition"] != args.partition):
+            continue
+        rows.append({"source": parsed["source"], "group": parsed["group"], "tier": tier, "partition": parsed["partition"],
+                     "created": parsed["stamp"], "size": human_size(size), "size_bytes": size, "rows": "",
+                     "verified": "unknown", "where": "s3", "path": key})
     if args.json:
         print(json.dumps(rows, indent=2))
     elif rows:
@@ -252,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tier", choices=["daily", "weekly", "monthly"])
     p.add_argument("--partition")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--local-only", action="store_true", help="do not list S3")
     p.set_defaults(func=cmd_list)
 
     def backup_selector(p, file_arg: bool = True):

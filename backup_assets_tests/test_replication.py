@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import dagster as dg
@@ -198,8 +199,13 @@ def test_restore_from_s3_downloads_verifies_and_restores(miyabi_db, write_catalo
     catalog = write_catalog({"miyabi": {"engine": "sqlite", "path": str(miyabi_db)}},
                             replication=s3_replication(moto_s3, bucket))
     assert materialize_with_replica(catalog, "miyabi/full/daily").success
-    # the local repository is lost: the restore comes from S3
+    assert main(["--catalog", catalog.catalog_path, "list", "--json"]) == 0
+    assert [r["where"] for r in json.loads(capsys.readouterr().out)] == ["local+s3"]
+    # the local repository is lost: list shows the S3 copy, and the restore comes from there
     shutil.rmtree(catalog.repository_root / "sqlite")
+    assert main(["--catalog", catalog.catalog_path, "list", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["where"], r["partition"], r["tier"]) for r in rows] == [("s3", P, "daily")]
     with sqlite3.connect(miyabi_db) as conn:
         conn.execute("DELETE FROM execution_runs")
     assert main(["--catalog", catalog.catalog_path, "restore", "--from", "s3", "--source", "miyabi",
