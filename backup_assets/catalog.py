@@ -20,6 +20,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .core.names import NameError_, TableName
+
 TIER_NAMES = ("daily", "weekly", "monthly")
 IDENT = r"^[A-Za-z_][A-Za-z0-9_]*$"
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
@@ -116,21 +118,33 @@ class PostgresConnection(_Model):
         return value
 
 
+def _table_name(value: Any) -> str:
+    """A table in the catalog: `table`, `schema.table`, a quoted form (`billing."Order Items"`) or a
+    `{schema, table}` mapping; kept in the one canonical text form (see core.names)."""
+    try:
+        return str(TableName.of(value))
+    except NameError_ as exc:
+        raise ValueError(f"bad table name {value!r}: {exc}") from None
+
+
 class TableGroup(_Model):
     description: str | None = None
     # None: the whole database
     tables: list[str] | None = None
 
-    @field_validator("tables")
+    @field_validator("tables", mode="before")
     @classmethod
-    def _tables(cls, value: list[str] | None) -> list[str] | None:
+    def _tables(cls, value: Any) -> list[str] | None:
         if value is not None:
+            if not isinstance(value, list):
+                raise ValueError("'tables' must be a list of table names")
             if not value:
                 raise ValueError("a table group needs at least one table (leave 'tables' out for the whole database)")
-            for table in value:
-                parts = table.split(".")
-                if len(parts) > 2 or not all(re.fullmatch(IDENT, p) for p in parts):
-                    raise ValueError(f"bad table name {table!r}: expected table or schema.table")
+            names = [_table_name(t) for t in value]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"table(s) listed twice: {', '.join(dupes)}")
+            return names
         return value
 
 
@@ -142,11 +156,17 @@ class PruneRule(_Model):
     verified_by_group: str = "core"
     batch_size: Annotated[int, Field(ge=1, le=100_000)] = 5_000
 
-    @field_validator("table", "timestamp_column")
+    @field_validator("table", mode="before")
     @classmethod
-    def _ident(cls, value: str) -> str:
-        if not all(re.fullmatch(IDENT, p) for p in value.split(".")):
-            raise ValueError(f"bad identifier {value!r}")
+    def _table(cls, value: Any) -> str:
+        return _table_name(value)
+
+    @field_validator("timestamp_column")
+    @classmethod
+    def _column(cls, value: str) -> str:
+        # a column name is used as one exact identifier (psycopg.sql.Identifier), whatever it holds
+        if not value or "\x00" in value or len(value.encode()) > 63:
+            raise ValueError(f"bad column name {value!r}")
         return value
 
 

@@ -122,6 +122,16 @@ def miyabi_db(tmp_path) -> Path:
     return path
 
 
+def reseal(manifest: dict) -> str:
+    """A manifest's JSON with its checksum recomputed: a manifest that is consistent but says
+    something else (what a buggy writer or a deliberate edit would leave)."""
+    import json
+
+    from backup_assets.core.manifest import CHECKSUM_FIELD, checksum
+
+    return json.dumps({**manifest, CHECKSUM_FIELD: checksum(manifest)})
+
+
 def pg_restore_into(cluster: LocalCluster, artifact: Path, dbname: str) -> None:
     """Restore an artifact with the raw tools, independently of the code under test."""
     from backup_assets.core.artifact import open_decompressed

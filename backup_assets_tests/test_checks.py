@@ -17,7 +17,7 @@ from backup_assets.core.verify import (archive_readable, cleanup_drill_leftovers
                                        find_backup, restore_drill)
 from backup_assets.defs.build import build_definitions
 
-from .conftest import pg_source
+from .conftest import pg_source, reseal
 
 PARTITION = "2026-11-20"
 
@@ -102,6 +102,9 @@ def _damage(catalog, how: str):
         cut = bytes(data[: len(data) - 100])
         art.write_bytes(cut)
         manifest.update(size_bytes=len(cut), sha256=hashlib.sha256(cut).hexdigest())
+        meta.write_text(reseal(manifest))
+    elif how == "manifest edited, checksum not updated":
+        manifest["row_counts"]["public.runs"] += 1
         meta.write_text(json.dumps(manifest))
     elif how == "missing manifest":
         meta.unlink()
@@ -122,6 +125,7 @@ DAMAGE = {
     "truncated, manifest edited to match": ("artifact_intact", r"zstd stream (is corrupt|ends before)"),
     "missing manifest": ("artifact_intact", r"manifest .*\.meta is missing"),
     "edited manifest": ("artifact_intact", r"manifest .*\.meta cannot be read"),
+    "manifest edited, checksum not updated": ("artifact_intact", r"does not match its manifest_sha256"),
     "swapped artifact": ("artifact_intact", r"size \d+ bytes differs"),
 }
 
@@ -147,7 +151,7 @@ def test_tampered_counts_and_missing_table_fail(core_backup):
     manifest["row_counts"]["public.runs"] += 1
     manifest["vectors"]["public.kb_embeddings"]["embedding"]["dims"] = 768
     manifest["indexes"].append({"table": "public.runs", "name": "runs_ghost_idx", "method": "btree", "definition": ""})
-    backup.manifest_path.write_text(json.dumps(manifest))
+    backup.manifest_path.write_text(reseal(manifest))
     outcome = restore_drill(catalog, find_backup(catalog, "myloware", "full", "daily", PARTITION))
     assert not outcome.passed
     assert backup.artifact_path.name in outcome.message
@@ -155,10 +159,12 @@ def test_tampered_counts_and_missing_table_fail(core_backup):
     assert "public.kb_embeddings.embedding dims is 1536, the manifest says 768" in outcome.message
     assert "index runs_ghost_idx (btree) on public.runs is missing" in outcome.message
 
-    manifest["tables"].append("public.ghost")
-    backup.manifest_path.write_text(json.dumps(manifest))
     outcome = archive_readable(catalog, find_backup(catalog, "myloware", "full", "daily", PARTITION))
-    assert not outcome.passed and "archive lacks table(s) public.ghost" in outcome.message
+    assert not outcome.passed and "archive holds 300 rows of public.runs, the manifest says 301" in outcome.message
+    manifest["tables"].append("public.ghost")
+    backup.manifest_path.write_text(reseal(manifest))
+    outcome = archive_readable(catalog, find_backup(catalog, "myloware", "full", "daily", PARTITION))
+    assert not outcome.passed and "archive lacks table public.ghost" in outcome.message
 
 
 def test_drill_refuses_a_foreign_database_with_its_name(core_backup, pg18):
@@ -231,7 +237,7 @@ def test_sqlite_checks_and_drill(miyabi_db, write_catalog):
     backup = find_backup(catalog, "miyabi", "full", "daily", PARTITION)
     manifest = json.loads(backup.manifest_path.read_text())
     manifest["row_counts"]["checkpoints"] -= 1
-    backup.manifest_path.write_text(json.dumps(manifest))
+    backup.manifest_path.write_text(reseal(manifest))
     outcome = restore_drill(catalog, find_backup(catalog, "miyabi", "full", "daily", PARTITION))
     assert not outcome.passed and "checkpoints has 900 rows, the manifest says 899" in outcome.message
 

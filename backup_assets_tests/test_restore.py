@@ -102,7 +102,7 @@ def test_core_tables_only_replaces_them_and_nothing_else(pg18, myloware_db, pg_c
         # the sequences moved past the restored ids: new rows do not collide
         conn.execute("INSERT INTO runs (project, persona, status) VALUES ('p', 'editor', 'running')")
         schema = conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'before_restore_%'").fetchone()[0]
-        assert conn.execute(f'SELECT count(*) FROM "{schema}".public_artifacts').fetchone()[0] == 450
+        assert conn.execute(f'SELECT count(*) FROM "{schema}"."public.artifacts"').fetchone()[0] == 450
 
 
 def test_sqlite_round_trip_with_safety_copy(miyabi_db, write_catalog, capsys):
@@ -201,7 +201,7 @@ def _errors(pg18, pg_catalog, write_catalog, myloware_db, tmp_path):
                               "no backup of myloware/full for partition 2026-01-01"),
         "checksum mismatch": (flipped, "refusing to restore: .* sha256 .* differs"),
         "artifact missing": (missing, "artifact is missing"),
-        "pg_restore older than the dump": (old_pg_restore, r"pg_restore 15 .* older than the server \(PostgreSQL 18\)"),
+        "pg_restore older than the dump": (old_pg_restore, r"pg_restore 15 in pg_bin_dir .* does not fit: this needs pg_restore of major version 18"),
         "server unreachable": (unreachable, "cannot connect to PostgreSQL at 127.0.0.1"),
         "bad target name": (lambda: (pg_catalog, ["--source", "myloware", "--group", "full", "--target-db", "x; DROP"]),
                             "target database name 'x; DROP' is not a valid identifier"),
@@ -212,7 +212,7 @@ def _errors(pg18, pg_catalog, write_catalog, myloware_db, tmp_path):
             lambda: (pg_catalog, ["--source", "myloware", "--group", "core", "--target-file", str(tmp_path / "x.db")]),
             "is a PostgreSQL backup and cannot be restored onto a SQLite file"),
         "unknown table": (lambda: (pg_catalog, ["--source", "myloware", "--group", "core", "--tables", "kb_documents"]),
-                          "does not hold table\\(s\\) kb_documents"),
+                          "does not hold table\\(s\\) public.kb_documents"),
     }
 
 

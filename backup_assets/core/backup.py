@@ -91,13 +91,18 @@ def dump(catalog: Catalog, source: str, group: str, tier: str, partition: str, *
         with ArtifactWriter(final, level=level) as writer:
             if src.engine == "postgres":
                 ep = endpoint_for(catalog, source)
-                result = postgres.dump(ep, src.group_tables(group), writer.copy_from, pg_bin_dir=src.pg_bin_dir, what=what)
+                with postgres.connect(ep, what=what) as conn:
+                    # the safety copies of earlier --tables restores are not part of the database's backups
+                    safety = postgres.safety_schemas(conn)
+                result = postgres.dump(ep, src.group_tables(group), writer.copy_from, pg_bin_dir=src.pg_bin_dir,
+                                       what=what, exclude_schemas=safety)
                 facts = result.facts
                 details = dict(
                     database=ep.dbname, host=ep.host, port=ep.port, format="pg_dump-custom",
-                    tables=result.tables, row_counts=facts.row_counts, vectors=facts.vectors,
+                    whole_database=src.group_tables(group) is None, tables=result.tables, row_counts=facts.row_counts, vectors=facts.vectors,
                     indexes=facts.indexes, extensions=facts.extensions, snapshot_at=result.snapshot_at,
                     server_version=result.server_version, tool_version=result.tool_version,
+                    partitions=facts.partitions, owners=facts.owners,
                 )
             else:
                 db_path = catalog.resolve_path(src.path)

@@ -7,6 +7,7 @@ compression, format) plus what later steps need to prove a restore exact.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -15,7 +16,9 @@ from typing import Any
 from . import BackupError
 
 MANIFEST_SUFFIX = ".meta"
-FORMAT_VERSION = 1
+# 2: table keys in the exact text form (core.names), partitions, owners, the manifest's own checksum
+FORMAT_VERSION = 2
+CHECKSUM_FIELD = "manifest_sha256"
 
 
 @dataclass
@@ -41,6 +44,7 @@ class Manifest:
     sha256: str
     raw_size_bytes: int
     # what the snapshot held
+    whole_database: bool = False  # else a table group: the whole schema, the data of `tables`
     tables: list[str] = field(default_factory=list)
     row_counts: dict[str, int] = field(default_factory=dict)
     vectors: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
@@ -51,6 +55,10 @@ class Manifest:
     tool_version: str | None = None
     duration_s: float = 0.0
     promoted_from: str | None = None
+    # partitioned table -> its leaf partitions, whose data blocks hold its rows
+    partitions: dict[str, list[str]] = field(default_factory=dict)
+    # table -> owning role (a restore onto a fresh server needs these roles)
+    owners: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -58,18 +66,37 @@ class Manifest:
         return sum(self.row_counts.values())
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data[CHECKSUM_FIELD] = checksum(data)
+        return data
 
     @classmethod
     def from_json(cls, data: Any, *, where: str) -> "Manifest":
         if not isinstance(data, dict):
             raise BackupError(f"manifest {where}: not a JSON object")
+        recorded = data.get(CHECKSUM_FIELD)
+        if recorded is None:
+            raise BackupError(f"manifest {where}: has no {CHECKSUM_FIELD} (written before format 2, or edited); "
+                              "it cannot be trusted")
+        if checksum(data) != recorded:
+            raise BackupError(f"manifest {where}: its content does not match its {CHECKSUM_FIELD} "
+                              "(edited or damaged); this backup is not used")
         names = {f.name for f in fields(cls)}
         required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
         missing = sorted(required - data.keys())
         if missing:
             raise BackupError(f"manifest {where}: missing key(s) {', '.join(missing)}")
+        unknown = sorted(data.keys() - names - {CHECKSUM_FIELD})
+        if unknown:
+            raise BackupError(f"manifest {where}: unknown key(s) {', '.join(unknown)}")
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def checksum(data: dict[str, Any]) -> str:
+    """SHA-256 over every field but the checksum itself, in a canonical JSON form."""
+    body = {k: v for k, v in data.items() if k != CHECKSUM_FIELD}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+                          .encode()).hexdigest()
 
 
 def manifest_path_for(artifact: Path) -> Path:

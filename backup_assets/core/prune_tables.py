@@ -18,6 +18,7 @@ from ..catalog import Catalog
 from . import BackupError
 from .backup import endpoint_for, repository_for
 from .engines import postgres
+from .names import TableName
 from .verification import passed_drill
 
 
@@ -49,14 +50,14 @@ def prune_tables(catalog: Catalog, source: str, *, dry_run: bool, now: dt.dateti
             entry: dict = {"rule_days": rule.days, "age_cutoff": age_cutoff.isoformat(timespec="seconds"),
                            "verified_backup": artifact,
                            "verified_snapshot": snapshot.isoformat(timespec="seconds") if snapshot else None}
-            schema, name = postgres.qualified(rule.table)
-            table = sql.Identifier(schema, name)
+            name = TableName.parse(rule.table)
+            table = name.ident()
             column = sql.Identifier(rule.timestamp_column)
             if snapshot is None:
                 entry.update(cutoff=None, deleted=0, would_delete=0,
                              skipped=f"no backup of group {rule.verified_by_group!r} has passed a restore drill")
-                report["tables"][f"{schema}.{name}"] = entry
-                say(f"{schema}.{name}: nothing pruned, {entry['skipped']}")
+                report["tables"][str(name)] = entry
+                say(f"{name}: nothing pruned, {entry['skipped']}")
                 continue
             cutoff = min(age_cutoff, snapshot)
             entry["cutoff"] = cutoff.isoformat(timespec="seconds")
@@ -79,7 +80,7 @@ def prune_tables(catalog: Catalog, source: str, *, dry_run: bool, now: dt.dateti
                         break
                 entry.update(would_delete=eligible, deleted=deleted, batches=batches,
                              duration_s=round(time.monotonic() - started, 3))
-            report["tables"][f"{schema}.{name}"] = entry
-            say(f"{schema}.{name}: {'would delete' if dry_run else 'deleted'} {entry['would_delete'] if dry_run else entry['deleted']} "
+            report["tables"][str(name)] = entry
+            say(f"{name}: {'would delete' if dry_run else 'deleted'} {entry['would_delete'] if dry_run else entry['deleted']} "
                 f"row(s) older than {entry['cutoff']}")
     return report

@@ -16,23 +16,28 @@ restored copy with `PRAGMA integrity_check`, then replace the original atomicall
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import psycopg
+import zstandard
 from psycopg import sql
 
 from ..catalog import Catalog
-from . import BackupError
-from .artifact import CHUNK, decompress_to, human_size, partial_path
+from . import BackupError, archive_scan
+from .artifact import decompress_to, human_size, open_decompressed, partial_path
 from .backup import endpoint_for, repository_for
 from .engines import postgres, sqlite
+from .engines.pgarchive import ArchiveFormatError, CopyFingerprint, TocEntry, combine, read_archive
+from .names import NameError_, TableName
 from .repository import StoredBackup
 from .verification import is_verified, read_status
-from .verify import artifact_intact, compare_with_manifest, dump_major, find_backup
+from .verify import (artifact_intact, compare_content, compare_with_manifest, find_backup, pg_restore_archive,
+                     version_problem)
 
 RESTORE_MARK = "backup_assets restore in progress"
 
@@ -191,7 +196,7 @@ def restore_plan(catalog: Catalog, backup: StoredBackup, *, target_db: str | Non
 
 def restore_postgres(catalog: Catalog, backup: StoredBackup, *, target_db: str | None = None,
                      tables: list[str] | None = None, jobs: int = 2, safety_copy: bool = True,
-                     terminate_connections: bool = False, say=quiet) -> RestoreResult:
+                     terminate_connections: bool = False, create_roles: bool = True, say=quiet) -> RestoreResult:
     m = backup.manifest
     if m.engine != "postgres":
         raise BackupError(f"{backup.artifact_path.name} is a {m.engine} backup, not a PostgreSQL one")
@@ -201,37 +206,57 @@ def restore_postgres(catalog: Catalog, backup: StoredBackup, *, target_db: str |
     target = target_db or src.connection.dbname
     if not postgres.valid_db_name(target):
         raise BackupError(f"target database name {target!r} is not a valid identifier (letters, digits, _; 63 at most)")
+    wanted: list[TableName] = []
     if tables:
-        bad = [t for t in tables if postgres.qname(t) not in m.row_counts]
+        for text in tables:
+            try:
+                wanted.append(TableName.parse(text))
+            except NameError_ as exc:
+                raise BackupError(f"--tables {text!r}: {exc}") from None
+        bad = [str(t) for t in wanted if str(t) not in m.row_counts]
         if bad:
-            raise BackupError(f"{backup.artifact_path.name} does not hold table(s) {', '.join(bad)}")
+            raise BackupError(f"{backup.artifact_path.name} does not hold table(s) {', '.join(bad)} "
+                              f"(it holds {', '.join(sorted(m.row_counts)[:10])}{', ...' if len(m.row_counts) > 10 else ''})")
+        wanted = list(dict.fromkeys(wanted))
     verify_before_restore(backup)
     ep = endpoint_for(catalog, m.source, target)
-    postgres.find_tool("pg_restore", dump_major(m), src.pg_bin_dir)
     started = time.monotonic()
     with postgres.connect(ep.with_db("postgres"), what=f"restore of {m.source}: ") as admin:
-        if tables:
+        problem = version_problem(m, postgres.server_major(admin))
+        if problem:
+            raise BackupError(f"refusing to restore {backup.artifact_path.name}: {problem}; nothing was changed")
+        if wanted:
             if not postgres.database_exists(admin, target):
                 raise BackupError(f"database {target} does not exist: restore whole backups into new databases")
-            result = _restore_tables(catalog, backup, ep, tables, safety_copy=safety_copy, say=say)
+            result = _restore_tables(catalog, backup, ep, wanted, safety_copy=safety_copy, say=say)
         else:
             result = _restore_whole(catalog, backup, admin, ep, target, jobs=jobs, safety_copy=safety_copy,
-                                    terminate=terminate_connections, say=say)
+                                    terminate=terminate_connections, create_roles=create_roles, say=say)
     result.duration_s = round(time.monotonic() - started, 3)
     return result
 
 
-def _decompress(backup: StoredBackup, dest: Path, say) -> None:
+def _progress(backup: StoredBackup, say):
     total = backup.manifest.raw_size_bytes or 1
-    decompress_to(backup.artifact_path, dest, expected_size=backup.manifest.raw_size_bytes,
-                  on_progress=lambda done: say(f"decompressing {100 * done / total:5.1f}%", progress=True))
-    say(f"decompressed {human_size(total)}")
+    return lambda done: say(f"decompressing {100 * done / total:5.1f}%", progress=True)
+
+
+def ensure_roles(admin, roles: set[str], *, create: bool, say) -> list[str]:
+    """Create the roles that own what is restored when the target server lacks them (NOLOGIN:
+    they own objects, nobody logs in as them until an administrator says so)."""
+    missing = postgres.missing_roles(admin, roles)
+    if missing and not create:
+        raise BackupError(f"the target server lacks role(s) {', '.join(missing)} that own restored objects; "
+                          "create them first or restore without --no-create-roles; nothing was changed")
+    for role in missing:
+        admin.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
+        say(f"created missing role {role} (NOLOGIN) to own restored objects")
+    return missing
 
 
 def _restore_whole(catalog: Catalog, backup: StoredBackup, admin, ep: postgres.Endpoint, target: str, *,
-                   jobs: int, safety_copy: bool, terminate: bool, say) -> RestoreResult:
+                   jobs: int, safety_copy: bool, terminate: bool, create_roles: bool, say) -> RestoreResult:
     m = backup.manifest
-    src = catalog.sources[m.source]
     stamp = _stamp()
     exists = postgres.database_exists(admin, target)
     if exists:
@@ -245,23 +270,34 @@ def _restore_whole(catalog: Catalog, backup: StoredBackup, admin, ep: postgres.E
     if dropped:
         say(f"removed leftovers of interrupted restores: {', '.join(dropped)}")
     temp = f"{target[:30]}_restoring_{stamp}"
+    target_major = postgres.server_major(admin)
     postgres.create_database(admin, temp, comment=postgres.marker(RESTORE_MARK, target=target))
     swapped = False
+    created_roles: list[str] = []
     try:
         with tempfile.TemporaryDirectory(dir=repository_for(catalog).scratch_dir()) as tmp:
             raw = Path(tmp) / "archive.dump"
-            _decompress(backup, raw, say)
-            with postgres.connect(ep.with_db(temp)) as conn:
-                for ext in m.extensions:
-                    conn.execute(sql.SQL("CREATE EXTENSION IF NOT EXISTS {}").format(sql.Identifier(ext)))
+            scanned = archive_scan.scan(backup.artifact_path, m, copy_to=raw, on_progress=_progress(backup, say))
+            say(f"decompressed {human_size(scanned.decoded_bytes)}")
+            problems = archive_scan.archive_problems(scanned, m)
+            if problems:
+                raise BackupError(f"{backup.artifact_path.name} does not hold what its manifest says, target left "
+                                  f"unchanged: {'; '.join(problems[:5])}")
+            entries = None if m.whole_database else archive_scan.group_entries(
+                scanned.archive, [TableName.parse(t) for t in m.tables], m.partitions)
+            created_roles = ensure_roles(admin, archive_scan.roles_needed(scanned.archive, entries),
+                                         create=create_roles, say=say)
             say(f"pg_restore --jobs={jobs} into {temp}")
-            postgres.pg_restore(ep.with_db(temp), raw, jobs=jobs, pg_bin_dir=src.pg_bin_dir, dump_major=dump_major(m),
-                                what=f"restore of {backup.artifact_path.name}: ")
+            pg_restore_archive(catalog, backup, ep.with_db(temp), raw, entries=entries, jobs=jobs,
+                               target_major=target_major, what=f"restore of {backup.artifact_path.name}: ")
+        wanted_tables = [TableName.parse(t) for t in m.row_counts]
         with postgres.connect(ep.with_db(temp)) as conn:
-            facts = postgres.table_facts(conn, sorted(set(postgres.user_tables(conn)) & set(m.row_counts)))
+            facts = postgres.table_facts(conn, wanted_tables)
+            restored = {str(t): postgres.fingerprint(conn, t) for t in wanted_tables if str(t) in facts.row_counts}
         problems = compare_with_manifest(m, facts.row_counts, facts.vectors, facts.indexes)
+        problems += compare_content(scanned.tables, restored)
         if problems:
-            raise BackupError(f"restored copy differs from the manifest, target left unchanged: {'; '.join(problems[:5])}")
+            raise BackupError(f"restored copy differs from the backup, target left unchanged: {'; '.join(problems[:5])}")
         safety = f"{target[:40]}_before_restore_{stamp}" if exists else None
         if exists:
             admin.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(target)))
@@ -287,7 +323,8 @@ def _restore_whole(catalog: Catalog, backup: StoredBackup, admin, ep: postgres.E
     finally:
         if not swapped:
             postgres.drop_database(admin, temp)
-    return RestoreResult(target, facts.row_counts, m.row_counts, [], safety, 0.0, m.artifact)
+    return RestoreResult(target, facts.row_counts, m.row_counts, [], safety, 0.0, m.artifact,
+                         extra={"created_roles": created_roles, "fingerprints": {k: v[1] for k, v in restored.items()}})
 
 
 def _wait_for_no_sessions(admin, dbname: str, timeout_s: float = 15) -> None:
@@ -298,87 +335,162 @@ def _wait_for_no_sessions(admin, dbname: str, timeout_s: float = 15) -> None:
         time.sleep(0.1)
 
 
-def _restore_tables(catalog: Catalog, backup: StoredBackup, ep: postgres.Endpoint, tables: list[str], *,
+def safety_table_name(table: TableName) -> str:
+    """The name of a table's copy in the safety schema: its text form, shortened with a hash
+    when it would pass PostgreSQL's 63 bytes."""
+    text = str(table)
+    if len(text.encode()) <= 63:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    return text.encode()[:50].decode(errors="ignore") + "_" + digest
+
+
+def _owned_sequences(conn, table: TableName) -> list[tuple[TableName, str]]:
+    """Sequences owned by a column of the table (serial and identity columns), with the column."""
+    return [(TableName(s, n), col) for s, n, col in conn.execute(
+        """
+        SELECT sn.nspname, s.relname, a.attname
+        FROM pg_depend d
+        JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+        JOIN pg_namespace sn ON sn.oid = s.relnamespace
+        JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+        WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
+          AND d.refobjid = %s::regclass AND d.deptype IN ('a', 'i')
+        """, (postgres._regclass(table),)).fetchall()]
+
+
+class _TableLoader:
+    """Streams the archive's data blocks of the chosen tables into COPY, in the caller's
+    transaction, fingerprinting exactly what it loads."""
+
+    def __init__(self, conn, members: dict[tuple[str, str], TableName]):
+        self.conn = conn
+        self.members = members
+        self.loaded: dict[TableName, CopyFingerprint] = {}
+        self._copy_cm = None
+        self._copy = None
+        self._fp: CopyFingerprint | None = None
+
+    def on_data(self, entry: TocEntry):
+        table = self.members.get((entry.namespace or "", entry.tag))
+        if table is None:
+            return None
+        columns = postgres.copy_columns(self.conn, table)
+        statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+            table.ident(), sql.SQL(", ").join(sql.Identifier(c) for c in columns))
+        self._copy_cm = self.conn.cursor().copy(statement)
+        self._copy = self._copy_cm.__enter__()
+        self._fp = self.loaded[table] = CopyFingerprint()
+        return self._feed
+
+    def _feed(self, data: bytes) -> None:
+        rows = self._fp.feed(data)
+        if rows:
+            self._copy.write(rows)
+
+    def on_end(self, entry: TocEntry) -> None:
+        if self._copy_cm is not None:
+            self._fp.finish()
+            cm, self._copy_cm, self._copy = self._copy_cm, None, None
+            cm.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        if self._copy_cm is not None:
+            cm, self._copy_cm, self._copy = self._copy_cm, None, None
+            try:
+                cm.__exit__(BackupError, BackupError("aborted"), None)
+            except Exception:
+                pass
+
+
+def _restore_tables(catalog: Catalog, backup: StoredBackup, ep: postgres.Endpoint, tables: list[TableName], *,
                     safety_copy: bool, say) -> RestoreResult:
+    """Replace the rows of exactly `tables` (a partitioned table with its partitions) in one
+    transaction, and commit only when every table's row count equals the manifest's and its
+    content fingerprint equals the archive's; otherwise roll back: nothing changes."""
     m = backup.manifest
-    src = catalog.sources[m.source]
-    names = [postgres.qname(t) for t in tables]
     stamp = _stamp()
     safety_schema = f"before_restore_{stamp}" if safety_copy else None
-    with postgres.connect(ep) as conn:
-        missing = postgres.missing_tables(conn, names)
+    members: dict[tuple[str, str], TableName] = {}
+    for table in tables:
+        for member in [table] + [TableName.parse(p) for p in m.partitions.get(str(table), [])]:
+            members[(member.schema, member.name)] = member
+    conn = postgres.connect(ep, autocommit=False, what=f"restore of {m.source}: ")
+    loader = _TableLoader(conn, members)
+    try:
+        missing = postgres.missing_tables(conn, members.values())
         if missing:
-            raise BackupError(f"table(s) {', '.join(missing)} do not exist in {ep.dbname}: restore the whole backup instead")
-        sequences = conn.execute(
-            """
-            SELECT n.nspname, c.relname, a.attname, pg_get_serial_sequence(quote_ident(n.nspname) || '.' || quote_ident(c.relname), a.attname)
-            FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE (n.nspname || '.' || c.relname) = ANY(%s) AND a.attnum > 0 AND NOT a.attisdropped
-              AND pg_get_serial_sequence(quote_ident(n.nspname) || '.' || quote_ident(c.relname), a.attname) IS NOT NULL
-            """,
-            (names,),
-        ).fetchall()
-    pre = ["SET session_replication_role = replica;", "SET lock_timeout = '30s';"]
-    if safety_schema:
-        pre.append(f'CREATE SCHEMA "{safety_schema}";')
-    for t in names:
-        schema, name = postgres.qualified(t)
-        ident = f'"{schema}"."{name}"'
-        pre.append(f"LOCK TABLE {ident} IN ACCESS EXCLUSIVE MODE;")
+            raise BackupError(f"table(s) {', '.join(map(str, missing))} do not exist in {ep.dbname}: restore the "
+                              "whole backup into another database (--target-db) instead; nothing was changed")
+        postgres.use_output_settings(conn)  # the archive's text is UTF-8, printed with these settings
+        conn.execute("SET LOCAL session_replication_role = replica")
+        conn.execute("SET LOCAL lock_timeout = '30s'")
         if safety_schema:
-            pre.append(f'CREATE TABLE "{safety_schema}"."{schema}_{name}" AS TABLE {ident};')
-        pre.append(f"DELETE FROM {ident};")
-    post = [
-        f"SELECT setval('{seq}', coalesce((SELECT max(\"{col}\") FROM \"{s}\".\"{t}\"), 1), "
-        f"(SELECT max(\"{col}\") FROM \"{s}\".\"{t}\") IS NOT NULL);"
-        for s, t, col, seq in sequences
-    ]
-    tool, _ = postgres.find_tool("pg_restore", dump_major(m), src.pg_bin_dir)
-    psql, _ = postgres.find_tool("psql", 0, src.pg_bin_dir)
-    with tempfile.TemporaryDirectory(dir=repository_for(catalog).scratch_dir()) as tmp:
-        raw = Path(tmp) / "archive.dump"
-        _decompress(backup, raw, say)
-        args = [str(tool), "--data-only", "--no-owner", "--file=-"]
-        args += [f"--schema={s}" for s in sorted({postgres.qualified(t)[0] for t in names})]
-        args += [f"--table={postgres.qualified(t)[1]}" for t in names]
-        args.append(str(raw))
-        say(f"loading {', '.join(names)} in one transaction")
-        with tempfile.TemporaryFile() as err:
-            psql_proc = subprocess.Popen(
-                [str(psql), "--no-psqlrc", "--quiet", "--single-transaction", "-v", "ON_ERROR_STOP=1",
-                 f"--dbname={ep.dbname}", "--file=-"],
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err, env=ep.child_env())
-            try:
-                psql_proc.stdin.write("\n".join(pre).encode() + b"\n")
-                dump_proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, env=ep.child_env())
-                while chunk := dump_proc.stdout.read(CHUNK):
-                    psql_proc.stdin.write(chunk)
-                if dump_proc.wait() != 0:
-                    psql_proc.kill()
-                    psql_proc.wait()
-                    err.seek(0)
-                    raise BackupError(f"pg_restore of {backup.artifact_path.name} failed, nothing changed: "
-                                      f"{ep.scrub(err.read().decode(errors='replace').strip()[-2000:])}")
-                psql_proc.stdin.write(("\n" + "\n".join(post) + "\n").encode())
-                psql_proc.stdin.close()
-            except BrokenPipeError:
-                pass
-            rc = psql_proc.wait()
-            if rc != 0:
-                err.seek(0)
-                raise BackupError(f"loading {', '.join(names)} failed, the transaction was rolled back and nothing "
-                                  f"changed: {ep.scrub(err.read().decode(errors='replace').strip()[-2000:])}")
-    with postgres.connect(ep) as conn:
-        facts = postgres.table_facts(conn, names)
-    expected = {t: m.row_counts[t] for t in names}
-    sub = replace(m, row_counts=expected, vectors={t: v for t, v in m.vectors.items() if t in names},
-                  indexes=[i for i in m.indexes if i["table"] in names])
-    problems = compare_with_manifest(sub, facts.row_counts, facts.vectors, facts.indexes)
-    return RestoreResult(ep.dbname, facts.row_counts, expected, problems,
-                         f"{ep.dbname}.{safety_schema}" if safety_schema else None, 0.0, m.artifact)
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(safety_schema)))
+            conn.execute(sql.SQL("COMMENT ON SCHEMA {} IS {}").format(
+                sql.Identifier(safety_schema),
+                sql.Literal(postgres.marker(postgres.SAFETY_MARK, tables=[str(t) for t in tables], artifact=m.artifact))))
+        for table in tables:
+            conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table.ident()))
+            if safety_schema:
+                conn.execute(sql.SQL("CREATE TABLE {} AS TABLE {}").format(
+                    sql.Identifier(safety_schema, safety_table_name(table)), table.ident()))
+            conn.execute(sql.SQL("DELETE FROM {}").format(table.ident()))
+        say(f"loading {', '.join(map(str, tables))} in one transaction")
+        with open_decompressed(backup.artifact_path, m.raw_size_bytes) as reader:
+            read_archive(reader, loader.on_data, loader.on_end)
+        not_loaded = [str(t) for t in members.values() if t not in loader.loaded]
+        if not_loaded:
+            raise BackupError(f"the archive has no data block for {', '.join(not_loaded)}; nothing was changed")
+        for table in tables:
+            for sequence, column in _owned_sequences(conn, table):
+                # never move a sequence backwards: ids handed out since the backup stay unused
+                last, called = conn.execute(sql.SQL("SELECT last_value, is_called FROM {}").format(sequence.ident())).fetchone()
+                top = conn.execute(sql.SQL("SELECT max({}) FROM {}").format(sql.Identifier(column), table.ident())).fetchone()[0]
+                value = max(last if called else last - 1, top or 0)
+                if value >= 1:
+                    conn.execute("SELECT setval(%s::regclass, %s, true)", (postgres._regclass(sequence), value))
+        facts = postgres.table_facts(conn, tables)
+        restored = {str(t): postgres.fingerprint(conn, t) for t in tables}
+        expected = {str(t): m.row_counts[str(t)] for t in tables}
+        archive_content = {}
+        for table in tables:
+            parts = [TableName.parse(p) for p in m.partitions.get(str(table), [])] or [table]
+            fps = [loader.loaded[p] for p in parts]
+            archive_content[str(table)] = archive_scan.TableContent(sum(f.rows for f in fps), combine([f.hex for f in fps]))
+        sub = replace(m, row_counts=expected, vectors={k: v for k, v in m.vectors.items() if k in expected}, indexes=[])
+        problems = compare_with_manifest(sub, facts.row_counts, facts.vectors, [])
+        problems += compare_content(archive_content, restored)
+        if problems:
+            raise BackupError(f"the loaded rows differ from the backup, rolled back, nothing changed: "
+                              f"{'; '.join(problems[:5])}")
+        conn.commit()
+    except BaseException as exc:
+        loader.abort()
+        try:
+            conn.rollback()
+        except Exception:
+            pass
+        if isinstance(exc, psycopg.Error):
+            detail = ep.scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            raise BackupError(f"loading {', '.join(map(str, tables))} failed, rolled back, nothing changed: {detail}") from None
+        if isinstance(exc, (zstandard.ZstdError, ArchiveFormatError)):
+            raise BackupError(f"{backup.artifact_path}: {exc}; rolled back, nothing changed") from None
+        raise
+    finally:
+        conn.close()
+    return RestoreResult(ep.dbname, facts.row_counts, expected, [],
+                         f"{ep.dbname}.{safety_schema}" if safety_schema else None, 0.0, m.artifact,
+                         extra={"fingerprints": {k: v[1] for k, v in restored.items()}})
 
 
 # -- SQLite -------------------------------------------------------------------------------------
+
+def _decompress(backup: StoredBackup, dest: Path, say) -> None:
+    decompress_to(backup.artifact_path, dest, expected_size=backup.manifest.raw_size_bytes,
+                  on_progress=_progress(backup, say))
+    say(f"decompressed {human_size(backup.manifest.raw_size_bytes)}")
+
 
 def restore_sqlite(catalog: Catalog, backup: StoredBackup, *, target_file: str | None = None,
                    safety_copy: bool = True, say=quiet) -> RestoreResult:

@@ -20,10 +20,12 @@ import zstandard
 
 from ..catalog import Catalog
 from . import BackupError
-from .artifact import CHUNK, decompress_to, open_decompressed, scan_artifact
+from . import archive_scan
+from .artifact import decompress_to, scan_artifact
 from .backup import repository_for
 from .engines import postgres, sqlite
 from .manifest import Manifest, manifest_path_for, read_manifest
+from .names import TableName
 from .repository import LocalRepository, StoredBackup
 
 DRILL_MARK = "backup_assets restore drill"
@@ -84,29 +86,7 @@ def artifact_intact(backup: StoredBackup) -> Outcome:
 def archive_readable(catalog: Catalog, backup: StoredBackup) -> Outcome:
     m, path = backup.manifest, backup.artifact_path
     if m.engine == "postgres":
-        src = catalog.sources.get(m.source)
-        try:
-            tool, _ = postgres.find_tool("pg_restore", dump_major(m), src.pg_bin_dir if src else None)
-        except BackupError as exc:
-            return Outcome(False, f"{path}: {exc}")
-        rc, toc, error = _feed_pg_restore([str(tool), "--list"], path, m.raw_size_bytes)
-        if rc != 0:
-            return Outcome(False, f"{path}: pg_restore --list failed: {error}")
-        # every data block must be readable too: replay the whole archive as a script into nothing
-        rc, _, error = _feed_pg_restore([str(tool), "--file=/dev/null"], path, m.raw_size_bytes)
-        if rc != 0:
-            return Outcome(False, f"{path}: pg_restore cannot read the whole archive: {error}")
-        listed = set(re.findall(r"^\d+; \d+ \d+ TABLE (\S+) (\S+) ", toc, re.MULTILINE))
-        listed = {f"{s}.{t}" for s, t in listed}
-        with_data = {f"{s}.{t}" for s, t in re.findall(r"^\d+; \d+ \d+ TABLE DATA (\S+) (\S+) ", toc, re.MULTILINE)}
-        missing = sorted(set(m.tables) - listed)
-        no_data = sorted(set(m.tables) - with_data)
-        if missing:
-            return Outcome(False, f"{path}: archive lacks table(s) {', '.join(missing)}")
-        if no_data:
-            return Outcome(False, f"{path}: archive lacks the data of table(s) {', '.join(no_data)}")
-        return Outcome(True, f"{path.name}: pg_restore lists all {len(m.tables)} table(s) and reads every data block",
-                       {"toc_entries": toc.count("\n"), "tables": len(m.tables)})
+        return _postgres_readable(catalog, backup)
     with tempfile.TemporaryDirectory(dir=repository_for(catalog).scratch_dir()) as tmp:
         copy = Path(tmp) / "check.db"
         try:
@@ -117,26 +97,43 @@ def archive_readable(catalog: Catalog, backup: StoredBackup) -> Outcome:
         return Outcome(True, f"{path.name}: integrity_check ok, {len(counts)} table(s)", {"tables": len(counts)})
 
 
-def _feed_pg_restore(args: list[str], artifact: Path, expected_size: int) -> tuple[int, str, str]:
-    """Stream the decompressed artifact into pg_restore; (exit code, stdout, error text)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=out, stderr=err)
-        decode_error = None
+def _postgres_readable(catalog: Catalog, backup: StoredBackup) -> Outcome:
+    """The archive read by structure in one pass: header, TOC, every data block; every table of
+    the manifest has its definition and data, with exactly the snapshot's row count; the content
+    fingerprint of each table is recorded for the drill. pg_restore --list of the version that
+    will restore it reads the same stream's TOC."""
+    m, path = backup.manifest, backup.artifact_path
+    src = catalog.sources.get(m.source)
+    try:
+        tool, _ = postgres.find_tool("pg_restore", dump_major(m), src.pg_bin_dir if src else None)
+    except BackupError as exc:
+        return Outcome(False, f"{path}: {exc}")
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([str(tool), "--list"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
         try:
-            with open_decompressed(artifact, expected_size) as reader:
-                while chunk := reader.read(CHUNK):
-                    proc.stdin.write(chunk)
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass  # --list stops reading once it has the table of contents; its exit code decides
-        except zstandard.ZstdError as exc:
-            decode_error = f"the zstd stream cannot be decoded: {exc}"
+            result = archive_scan.scan(path, m, pipe=proc.stdin)
+        except BackupError as exc:
             proc.kill()
+            proc.wait()
+            return Outcome(False, str(exc))
+        finally:
+            try:
+                proc.stdin.close()
+            except (BrokenPipeError, OSError):
+                pass
         rc = proc.wait()
-        out.seek(0)
         err.seek(0)
-        error = decode_error or err.read().decode(errors="replace").strip()
-        return (1 if decode_error else rc), out.read().decode(errors="replace"), error
+        if rc != 0:
+            return Outcome(False, f"{path}: {tool.name} --list cannot read the archive: "
+                                  f"{err.read().decode(errors='replace').strip()[-500:]}")
+    problems = archive_scan.archive_problems(result, m)
+    meta = {"toc_entries": len(result.archive.entries), "tables": len(m.row_counts),
+            "rows": sum(t.rows for t in result.tables.values()), "scan_s": result.seconds,
+            "fingerprints": result.fingerprints()}
+    if problems:
+        return Outcome(False, f"{path}: {'; '.join(problems[:8])}", meta)
+    return Outcome(True, f"{path.name}: all {len(m.row_counts)} table(s) of the manifest are in the archive with "
+                         f"their data and exact row counts; every data block read", meta)
 
 
 def dump_major(m: Manifest) -> int:
@@ -216,6 +213,10 @@ def _postgres_drill(catalog: Catalog, backup: StoredBackup, *, jobs: int) -> Out
     started = time.monotonic()
     with postgres.connect(ep, what=f"restore drill of {m.source}/{m.group}: ") as admin:
         cleaned = cleanup_drill_leftovers(admin, protect=protected)
+        target_major = postgres.server_major(admin)
+        problem = version_problem(m, target_major)
+        if problem:
+            return Outcome(False, f"{path}: {problem}")
         name = None
         for n in range(1, 100):
             candidate = drill_name(m.source, m.group, m.partition, n)
@@ -234,25 +235,26 @@ def _postgres_drill(catalog: Catalog, backup: StoredBackup, *, jobs: int) -> Out
                 raw = Path(tmp) / "archive.dump"
                 t0 = time.monotonic()
                 try:
-                    decompress_to(path, raw, expected_size=m.raw_size_bytes)
-                except zstandard.ZstdError as exc:
-                    return Outcome(False, f"{path}: restore drill cannot decompress the artifact: {exc}",
-                                   {"drill_database": name, "leftovers_dropped": cleaned})
+                    archive = archive_scan.scan(path, m, copy_to=raw)
+                except BackupError as exc:
+                    return Outcome(False, f"restore drill: {exc}", {"drill_database": name, "leftovers_dropped": cleaned})
                 decompress_s = time.monotonic() - t0
                 target = ep.with_db(name)
-                with postgres.connect(target) as conn:
-                    for ext in m.extensions:
-                        conn.execute(f'CREATE EXTENSION IF NOT EXISTS "{ext}"')
+                entries = None if m.whole_database else archive_scan.group_entries(
+                    archive.archive, [TableName.parse(t) for t in m.tables], m.partitions)
+                missing = postgres.missing_roles(admin, archive_scan.roles_needed(archive.archive, entries))
                 t1 = time.monotonic()
-                postgres.pg_restore(target, raw, jobs=jobs, pg_bin_dir=src.pg_bin_dir, dump_major=dump_major(m),
-                                    what=f"restore drill of {path.name}: ")
+                pg_restore_archive(catalog, backup, target, raw, entries=entries, jobs=jobs, target_major=target_major,
+                                   no_owner=bool(missing), what=f"restore drill of {path.name}: ")
                 restore_s = time.monotonic() - t1
             with postgres.connect(target) as conn:
-                present = set(postgres.user_tables(conn))
-                facts = postgres.table_facts(conn, sorted(present & set(m.row_counts)))
+                wanted = [TableName.parse(t) for t in m.row_counts]
+                facts = postgres.table_facts(conn, wanted)
                 exts = dict(conn.execute("SELECT extname, extversion FROM pg_extension").fetchall())
+                restored = {str(t): postgres.fingerprint(conn, t) for t in wanted if str(t) in facts.row_counts}
             rto = time.monotonic() - started
             problems = compare_with_manifest(m, facts.row_counts, facts.vectors, facts.indexes, exts)
+            problems += compare_content(archive.tables, restored)
         finally:
             postgres.drop_database(admin, name)
     meta = {
@@ -260,11 +262,56 @@ def _postgres_drill(catalog: Catalog, backup: StoredBackup, *, jobs: int) -> Out
         "drill_database": name, "drill_server": f"{ep.host}:{ep.port}", "row_counts": facts.row_counts,
         "tables": len(facts.row_counts), "rows": sum(facts.row_counts.values()),
         "leftovers_dropped": cleaned,
+        "archive_fingerprints": archive.fingerprints(),
+        "restored_fingerprints": {k: {"rows": r, "fingerprint": f} for k, (r, f) in sorted(restored.items())},
+        "owners_restored": not missing, "missing_roles": missing,
     }
     if problems:
-        return Outcome(False, f"{path}: restore differs from the manifest: {'; '.join(problems[:8])}", meta)
+        return Outcome(False, f"{path}: restore differs from the archive or manifest: {'; '.join(problems[:8])}", meta)
+    note = f" (roles {', '.join(missing)} are missing on {ep.host}:{ep.port}: restored without owners)" if missing else ""
     return Outcome(True, f"{path.name}: restored into {name} in {rto:.1f}s, {len(facts.row_counts)} table(s) and "
-                         f"{sum(facts.row_counts.values())} rows match the manifest", meta)
+                         f"{sum(facts.row_counts.values())} rows match the manifest, content fingerprints match "
+                         f"the archive{note}", meta)
+
+
+def compare_content(archive: dict, restored: dict[str, tuple[int, str]]) -> list[str]:
+    """Every table whose restored rows differ from the archive's (count or content fingerprint)."""
+    problems = []
+    for key, content in sorted(archive.items()):
+        got = restored.get(key)
+        if got is None:
+            problems.append(f"table {key} is missing after the restore")
+        elif got[0] != content.rows:
+            problems.append(f"{key} has {got[0]} rows after the restore, the archive holds {content.rows}")
+        elif got[1] != content.fingerprint:
+            problems.append(f"{key}: restored rows differ in content from the archive's "
+                            f"(fingerprint {got[1]}, archive {content.fingerprint})")
+    return problems
+
+
+def version_problem(m: Manifest, target_major: int) -> str | None:
+    """Why an archive cannot go into a server of `target_major` (None: it can)."""
+    source_major = server_major_of(m)
+    if source_major is not None and target_major < source_major:
+        return (f"the backup is of PostgreSQL {source_major} and the target server is PostgreSQL {target_major}: "
+                "restoring into an older major version is not supported")
+    return None
+
+
+def server_major_of(m: Manifest) -> int | None:
+    match = re.match(r"(\d+)", m.server_version or "")
+    return int(match.group(1)) if match else None
+
+
+def pg_restore_archive(catalog: Catalog, backup: StoredBackup, target: postgres.Endpoint, raw: Path, *,
+                       entries: list | None, jobs: int, target_major: int, no_owner: bool = False,
+                       what: str = "") -> None:
+    """pg_restore of a decoded archive: all of it, or the given TOC entries (a --use-list file)."""
+    src = catalog.sources.get(backup.manifest.source)
+    tool, _ = postgres.find_tool("pg_restore", dump_major(backup.manifest), src.pg_bin_dir if src else None,
+                                 at_most=target_major)
+    list_file = archive_scan.write_list_file(entries, raw.with_suffix(".list")) if entries is not None else None
+    postgres.pg_restore(target, raw, tool=tool, jobs=jobs, use_list=list_file, no_owner=no_owner, what=what)
 
 
 def _sqlite_drill(catalog: Catalog, backup: StoredBackup) -> Outcome:

@@ -20,12 +20,13 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterable
 
 import psycopg
 from psycopg import sql
 
 from .. import BackupError
+from ..names import TableName
 from ..secrets import scrub
 
 CONNECT_TIMEOUT_S = 10
@@ -77,13 +78,19 @@ def connect(ep: Endpoint, *, autocommit: bool = True, what: str = "") -> psycopg
 
 # -- client tools --------------------------------------------------------------------------------
 
+_majors: dict[str, int | None] = {}
+
+
 def _tool_major(path: Path) -> int | None:
-    try:
-        out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    match = re.search(r"(\d+)(?:\.(\d+))?", out)
-    return int(match.group(1)) if match else None
+    key = str(path)
+    if key not in _majors:
+        try:
+            out = subprocess.run([key, "--version"], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        match = re.search(r"\)\s+(\d+)", out) or re.search(r"(\d+)(?:\.(\d+))?", out)
+        _majors[key] = int(match.group(1)) if match else None
+    return _majors[key]
 
 
 def embedded_bin_dir() -> Path | None:
@@ -96,38 +103,56 @@ def embedded_bin_dir() -> Path | None:
     return path if (path / "postgres").exists() else None
 
 
-def find_tool(name: str, server_major: int, configured_bin_dir: str | None = None) -> tuple[Path, int]:
-    """A client tool (pg_dump, pg_restore, psql) whose major version is at least the server's.
+def installed_tools(name: str) -> list[tuple[Path, int]]:
+    """Every installed `name` (pg_dump, pg_restore, psql, ...) with its major version: the embedded
+    wheel's, Debian's /usr/lib/postgresql/<major>/bin, and PATH."""
+    candidates: list[Path] = []
+    if (embedded := embedded_bin_dir()) is not None:
+        candidates.append(embedded / name)
+    candidates += sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    if which := shutil.which(name):
+        candidates.append(Path(which))
+    found, seen = [], set()
+    for path in candidates:
+        if not path.exists() or path.resolve() in seen:
+            continue
+        seen.add(path.resolve())
+        major = _tool_major(path)
+        if major is not None:
+            found.append((path, major))
+    return found
 
-    The catalog's pg_bin_dir wins when set (an old one is an error, never silently skipped);
-    otherwise the embedded wheel's, then PATH.
+
+def find_tool(name: str, server_major: int, configured_bin_dir: str | None = None, *,
+              at_most: int | None = None) -> tuple[Path, int]:
+    """A client tool for a server of `server_major`: the same major when installed, else the newest.
+
+    pg_dump must be at least the server's major. For pg_restore pass the archive's pg_dump major
+    as `server_major` and the target server's major as `at_most`: pg_restore 17 and newer send
+    settings (transaction_timeout) that older servers refuse, so it must not be newer than the target.
+    The catalog's pg_bin_dir wins when set (a wrong one is an error, never silently skipped).
     """
+    def fits(major: int) -> bool:
+        return major >= server_major and (at_most is None or major <= at_most)
+
+    wanted = f"{server_major}" + (f" to {at_most}" if at_most is not None and at_most != server_major else "")
     if configured_bin_dir:
         path = Path(configured_bin_dir) / name
         major = _tool_major(path) if path.exists() else None
         if major is None:
             raise BackupError(f"{name} not found in pg_bin_dir {configured_bin_dir}")
-        if major < server_major:
-            raise BackupError(
-                f"{name} {major} in {configured_bin_dir} is older than the server (PostgreSQL {server_major}); "
-                f"use a {name} of version {server_major} or newer"
-            )
+        if not fits(major):
+            raise BackupError(f"{name} {major} in pg_bin_dir {configured_bin_dir} does not fit: this needs "
+                              f"{name} of major version {wanted}")
         return path, major
-    seen = []
-    candidates = []
-    if (embedded := embedded_bin_dir()) is not None:
-        candidates.append(embedded / name)
-    if which := shutil.which(name):
-        candidates.append(Path(which))
-    for path in candidates:
-        major = _tool_major(path)
-        if major is None:
-            continue
-        if major >= server_major:
-            return path, major
-        seen.append(f"{path} is version {major}")
-    found = "; ".join(seen) if seen else "none found"
-    raise BackupError(f"no {name} of version {server_major} or newer for PostgreSQL {server_major} ({found})")
+    tools = installed_tools(name)
+    good = [(p, m) for p, m in tools if fits(m)]
+    if not good:
+        seen = "; ".join(f"{p} is {m}" for p, m in tools) or "none found"
+        raise BackupError(f"no {name} of major version {wanted} is installed ({seen})")
+    target = at_most if at_most is not None else server_major
+    exact = [t for t in good if t[1] == target]
+    return exact[0] if exact else max(good, key=lambda t: t[1])
 
 
 def server_major(conn: psycopg.Connection) -> int:
@@ -140,44 +165,60 @@ def server_version(conn: psycopg.Connection) -> str:
 
 # -- snapshot facts ------------------------------------------------------------------------------
 
-def qualified(table: str) -> tuple[str, str]:
-    schema, _, name = table.rpartition(".")
-    return (schema or "public", name)
+_RELATIONS = """
+    SELECT c.oid, n.nspname, c.relname, c.relkind, c.relispartition
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.relkind IN ('r', 'p')
+      AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_toast%%'
+      AND n.nspname NOT LIKE 'pg\\_temp\\_%%'
+      AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                      WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+"""
 
 
-def qname(table: str) -> str:
-    schema, name = qualified(table)
-    return f"{schema}.{name}"
+def user_tables(conn: psycopg.Connection, *, exclude_schemas: Iterable[str] = ()) -> list[TableName]:
+    """Ordinary and partitioned tables that belong to the database (not to an extension), without
+    partitions (they are part of their parent)."""
+    skip = set(exclude_schemas)
+    return sorted(TableName(s, t) for _oid, s, t, _kind, part in conn.execute(_RELATIONS).fetchall()
+                  if not part and s not in skip)
 
 
-def user_tables(conn: psycopg.Connection) -> list[str]:
-    """Ordinary and partitioned tables that belong to the database, not to an extension."""
+def all_tables_with_data(conn: psycopg.Connection) -> list[TableName]:
+    """Every table pg_dump writes data for: ordinary tables and partitions (leaves)."""
+    return sorted(TableName(s, t) for _oid, s, t, kind, _part in conn.execute(_RELATIONS).fetchall() if kind == "r")
+
+
+def relkind(conn: psycopg.Connection, table: TableName) -> str | None:
+    row = conn.execute(
+        "SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
+        (table.schema, table.name),
+    ).fetchone()
+    return row[0] if row else None
+
+
+def missing_tables(conn: psycopg.Connection, tables: Iterable[TableName]) -> list[TableName]:
+    return [t for t in tables if relkind(conn, t) is None]
+
+
+def leaf_partitions(conn: psycopg.Connection, table: TableName) -> list[TableName]:
+    """The leaf partitions under a partitioned table (through sub-partitions), sorted."""
     rows = conn.execute(
         """
         SELECT n.nspname, c.relname
-        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
-          AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%%'
-          AND NOT EXISTS (SELECT 1 FROM pg_depend d
-                          WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
-        ORDER BY 1, 2
-        """
+        FROM pg_partition_tree(%s::regclass) t JOIN pg_class c ON c.oid = t.relid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE t.isleaf AND t.relid <> %s::regclass
+        """,
+        (_regclass(table), _regclass(table)),
     ).fetchall()
-    return [f"{s}.{t}" for s, t in rows]
+    return sorted(TableName(s, t) for s, t in rows)
 
 
-def missing_tables(conn: psycopg.Connection, tables: list[str]) -> list[str]:
-    missing = []
-    for table in tables:
-        schema, name = qualified(table)
-        row = conn.execute(
-            "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
-            (schema, name),
-        ).fetchone()
-        if row is None:
-            missing.append(table)
-    return missing
+def _regclass(table: TableName) -> str:
+    # a regclass literal built from quoted parts (quote_ident rules): exact whatever the name holds
+    return '"' + table.schema.replace('"', '""') + '"."' + table.name.replace('"', '""') + '"'
 
 
 @dataclass
@@ -186,39 +227,50 @@ class TableFacts:
     vectors: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
     indexes: list[dict[str, str]] = field(default_factory=list)
     extensions: dict[str, str] = field(default_factory=dict)
+    # partitioned table -> its leaf partitions (text form), whose data blocks hold its rows
+    partitions: dict[str, list[str]] = field(default_factory=dict)
+    owners: dict[str, str] = field(default_factory=dict)
 
 
-def table_facts(conn: psycopg.Connection, tables: list[str]) -> TableFacts:
-    """Exact row counts, vector columns (dimensions, non-null count) and indexes of `tables`."""
+def table_facts(conn: psycopg.Connection, tables: Iterable[TableName]) -> TableFacts:
+    """Exact row counts (a table's own rows, as its data block holds them; a partitioned table's
+    are those of its partitions), vector columns (dimensions, non-null count), indexes and owners."""
     facts = TableFacts()
     for table in tables:
-        schema, name = qualified(table)
+        key = str(table)
+        kind = relkind(conn, table)
+        if kind is None:
+            continue
+        regclass = _regclass(table)
         vec_cols = conn.execute(
             """
             SELECT a.attname, t.typname, a.atttypmod
             FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
-            WHERE a.attrelid = (quote_ident(%s) || '.' || quote_ident(%s))::regclass
-              AND a.attnum > 0 AND NOT a.attisdropped AND t.typname = ANY(%s)
+            WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped AND t.typname = ANY(%s)
             ORDER BY a.attnum
             """,
-            (schema, name, list(VECTOR_TYPES)),
+            (regclass, list(VECTOR_TYPES)),
         ).fetchall()
         selects = [sql.SQL("count(*)")] + [sql.SQL("count({})").format(sql.Identifier(col)) for col, _, _ in vec_cols]
+        only = sql.SQL("ONLY ") if kind == "r" else sql.SQL("")
         row = conn.execute(
-            sql.SQL("SELECT {} FROM {}").format(sql.SQL(", ").join(selects), sql.Identifier(schema, name))
+            sql.SQL("SELECT {} FROM {}{}").format(sql.SQL(", ").join(selects), only, table.ident())
         ).fetchone()
-        key = f"{schema}.{name}"
         facts.row_counts[key] = row[0]
         for (col, typname, typmod), non_null in zip(vec_cols, row[1:]):
             facts.vectors.setdefault(key, {})[col] = {"type": typname, "dims": typmod, "non_null": non_null}
+        if kind == "p":
+            facts.partitions[key] = [str(t) for t in leaf_partitions(conn, table)]
+        facts.owners[key] = conn.execute("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = %s::regclass",
+                                         (regclass,)).fetchone()[0]
         for idx_name, method, definition in conn.execute(
             """
             SELECT i.relname, am.amname, pg_get_indexdef(i.oid)
             FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_am am ON am.oid = i.relam
-            WHERE x.indrelid = (quote_ident(%s) || '.' || quote_ident(%s))::regclass
+            WHERE x.indrelid = %s::regclass
             ORDER BY i.relname
             """,
-            (schema, name),
+            (regclass,),
         ).fetchall():
             facts.indexes.append({"table": key, "name": idx_name, "method": method, "definition": definition})
     for ext, version in conn.execute(
@@ -226,6 +278,86 @@ def table_facts(conn: psycopg.Connection, tables: list[str]) -> TableFacts:
     ).fetchall():
         facts.extensions[ext] = version
     return facts
+
+
+# -- content fingerprints of a restored database ---------------------------------------------------
+
+# The settings under which pg_dump writes COPY text, for our sessions and pg_dump's alike, so a
+# value prints the same way on both sides (pg_dump itself sets DateStyle, IntervalStyle and
+# extra_float_digits; time zone and bytea output are pinned here).
+OUTPUT_SETTINGS = {"DateStyle": "ISO", "IntervalStyle": "postgres", "extra_float_digits": "3",
+                   "TimeZone": "UTC", "bytea_output": "hex", "client_encoding": "UTF8"}
+
+
+def output_options() -> str:
+    return " ".join(f"-c {k}={v}" for k, v in OUTPUT_SETTINGS.items())
+
+
+def _copy_line_sql(columns: list[str]) -> sql.Composable:
+    """SQL for a row's COPY text line: each column's text output, escaped as COPY TO does
+    (backslash, \\b \\f \\n \\r \\t \\v), NULL as \\N, joined by tabs."""
+    parts = []
+    for col in columns:
+        # concat() prints through the type's output function, as COPY does (a cast to text
+        # would not: true::text is 'true' where COPY writes 't', char(n) would lose its padding)
+        value = sql.SQL("concat({})").format(sql.Identifier(col))
+        for raw, escaped in (("\\", "\\\\"), ("\b", "\\b"), ("\f", "\\f"), ("\n", "\\n"),
+                             ("\r", "\\r"), ("\t", "\\t"), ("\v", "\\v")):
+            value = sql.SQL("replace({}, {}, {})").format(value, sql.Literal(raw), sql.Literal(escaped))
+        parts.append(sql.SQL("CASE WHEN {} IS NULL THEN {} ELSE {} END").format(
+            sql.Identifier(col), sql.Literal("\\N"), value))
+    if not parts:
+        return sql.Literal("")
+    return sql.SQL(" || chr(9) || ").join(parts)
+
+
+def copy_columns(conn: psycopg.Connection, table: TableName) -> list[str]:
+    """The columns pg_dump writes for a table, in its order: not dropped, not generated."""
+    return [r[0] for r in conn.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped "
+        "AND attgenerated = '' ORDER BY attnum", (_regclass(table),)).fetchall()]
+
+
+def use_output_settings(conn: psycopg.Connection) -> None:
+    for name, value in OUTPUT_SETTINGS.items():
+        conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+
+
+def fingerprint(conn: psycopg.Connection, table: TableName) -> tuple[int, str]:
+    """(rows, fingerprint) of a table as its archive's data block would give them (see
+    pgarchive.CopyFingerprint; the archive's text is UTF-8, so the rows are hashed as UTF-8
+    whatever the database's encoding); a partitioned table sums its leaf partitions."""
+    use_output_settings(conn)
+    kind = relkind(conn, table)
+    leaves = leaf_partitions(conn, table) if kind == "p" else [table]
+    rows, total = 0, 0
+    for leaf in leaves:
+        line = _copy_line_sql(copy_columns(conn, leaf))
+        n, s = conn.execute(sql.SQL(
+            "SELECT count(*), coalesce(sum(('x' || substr(md5(convert_to({}, 'UTF8')), 1, 16))::bit(64)::bigint::numeric), 0) "
+            "FROM ONLY {}").format(line, leaf.ident())).fetchone()
+        rows += n
+        total += int(s)
+    return rows, f"{total & ((1 << 64) - 1):016x}"
+
+
+# -- safety copies ---------------------------------------------------------------------------------
+
+SAFETY_MARK = "backup_assets safety copy"
+
+
+def safety_schemas(conn: psycopg.Connection) -> list[str]:
+    """Schemas holding the safety copies of `--tables` restores (marked by a comment of ours)."""
+    rows = conn.execute("SELECT nspname, obj_description(oid, 'pg_namespace') FROM pg_namespace").fetchall()
+    return sorted(name for name, comment in rows if has_marker(comment, SAFETY_MARK))
+
+
+# -- roles -----------------------------------------------------------------------------------------
+
+def missing_roles(conn: psycopg.Connection, roles: Iterable[str]) -> list[str]:
+    wanted = sorted({r for r in roles if r})
+    have = {r[0] for r in conn.execute("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", (wanted,)).fetchall()}
+    return [r for r in wanted if r not in have]
 
 
 # -- dump ----------------------------------------------------------------------------------------
@@ -246,10 +378,13 @@ def _drain(stream: BinaryIO, sink: bytearray, limit: int = 64 * 1024) -> None:
 
 
 def dump(ep: Endpoint, tables: list[str] | None, write: Callable[[BinaryIO], None], *,
-         pg_bin_dir: str | None = None, what: str = "") -> DumpResult:
-    """Dump the database (tables=None) or the given tables from one snapshot into `write`.
+         pg_bin_dir: str | None = None, what: str = "", exclude_schemas: Iterable[str] = ()) -> DumpResult:
+    """Dump the database (tables=None) or a table group from one snapshot into `write`.
 
-    `write` receives pg_dump's stdout (custom format, uncompressed: compression is ours).
+    `write` receives pg_dump's stdout (custom format, uncompressed: compression is ours). A group
+    archive holds the definitions of the whole database (schemas, types, functions, every table)
+    and the data of the group's tables and their partitions only, so it restores on its own into
+    an empty database; `exclude_schemas` (safety copies) are left out entirely.
     """
     conn = connect(ep, autocommit=False, what=what)
     try:
@@ -258,21 +393,25 @@ def dump(ep: Endpoint, tables: list[str] | None, write: Callable[[BinaryIO], Non
         tool_version = subprocess.run([str(pg_dump), "--version"], capture_output=True, text=True).stdout.strip()
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         snapshot_id, snapshot_at = conn.execute("SELECT pg_export_snapshot(), now()").fetchone()
-        if tables is None:
-            group_tables = user_tables(conn)
-        else:
-            missing = missing_tables(conn, tables)
-            if missing:
-                raise BackupError(f"{what}table(s) missing in {ep.describe()}: {', '.join(missing)}")
-            group_tables = [qname(t) for t in tables]
-        version = server_version(conn)
-
+        excluded = sorted(set(exclude_schemas))
         args = [str(pg_dump), f"--snapshot={snapshot_id}", "--format=custom", "--compress=0", "--no-password"]
-        if tables is not None:
-            for table in tables:
-                schema, name = qualified(table)
-                args.append("--table=" + _pattern(schema) + "." + _pattern(name))
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ep.child_env())
+        args += [f"--exclude-schema={_quoted(s)}" for s in excluded]
+        if tables is None:
+            group_tables = user_tables(conn, exclude_schemas=excluded)
+        else:
+            group_tables = [TableName.parse(t) for t in tables]
+            missing = missing_tables(conn, group_tables)
+            if missing:
+                raise BackupError(f"{what}table(s) missing in {ep.describe()}: {', '.join(map(str, missing))}")
+            members = set(group_tables)
+            for table in group_tables:
+                if relkind(conn, table) == "p":
+                    members.update(leaf_partitions(conn, table))
+            args += [f"--exclude-table-data={t.pattern()}" for t in all_tables_with_data(conn)
+                     if t not in members and t.schema not in excluded]
+        version = server_version(conn)
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**ep.child_env(), "PGOPTIONS": output_options()})
         stderr = bytearray()
         drain = threading.Thread(target=_drain, args=(proc.stderr, stderr), daemon=True)
         drain.start()
@@ -310,15 +449,16 @@ def dump(ep: Endpoint, tables: list[str] | None, write: Callable[[BinaryIO], Non
             has_vectors = bool(facts.vectors) or bool(used & {"hnsw", "ivfflat"})
             facts.extensions = {k: v for k, v in facts.extensions.items() if k == "vector" and has_vectors}
         conn.commit()
-        return DumpResult(group_tables, facts, version, tool_version, snapshot_at.astimezone(dt.timezone.utc).isoformat())
+        return DumpResult([str(t) for t in group_tables], facts, version, tool_version,
+                          snapshot_at.astimezone(dt.timezone.utc).isoformat())
     except psycopg.Error as exc:
         raise BackupError(f"{what}PostgreSQL error on {ep.describe()}: {ep.scrub(str(exc).strip())}") from None
     finally:
         conn.close()
 
 
-def _pattern(ident: str) -> str:
-    """Quote an identifier for a pg_dump --table pattern (no wildcards, exact case)."""
+def _quoted(ident: str) -> str:
+    """An exact pg_dump pattern for one name (double-quoted: no character is a wildcard)."""
     return '"' + ident.replace('"', '""') + '"'
 
 
@@ -375,19 +515,24 @@ def drop_marked_databases(conn: psycopg.Connection, *, like: str, mark: str, pro
     return dropped
 
 
-def pg_restore(ep: Endpoint, archive: Path, *, jobs: int = 2, clean: bool = False, pg_bin_dir: str | None = None, dump_major: int | None = None,
-               what: str = "") -> None:
-    """Run pg_restore of a (decompressed) custom-format archive into ep.dbname."""
-    with connect(ep, what=what) as conn:
-        major = max(server_major(conn), dump_major or 0)
-    tool, _ = find_tool("pg_restore", major, pg_bin_dir)
+def pg_restore(ep: Endpoint, archive: Path, *, tool: Path, jobs: int = 2, use_list: Path | None = None,
+               no_owner: bool = False, what: str = "") -> None:
+    """Run pg_restore of a (decoded) custom-format archive into ep.dbname: all of it, or the
+    entries of a --use-list file."""
     args = [str(tool), "--no-password", "--exit-on-error", f"--dbname={ep.dbname}", f"--jobs={max(1, jobs)}"]
-    if clean:
-        args += ["--clean", "--if-exists"]
+    if use_list is not None:
+        args.append(f"--use-list={use_list}")
+    if no_owner:
+        args += ["--no-owner", "--no-privileges"]
     args.append(str(archive))
     with tempfile.TemporaryFile() as err:
         proc = subprocess.run(args, stdout=subprocess.DEVNULL, stderr=err, env=ep.child_env())
         if proc.returncode != 0:
             err.seek(0)
-            detail = ep.scrub(err.read().decode(errors="replace").strip()[-4000:]) or f"exit code {proc.returncode}"
+            lines = [line for line in err.read().decode(errors="replace").strip().splitlines()
+                     if line.strip() and not line.startswith("pg_restore: warning")]
+            # pg_restore names the failing command after the error: the error itself is the line that says ERROR
+            errors = [line for line in lines if "ERROR:" in line or "error:" in line]
+            detail = ep.scrub((errors[0] if errors else (lines[-1] if lines else f"exit code {proc.returncode}"))
+                              .removeprefix("pg_restore: error: ").strip())
             raise BackupError(f"{what}pg_restore into {ep.describe()} failed: {detail}")
