@@ -161,7 +161,7 @@ def cmd_restore(args) -> int:
         raise BackupError(f"{backup.artifact_path.name} is a SQLite backup: --target-db and --tables are for PostgreSQL")
     if m.engine == "postgres" and args.target_file:
         raise BackupError(f"{backup.artifact_path.name} is a PostgreSQL backup and cannot be restored onto a SQLite file")
-    tables = [t for spec in (args.tables or []) for t in spec.split(",") if t]
+    tables = list(args.tables or [])
     plan = restore_plan(catalog, backup, target_db=args.target_db, tables=tables, target_file=args.target_file,
                         safety_copy=not args.no_safety_copy)
     target = args.target_db or args.target_file or (
@@ -171,7 +171,8 @@ def cmd_restore(args) -> int:
     if m.engine == "postgres":
         result = restore_postgres(catalog, backup, target_db=args.target_db, tables=tables or None, jobs=args.jobs,
                                   safety_copy=not args.no_safety_copy,
-                                  terminate_connections=args.terminate_connections, say=say)
+                                  terminate_connections=args.terminate_connections,
+                                  create_roles=not args.no_create_roles, say=say)
     else:
         result = restore_sqlite(catalog, backup, target_file=args.target_file, safety_copy=not args.no_safety_copy, say=say)
     print(result.table())
@@ -307,11 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_", choices=["local", "s3"], default="local")
     p.add_argument("--target-db", help="restore into this PostgreSQL database (created if missing)")
     p.add_argument("--target-file", help="restore into this SQLite file (default: the source's path)")
-    p.add_argument("--tables", nargs="+", help="replace only these tables (PostgreSQL), e.g. runs artifacts")
+    p.add_argument("--tables", nargs="+", help='replace only these tables (PostgreSQL), e.g. runs billing.invoices '
+                                                "'public.\"Order Items\"' (a partitioned table with its partitions)")
     p.add_argument("--jobs", type=int, default=2, help="parallel pg_restore jobs")
     p.add_argument("--confirm", action="store_true", help="do not ask")
     p.add_argument("--no-safety-copy", action="store_true", help="do not keep the replaced data")
     p.add_argument("--terminate-connections", action="store_true", help="end other sessions on the target")
+    p.add_argument("--no-create-roles", action="store_true",
+                   help="refuse instead of creating roles that own restored objects and are missing on the target")
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("drill", help="the disaster-recovery drill: restore the newest backup of everything, compare")

@@ -413,7 +413,9 @@ def _restore_tables(catalog: Catalog, backup: StoredBackup, ep: postgres.Endpoin
     safety_schema = f"before_restore_{stamp}" if safety_copy else None
     members: dict[tuple[str, str], TableName] = {}
     for table in tables:
-        for member in [table] + [TableName.parse(p) for p in m.partitions.get(str(table), [])]:
+        # a partitioned table's rows are in its leaf partitions' data blocks (it has none itself)
+        parts = m.partitions.get(str(table))
+        for member in [TableName.parse(p) for p in parts] if parts is not None else [table]:
             members[(member.schema, member.name)] = member
     conn = postgres.connect(ep, autocommit=False, what=f"restore of {m.source}: ")
     loader = _TableLoader(conn, members)
