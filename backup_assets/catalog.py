@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .core.names import NameError_, TableName
 
 TIER_NAMES = ("daily", "weekly", "monthly")
+GLOBALS_GROUP = "globals"
 IDENT = r"^[A-Za-z_][A-Za-z0-9_]*$"
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 DEFAULT_RETENTION = {"daily": 7, "weekly": 28, "monthly": 180}
@@ -180,6 +181,8 @@ class Source(_Model):
     groups: dict[str, TableGroup] | None = None
     drill_server: PostgresConnection | None = None
     prune: list[PruneRule] = []
+    # the server's roles, memberships and database grants, as the group `globals` (default: on)
+    globals: bool | None = None
     # SQLite
     path: str | None = None
     tables: list[str] | None = None
@@ -197,6 +200,9 @@ class Source(_Model):
             for name in self.groups:
                 if not re.fullmatch(IDENT, name):
                     raise ValueError(f"bad group name {name!r}: letters, digits and _ only")
+                if name == GLOBALS_GROUP:
+                    raise ValueError(f"group name {name!r} is reserved for the roles backup (set globals: false "
+                                     "to leave roles out)")
             for field in ("path", "tables"):
                 if getattr(self, field) is not None:
                     raise ValueError(f"'{field}' belongs to sqlite sources; postgres sources use 'groups'")
@@ -208,7 +214,7 @@ class Source(_Model):
         else:
             if not self.path:
                 raise ValueError("a sqlite source needs 'path'")
-            for field in ("connection", "groups", "pg_bin_dir", "drill_server"):
+            for field in ("connection", "groups", "pg_bin_dir", "drill_server", "globals"):
                 if getattr(self, field) is not None:
                     raise ValueError(f"'{field}' belongs to postgres sources")
             if self.prune:
@@ -216,11 +222,16 @@ class Source(_Model):
         return self
 
     def group_names(self) -> list[str]:
-        return list(self.groups) if self.engine == "postgres" else ["full"]
+        if self.engine == "sqlite":
+            return ["full"]
+        return list(self.groups) + ([GLOBALS_GROUP] if self.globals is not False else [])
 
     def group_tables(self, group: str) -> list[str] | None:
+        """The tables of a group (None: the whole database; [] for the roles backup)."""
         if self.engine == "sqlite":
             return self.tables
+        if group == GLOBALS_GROUP:
+            return []
         return self.groups[group].tables
 
     def pool_name(self) -> str:

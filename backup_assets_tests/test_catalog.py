@@ -44,7 +44,7 @@ def test_good_catalog_defaults(tmp_path):
     assert catalog.tier("daily").time == "03:00" and catalog.tier("weekly").day_of_week == "monday"
     assert catalog.repository_root == (tmp_path / "backups").resolve()
     assert catalog.resolve_path(catalog.sources["miyabi"].path) == (tmp_path / "data" / "miyabi.db").resolve()
-    assert len(catalog.backup_targets()) == (2 + 1) * 3
+    assert len(catalog.backup_targets()) == (2 + 1 + 1) * 3  # groups, the sqlite store, the roles backup
     assert catalog.sources["myloware"].pool_name() == "pg_127_0_0_1_5432"
 
 
@@ -52,8 +52,10 @@ def test_demo_catalog_loads_with_the_myloware_and_miyabi_groups(tmp_path, monkey
     # the loader's env are defaults: a variable set in the environment (make exports one) wins
     monkeypatch.delenv("BACKUP_ASSETS_DEMO_HOME", raising=False)
     catalog = load_catalog(DEMO_CATALOG, env={"BACKUP_ASSETS_DEMO_HOME": str(tmp_path)})
-    assert catalog.sources["myloware"].groups["core"].tables == ["runs", "artifacts", "webhook_events", "hitl_approvals"]
-    assert catalog.sources["myloware"].groups["kb"].tables == ["kb_documents", "kb_embeddings"]
+    # table names are kept in their exact text form (schema-qualified)
+    assert catalog.sources["myloware"].groups["core"].tables == [
+        "public.runs", "public.artifacts", "public.webhook_events", "public.hitl_approvals"]
+    assert catalog.sources["myloware"].groups["kb"].tables == ["public.kb_documents", "public.kb_embeddings"]
     assert catalog.sources["myloware"].groups["full"].tables is None
     assert catalog.sources["miyabi"].path == f"{tmp_path}/data/miyabi.db"
     assert catalog.repository_root == tmp_path / "backups"
@@ -80,8 +82,9 @@ CASES = {
     "unknown key": (lambda d: d["sources"]["miyabi"].update(pth="x.db"), r"sources\.miyabi\.pth: unknown key"),
     "unknown top-level key": (lambda d: d.update(retention=3), r"retention: unknown key"),
     "sqlite without path": (lambda d: d["sources"]["miyabi"].pop("path"), r"sources\.miyabi: .*needs 'path'"),
-    "bad table name": (lambda d: d["sources"]["myloware"]["groups"].update(core={"tables": ["runs; drop"]}),
-                       r"bad table name 'runs; drop'"),
+    # any identifier is a name (quoted when needed); three dot-separated parts are not
+    "bad table name": (lambda d: d["sources"]["myloware"]["groups"].update(core={"tables": ["a.b.c"]}),
+                       r"bad table name 'a\.b\.c': .*3 dot-separated parts"),
 }
 
 

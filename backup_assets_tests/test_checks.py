@@ -258,7 +258,7 @@ def test_blocking_drill_failure_fails_the_run(pg18, myloware_db, write_catalog):
 def test_dr_drill_report(pg18, myloware_db, write_catalog, miyabi_db):
     catalog = write_catalog({"myloware": pg_source(pg18, myloware_db),
                              "miyabi": {"engine": "sqlite", "path": str(miyabi_db)}})
-    for key in ("myloware/core/daily", "myloware/kb/daily", "miyabi/full/daily"):
+    for key in ("myloware/core/daily", "myloware/kb/daily", "myloware/globals/daily", "miyabi/full/daily"):
         assert run_with_checks(catalog, key).success
     defs = build_definitions(catalog)
     drill = defs.resolve_assets_def(dg.AssetKey(["operations", "dr_drill"]))
@@ -273,7 +273,7 @@ def test_dr_drill_report(pg18, myloware_db, write_catalog, miyabi_db):
     assert run_with_checks(catalog, "myloware/full/daily").success
     result = dg.materialize([drill], instance=dg.DagsterInstance.ephemeral())
     md = result.asset_materializations_for_node(result.all_node_events[0].node_name)[0].metadata
-    assert md["failed"].value == 0 and md["drilled"].value == 4
+    assert md["failed"].value == 0 and md["drilled"].value == 5  # myloware full, core, kb, globals; miyabi
     assert "| miyabi | full |" in md["report"].value
     schedule = defs.resolve_schedule_def("dr_drill_schedule")
     assert schedule.cron_schedule == "0 5 1 * *" and schedule.default_status == dg.DefaultScheduleStatus.RUNNING

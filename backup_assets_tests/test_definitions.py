@@ -29,7 +29,7 @@ def test_demo_definitions_have_one_asset_per_source_group_and_tier(monkeypatch, 
     spec = next(iter(core_daily.specs))
     assert spec.group_name == "myloware"
     assert spec.kinds == {"postgres"}
-    assert "runs, artifacts, webhook_events, hitl_approvals" in spec.description
+    assert "public.runs, public.artifacts, public.webhook_events, public.hitl_approvals" in spec.description
     assert core_daily.op.pool == "pg_127_0_0_1_54329"
     assert isinstance(core_daily.partitions_def, dg.DailyPartitionsDefinition)
     assert core_daily.partitions_def.timezone == "UTC"

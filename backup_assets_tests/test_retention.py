@@ -20,7 +20,7 @@ from backup_assets.core.repository import LocalRepository, StoredBackup
 from backup_assets.core.retention import Entry, prune, select
 from backup_assets.core.verify import find_backup, restore_drill
 
-from .conftest import pg_source, s3_replication
+from .conftest import pg_source, reseal, s3_replication
 
 NOW = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.timezone.utc)
 DAYS = {"daily": 7, "weekly": 28, "monthly": 180}
@@ -172,7 +172,7 @@ def test_table_pruning_only_removes_rows_covered_by_a_drilled_backup(pg18, mylow
     # the newest drilled backup is older than the rule: rows newer than its snapshot stay
     manifest = json.loads(backup.manifest_path.read_text())
     manifest["snapshot_at"] = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=120)).isoformat()
-    backup.manifest_path.write_text(json.dumps(manifest))
+    backup.manifest_path.write_text(reseal(manifest))
     report = prune_tables(catalog, "myloware", dry_run=False)
     with pg18.connect(myloware_db) as conn:
         between = conn.execute("SELECT count(*) FROM artifacts WHERE created_at < now() - interval '90 days' "
@@ -184,7 +184,7 @@ def test_table_pruning_only_removes_rows_covered_by_a_drilled_backup(pg18, mylow
 
     # with a fresh drilled snapshot, everything past the rules goes, in batches
     manifest["snapshot_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
-    backup.manifest_path.write_text(json.dumps(manifest))
+    backup.manifest_path.write_text(reseal(manifest))
     catalog_small_batches = write_catalog({"myloware": {**source, "prune": [
         {**r, "batch_size": 50} for r in source["prune"]]}})
     report = prune_tables(catalog_small_batches, "myloware", dry_run=False)

@@ -272,39 +272,58 @@ def test_restore_into_an_older_major_is_refused_before_anything(pg15, pg18, zoo1
         assert not conn.execute("SELECT 1 FROM pg_database WHERE datname LIKE %s", (target + "%",)).fetchall()
 
 
-def test_restore_onto_a_server_without_the_owner_role_creates_it(pg15, pg18, write_catalog):
-    """Failure 9: restoring into a server that lacks the owner role of a table failed."""
-    role = "Owner " + secrets.token_hex(3)
-    db = "owned_" + secrets.token_hex(3)
+def test_restore_onto_a_server_without_the_roles_recreates_them_from_the_roles_backup(pg15, pg18, write_catalog):
+    """Failure 9: restoring into a server that lacks the owner role of a table failed; owners,
+    logins, memberships and database grants must survive a restore onto a fresh server."""
+    tag = secrets.token_hex(3)
+    owner, login, team = f"Owner {tag}", f"app.login_{tag}", f"team_{tag}"
+    db = "owned_" + tag
     pg15.create_database(db)
     with pg15.connect(db) as conn:
-        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(owner)))
+        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(team)))
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN CONNECTION LIMIT 7 PASSWORD 'app-secret' IN ROLE {}").format(
+            sql.Identifier(login), sql.Identifier(team)))
         conn.execute("CREATE TABLE public.owned (id int PRIMARY KEY, v text)")
         conn.execute("INSERT INTO public.owned SELECT g, 'v' || g FROM generate_series(1, 25) g")
-        conn.execute(sql.SQL("ALTER TABLE public.owned OWNER TO {}").format(sql.Identifier(role)))
-    catalog = write_catalog({"o": pg_source(pg15, db, PG15_PASSWORD_ENV, groups={"full": {}})})
-    run_backup(catalog, "o", "full", "daily", P)
-    target = "owned_on_18_" + secrets.token_hex(3)
+        conn.execute(sql.SQL("ALTER TABLE public.owned OWNER TO {}").format(sql.Identifier(owner)))
+        conn.execute(sql.SQL("GRANT SELECT ON public.owned TO {}").format(sql.Identifier(team)))
+        conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(db), sql.Identifier(login)))
+        password_hash = conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", (login,)).fetchone()[0]
+    catalog = write_catalog({"o": pg_source(pg15, db, PG15_PASSWORD_ENV, groups={"full": {}})},
+                            tiers={"daily": {"drill": True}})
+    for group in ("full", "globals"):
+        result = run_with_checks(catalog, f"o/{group}/daily")
+        evals = check_evaluations(result)
+        assert result.success and all(e.passed for e in evals.values()), {k: e.description for k, e in evals.items()}
+    roles_backup = LocalRepository(catalog.repository_root).latest("o", "globals", "daily")
+    assert login in roles_backup.manifest.roles
+    assert "app-secret" not in roles_backup.manifest_path.read_text() and password_hash not in roles_backup.manifest_path.read_text()
+    assert oct(roles_backup.artifact_path.stat().st_mode & 0o777) == "0o600"
+    target = "owned_on_18_" + tag
     moved = write_catalog({"o": pg_source(pg18, target, PG18_PASSWORD_ENV, groups={"full": {}})})
     try:
-        assert cli(moved, "restore", "--source", "o", "--group", "full", "--confirm") == 0
-        with pg18.connect(target) as conn:
-            assert conn.execute("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = 'owned'").fetchone()[0] == role
-            assert conn.execute("SELECT count(*) FROM public.owned").fetchone()[0] == 25
         # without permission to create roles, the refusal names them and nothing is touched
-        with pg18.connect() as conn:
-            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(target)))
-            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
         assert cli(moved, "restore", "--source", "o", "--group", "full", "--confirm", "--no-create-roles") == 1
         with pg18.connect() as conn:
-            assert not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+            assert not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = ANY(%s)", ([owner, login, team],)).fetchone()
+            assert not conn.execute("SELECT 1 FROM pg_database WHERE datname LIKE %s", (target + "%",)).fetchone()
+        assert cli(moved, "restore", "--source", "o", "--group", "full", "--confirm") == 0
+        with pg18.connect(target) as conn:
+            assert conn.execute("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = 'owned'").fetchone()[0] == owner
+            assert conn.execute("SELECT count(*) FROM public.owned").fetchone()[0] == 25
+            assert conn.execute("SELECT has_table_privilege(%s, 'public.owned', 'SELECT')", (login,)).fetchone()[0]
+            assert conn.execute("SELECT has_database_privilege(%s, %s, 'CONNECT')", (login, target)).fetchone()[0]
+            assert conn.execute("SELECT rolcanlogin, rolconnlimit, rolpassword FROM pg_authid WHERE rolname = %s",
+                                (login,)).fetchone() == (True, 7, password_hash)
+            assert conn.execute("SELECT pg_has_role(%s, %s, 'MEMBER')", (login, team)).fetchone()[0]
     finally:
         _drop(pg18, target)
-        with pg18.connect() as conn:
-            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
         _drop(pg15, db)
-        with pg15.connect() as conn:
-            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+        for cluster in (pg15, pg18):
+            with cluster.connect() as conn:
+                for role in (login, team, owner):
+                    conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 
 def test_artifact_checks_on_a_non_archive_fail_clearly(pg18, zoo18, write_catalog):

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from ..catalog import Catalog
-from . import BackupError
+from . import BackupError, roles
 from .artifact import ArtifactWriter, ensure_dir, fsync_dir, human_size, partial_path, write_json_atomic
 from .engines import postgres, sqlite
 from .manifest import Manifest, manifest_path_for
@@ -89,7 +89,19 @@ def dump(catalog: Catalog, source: str, group: str, tier: str, partition: str, *
     started = time.monotonic()
     try:
         with ArtifactWriter(final, level=level) as writer:
-            if src.engine == "postgres":
+            if src.engine == "postgres" and group == roles.GROUP:
+                ep = endpoint_for(catalog, source)
+                with postgres.connect(ep, what=what) as conn:
+                    snapshot_at = _now_iso()
+                    saved = roles.read(conn, ep.dbname)
+                    version = postgres.server_version(conn)
+                writer.write(saved.to_bytes())
+                details = dict(
+                    database=ep.dbname, host=ep.host, port=ep.port, format=roles.FORMAT, roles=saved.role_names(),
+                    snapshot_at=snapshot_at, server_version=version,
+                    tool_version="backup_assets roles (pg_authid, pg_auth_members, pg_db_role_setting, datacl)",
+                )
+            elif src.engine == "postgres":
                 ep = endpoint_for(catalog, source)
                 with postgres.connect(ep, what=what) as conn:
                     # the safety copies of earlier --tables restores are not part of the database's backups

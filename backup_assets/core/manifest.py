@@ -59,6 +59,8 @@ class Manifest:
     partitions: dict[str, list[str]] = field(default_factory=dict)
     # table -> owning role (a restore onto a fresh server needs these roles)
     owners: dict[str, str] = field(default_factory=dict)
+    # the roles backup (format roles-json): role names only, never their passwords
+    roles: list[str] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
 
     @property

@@ -28,7 +28,7 @@ import zstandard
 from psycopg import sql
 
 from ..catalog import Catalog
-from . import BackupError, archive_scan
+from . import BackupError, archive_scan, roles
 from .artifact import decompress_to, human_size, open_decompressed, partial_path
 from .backup import endpoint_for, repository_for
 from .engines import postgres, sqlite
@@ -185,6 +185,9 @@ def restore_plan(catalog: Catalog, backup: StoredBackup, *, target_db: str | Non
         return f"replace SQLite file {target} with {backup.artifact_path.name} (partition {m.partition}){keep}"
     db = target_db or (src.connection.dbname if src else m.database)
     where = f"{src.connection.host}:{src.connection.port}" if src else "?"
+    if m.format == roles.FORMAT:
+        return (f"create the roles of {backup.artifact_path.name} that the server {where} lacks, with their "
+                "memberships (existing roles are left as they are)")
     if tables:
         keep = "; the current rows are kept in schema before_restore_<timestamp>" if safety_copy else ""
         return (f"replace the rows of {', '.join(tables)} in database {db} on {where} with those of "
@@ -221,6 +224,8 @@ def restore_postgres(catalog: Catalog, backup: StoredBackup, *, target_db: str |
     verify_before_restore(backup)
     ep = endpoint_for(catalog, m.source, target)
     started = time.monotonic()
+    if m.format == roles.FORMAT:
+        return _restore_roles(backup, ep, say=say, started=started)
     with postgres.connect(ep.with_db("postgres"), what=f"restore of {m.source}: ") as admin:
         problem = version_problem(m, postgres.server_major(admin))
         if problem:
@@ -241,17 +246,47 @@ def _progress(backup: StoredBackup, say):
     return lambda done: say(f"decompressing {100 * done / total:5.1f}%", progress=True)
 
 
-def ensure_roles(admin, roles: set[str], *, create: bool, say) -> list[str]:
-    """Create the roles that own what is restored when the target server lacks them (NOLOGIN:
-    they own objects, nobody logs in as them until an administrator says so)."""
-    missing = postgres.missing_roles(admin, roles)
-    if missing and not create:
-        raise BackupError(f"the target server lacks role(s) {', '.join(missing)} that own restored objects; "
-                          "create them first or restore without --no-create-roles; nothing was changed")
-    for role in missing:
+def saved_globals(catalog: Catalog, source: str, say=quiet) -> roles.Globals | None:
+    """The newest roles backup of the source that verifies, if any."""
+    repo = repository_for(catalog)
+    for b in reversed(repo.backups(source=source, group=roles.GROUP)):
+        if artifact_intact(b).passed:
+            try:
+                return roles.load(b.artifact_path, b.manifest)
+            except (BackupError, zstandard.ZstdError) as exc:
+                say(f"skipping roles backup {b.artifact_path.name}: {exc}")
+    return None
+
+
+def ensure_roles(admin, owners: set[str], saved: roles.Globals | None, *, create: bool, say) -> list[str]:
+    """Before a restore: create the roles the target server lacks. With a roles backup of the
+    source, every missing role in it is created as it was (attributes, password, memberships), so
+    owners and grants survive; owners it does not know are created NOLOGIN."""
+    missing_owners = postgres.missing_roles(admin, owners)
+    missing_saved = postgres.missing_roles(admin, saved.role_names()) if saved else []
+    if (missing_owners or missing_saved) and not create:
+        names = sorted(set(missing_owners) | set(missing_saved))
+        raise BackupError(f"the target server lacks role(s) {', '.join(names)} of the backup; create them first "
+                          "or restore without --no-create-roles; nothing was changed")
+    created = roles.create_missing(admin, saved) if saved else []
+    for role in postgres.missing_roles(admin, owners):
         admin.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
-        say(f"created missing role {role} (NOLOGIN) to own restored objects")
-    return missing
+        created.append(role)
+    if created:
+        say(f"created missing role(s) {', '.join(created)}" + ("" if saved else " (NOLOGIN: no roles backup found)"))
+    return created
+
+
+def _restore_roles(backup: StoredBackup, ep: postgres.Endpoint, *, say, started: float) -> RestoreResult:
+    """Restore a roles backup: create the roles the server lacks, with their memberships.
+    Existing roles are never altered (an operator decides about those)."""
+    saved = roles.load(backup.artifact_path, backup.manifest)
+    with postgres.connect(ep.with_db("postgres"), what=f"restore of {backup.manifest.source} roles: ") as admin:
+        with admin.transaction():
+            created = roles.create_missing(admin, saved)
+    say(f"created role(s): {', '.join(created) if created else 'none (all exist)'}")
+    return RestoreResult(f"{ep.host}:{ep.port}", {}, {}, [], None, round(time.monotonic() - started, 3),
+                         backup.manifest.artifact, extra={"created_roles": created})
 
 
 def _restore_whole(catalog: Catalog, backup: StoredBackup, admin, ep: postgres.Endpoint, target: str, *,
@@ -274,6 +309,7 @@ def _restore_whole(catalog: Catalog, backup: StoredBackup, admin, ep: postgres.E
     postgres.create_database(admin, temp, comment=postgres.marker(RESTORE_MARK, target=target))
     swapped = False
     created_roles: list[str] = []
+    saved = None
     try:
         with tempfile.TemporaryDirectory(dir=repository_for(catalog).scratch_dir()) as tmp:
             raw = Path(tmp) / "archive.dump"
@@ -285,7 +321,8 @@ def _restore_whole(catalog: Catalog, backup: StoredBackup, admin, ep: postgres.E
                                   f"unchanged: {'; '.join(problems[:5])}")
             entries = None if m.whole_database else archive_scan.group_entries(
                 scanned.archive, [TableName.parse(t) for t in m.tables], m.partitions)
-            created_roles = ensure_roles(admin, archive_scan.roles_needed(scanned.archive, entries),
+            saved = saved_globals(catalog, m.source, say)
+            created_roles = ensure_roles(admin, archive_scan.roles_needed(scanned.archive, entries), saved,
                                          create=create_roles, say=say)
             say(f"pg_restore --jobs={jobs} into {temp}")
             pg_restore_archive(catalog, backup, ep.with_db(temp), raw, entries=entries, jobs=jobs,
@@ -317,6 +354,8 @@ def _restore_whole(catalog: Catalog, backup: StoredBackup, admin, ep: postgres.E
             swapped = True
         admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(
             sql.Identifier(target), sql.Literal(f"restored by backup_assets from {m.artifact} at {stamp}")))
+        if saved is not None and m.whole_database:
+            roles.apply_database_grants(admin, saved, target)
         if safety and not safety_copy:
             postgres.drop_database(admin, safety)
             safety = None

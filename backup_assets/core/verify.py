@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import zstandard
 
 from ..catalog import Catalog
-from . import BackupError
-from . import archive_scan
+from . import BackupError, archive_scan, roles
 from .artifact import decompress_to, scan_artifact
 from .backup import repository_for
 from .engines import postgres, sqlite
@@ -85,6 +85,17 @@ def artifact_intact(backup: StoredBackup) -> Outcome:
 
 def archive_readable(catalog: Catalog, backup: StoredBackup) -> Outcome:
     m, path = backup.manifest, backup.artifact_path
+    if m.format == roles.FORMAT:
+        try:
+            saved = roles.load(path, m)
+        except (BackupError, zstandard.ZstdError) as exc:
+            return Outcome(False, f"{path}: {exc}")
+        if saved.role_names() != sorted(m.roles):
+            return Outcome(False, f"{path}: holds roles {', '.join(saved.role_names())}, the manifest lists "
+                                  f"{', '.join(sorted(m.roles))}")
+        return Outcome(True, f"{path.name}: {len(saved.roles)} role(s), {len(saved.memberships)} membership(s), "
+                             f"{len(saved.database_grants)} database grant(s)",
+                       {"roles": len(saved.roles), "passwords_included": saved.passwords_included})
     if m.engine == "postgres":
         return _postgres_readable(catalog, backup)
     with tempfile.TemporaryDirectory(dir=repository_for(catalog).scratch_dir()) as tmp:
@@ -197,9 +208,31 @@ def drill_name(source: str, group: str, partition: str, n: int = 1) -> str:
 
 def restore_drill(catalog: Catalog, backup: StoredBackup, *, jobs: int = 2) -> Outcome:
     m = backup.manifest
+    if m.format == roles.FORMAT:
+        return _roles_drill(catalog, backup)
     if m.engine == "sqlite":
         return _sqlite_drill(catalog, backup)
     return _postgres_drill(catalog, backup, jobs=jobs)
+
+
+def _roles_drill(catalog: Catalog, backup: StoredBackup) -> Outcome:
+    """Create the saved roles the drill server lacks, with their memberships, in a transaction
+    that is rolled back: the statements are proven valid and the server is left as it was."""
+    m, path = backup.manifest, backup.artifact_path
+    started = time.monotonic()
+    try:
+        saved = roles.load(path, m)
+        ep = drill_endpoint(catalog, m.source)
+        with postgres.connect(ep, what=f"restore drill of {m.source}/{m.group}: ") as conn:
+            tried = roles.drill(conn, saved)
+    except (BackupError, zstandard.ZstdError) as exc:
+        return Outcome(False, f"{path}: roles drill failed: {exc}")
+    except psycopg.Error as exc:
+        return Outcome(False, f"{path}: roles drill failed: {str(exc).strip().splitlines()[0]}")
+    rto = time.monotonic() - started
+    return Outcome(True, f"{path.name}: {len(saved.roles)} role(s) checked; {len(tried)} missing on the drill server "
+                         "were created and rolled back", {"rto_s": round(rto, 3), "roles": len(saved.roles),
+                                                          "roles_created_and_rolled_back": tried})
 
 
 def _postgres_drill(catalog: Catalog, backup: StoredBackup, *, jobs: int) -> Outcome:
