@@ -48,6 +48,21 @@ STATEMENTS = [
     "CREATE TABLE public.types_zoo (b boolean, c char(5), f real, d double precision, ts timestamptz, iv interval, "
     "j json, arr int[], n numeric, e text)",
     'CREATE VIEW billing."open invoices" AS SELECT * FROM billing."Invoices" WHERE status = \'open\'',
+    # functions used by a default, a check constraint and a trigger; a materialized view; RLS; comments
+    "CREATE FUNCTION billing.next_code() RETURNS text LANGUAGE sql AS $$ SELECT 'C-' || floor(random() * 1000)::int $$",
+    "CREATE FUNCTION billing.positive(numeric) RETURNS boolean LANGUAGE sql IMMUTABLE AS $$ SELECT $1 >= 0 $$",
+    """CREATE FUNCTION billing.touch() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN NEW.note := coalesce(NEW.note, '') || ' (touched)'; RETURN NEW; END $$""",
+    """CREATE TABLE billing.payments (id serial PRIMARY KEY, invoice_id bigint REFERENCES billing."Invoices"(id)
+         ON DELETE CASCADE, code text DEFAULT billing.next_code(), amount numeric CHECK (billing.positive(amount)),
+         note text, during tstzrange, EXCLUDE USING gist (invoice_id WITH =, during WITH &&))""",
+    "CREATE TRIGGER \"touch it\" BEFORE INSERT ON billing.payments FOR EACH ROW EXECUTE FUNCTION billing.touch()",
+    'CREATE MATERIALIZED VIEW billing."paid totals" AS SELECT status, sum(amount) AS total FROM billing."Invoices" GROUP BY status',
+    "ALTER TABLE billing.payments ENABLE ROW LEVEL SECURITY",
+    "CREATE POLICY \"own rows\" ON billing.payments USING (amount < 1000)",
+    'COMMENT ON TABLE billing."Invoices" IS \'what customers owe; it''s "quoted"\'',
+    "CREATE UNLOGGED TABLE public.scratch_cache (k text PRIMARY KEY, v text)",
+    "CREATE TABLE public.blobs (id int PRIMARY KEY, data oid)",
 ]
 
 DATA = [
@@ -67,6 +82,11 @@ DATA = [
     "INSERT INTO \"ünïcode\".\"Grüße\" VALUES ('café'), ('日本語'), ('')",
     "INSERT INTO public.measurements SELECT g, DATE '2026-01-01' + (g % 59), g / 3.0 FROM generate_series(1, 200) g",
     "INSERT INTO public.parent_inh VALUES (1, 'parent row')",
+    "INSERT INTO billing.payments (invoice_id, amount, during) SELECT g, g * 2, tstzrange('2026-01-01', '2026-01-02') "
+    "FROM generate_series(1, 12) g",
+    'REFRESH MATERIALIZED VIEW billing."paid totals"',
+    "INSERT INTO public.scratch_cache SELECT 'k' || g, 'v' FROM generate_series(1, 3) g",
+    "INSERT INTO public.blobs SELECT g, lo_from_bytea(0, convert_to('large object ' || g, 'UTF8')) FROM generate_series(1, 3) g",
     "INSERT INTO public.child_inh VALUES (2, 'child row', 7)",
     """INSERT INTO public.types_zoo VALUES
        (true, 'ab', 1.1, 0.1, '2026-01-01 10:00+02', '1 day 2 hours', '{"a": [1,2]}', '{1,NULL,3}', 'NaN', E'\\b\\f\\v\\r\\x01'),
@@ -84,6 +104,9 @@ PLAIN_ODD = ['CREATE TABLE "Odd Schema"."Mixed Case" ("Weird Col" text, "select"
              """INSERT INTO "Odd Schema"."Mixed Case" SELECT 'w ' || g, g FROM generate_series(1, 4) g"""]
 
 
+EXTENSIONS = ["CREATE EXTENSION IF NOT EXISTS btree_gist"]
+
+
 def ensure_role(conn, role: str) -> None:
     if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
         conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
@@ -93,7 +116,7 @@ def build(conn, *, vector: bool = True) -> None:
     """Create and fill the zoo in the connected (empty) database."""
     ensure_role(conn, OWNER_ROLE)
     ensure_role(conn, READER_ROLE)
-    for statement in STATEMENTS + (VECTOR if vector else PLAIN_ODD) + DATA:
+    for statement in EXTENSIONS + STATEMENTS + (VECTOR if vector else PLAIN_ODD) + DATA:
         conn.execute(statement)
     conn.execute(sql.SQL("CREATE TABLE public.{} (id int PRIMARY KEY, v text)").format(sql.Identifier(INJECTION)))
     conn.execute(sql.SQL("INSERT INTO public.{} SELECT g, 'i' || g FROM generate_series(1, 6) g").format(
