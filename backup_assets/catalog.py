@@ -541,13 +541,36 @@ def load_catalog(path: str | os.PathLike, *, env: dict[str, str] | None = None) 
 DEMO_CATALOG = Path(__file__).parent / "demo" / "catalog.yaml"
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
 def demo_home() -> Path:
-    return Path(os.environ.get("BACKUP_ASSETS_DEMO_HOME") or (Path.cwd() / ".demo")).resolve()
+    """BACKUP_ASSETS_DEMO_HOME, else the project's .demo (the same from any directory)."""
+    return Path(os.environ.get("BACKUP_ASSETS_DEMO_HOME") or (PROJECT_ROOT / ".demo")).resolve()
+
+
+def demo_env(home: Path | None = None) -> dict[str, str]:
+    """The demo's settings kept in <demo home>/secrets.env (0600), e.g. its database password."""
+    path = (home or demo_home()) / "secrets.env"
+    env: dict[str, str] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return env
+    for line in lines:
+        name, sep, value = line.partition("=")
+        if sep and re.fullmatch(IDENT, name.strip()):
+            env[name.strip()] = value
+    return env
 
 
 def catalog_from_env() -> Catalog:
-    """The catalog named by BACKUP_ASSETS_CATALOG, else the packaged demo catalog."""
+    """The catalog named by BACKUP_ASSETS_CATALOG, else the packaged demo catalog (whose settings,
+    such as its database password, come from the demo's secrets.env when the environment lacks them)."""
     path = os.environ.get("BACKUP_ASSETS_CATALOG")
     if path:
         return load_catalog(path)
-    return load_catalog(DEMO_CATALOG, env={"BACKUP_ASSETS_DEMO_HOME": str(demo_home())})
+    home = demo_home()
+    for name, value in demo_env(home).items():
+        os.environ.setdefault(name, value)
+    return load_catalog(DEMO_CATALOG, env={"BACKUP_ASSETS_DEMO_HOME": str(home)})

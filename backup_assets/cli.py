@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 
 from .catalog import CatalogError, catalog_from_env, load_catalog
 from .core import BackupError, verification
 from .core.backup import repository_for
 from .core.drill import markdown_report, run_dr_drill
 from .core.restore import backup_from_file, choose_backup, restore_plan, restore_postgres, restore_sqlite
+from .core.partition_keys import BadPartition, validate
+from .core.secrets import scrub
 from .core.verify import archive_readable, artifact_intact, restore_drill
 
 
@@ -75,6 +78,7 @@ def cmd_list(args) -> int:
 
     catalog = _catalog(args)
     repo = repository_for(catalog)
+    repo.sweep()
     remote = _s3_listing(catalog, args)
     rows = []
     for b in repo.backups(source=args.source, group=args.group, tier=args.tier, partition=args.partition):
@@ -100,11 +104,21 @@ def cmd_list(args) -> int:
     elif rows:
         _print_table(rows, ["source", "group", "tier", "partition", "created", "size", "rows", "verified", "where", "path"])
     else:
-        print("no backups match", file=sys.stderr)
+        print(f"no backups match in repository {repo.root} (catalog {catalog.catalog_path or 'built in'})",
+              file=sys.stderr)
+    for orphan in repo.orphans():
+        print(f"backup-assets: {orphan} has no manifest: not a backup (an interrupted write; "
+              "`backup-assets doctor` removes it)", file=sys.stderr)
     return 0
 
 
+def _check_partitions(args, catalog) -> None:
+    for key in ([args.partition] if isinstance(args.partition, str) else (args.partition or [])):
+        validate(catalog, args.tier, key)
+
+
 def _selected_backup(args, catalog, say):
+    _check_partitions(args, catalog)
     if args.file:
         return backup_from_file(catalog, args.file)
     if not (args.source and args.group):
@@ -114,6 +128,7 @@ def _selected_backup(args, catalog, say):
 
 def cmd_verify(args) -> int:
     catalog = _catalog(args)
+    repository_for(catalog).sweep()
     say = Reporter()
     backup = _selected_backup(args, catalog, say)
     steps = [("artifact_intact", lambda: artifact_intact(backup)), ("archive_readable", lambda: archive_readable(catalog, backup))]
@@ -139,7 +154,7 @@ def _confirm(args, plan: str, target: str) -> None:
     if args.confirm:
         return
     if not sys.stdin.isatty():
-        raise UsageError(f"refusing to {plan} without --confirm (no terminal to ask)")
+        raise UsageError(f"refusing without --confirm (no terminal to ask); this would {plan}")
     print(f"This will {plan}.", file=sys.stderr)
     answer = input(f"Type {target!r} to go on: ")
     if answer.strip() != target:
@@ -149,6 +164,7 @@ def _confirm(args, plan: str, target: str) -> None:
 def cmd_restore(args) -> int:
     catalog = _catalog(args)
     say = Reporter()
+    _check_partitions(args, catalog)
     if args.from_ == "s3":
         from .core.replica import fetch_from_s3
 
@@ -221,25 +237,40 @@ def cmd_retention_prune_tables(args) -> int:
 
 
 def cmd_runs_prune(args) -> int:
-    import dagster as dg
 
     from .defs.hygiene import prune_runs
 
-    report = prune_runs(dg.DagsterInstance.get(), older_than_days=args.older_than_days, dry_run=not args.apply)
+    report = prune_runs(_instance(), older_than_days=args.older_than_days, dry_run=not args.apply)
     print(json.dumps({k: v for k, v in report.items() if k != "run_ids"}, indent=2))
     return 0
+
+
+def _instance():
+    import os
+
+    import dagster as dg
+
+    from .catalog import PROJECT_ROOT
+
+    if not os.environ.get("DAGSTER_HOME"):
+        demo = PROJECT_ROOT / ".dagster_home"
+        if os.environ.get("BACKUP_ASSETS_CATALOG") or not (demo / "dagster.yaml").exists():
+            raise UsageError("DAGSTER_HOME is not set: point it at the Dagster instance's folder (the demo's is "
+                             f"{demo}; `make env` prints the settings)")
+        os.environ["DAGSTER_HOME"] = str(demo)
+    return dg.DagsterInstance.get()
 
 
 def cmd_backup(args) -> int:
     """Run backups through Dagster (recorded in DAGSTER_HOME, visible in the UI): one run per asset
     and partition, with the backup's checks and, when configured, its S3 replica."""
-    import dagster as dg
 
     from .defs.assets import backup_key
     from .defs.build import build_definitions
     from .defs.replication import replica_key
 
     catalog = _catalog(args)
+    _check_partitions(args, catalog)
     targets = [t for t in catalog.backup_targets() if t[2] == args.tier]
     if args.select:
         targets = [t for t in targets if f"{t[0]}/{t[1]}" in args.select or t[0] in args.select]
@@ -247,7 +278,7 @@ def cmd_backup(args) -> int:
         raise UsageError(f"no {args.tier} backup assets match {args.select or 'the catalog'}")
     defs = build_definitions(catalog)
     job = defs.resolve_job_def(f"{args.tier}_backups")
-    instance = dg.DagsterInstance.get()
+    instance = _instance()
     failed = 0
     for source, group, tier in targets:
         asset = defs.resolve_assets_def(backup_key(source, group, tier))
@@ -257,7 +288,7 @@ def cmd_backup(args) -> int:
             result = job.execute_in_process(
                 partition_key=partition, instance=instance, raise_on_error=False, asset_selection=selection,
                 tags={"backup_assets/trigger": "cli"},
-                run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
+                run_config={"loggers": {"console": {"config": {"log_level": "DEBUG" if args.debug else "CRITICAL"}}}})
             latest = repository_for(catalog).latest(source, group, tier, partition)
             if result.success and latest:
                 print(f"{source}/{group}/{tier} {partition}: {latest.artifact_path} ({latest.manifest.size_human}, "
@@ -268,13 +299,60 @@ def cmd_backup(args) -> int:
 
                 errors = [root_cause(e.event_specific_data.error) for e in result.all_events
                           if e.is_step_failure and e.event_specific_data and e.event_specific_data.error]
-                print(f"{source}/{group}/{tier} {partition}: FAILED {errors[0] if errors else ''}", file=sys.stderr)
+                print(f"{source}/{group}/{tier} {partition}: FAILED {scrub(errors[0]) if errors else ''}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def cmd_doctor(args) -> int:
+    from .core.doctor import doctor
+
+    catalog = _catalog(args)
+    done = doctor(catalog)
+    for line in done:
+        print(line)
+    if not done:
+        print(f"nothing to repair in repository {catalog.repository_root} and its servers")
+    return 0
+
+
+def cmd_safety_list(args) -> int:
+    from .core.doctor import safety_copies
+
+    rows = [{"kind": c.kind, "where": c.where, "name": c.name, "created": c.created.isoformat(timespec="seconds"),
+             "age_days": c.age_days} for c in safety_copies(_catalog(args))]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif rows:
+        _print_table(rows, ["kind", "where", "name", "created", "age_days"])
+    else:
+        print("no safety copies", file=sys.stderr)
+    return 0
+
+
+def cmd_safety_drop(args) -> int:
+    from .core.doctor import drop_safety_copy, safety_copies
+
+    if args.older_than is None and not args.all:
+        raise UsageError("say which: --older-than DAYS, or --all")
+    catalog = _catalog(args)
+    doomed = [c for c in safety_copies(catalog) if args.all or c.age_days > args.older_than]
+    if not doomed:
+        print("no safety copies to drop", file=sys.stderr)
+        return 0
+    names = ", ".join(f"{c.kind} {c.name}" for c in doomed)
+    if not args.confirm:
+        raise UsageError(f"refusing to drop {len(doomed)} safety cop{'y' if len(doomed) == 1 else 'ies'} ({names}) "
+                         "without --confirm")
+    for c in doomed:
+        drop_safety_copy(catalog, c)
+        print(f"dropped {c.kind} {c.name} ({c.where})")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="backup-assets", description=__doc__.split("\n\n")[0])
     parser.add_argument("--catalog", help="catalog file (default: $BACKUP_ASSETS_CATALOG, else the demo catalog)")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks of failures")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="list backups in the repository")
@@ -344,6 +422,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--apply", action="store_true")
     r.set_defaults(func=cmd_runs_prune)
 
+    p = sub.add_parser("doctor", help="find and repair what interrupted operations left (partial files, scratch "
+                                      "folders and databases, a restore's swap state, artifacts without manifest)")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("safety-copies", help="the copies restores kept of what they replaced")
+    ssub = p.add_subparsers(dest="safety_command", required=True)
+    r = ssub.add_parser("list", help="databases, schemas and SQLite files kept by restores")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_safety_list)
+    r = ssub.add_parser("drop", help="drop safety copies (asks for --confirm)")
+    r.add_argument("--older-than", type=float, metavar="DAYS")
+    r.add_argument("--all", action="store_true")
+    r.add_argument("--confirm", action="store_true")
+    r.set_defaults(func=cmd_safety_drop)
+
     p = sub.add_parser("backup", help="back up now through Dagster (default: the newest complete partition)")
     p.add_argument("--tier", default="daily", choices=["daily", "weekly", "monthly"])
     p.add_argument("--partition", nargs="+", help="partition key(s), e.g. 2026-11-18 2026-11-19 (a backfill: one "
@@ -358,15 +451,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except UsageError as exc:
-        print(f"backup-assets: {exc}", file=sys.stderr)
+    except (UsageError, BadPartition) as exc:
+        _fail(args, exc)
         return 2
     except (CatalogError, BackupError) as exc:
-        print(f"backup-assets: {exc}", file=sys.stderr)
+        _fail(args, exc)
         return 1
     except KeyboardInterrupt:
         print("backup-assets: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or an unexpected failure: one scrubbed line, the traceback on --debug
+        _fail(args, exc, unexpected=True)
+        return 1
+
+
+def _fail(args, exc: BaseException, *, unexpected: bool = False) -> None:
+    if getattr(args, "debug", False):
+        traceback.print_exception(exc, file=sys.stderr)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if unexpected:
+        text = f"{type(exc).__name__}: {text} (run with --debug for the traceback)"
+    print(f"backup-assets: {scrub(text)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ DAMAGE = {
     "flipped byte": ("artifact_intact", r"sha256 [0-9a-f]+ differs from the manifest's"),
     "truncated": ("artifact_intact", r"size \d+ bytes differs from the manifest's"),
     "truncated, manifest edited to match": ("artifact_intact", r"zstd stream (is corrupt|ends before)"),
-    "missing manifest": ("artifact_intact", r"manifest .*\.meta is missing"),
+    "missing manifest": ("artifact_intact", r"no backup of .* \(myloware-full-.* has no manifest: not a backup\)"),
     "edited manifest": ("artifact_intact", r"manifest .*\.meta cannot be read"),
     "manifest edited, checksum not updated": ("artifact_intact", r"does not match its manifest_sha256"),
     "swapped artifact": ("artifact_intact", r"size \d+ bytes differs"),

@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -73,7 +72,9 @@ def test_daemon_runs_the_schedule_backfills_and_alerts(pg18, source_cluster, mot
     pg18.create_database("dagster_e2e")
     home = tmp_path / "dagster_home"
     home.mkdir()
-    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    # the production instance file, with run monitoring polling every few seconds for the test
+    (home / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text().replace(
+        "poll_interval_seconds: 60", "poll_interval_seconds: 5"))
     web_port = free_port()
     web = f"http://127.0.0.1:{web_port}"
     tick = next_tick()
@@ -182,6 +183,35 @@ def test_daemon_runs_the_schedule_backfills_and_alerts(pg18, source_cluster, mot
         hooks = [json.loads(r["body"]) for r in http_sink.requests if r["path"] == "/hooks/backup"]
         assert any(h["partition"] == "2026-11-13" and h["source"] == "myloware" and "cannot connect" in h["error"]
                    for h in hooks)
+
+        # 4. a run worker killed mid-run: run monitoring marks the run failed and the alert fires
+        source_cluster.start()
+        blocker = source_cluster.connect("myloware", autocommit=False)
+        blocker.execute("LOCK TABLE runs IN ACCESS EXCLUSIVE MODE")  # the dump waits here, mid-run
+        try:
+            launched = graphql(web, """mutation($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $params) {
+                __typename ... on LaunchBackfillSuccess { backfillId } } }""",
+                               {"params": {"selector": selector, "partitionNames": ["2026-11-14"]}})
+            backfill_id = launched["launchPartitionBackfill"]["backfillId"]
+
+            def worker_pid():
+                runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
+                for r in runs:
+                    for record in instance.all_logs(r.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
+                        if "Started process for run" in (record.dagster_event.message or ""):
+                            return r.run_id, int(record.dagster_event.event_specific_data.metadata["pid"].value)
+                return None
+
+            run_id, pid = wait_for(worker_pid, 240, "the run worker to start")
+            os.kill(pid, signal.SIGKILL)
+            status = wait_for(lambda: (r := instance.get_run_by_id(run_id)) and r.status.value in ("FAILURE", "CANCELED")
+                              and r.status.value, 180, "run monitoring to mark the killed run failed")
+            assert status == "FAILURE"
+            wait_for(lambda: any(json.loads(r["body"]).get("partition") == "2026-11-14" for r in http_sink.requests
+                                 if r["path"] == "/hooks/backup"), 120, "the alert for the killed run")
+        finally:
+            blocker.rollback()
+            blocker.close()
         instance.dispose()
     finally:
         for proc in procs:

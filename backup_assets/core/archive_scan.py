@@ -9,6 +9,7 @@ of its leaf partitions), and which entries a group restore needs.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,7 +87,7 @@ def scan(artifact: Path, manifest: Manifest, *, copy_to: Path | None = None, pip
         per_entry[(entry.namespace or "", entry.tag)] = fp
         return fp.feed
 
-    out = open(copy_to, "wb") if copy_to is not None else None
+    out = os.fdopen(os.open(copy_to, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") if copy_to is not None else None
     try:
         with open_decompressed(artifact, manifest.raw_size_bytes) as reader:
             tee = _Tee(reader, out, pipe, on_progress)

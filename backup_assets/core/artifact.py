@@ -18,6 +18,9 @@ from typing import BinaryIO, Callable, Iterator
 
 import zstandard
 
+from . import failpoints
+from .owner import Owner
+
 CHUNK = 1 << 20
 PARTIAL_MARK = ".partial-"
 FILE_MODE = 0o600
@@ -46,7 +49,22 @@ def fsync_dir(path: Path) -> None:
 
 
 def partial_path(final: Path) -> Path:
-    return final.with_name(f".{final.name}{PARTIAL_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    """Where `final` is written before it is complete: a hidden name that says who writes it
+    (host, pid, process start), so a sweep can tell a dead writer's leftover from a live one."""
+    return final.with_name(f".{final.name}{PARTIAL_MARK}{Owner.me().token}-{secrets.token_hex(4)}")
+
+
+def partial_owner(name: str) -> Owner | None:
+    """The writer of a partial file, from its name (None: not ours, or an older naming)."""
+    if PARTIAL_MARK not in name:
+        return None
+    token = name.rsplit(PARTIAL_MARK, 1)[1].rsplit("-", 1)[0]
+    return Owner.from_token(token)
+
+
+def create_private(path: Path) -> None:
+    """Create an empty file readable by its owner only (before another library writes it)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
 
 
 class _HashingSink:
@@ -120,8 +138,10 @@ class ArtifactWriter:
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self._fh.close()
+        failpoints.point("artifact.before_rename")
         os.replace(self._tmp, self.final)
         fsync_dir(self.final.parent)
+        failpoints.point("artifact.renamed")
         self.result = WrittenArtifact(self.final, self._sink.size, self.raw_size, self._sink.sha256.hexdigest())
         return self.result
 
@@ -201,7 +221,8 @@ def decompress_to(artifact: Path, dest: Path, *, expected_size: int | None = Non
                   on_progress: Callable[[int], None] | None = None) -> None:
     """Decompress to a file; `on_progress(bytes_done)` at most once a second."""
     last = time.monotonic()
-    with open_decompressed(artifact, expected_size) as reader, open(dest, "wb") as out:
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    with open_decompressed(artifact, expected_size) as reader, os.fdopen(fd, "wb") as out:
         while chunk := reader.read(CHUNK):
             out.write(chunk)
             if on_progress and time.monotonic() - last > 1:

@@ -16,7 +16,8 @@ from dataclasses import replace
 
 from ..catalog import Catalog
 from . import BackupError, roles
-from .artifact import ArtifactWriter, ensure_dir, fsync_dir, human_size, partial_path, write_json_atomic
+from .artifact import (ArtifactWriter, create_private, ensure_dir, fsync_dir, human_size, partial_path,
+                       write_json_atomic)
 from .engines import postgres, sqlite
 from .manifest import Manifest, manifest_path_for
 from .repository import LocalRepository, StoredBackup
@@ -62,7 +63,7 @@ def run_backup(catalog: Catalog, source: str, group: str, tier: str, partition: 
     if (source, group, tier) not in catalog.backup_targets():
         raise BackupError(f"{source}/{group}/{tier} is not in the catalog")
     repo = repository_for(catalog)
-    repo.sweep_partials()
+    repo.sweep()
     if tier != "daily" and "daily" in catalog.source_tiers(source):
         day = boundary_day(tier, partition)
         daily = repo.latest(source, group, "daily", day)
@@ -118,8 +119,9 @@ def dump(catalog: Catalog, source: str, group: str, tier: str, partition: str, *
                 )
             else:
                 db_path = catalog.resolve_path(src.path)
-                scratch = partial_path(repo.scratch_dir() / f"{source}.db")
-                try:
+                with repo.scratch("backup") as tmp:
+                    scratch = tmp / "copy.db"
+                    create_private(scratch)
                     snapshot_at = _now_iso()
                     sqlite.online_copy(db_path, scratch, what=what)
                     # check the copy while it is being compressed; nothing is committed unless it passes
@@ -129,8 +131,6 @@ def dump(catalog: Catalog, source: str, group: str, tier: str, partition: str, *
                             writer.copy_from(fh)
                         counts = checked.result()
                     idx = sqlite.indexes(scratch)
-                finally:
-                    sqlite.remove_with_sidecars(scratch)
                 details = dict(
                     database=str(db_path), host=None, port=None, format="sqlite",
                     tables=sorted(counts), row_counts=counts, indexes=idx, snapshot_at=snapshot_at,

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import time
+import secrets
+import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from . import BackupError
-from .artifact import PARTIAL_MARK, ensure_dir
+from .artifact import PARTIAL_MARK, ensure_dir, partial_owner
 from .manifest import MANIFEST_SUFFIX, Manifest, manifest_path_for, read_manifest
+from .owner import Owner, age_of
+
+SCRATCH = ".tmp"
 
 EXTENSIONS = {"postgres": "dump", "sqlite": "db"}
 
@@ -47,8 +52,20 @@ class LocalRepository:
         name = f"{source}-{group}-{partition}-{utc_stamp()}.{EXTENSIONS[engine]}.zst"
         return self.folder(engine, tier) / name
 
-    def scratch_dir(self) -> Path:
-        return ensure_dir(self.root / ".tmp")
+    def scratch_root(self) -> Path:
+        return ensure_dir(self.root / SCRATCH)
+
+    @contextmanager
+    def scratch(self, what: str) -> Iterator[Path]:
+        """A 0700 folder for one operation's temporary files (decoded archives are plaintext
+        copies of a database), named after its owner and removed on every way out; a kill -9
+        leaves it to the next operation's sweep."""
+        folder = self.scratch_root() / f"{what}-{Owner.me().token}-{secrets.token_hex(4)}"
+        folder.mkdir(mode=0o700)
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def key_of(self, path: Path) -> str:
         return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
@@ -90,23 +107,52 @@ class LocalRepository:
         matches = self.backups(source=source, group=group, tier=tier, partition=partition)
         return matches[-1] if matches else None
 
-    def sweep_partials(self, older_than_s: float = 6 * 3600) -> list[Path]:
-        """Remove leftovers of interrupted writes (never a committed file)."""
-        removed = []
-        cutoff = time.time() - older_than_s
+    def sweep(self, *, legacy_age_s: float = 6 * 3600) -> list[Path]:
+        """Remove what dead operations left: partial files and scratch folders whose owner process
+        is gone (at once), never one of a live process. Leftovers named without an owner (older
+        versions) go once older than `legacy_age_s`."""
+        removed: list[Path] = []
         if not self.root.exists():
             return removed
+        scratch = self.root / SCRATCH
+        if scratch.is_dir():
+            for folder in scratch.iterdir():
+                token = folder.name.split("-", 1)[1].rsplit("-", 1)[0] if "-" in folder.name else ""
+                owner = Owner.from_token(token)
+                age = age_of(folder)
+                dead = (not owner.is_alive(age_s=age)) if owner else (age is not None and age > legacy_age_s)
+                if dead:
+                    shutil.rmtree(folder, ignore_errors=True) if folder.is_dir() else folder.unlink(missing_ok=True)
+                    removed.append(folder)
         for dirpath, _dirs, files in os.walk(self.root):
+            if Path(dirpath) == scratch or scratch in Path(dirpath).parents:
+                continue
             for name in files:
-                if PARTIAL_MARK in name:
-                    path = Path(dirpath) / name
-                    try:
-                        if path.stat().st_mtime < cutoff:
-                            path.unlink()
-                            removed.append(path)
-                    except FileNotFoundError:
-                        pass
+                if PARTIAL_MARK not in name:
+                    continue
+                path = Path(dirpath) / name
+                owner = partial_owner(name)
+                age = age_of(path)
+                dead = (not owner.is_alive(age_s=age)) if owner else (age is not None and age > legacy_age_s)
+                if dead:
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
         return removed
+
+    def orphans(self, *, min_age_s: float = 0) -> list[Path]:
+        """Artifacts without a manifest (a crash between the artifact's rename and the manifest's
+        write): never a backup, reported and swept."""
+        found = []
+        for engine in EXTENSIONS:
+            for tier in ("daily", "weekly", "monthly"):
+                folder = self.folder(engine, tier)
+                if not folder.is_dir():
+                    continue
+                for path in folder.iterdir():
+                    if path.name.endswith(".zst") and not path.name.startswith(".") \
+                            and not manifest_path_for(path).exists() and (age_of(path) or 0) >= min_age_s:
+                        found.append(path)
+        return sorted(found)
 
 
 __all__ = ["LocalRepository", "StoredBackup", "manifest_path_for", "utc_stamp"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,7 +27,7 @@ import zstandard
 from psycopg import sql
 
 from ..catalog import Catalog
-from . import BackupError, archive_scan, roles
+from . import BackupError, archive_scan, failpoints, roles
 from .artifact import decompress_to, human_size, open_decompressed, partial_path
 from .backup import endpoint_for, repository_for
 from .engines import postgres, sqlite
@@ -40,6 +39,7 @@ from .verify import (artifact_intact, compare_content, compare_with_manifest, fi
                      version_problem)
 
 RESTORE_MARK = "backup_assets restore in progress"
+SWAP_MARK = "backup_assets restore swapping"
 
 
 def quiet(message: str, progress: bool = False) -> None:
@@ -162,10 +162,6 @@ def verify_before_restore(backup: StoredBackup) -> None:
 
 # -- PostgreSQL ---------------------------------------------------------------------------------
 
-def cleanup_restore_leftovers(conn, target: str) -> list[str]:
-    return postgres.drop_marked_databases(conn, like=f"{target[:30]}\\_restoring\\_%", mark=RESTORE_MARK)
-
-
 def other_sessions(conn, dbname: str) -> list[tuple[int, str]]:
     return conn.execute(
         "SELECT pid, coalesce(application_name, '') || '@' || coalesce(client_addr::text, 'local') "
@@ -181,7 +177,8 @@ def restore_plan(catalog: Catalog, backup: StoredBackup, *, target_db: str | Non
     src = catalog.sources.get(m.source)
     if m.engine == "sqlite":
         target = target_file or (str(catalog.resolve_path(src.path)) if src else "?")
-        keep = f"; the current file is kept as {target}.before-restore-<timestamp>" if safety_copy else ""
+        keep = (f"; the current file is kept as {target}.before-restore-YYYYMMDDHHMMSS (the time of the restore, "
+                "UTC)") if safety_copy else ""
         return f"replace SQLite file {target} with {backup.artifact_path.name} (partition {m.partition}){keep}"
     db = target_db or (src.connection.dbname if src else m.database)
     where = f"{src.connection.host}:{src.connection.port}" if src else "?"
@@ -189,10 +186,12 @@ def restore_plan(catalog: Catalog, backup: StoredBackup, *, target_db: str | Non
         return (f"create the roles of {backup.artifact_path.name} that the server {where} lacks, with their "
                 "memberships (existing roles are left as they are)")
     if tables:
-        keep = "; the current rows are kept in schema before_restore_<timestamp>" if safety_copy else ""
+        keep = ("; the current rows are kept in a schema named before_restore_YYYYMMDDHHMMSS (the time of the "
+                "restore, UTC)") if safety_copy else ""
         return (f"replace the rows of {', '.join(tables)} in database {db} on {where} with those of "
                 f"{backup.artifact_path.name} (partition {m.partition}); other tables are left untouched{keep}")
-    keep = f"; the current database is kept as {db}_before_restore_<timestamp>" if safety_copy else ""
+    keep = (f"; the current database is kept as the database {db[:40]}_before_restore_YYYYMMDDHHMMSS (the time "
+            "of the restore, UTC)") if safety_copy else ""
     return (f"replace database {db} on {where} with {backup.artifact_path.name} "
             f"(partition {m.partition}, {m.total_rows} rows){keep}")
 
@@ -221,6 +220,7 @@ def restore_postgres(catalog: Catalog, backup: StoredBackup, *, target_db: str |
             raise BackupError(f"{backup.artifact_path.name} does not hold table(s) {', '.join(bad)} "
                               f"(it holds {', '.join(sorted(m.row_counts)[:10])}{', ...' if len(m.row_counts) > 10 else ''})")
         wanted = list(dict.fromkeys(wanted))
+    repository_for(catalog).sweep()
     verify_before_restore(backup)
     ep = endpoint_for(catalog, m.source, target)
     started = time.monotonic()
@@ -230,13 +230,17 @@ def restore_postgres(catalog: Catalog, backup: StoredBackup, *, target_db: str |
         problem = version_problem(m, postgres.server_major(admin))
         if problem:
             raise BackupError(f"refusing to restore {backup.artifact_path.name}: {problem}; nothing was changed")
-        if wanted:
-            if not postgres.database_exists(admin, target):
-                raise BackupError(f"database {target} does not exist: restore whole backups into new databases")
-            result = _restore_tables(catalog, backup, ep, wanted, safety_copy=safety_copy, say=say)
-        else:
-            result = _restore_whole(catalog, backup, admin, ep, target, jobs=jobs, safety_copy=safety_copy,
-                                    terminate=terminate_connections, create_roles=create_roles, say=say)
+        try:
+            if wanted:
+                if not postgres.database_exists(admin, target):
+                    raise BackupError(f"database {target} does not exist: restore whole backups into new databases")
+                result = _restore_tables(catalog, backup, ep, wanted, safety_copy=safety_copy, say=say)
+            else:
+                result = _restore_whole(catalog, backup, admin, ep, target, jobs=jobs, safety_copy=safety_copy,
+                                        terminate=terminate_connections, create_roles=create_roles, say=say)
+        except psycopg.Error as exc:
+            detail = ep.scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            raise BackupError(f"restore of {backup.artifact_path.name} into {target} failed: {detail}") from None
     result.duration_s = round(time.monotonic() - started, 3)
     return result
 
@@ -301,18 +305,17 @@ def _restore_whole(catalog: Catalog, backup: StoredBackup, admin, ep: postgres.E
                 f"database {target} has {len(sessions)} other session(s) connected "
                 f"({', '.join(s for _, s in sessions[:5])}); stop them or pass --terminate-connections"
             )
-    dropped = cleanup_restore_leftovers(admin, target)
-    if dropped:
-        say(f"removed leftovers of interrupted restores: {', '.join(dropped)}")
-    temp = f"{target[:30]}_restoring_{stamp}"
+    for line in repair_interrupted_swaps(admin):
+        say(line)
+    temp = postgres.owned_name(f"{target[:20]}_restoring_{stamp}")
     target_major = postgres.server_major(admin)
     postgres.create_database(admin, temp, comment=postgres.marker(RESTORE_MARK, target=target))
     swapped = False
     created_roles: list[str] = []
     saved = None
     try:
-        with tempfile.TemporaryDirectory(dir=repository_for(catalog).scratch_dir()) as tmp:
-            raw = Path(tmp) / "archive.dump"
+        with repository_for(catalog).scratch("restore") as tmp:
+            raw = tmp / "archive.dump"
             scanned = archive_scan.scan(backup.artifact_path, m, copy_to=raw, on_progress=_progress(backup, say))
             say(f"decompressed {human_size(scanned.decoded_bytes)}")
             problems = archive_scan.archive_problems(scanned, m)
@@ -325,6 +328,7 @@ def _restore_whole(catalog: Catalog, backup: StoredBackup, admin, ep: postgres.E
             created_roles = ensure_roles(admin, archive_scan.roles_needed(scanned.archive, entries), saved,
                                          create=create_roles, say=say)
             say(f"pg_restore --jobs={jobs} into {temp}")
+            failpoints.point("restore.temp")
             pg_restore_archive(catalog, backup, ep.with_db(temp), raw, entries=entries, jobs=jobs,
                                target_major=target_major, what=f"restore of {backup.artifact_path.name}: ")
         wanted_tables = [TableName.parse(t) for t in m.row_counts]
@@ -335,25 +339,16 @@ def _restore_whole(catalog: Catalog, backup: StoredBackup, admin, ep: postgres.E
         problems += compare_content(scanned.tables, restored)
         if problems:
             raise BackupError(f"restored copy differs from the backup, target left unchanged: {'; '.join(problems[:5])}")
-        safety = f"{target[:40]}_before_restore_{stamp}" if exists else None
+        safety = _free_safety_name(admin, target) if exists else None
+        restored_comment = sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+            sql.Identifier(target), sql.Literal(f"restored by backup_assets from {m.artifact} at {stamp}"))
         if exists:
-            admin.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(target)))
-            try:
-                for pid, _ in other_sessions(admin, target):
-                    admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-                _wait_for_no_sessions(admin, target)
-                with admin.transaction():
-                    admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(target), sql.Identifier(safety)))
-                    admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(temp), sql.Identifier(target)))
-                swapped = True
-            finally:
-                name = safety if swapped else target
-                admin.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(name)))
+            swapped = _swap(admin, target, temp, safety, restored_comment, terminate=terminate)
         else:
-            admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(temp), sql.Identifier(target)))
+            with admin.transaction():
+                admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(temp), sql.Identifier(target)))
+                admin.execute(restored_comment)
             swapped = True
-        admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(
-            sql.Identifier(target), sql.Literal(f"restored by backup_assets from {m.artifact} at {stamp}")))
         if saved is not None and m.whole_database:
             roles.apply_database_grants(admin, saved, target)
         if safety and not safety_copy:
@@ -364,6 +359,75 @@ def _restore_whole(catalog: Catalog, backup: StoredBackup, admin, ep: postgres.E
             postgres.drop_database(admin, temp)
     return RestoreResult(target, facts.row_counts, m.row_counts, [], safety, 0.0, m.artifact,
                          extra={"created_roles": created_roles, "fingerprints": {k: v[1] for k, v in restored.items()}})
+
+
+def _free_safety_name(admin, target: str) -> str:
+    """`<db>_before_restore_<UTC time>`, a second later when that name is taken (two restores in
+    one second)."""
+    at = dt.datetime.now(dt.timezone.utc)
+    while True:
+        name = f"{target[:40]}_before_restore_{at.strftime('%Y%m%d%H%M%S')}"
+        if not postgres.database_exists(admin, name):
+            return name
+        at += dt.timedelta(seconds=1)
+
+
+def _swap(admin, target: str, temp: str, safety: str, restored_comment, *, terminate: bool) -> bool:
+    """Put the restored copy in the target's place, in one transaction, while nobody is connected.
+
+    The swap state is kept on the target itself: a marker comment (with the database's own
+    comment) is set before connections are switched off and taken away once they are back on. A
+    kill at any moment leaves either the old database or the restored one in place; a database
+    left refusing connections is repaired by the next restore or `backup-assets doctor` (see
+    `repair_interrupted_swaps`). A session that connected while the restore ran makes it refuse
+    and change nothing, unless `terminate`."""
+    original = postgres.database_comment(admin, target)
+    admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(target), sql.Literal(
+        postgres.marker(SWAP_MARK, target=target, temp=temp, safety=safety, comment=original))))
+    swapped = False
+    try:
+        failpoints.point("restore.swap.marked")
+        admin.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(target)))
+        failpoints.point("restore.swap.closed")
+        sessions = other_sessions(admin, target)
+        if sessions and not terminate:
+            raise BackupError(f"{len(sessions)} session(s) connected to {target} while the restore ran "
+                              f"({', '.join(s for _, s in sessions[:5])}); nothing was changed "
+                              "(stop them or pass --terminate-connections)")
+        for pid, _ in sessions:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        _wait_for_no_sessions(admin, target)
+        with admin.transaction():
+            admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(target), sql.Identifier(safety)))
+            admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(temp), sql.Identifier(target)))
+            admin.execute(restored_comment)
+        swapped = True
+        failpoints.point("restore.swap.renamed")
+    finally:
+        _release(admin, safety if swapped else target, original)
+    return True
+
+
+def _release(admin, name: str, comment: str | None) -> None:
+    admin.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(name)))
+    admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(comment)))
+
+
+def repair_interrupted_swaps(admin) -> list[str]:
+    """Databases left in a swap by a restore that died: connections back on, their own comment
+    back. Also drops the temporary databases of dead restores. Says what it did."""
+    done = []
+    for name, comment, allow in admin.execute(
+            "SELECT datname, shobj_description(oid, 'pg_database'), datallowconn FROM pg_database").fetchall():
+        data = postgres.read_marker(comment, SWAP_MARK)
+        if data is None or postgres.marker_owner_alive(data):
+            continue
+        _release(admin, name, data.get("comment"))
+        done.append(f"database {name}: {'connections allowed again, ' if not allow else ''}"
+                    "left as it was by an interrupted restore")
+    for name in postgres.drop_marked_databases(admin, like="%\\_restoring\\_%", mark=RESTORE_MARK):
+        done.append(f"dropped {name}, the temporary database of an interrupted restore")
+    return done
 
 
 def _wait_for_no_sessions(admin, dbname: str, timeout_s: float = 15) -> None:
@@ -547,6 +611,7 @@ def restore_sqlite(catalog: Catalog, backup: StoredBackup, *, target_file: str |
         target = Path(target_file).resolve()
     if not target.parent.is_dir():
         raise BackupError(f"target folder {target.parent} does not exist")
+    repository_for(catalog).sweep()
     verify_before_restore(backup)
     started = time.monotonic()
     tmp = partial_path(target)

@@ -101,7 +101,7 @@ def prune_local(catalog: Catalog, *, dry_run: bool, now: dt.datetime | None = No
                 if not dry_run:
                     path.unlink()
     if not dry_run:
-        repository_for(catalog).sweep_partials()
+        repository_for(catalog).sweep()
     return {"files": files, "backups": len(sel.delete), "bytes_freed": freed, "kept": len(sel.keep),
             "deleted": sorted(e.id.rsplit("/", 1)[-1] for e in sel.delete)}
 

@@ -20,11 +20,11 @@ import psycopg
 import zstandard
 
 from ..catalog import Catalog
-from . import BackupError, archive_scan, roles
+from . import BackupError, archive_scan, failpoints, roles
 from .artifact import decompress_to, scan_artifact
 from .backup import repository_for
 from .engines import postgres, sqlite
-from .manifest import Manifest, manifest_path_for, read_manifest
+from .manifest import MANIFEST_SUFFIX, Manifest, read_manifest
 from .names import TableName
 from .repository import LocalRepository, StoredBackup
 
@@ -42,20 +42,28 @@ class Outcome:
 # -- finding the backup of a partition ----------------------------------------------------------
 
 def find_backup(catalog: Catalog, source: str, group: str, tier: str, partition: str) -> StoredBackup:
-    """The newest backup of a partition, with its manifest read strictly (a bad one is an error)."""
+    """The newest complete backup of a partition: found by its manifest (an artifact without one
+    is never a backup and hides nothing), read strictly (a damaged or edited manifest is an error,
+    not a reason to fall back silently)."""
     repo = repository_for(catalog)
     engine = catalog.sources[source].engine
     folder = repo.folder(engine, tier)
     prefix = f"{source}-{group}-{partition}-"
-    candidates = sorted(p for p in folder.glob(prefix + "*") if not p.name.startswith(".")) if folder.is_dir() else []
-    artifacts = [p for p in candidates if p.name.endswith(".zst")]
-    if not artifacts:
-        raise BackupError(f"no backup of {source}/{group}/{tier} partition {partition} in {folder}")
-    artifact = artifacts[-1]
-    manifest = read_manifest(manifest_path_for(artifact))
-    if manifest.artifact != artifact.name:
-        raise BackupError(f"manifest {manifest_path_for(artifact)} describes {manifest.artifact}, not {artifact.name}")
-    return StoredBackup(manifest, manifest_path_for(artifact))
+    manifests = sorted(p for p in folder.glob(prefix + "*" + MANIFEST_SUFFIX)
+                       if not p.name.startswith(".")) if folder.is_dir() else []
+    if not manifests:
+        orphans = [p.name for p in repo.orphans() if p.name.startswith(prefix) and p.parent == folder]
+        also = f" ({', '.join(orphans)} has no manifest: not a backup)" if orphans else ""
+        raise BackupError(f"no backup of {source}/{group}/{tier} partition {partition} in {folder}{also}")
+    path = manifests[-1]
+    manifest = read_manifest(path)
+    artifact = path.name[: -len(MANIFEST_SUFFIX)]
+    if manifest.artifact != artifact:
+        raise BackupError(f"manifest {path} describes {manifest.artifact}, not {artifact}")
+    if (manifest.source, manifest.group, manifest.tier, manifest.partition) != (source, group, tier, partition):
+        raise BackupError(f"manifest {path} describes {manifest.asset_key} partition {manifest.partition}, "
+                          f"not {source}/{group}/{tier} partition {partition}")
+    return StoredBackup(manifest, path)
 
 
 # -- artifact_intact ----------------------------------------------------------------------------
@@ -98,8 +106,8 @@ def archive_readable(catalog: Catalog, backup: StoredBackup) -> Outcome:
                        {"roles": len(saved.roles), "passwords_included": saved.passwords_included})
     if m.engine == "postgres":
         return _postgres_readable(catalog, backup)
-    with tempfile.TemporaryDirectory(dir=repository_for(catalog).scratch_dir()) as tmp:
-        copy = Path(tmp) / "check.db"
+    with repository_for(catalog).scratch("check") as tmp:
+        copy = tmp / "check.db"
         try:
             decompress_to(path, copy, expected_size=m.raw_size_bytes)
             counts = sqlite.check_copy(copy, m.tables)
@@ -203,11 +211,12 @@ def cleanup_drill_leftovers(conn, *, protect: set[str]) -> list[str]:
 
 def drill_name(source: str, group: str, partition: str, n: int = 1) -> str:
     base = re.sub(r"[^a-z0-9_]", "_", f"drill_{source}_{group}_{partition.replace('-', '')}".lower())
-    return f"{base[:56]}_{n}"
+    return postgres.owned_name(f"{base[:30]}_{n}")
 
 
 def restore_drill(catalog: Catalog, backup: StoredBackup, *, jobs: int = 2) -> Outcome:
     m = backup.manifest
+    repository_for(catalog).sweep()
     if m.format == roles.FORMAT:
         return _roles_drill(catalog, backup)
     if m.engine == "sqlite":
@@ -242,7 +251,7 @@ def _postgres_drill(catalog: Catalog, backup: StoredBackup, *, jobs: int) -> Out
         return Outcome(False, f"{path}: source {m.source!r} is not a postgres source in the catalog")
     ep = drill_endpoint(catalog, m.source)
     protected = {src.connection.dbname, ep.dbname, "postgres", "template0", "template1"}
-    scratch_dir = repository_for(catalog).scratch_dir()
+    repo = repository_for(catalog)
     started = time.monotonic()
     with postgres.connect(ep, what=f"restore drill of {m.source}/{m.group}: ") as admin:
         cleaned = cleanup_drill_leftovers(admin, protect=protected)
@@ -264,14 +273,15 @@ def _postgres_drill(catalog: Catalog, backup: StoredBackup, *, jobs: int) -> Out
             return Outcome(False, f"{path}: no free drill database name")
         postgres.create_database(admin, name, comment=postgres.marker(DRILL_MARK, name=name))
         try:
-            with tempfile.TemporaryDirectory(dir=scratch_dir) as tmp:
-                raw = Path(tmp) / "archive.dump"
+            with repo.scratch("drill") as tmp:
+                raw = tmp / "archive.dump"
                 t0 = time.monotonic()
                 try:
                     archive = archive_scan.scan(path, m, copy_to=raw)
                 except BackupError as exc:
                     return Outcome(False, f"restore drill: {exc}", {"drill_database": name, "leftovers_dropped": cleaned})
                 decompress_s = time.monotonic() - t0
+                failpoints.point("drill.decoded")
                 target = ep.with_db(name)
                 entries = None if m.whole_database else archive_scan.group_entries(
                     archive.archive, [TableName.parse(t) for t in m.tables], m.partitions)
@@ -350,8 +360,8 @@ def pg_restore_archive(catalog: Catalog, backup: StoredBackup, target: postgres.
 def _sqlite_drill(catalog: Catalog, backup: StoredBackup) -> Outcome:
     m, path = backup.manifest, backup.artifact_path
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(dir=repository_for(catalog).scratch_dir()) as tmp:
-        copy = Path(tmp) / "drill.db"
+    with repository_for(catalog).scratch("drill") as tmp:
+        copy = tmp / "drill.db"
         try:
             decompress_to(path, copy, expected_size=m.raw_size_bytes)
             problems_found = sqlite.integrity_problems(copy)

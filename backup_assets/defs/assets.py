@@ -55,10 +55,11 @@ def build_backup_asset(catalog: Catalog, source: str, group: str, tier: str) -> 
     promoted = " Promoted from the daily backup of the last day of its window (a hard link, no second dump)." if (
         tier != "daily" and "daily" in catalog.source_tiers(source)) else ""
     description = (
-        f"{tier.capitalize()} {src.engine} backup of {source} ({group}: {what}). On disk: "
-        f"{catalog.repository_root}/{src.engine}/{tier}/{source}-{group}-<partition>-<timestamp>."
-        f"{'dump' if src.engine == 'postgres' else 'db'}.zst, zstd-compressed, with a .meta JSON manifest "
-        f"(sha256, row counts, versions).{promoted}"
+        f"{tier.capitalize()} {src.engine} backup of {source} ({group}: {what}). On disk: one file per "
+        f"backup in `{catalog.repository_root}/{src.engine}/{tier}/`, named "
+        f"`{source}-{group}-PARTITION-TIMESTAMP.{'dump' if src.engine == 'postgres' else 'db'}.zst` "
+        f"(PARTITION is the partition's date, TIMESTAMP the UTC time of the backup), zstd-compressed, with a "
+        f"`.meta` JSON manifest beside it (sha256, row counts, versions).{promoted}"
     )
 
     # BackfillPolicy is beta in dagster 1.13; one partition per run is what we rely on

@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import sys
+import time
 from pathlib import Path
 
-from ..catalog import demo_home
+from ..catalog import demo_env, demo_home
 from .cluster import LocalCluster, embedded_bin_dir
 from .seed import seed_miyabi, seed_myloware
 
@@ -30,6 +32,17 @@ concurrency:
   pools:
     # one dump at a time per database server (each backup asset's pool is its server)
     default_limit: 1
+# a killed run worker is noticed and its run marked failed (the run-failure alert follows):
+# LocalRunLauncher answers run monitoring's health check from the worker's pid
+run_launcher:
+  module: backup_assets.defs.run_launcher
+  class: LocalRunLauncher
+run_monitoring:
+  enabled: true
+  start_timeout_seconds: 180
+  cancel_timeout_seconds: 180
+  max_resume_run_attempts: 0
+  poll_interval_seconds: 30
 telemetry:
   enabled: false
 """
@@ -39,18 +52,21 @@ def _secrets_file(home: Path) -> Path:
     return home / "secrets.env"
 
 
+def write_settings(home: Path, settings: dict[str, str]) -> None:
+    """The demo's settings file (0600): the CLI and Dagster read it, from any directory."""
+    home.mkdir(parents=True, exist_ok=True)
+    merged = {**demo_env(home), **settings}
+    fd = os.open(_secrets_file(home), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.writelines(f"{k}={v}\n" for k, v in merged.items())
+
+
 def demo_password(home: Path) -> str:
     """The demo cluster's password, made once and kept in .demo/secrets.env (0600)."""
-    path = _secrets_file(home)
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.startswith(f"{PASSWORD_ENV}="):
-                return line.split("=", 1)[1]
-    password = secrets.token_urlsafe(24)
-    home.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(f"{PASSWORD_ENV}={password}\n")
+    password = demo_env(home).get(PASSWORD_ENV)
+    if password is None:
+        password = secrets.token_urlsafe(24)
+        write_settings(home, {PASSWORD_ENV: password})
     return password
 
 
@@ -81,6 +97,7 @@ def setup() -> Path:
     os.environ[PASSWORD_ENV] = cluster.password
     os.environ["BACKUP_ASSETS_DEMO_HOME"] = str(home)
     os.environ.setdefault("BACKUP_ASSETS_DEMO_PG_PORT", str(cluster.port))
+    write_settings(home, {"BACKUP_ASSETS_DEMO_PG_PORT": str(cluster.port)})
     print(f"demo PostgreSQL: 127.0.0.1:{cluster.port}/myloware (password in {_secrets_file(home)})")
     print(f"demo SQLite:     {data / 'miyabi.db'}, {data / 'miyabi-persistence.db'}")
     return home
@@ -90,7 +107,9 @@ def dagster_home() -> Path:
     home = Path(os.environ.get("DAGSTER_HOME") or PROJECT_ROOT / ".dagster_home").resolve()
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
-    if not config.exists():
+    # ours (written by an earlier `make run`) is kept current; one an operator wrote is left alone
+    if not config.exists() or (config.read_text().startswith("# Written by `make run`")
+                               and config.read_text() != LOCAL_DAGSTER_YAML):
         config.write_text(LOCAL_DAGSTER_YAML)
     os.environ["DAGSTER_HOME"] = str(home)
     return home
@@ -102,6 +121,8 @@ def run() -> None:
     dagster = shutil.which("dagster", path=str(Path(sys.executable).parent)) or "dagster"
     print(f"DAGSTER_HOME={home}\nstarting Dagster (webserver + daemon) on http://127.0.0.1:3000 ...", flush=True)
     os.chdir(PROJECT_ROOT)
+    # `make stop` reads this: exec keeps the pid, so it is the `dagster dev` that owns webserver and daemon
+    (demo_home() / "dagster.pid").write_text(str(os.getpid()))
     os.execv(dagster, [dagster, "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", "3000"])
 
 
@@ -113,15 +134,72 @@ def backup() -> int:
     return main(["backup", "--tier", "daily"])
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            child = int(stat.parent.name)
+            found += [child] + _children(child)
+    return found
+
+
+def stop_dagster(home: Path, timeout_s: float = 30) -> bool:
+    """Stop the `dagster dev` of `make run` with its webserver and daemon (SIGTERM, then SIGKILL)."""
+    pid_file = home / "dagster.pid"
+    try:
+        pid = int(pid_file.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        pid_file.unlink(missing_ok=True)
+        return False
+    if b"dagster" not in cmdline:
+        pid_file.unlink(missing_ok=True)
+        return False
+    family = [pid] + _children(pid)
+    for p in family:
+        try:
+            os.kill(p, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in family):
+        time.sleep(0.3)
+    for p in family:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    pid_file.unlink(missing_ok=True)
+    return True
+
+
 def stop() -> None:
     home = demo_home()
+    if stop_dagster(home):
+        print("Dagster (webserver and daemon) stopped")
     if (home / "pg").exists():
         demo_cluster(home).stop()
         print("demo PostgreSQL stopped")
 
 
+def env() -> None:
+    """What to paste into a shell to use the demo from the command line (no secrets: the CLI reads
+    the demo's settings file itself)."""
+    venv_bin = Path(sys.executable).parent
+    print(f"export PATH={venv_bin}:$PATH")
+    print(f"export DAGSTER_HOME={dagster_home()}")
+    print(f"export BACKUP_ASSETS_DEMO_HOME={demo_home()}")
+
+
 def main(argv: list[str]) -> int:
     command = argv[0] if argv else "run"
+    if command == "env":
+        env()
+        return 0
     if command == "setup":
         setup()
     elif command == "run":

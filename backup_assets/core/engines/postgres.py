@@ -27,6 +27,7 @@ from psycopg import sql
 
 from .. import BackupError
 from ..names import TableName
+from ..owner import Owner
 from ..secrets import scrub
 
 CONNECT_TIMEOUT_S = 10
@@ -490,26 +491,70 @@ def database_comment(conn: psycopg.Connection, name: str) -> str | None:
 
 
 def marker(mark: str, **extra) -> str:
-    """A database comment saying which of our operations owns a scratch database."""
-    return json.dumps({"mark": mark, "pid": os.getpid(), "host": os.uname().nodename,
-                       "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **extra})
+    """A comment saying which of our operations owns a scratch database or schema, and which
+    process (host, pid, start time) runs it."""
+    return json.dumps({"mark": mark, **Owner.me().to_json(), **extra})
+
+
+def read_marker(comment: str | None, mark: str) -> dict | None:
+    try:
+        data = json.loads(comment or "")
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) and data.get("mark") == mark else None
 
 
 def has_marker(comment: str | None, mark: str) -> bool:
-    try:
-        return json.loads(comment or "").get("mark") == mark
-    except (ValueError, AttributeError):
+    return read_marker(comment, mark) is not None
+
+
+def marker_owner_alive(data: dict) -> bool:
+    owner = Owner.from_json(data)
+    if owner is None:
         return False
+    try:
+        created = dt.datetime.fromisoformat(data.get("created", ""))
+        age = (dt.datetime.now(dt.timezone.utc) - created).total_seconds()
+    except (TypeError, ValueError):
+        age = None
+    return owner.is_alive(age_s=age)
+
+
+_OWNED = re.compile(r"_([0-9a-f]{8})_(\d+)_(\d+)$")
+
+
+def owned_name(base: str) -> str:
+    """A scratch database's name that says who made it (host, pid, process start): CREATE DATABASE
+    cannot run in a transaction with the COMMENT that marks it, and a server finishes a CREATE
+    DATABASE whose client was killed, so the name is what a sweep can always judge."""
+    owner = Owner.me()
+    suffix = f"_{owner.host}_{owner.pid}_{owner.start}"
+    return base[: 63 - len(suffix)] + suffix
+
+
+def name_owner(name: str) -> Owner | None:
+    match = _OWNED.search(name)
+    return Owner(match.group(1), int(match.group(2)), int(match.group(3))) if match else None
 
 
 def drop_marked_databases(conn: psycopg.Connection, *, like: str, mark: str, protect: set[str] = frozenset()) -> list[str]:
-    """Drop the leftovers of interrupted operations: databases named `like` that carry `mark`,
-    never one without it."""
+    """Drop the leftovers of interrupted operations: databases named `like` that carry `mark` (or an
+    owner in their name, when the operation died before it could mark them) and whose owner process
+    is gone; never one that is neither, never one of a live operation."""
     dropped = []
     for name, comment in conn.execute(
         "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database WHERE datname LIKE %s", (like,)
     ).fetchall():
-        if name not in protect and has_marker(comment, mark):
+        if name in protect:
+            continue
+        data = read_marker(comment, mark)
+        if data is not None:
+            dead = not marker_owner_alive(data)
+        elif comment is None and (owner := name_owner(name)) is not None:
+            dead = not owner.is_alive()
+        else:
+            continue
+        if dead:
             drop_database(conn, name)
             dropped.append(name)
     return dropped

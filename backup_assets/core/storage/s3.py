@@ -21,7 +21,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
 from ...catalog import S3Replication
-from .. import BackupError
+from .. import BackupError, failpoints
 
 MIB = 1024 * 1024
 COPY_LIMIT = 5 * 1024 * MIB  # copy_object's limit; larger objects are copied in parts
@@ -162,6 +162,7 @@ class S3Storage:
                     r = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
                                                 Body=chunk, ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum)
                     parts.append({"PartNumber": number, "ETag": r["ETag"], "ChecksumSHA256": checksum})
+                    failpoints.point("s3.part_uploaded")
                     number += 1
                     del chunk
             self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,

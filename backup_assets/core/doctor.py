@@ -1,0 +1,127 @@
+"""Finding and repairing what interrupted operations left, and the safety copies restores keep.
+
+`backup-assets doctor` (and, for their own part, every backup, drill and restore) removes the
+leftovers of dead operations: partial files, scratch folders (decoded archives are plaintext
+copies of a database), scratch databases, the swap state of a restore (a database left refusing
+connections), and artifacts without a manifest. It never touches what a live operation owns, and
+says what it did.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from psycopg import sql
+
+from ..catalog import Catalog
+from . import BackupError
+from .backup import repository_for
+from .engines import postgres
+
+ORPHAN_AGE_S = 600  # an artifact renamed into place gets its manifest within moments
+SAFETY_DB = re.compile(r".+_before_restore_(\d{14})$")
+SAFETY_SCHEMA = re.compile(r"before_restore_(\d{14})$")
+SAFETY_FILE = re.compile(r".+\.before-restore-(\d{14})$")
+
+
+def servers(catalog: Catalog) -> dict[str, postgres.Endpoint]:
+    """Every PostgreSQL server the catalog names (sources and drill servers), by host:port."""
+    from .backup import endpoint_for
+    from .verify import drill_endpoint
+
+    found: dict[str, postgres.Endpoint] = {}
+    for name, src in catalog.sources.items():
+        if src.engine != "postgres":
+            continue
+        for ep in (endpoint_for(catalog, name), drill_endpoint(catalog, name)):
+            found.setdefault(f"{ep.host}:{ep.port}", ep.with_db("postgres"))
+    return found
+
+
+def doctor(catalog: Catalog, *, say=lambda _m: None) -> list[str]:
+    from .restore import repair_interrupted_swaps
+    from .verify import DRILL_MARK
+
+    done: list[str] = []
+    repo = repository_for(catalog)
+    for path in repo.sweep():
+        done.append(f"removed {path} (left by an operation that is no longer running)")
+    for path in repo.orphans(min_age_s=ORPHAN_AGE_S):
+        path.unlink(missing_ok=True)
+        done.append(f"removed {path}: an artifact without a manifest is never a backup")
+    for where, ep in servers(catalog).items():
+        try:
+            with postgres.connect(ep, what="doctor: ") as admin:
+                done += [f"{where}: {line}" for line in repair_interrupted_swaps(admin)]
+                for name in postgres.drop_marked_databases(admin, like="drill\\_%", mark=DRILL_MARK):
+                    done.append(f"{where}: dropped {name}, the scratch database of an interrupted drill")
+        except BackupError as exc:
+            done.append(f"{where}: not checked: {exc}")
+    return done
+
+
+@dataclass
+class SafetyCopy:
+    kind: str  # database, schema, file
+    where: str
+    name: str
+    created: dt.datetime
+
+    @property
+    def age_days(self) -> float:
+        return round((dt.datetime.now(dt.timezone.utc) - self.created).total_seconds() / 86400, 1)
+
+
+def _stamp(text: str) -> dt.datetime:
+    return dt.datetime.strptime(text, "%Y%m%d%H%M%S").replace(tzinfo=dt.timezone.utc)
+
+
+def safety_copies(catalog: Catalog) -> list[SafetyCopy]:
+    """The copies restores kept of what they replaced: databases, schemas and SQLite files."""
+    found: list[SafetyCopy] = []
+    for where, ep in servers(catalog).items():
+        with postgres.connect(ep, what="safety copies: ") as admin:
+            for (name,) in admin.execute("SELECT datname FROM pg_database ORDER BY 1").fetchall():
+                if (m := SAFETY_DB.fullmatch(name)):
+                    found.append(SafetyCopy("database", where, name, _stamp(m.group(1))))
+    for source, src in catalog.sources.items():
+        if src.engine == "postgres":
+            from .backup import endpoint_for
+
+            ep = endpoint_for(catalog, source)
+            try:
+                with postgres.connect(ep, what="safety copies: ") as conn:
+                    for schema in postgres.safety_schemas(conn):
+                        if (m := SAFETY_SCHEMA.fullmatch(schema)):
+                            found.append(SafetyCopy("schema", f"{ep.host}:{ep.port}/{ep.dbname}", schema,
+                                                    _stamp(m.group(1))))
+            except BackupError:
+                continue
+        else:
+            path = catalog.resolve_path(src.path)
+            if path.parent.is_dir():
+                for f in sorted(path.parent.glob(path.name + ".before-restore-*")):
+                    if (m := SAFETY_FILE.fullmatch(f.name)):
+                        found.append(SafetyCopy("file", str(path.parent), f.name, _stamp(m.group(1))))
+    return found
+
+
+def drop_safety_copy(catalog: Catalog, copy: SafetyCopy) -> None:
+    if copy.kind == "file":
+        Path(copy.where, copy.name).unlink(missing_ok=True)
+        return
+    host, _, rest = copy.where.partition(":")
+    port, _, dbname = rest.partition("/")
+    for ep in servers(catalog).values():
+        if ep.host == host and str(ep.port) == port:
+            with postgres.connect(ep.with_db(dbname or "postgres"), what="dropping a safety copy: ") as conn:
+                if copy.kind == "database":
+                    postgres.drop_database(conn, copy.name)
+                else:
+                    conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(copy.name)))
+            return
+    raise BackupError(f"server {host}:{port} of {copy.name} is not in the catalog")
+

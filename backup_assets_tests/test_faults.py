@@ -1,0 +1,316 @@
+"""Faults: kill -9 at named points and at seeded random moments, corrupted backups, bad input.
+
+After every kill the next operation (or `backup-assets doctor`) must leave: no partial counted
+good, no leftovers (partial files, scratch folders, scratch databases), the target usable and
+either as it was or fully restored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from psycopg import sql
+
+from backup_assets.cli import main
+from backup_assets.core.artifact import partial_path
+from backup_assets.core.backup import run_backup
+from backup_assets.core.failpoints import ENV as FAILPOINTS
+from backup_assets.core.owner import Owner
+from backup_assets.core.repository import LocalRepository
+from backup_assets.core.verify import artifact_intact
+
+from . import zoo
+from .conftest import pg_source, reseal
+
+P = "2026-11-20"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child(catalog, *args, failpoint: str | None = None, **kw) -> subprocess.Popen:
+    """The CLI in a child process (so it can really be killed)."""
+    env = dict(os.environ, **({FAILPOINTS: failpoint} if failpoint else {}))
+    env.pop("BACKUP_ASSETS_CATALOG", None)
+    return subprocess.Popen([sys.executable, "-m", "backup_assets.cli", "--catalog", catalog.catalog_path, *args],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def backup_child(catalog, source: str, group: str, partition: str, failpoint: str | None = None) -> subprocess.Popen:
+    code = ("import sys; from backup_assets.catalog import load_catalog; from backup_assets.core.backup import run_backup; "
+            "run_backup(load_catalog(sys.argv[1]), sys.argv[2], sys.argv[3], 'daily', sys.argv[4])")
+    env = dict(os.environ, **({FAILPOINTS: failpoint} if failpoint else {}))
+    return subprocess.Popen([sys.executable, "-c", code, catalog.catalog_path, source, group, partition], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def leftovers(catalog, cluster) -> list[str]:
+    root = catalog.repository_root
+    found = [str(p) for p in root.rglob("*") if ".partial-" in p.name]
+    scratch = root / ".tmp"
+    found += [str(p) for p in scratch.iterdir()] if scratch.is_dir() else []
+    with cluster.connect() as conn:
+        found += [r[0] for r in conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'drill\\_%' OR datname LIKE '%\\_restoring\\_%' "
+            "OR NOT datallowconn AND datname NOT IN ('template0')").fetchall()]
+    return found
+
+
+def all_good(catalog) -> None:
+    """Every backup that counts (has a manifest) verifies."""
+    for b in LocalRepository(catalog.repository_root).backups(strict=True):
+        assert artifact_intact(b).passed, b.artifact_path
+
+
+@pytest.fixture
+def zoo_db(pg18):
+    name = "faults_" + os.urandom(4).hex()
+    with pg18.connect() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    with pg18.connect(name) as conn:
+        zoo.build(conn)
+    yield name
+    with pg18.connect() as conn:
+        for (db,) in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (name + "%",)).fetchall():
+            conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(db)))
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
+
+
+@pytest.fixture
+def catalog(pg18, zoo_db, write_catalog):
+    c = write_catalog({"zoo": pg_source(pg18, zoo_db, groups={"full": {}, "some": {"tables": ["public.t", "billing.t"]}})},
+                      tiers={"daily": {"drill": True}})
+    run_backup(c, "zoo", "full", "daily", P)
+    return c
+
+
+def content_of(cluster, db) -> dict:
+    with cluster.connect(db) as conn:
+        return zoo.content(conn)
+
+
+@pytest.mark.parametrize("point", ["artifact.before_rename", "artifact.renamed"])
+def test_a_backup_killed_between_writes_never_counts_and_leaves_nothing(pg18, catalog, point):
+    proc = backup_child(catalog, "zoo", "full", "2026-11-21", failpoint=point)
+    assert proc.wait(timeout=120) == -9
+    repo = LocalRepository(catalog.repository_root)
+    assert repo.latest("zoo", "full", "daily", "2026-11-21") is None  # nothing partial counts
+    if point == "artifact.renamed":
+        [orphan] = repo.orphans()
+        # a newer artifact without manifest hides nothing: the older complete backup is found
+        run_backup(catalog, "zoo", "full", "daily", P)
+        assert main(["--catalog", catalog.catalog_path, "verify", "--source", "zoo", "--group", "full"]) == 0
+        os.utime(orphan, (time.time() - 3600, time.time() - 3600))
+        assert main(["--catalog", catalog.catalog_path, "doctor"]) == 0
+        assert not repo.orphans()
+    else:
+        # the next operation of any kind sweeps the dead writer's partial at once
+        assert main(["--catalog", catalog.catalog_path, "list"]) == 0
+    assert not leftovers(catalog, pg18)
+    all_good(catalog)
+
+
+def test_a_killed_drill_leaves_nothing_after_the_next_operation(pg18, catalog):
+    backup = LocalRepository(catalog.repository_root).latest("zoo", "full", "daily")
+    proc = child(catalog, "verify", "--drill", str(backup.artifact_path), failpoint="drill.decoded")
+    assert proc.wait(timeout=120) == -9
+    scratch = [p for p in (catalog.repository_root / ".tmp").iterdir()]
+    assert scratch, "the killed drill left its scratch folder"
+    for folder in scratch:  # plaintext of the database: owner-only
+        assert folder.stat().st_mode & 0o777 == 0o700
+        assert all(f.stat().st_mode & 0o777 == 0o600 for f in folder.iterdir())
+    assert leftovers(catalog, pg18)
+    assert main(["--catalog", catalog.catalog_path, "doctor"]) == 0
+    assert not leftovers(catalog, pg18)
+
+
+@pytest.mark.parametrize("point", ["restore.temp", "restore.swap.marked", "restore.swap.closed", "restore.swap.renamed"])
+def test_a_restore_killed_anywhere_leaves_the_target_usable_and_whole(pg18, catalog, zoo_db, point, capsys):
+    backup_content = content_of(pg18, zoo_db)
+    with pg18.connect(zoo_db) as conn:
+        conn.execute("INSERT INTO public.t VALUES (4242)")
+    changed = content_of(pg18, zoo_db)
+    proc = child(catalog, "restore", "--source", "zoo", "--group", "full", "--confirm", failpoint=point)
+    assert proc.wait(timeout=300) == -9, proc.stderr.read().decode()
+    assert main(["--catalog", catalog.catalog_path, "doctor"]) == 0
+    said = capsys.readouterr().out
+    assert not leftovers(catalog, pg18), said
+    with pg18.connect(zoo_db) as conn:  # connections are allowed again
+        conn.execute("SELECT 1")
+    now = content_of(pg18, zoo_db)
+    assert now == (backup_content if point == "restore.swap.renamed" else changed)
+    if point == "restore.swap.closed":
+        assert "connections allowed again" in said
+    # and the next restore works
+    assert main(["--catalog", catalog.catalog_path, "restore", "--source", "zoo", "--group", "full", "--confirm",
+                 "--no-safety-copy"]) == 0
+    assert content_of(pg18, zoo_db) == backup_content
+
+
+def test_seeded_random_kills_of_backups_and_restores(pg18, catalog, zoo_db):
+    rng = random.Random(20261123)
+    backup_content = content_of(pg18, zoo_db)
+    for i in range(4):
+        proc = backup_child(catalog, "zoo", "full", "2026-11-22")
+        time.sleep(rng.uniform(0.05, 0.8))
+        proc.kill()
+        proc.wait()
+        run_backup(catalog, "zoo", "some", "daily", "2026-11-22")  # the next operation
+        assert not [p for p in catalog.repository_root.rglob("*") if ".partial-" in p.name]
+        all_good(catalog)
+    for i in range(3):
+        proc = child(catalog, "restore", "--source", "zoo", "--group", "full", "--partition", P, "--confirm",
+                     "--no-safety-copy")
+        time.sleep(rng.uniform(0.1, 2.0))
+        proc.kill()
+        proc.wait()
+        assert main(["--catalog", catalog.catalog_path, "doctor"]) == 0
+        assert not leftovers(catalog, pg18)
+        assert content_of(pg18, zoo_db) == backup_content  # as it was, or restored: the same here
+
+
+def test_live_leftovers_are_never_touched(pg18, catalog):
+    repo = LocalRepository(catalog.repository_root)
+    folder = repo.folder("postgres", "daily")
+    live = partial_path(folder / "zoo-full-2026-11-22-x.dump.zst")  # this process: alive
+    live.write_bytes(b"in progress")
+    dead = folder / f".zoo-full-2026-11-22-y.dump.zst.partial-{Owner.me().host}-999999-1-abcd"
+    dead.write_bytes(b"left by a killed process")
+    with repo.scratch("drill") as mine:
+        (mine / "archive.dump").write_bytes(b"x")
+        removed = repo.sweep()
+        assert dead in removed and live not in removed and mine.exists()
+    assert live.exists() and not dead.exists()
+    live.unlink()
+
+
+def test_a_session_that_connects_mid_restore_makes_it_refuse(pg18, catalog, zoo_db, capsys):
+    with pg18.connect(zoo_db) as conn:
+        conn.execute("INSERT INTO public.t VALUES (4242)")
+    before = content_of(pg18, zoo_db)
+    held = []
+
+    def connect_when_restoring():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with pg18.connect() as conn:
+                if conn.execute("SELECT 1 FROM pg_database WHERE datname LIKE %s",
+                                (zoo_db[:30] + "\\_restoring\\_%",)).fetchone():
+                    held.append(pg18.connect(zoo_db))
+                    return
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=connect_when_restoring)
+    watcher.start()
+    code = main(["--catalog", catalog.catalog_path, "restore", "--source", "zoo", "--group", "full", "--confirm"])
+    watcher.join()
+    assert held, "the test did not manage to connect during the restore"
+    try:
+        assert code == 1
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("backup-assets:")]
+        assert len(err) == 1 and "connected to" in err[0] and "nothing was changed" in err[0], err
+        assert content_of(pg18, zoo_db) == before
+        assert not leftovers(catalog, pg18)
+    finally:
+        held[0].close()
+
+
+def _damage(catalog, how: str):
+    repo = LocalRepository(catalog.repository_root)
+    b = repo.latest("zoo", "full", "daily", P)
+    art, meta = b.artifact_path, b.manifest_path
+    data = bytearray(art.read_bytes())
+    manifest = json.loads(meta.read_text())
+    if how == "byte flip":
+        data[len(data) // 3] ^= 0x40
+        art.write_bytes(bytes(data))
+    elif how == "truncation":
+        art.write_bytes(bytes(data[: len(data) // 2]))
+    elif how == "missing manifest":
+        meta.unlink()
+    elif how == "edited manifest":
+        manifest["row_counts"]["public.t"] = 21
+        meta.write_text(json.dumps(manifest))
+    elif how == "another partition's artifact":
+        other = run_backup(catalog, "zoo", "some", "daily", P)
+        art.write_bytes((repo.folder("postgres", "daily") / other.artifact).read_bytes())
+    elif how == "consistent manifest that lies":
+        manifest["row_counts"]["public.t"] = 21
+        meta.write_text(reseal(manifest))
+    return b
+
+
+@pytest.mark.parametrize("how", ["byte flip", "truncation", "missing manifest", "edited manifest",
+                                 "another partition's artifact", "consistent manifest that lies"])
+def test_every_corruption_is_caught_by_verify_and_refused_by_restore(pg18, catalog, zoo_db, how, capsys):
+    b = _damage(catalog, how)
+    before = content_of(pg18, zoo_db)
+    v = main(["--catalog", catalog.catalog_path, "verify", "--source", "zoo", "--group", "full", "--partition", P])
+    r = main(["--catalog", catalog.catalog_path, "restore", "--source", "zoo", "--group", "full", "--partition", P,
+              "--confirm"])
+    out = capsys.readouterr()
+    assert v == 1 and r == 1, out
+    assert content_of(pg18, zoo_db) == before
+    assert b.artifact_path.name in out.out + out.err or "no backup" in out.err
+
+
+@pytest.mark.parametrize("value", ["../../etc", "2026-13-45", "*", "2026-11-20; rm -rf /", "2099-01-01"])
+@pytest.mark.parametrize("command", ["backup", "verify", "restore"])
+def test_bad_partitions_get_one_line_and_exit_2(catalog, command, value, capsys, monkeypatch):
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    args = {"backup": ["backup", "--partition", value],
+            "verify": ["verify", "--source", "zoo", "--group", "full", "--partition", value],
+            "restore": ["restore", "--source", "zoo", "--group", "full", "--partition", value, "--confirm"]}[command]
+    assert main(["--catalog", catalog.catalog_path, *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and repr(value) in err[0] and "partitions run from" in err[0], err
+
+
+def test_without_dagster_home_one_line(catalog, capsys, monkeypatch):
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.setenv("BACKUP_ASSETS_CATALOG", catalog.catalog_path)
+    for args in (["backup"], ["runs", "prune"]):
+        assert main(["--catalog", catalog.catalog_path, *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "DAGSTER_HOME is not set" in err[0], err
+
+
+def test_a_failed_backup_prints_one_line(pg18, catalog, tmp_path, capsys, monkeypatch):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("BA_TEST_PG18_PASSWORD", "wrong password")
+    assert main(["--catalog", catalog.catalog_path, "backup", "--select", "zoo/full", "--partition", P]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "FAILED" in err[0] and "password authentication failed" in err[0], err
+    assert "wrong password" not in err[0]
+
+
+def test_list_says_where_it_looked(tmp_path, write_catalog, capsys, monkeypatch, pg18, zoo_db):
+    c = write_catalog({"zoo": pg_source(pg18, zoo_db)})
+    monkeypatch.chdir(tmp_path.parent)
+    assert main(["--catalog", c.catalog_path, "list"]) == 0
+    err = capsys.readouterr().err
+    assert str(c.repository_root) in err and c.catalog_path in err
+
+
+def test_safety_copies_are_listed_and_dropped(pg18, catalog, zoo_db, capsys):
+    assert main(["--catalog", catalog.catalog_path, "restore", "--source", "zoo", "--group", "full", "--confirm"]) == 0
+    assert main(["--catalog", catalog.catalog_path, "restore", "--source", "zoo", "--group", "full",
+                 "--tables", "public.t", "--confirm"]) == 0
+    capsys.readouterr()
+    assert main(["--catalog", catalog.catalog_path, "safety-copies", "list", "--json"]) == 0
+    copies = json.loads(capsys.readouterr().out)
+    assert {c["kind"] for c in copies} == {"database", "schema"}
+    assert main(["--catalog", catalog.catalog_path, "safety-copies", "drop", "--all"]) == 2
+    assert main(["--catalog", catalog.catalog_path, "safety-copies", "drop", "--all", "--confirm"]) == 0
+    capsys.readouterr()
+    assert main(["--catalog", catalog.catalog_path, "safety-copies", "list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out or "[]") == []
