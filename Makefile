@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export BACKUP_ASSETS_DEMO_HOME ?= $(CURDIR)/.demo
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: install run setup backup test bench clean stop
+.PHONY: install run setup backup test bench clean stop env
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,13 @@ setup: install
 backup: install
 	$(PY) -m backup_assets.demo backup
 
+## stop everything `make run` started (Dagster webserver and daemon, the demo PostgreSQL)
 stop: install
 	$(PY) -m backup_assets.demo stop
+
+## print shell settings for the command line: eval "$$(make -s env)"
+env: install
+	@$(PY) -m backup_assets.demo env
 
 test: install
 	$(PY) -m pytest -q

@@ -309,6 +309,11 @@ def test_safety_copies_are_listed_and_dropped(pg18, catalog, zoo_db, capsys):
     assert main(["--catalog", catalog.catalog_path, "safety-copies", "list", "--json"]) == 0
     copies = json.loads(capsys.readouterr().out)
     assert {c["kind"] for c in copies} == {"database", "schema"}
+    from backup_assets.core import health
+
+    _rows, forecast = health.report(catalog)
+    assert len(forecast["safety_copies"]) == 2
+    assert "Safety copies kept by restores (2" in health.markdown(_rows, forecast)
     assert main(["--catalog", catalog.catalog_path, "safety-copies", "drop", "--all"]) == 2
     assert main(["--catalog", catalog.catalog_path, "safety-copies", "drop", "--all", "--confirm"]) == 0
     capsys.readouterr()

@@ -221,3 +221,39 @@ def test_restore_from_s3_downloads_verifies_and_restores(miyabi_db, write_catalo
     with pytest.raises(BackupError, match="downloaded sha256 .* differs"):
         fetch_from_s3(catalog, source="miyabi", group="full", storage=storage_for(catalog, moto_s3.client()))
     assert not list((catalog.repository_root / "sqlite").rglob("*.zst"))
+
+
+KILLABLE_REPLICA = r"""
+import sys
+from backup_assets.catalog import load_catalog
+from backup_assets.core.replica import replicate, storage_for
+from backup_assets.core.verify import find_backup
+catalog = load_catalog(sys.argv[1])
+replicate(catalog, find_backup(catalog, "big", "full", "daily", sys.argv[2]), storage_for(catalog))
+"""
+
+
+def test_an_upload_killed_mid_way_never_counts_and_the_next_one_completes(big_sqlite, write_catalog, moto_s3, bucket):
+    import os
+    import subprocess
+    import sys
+
+    from backup_assets.core.failpoints import ENV
+
+    catalog = write_catalog({"big": {"engine": "sqlite", "path": str(big_sqlite)}},
+                            replication=s3_replication(moto_s3, bucket, part_size_mb=5))
+    run_backup(catalog, "big", "full", "daily", P)
+    backup = find_backup(catalog, "big", "full", "daily", P)
+    proc = subprocess.run([sys.executable, "-c", KILLABLE_REPLICA, catalog.catalog_path, P],
+                          env=dict(os.environ, **{ENV: "s3.part_uploaded"}), capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()
+    client = moto_s3.client()
+    key = f"backups/sqlite/daily/{backup.artifact_path.name}"
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads"), "the killed upload left its parts"
+    assert "Contents" not in client.list_objects_v2(Bucket=bucket), "nothing partial looks like a replica"
+    assert not replica_intact(catalog, backup, storage_for(catalog)).passed
+    result = replicate(catalog, backup, storage_for(catalog))
+    assert result.mode == "upload"
+    assert replica_intact(catalog, backup, storage_for(catalog)).passed
+    assert not client.list_multipart_uploads(Bucket=bucket).get("Uploads"), "the stale upload was aborted"
+    assert client.head_object(Bucket=bucket, Key=key)["Metadata"]["sha256"] == backup.manifest.sha256

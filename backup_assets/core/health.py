@@ -69,6 +69,7 @@ def report(catalog: Catalog, now: dt.datetime | None = None) -> tuple[list[TierH
     disk = disk_status(catalog)
     on_disk = sum(p.stat().st_size for p in repo.root.rglob("*") if p.is_file()) if repo.root.exists() else 0
     forecast = {
+        "safety_copies": _safety_copies(catalog),
         "repository_bytes": on_disk,
         "daily_bytes": sum(daily_sizes.values()),
         "estimated_30_day_bytes": sum(daily_sizes.values()) * 30,
@@ -76,6 +77,18 @@ def report(catalog: Catalog, now: dt.datetime | None = None) -> tuple[list[TierH
         "disk": disk,
     }
     return rows, forecast
+
+
+def _safety_copies(catalog: Catalog) -> list[dict] | str:
+    """The copies restores kept (databases, schemas, files): they hold old data and take space."""
+    from . import BackupError
+    from .doctor import safety_copies
+
+    try:
+        return [{"kind": c.kind, "where": c.where, "name": c.name, "age_days": c.age_days}
+                for c in safety_copies(catalog)]
+    except BackupError as exc:
+        return f"not checked: {exc}"
 
 
 def markdown(rows: list[TierHealth], forecast: dict) -> str:
@@ -91,4 +104,10 @@ def markdown(rows: list[TierHealth], forecast: dict) -> str:
                   f"{human_size(forecast['daily_bytes'])} a day, about {human_size(forecast['estimated_30_day_bytes'])} "
                   f"in 30 days. Disk free: {human_size(disk['free_bytes'])} ({disk['free_percent']}%)"
                   + (f", full in about {forecast['days_until_full']} days." if forecast["days_until_full"] else ".")]
+    copies = forecast.get("safety_copies")
+    if isinstance(copies, str):
+        lines += ["", f"Safety copies: {copies}"]
+    elif copies:
+        lines += ["", f"Safety copies kept by restores ({len(copies)}; drop with `backup-assets safety-copies drop`):"]
+        lines += [f"- {c['kind']} {c['name']} on {c['where']}, {c['age_days']} days old" for c in copies]
     return "\n".join(lines)

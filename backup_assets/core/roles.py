@@ -62,14 +62,13 @@ class Globals:
 def read(conn: psycopg.Connection, dbname: str) -> Globals:
     """The server's roles and the database's grants and settings (predefined pg_* roles left out)."""
     out = Globals()
-    columns = ", ".join(a for a, _ in ATTRIBUTES)
+    columns = sql.SQL(", ").join(sql.Identifier(a) for a, _ in ATTRIBUTES)
+    query = sql.SQL("SELECT rolname, {}, rolconnlimit, rolvaliduntil, {} FROM {} WHERE rolname !~ '^pg_' ORDER BY rolname")
     try:
-        rows = conn.execute(f"SELECT rolname, {columns}, rolconnlimit, rolvaliduntil, rolpassword FROM pg_authid "
-                            "WHERE rolname !~ '^pg_' ORDER BY rolname").fetchall()
+        rows = conn.execute(query.format(columns, sql.Identifier("rolpassword"), sql.Identifier("pg_authid"))).fetchall()
     except psycopg.errors.InsufficientPrivilege:  # not a superuser: roles without their password hashes
         out.passwords_included = False
-        rows = conn.execute(f"SELECT rolname, {columns}, rolconnlimit, rolvaliduntil, NULL FROM pg_roles "
-                            "WHERE rolname !~ '^pg_' ORDER BY rolname").fetchall()
+        rows = conn.execute(query.format(columns, sql.NULL, sql.Identifier("pg_roles"))).fetchall()
     for row in rows:
         role = {"name": row[0], **{a: bool(v) for (a, _), v in zip(ATTRIBUTES, row[1:8])},
                 "connlimit": row[8], "valid_until": row[9].isoformat() if row[9] else None, "password": row[10]}

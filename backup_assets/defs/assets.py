@@ -47,7 +47,8 @@ def backup_metadata(manifest: Manifest, path: str) -> dict:
 def build_backup_asset(catalog: Catalog, source: str, group: str, tier: str) -> dg.AssetsDefinition:
     src = catalog.sources[source]
     tables = src.group_tables(group)
-    what = "the whole database" if tables is None else ", ".join(tables)
+    what = ("the server's roles, memberships and settings, and the database's grants" if tables == []
+            else "the whole database" if tables is None else ", ".join(tables))
     upstream = upstream_tier(catalog, source, tier)
     deps = []
     if upstream is not None:

@@ -194,6 +194,8 @@ def build_health(catalog: Catalog) -> dg.AssetsDefinition:
             "repository_bytes": dg.MetadataValue.int(forecast["repository_bytes"]),
             "estimated_30_day_bytes": dg.MetadataValue.int(forecast["estimated_30_day_bytes"]),
             "disk_free_bytes": dg.MetadataValue.int(forecast["disk"]["free_bytes"]),
+            "safety_copies": dg.MetadataValue.int(len(forecast["safety_copies"])
+                                                  if isinstance(forecast["safety_copies"], list) else -1),
             "forecast": dg.MetadataValue.json(forecast),
         })
 

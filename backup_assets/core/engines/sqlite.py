@@ -25,7 +25,7 @@ def online_copy(source: Path, dest: Path, *, what: str = "") -> None:
     try:
         src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
         try:
-            src.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            src.execute("PRAGMA busy_timeout = %d" % BUSY_TIMEOUT_MS)
             src.execute("SELECT count(*) FROM sqlite_master").fetchone()
             dst = sqlite3.connect(dest)
             try:
@@ -57,11 +57,15 @@ def tables(conn: sqlite3.Connection) -> list[str]:
     ).fetchall()]
 
 
+def quote_ident(name: str) -> str:
+    """A SQLite identifier, double-quoted with quotes doubled (the names come from the file)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 def row_counts(path: Path) -> dict[str, int]:
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        return {t: conn.execute(f'SELECT count(*) FROM "{t.replace(chr(34), chr(34) * 2)}"').fetchone()[0]
-                for t in tables(conn)}
+        return {t: conn.execute("SELECT count(*) FROM " + quote_ident(t)).fetchone()[0] for t in tables(conn)}
     finally:
         conn.close()
 

@@ -1,0 +1,58 @@
+"""A new user's first hour: the README's commands from any directory, `make stop`, plain texts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from backup_assets.catalog import catalog_from_env
+from backup_assets.defs.build import build_definitions
+
+
+def test_the_demo_catalog_reads_its_settings_from_any_directory(tmp_path, monkeypatch):
+    home = tmp_path / "demo"
+    home.mkdir()
+    (home / "secrets.env").write_text("MYLOWARE_DB_PASSWORD=s3cret-from-file\nBACKUP_ASSETS_DEMO_PG_PORT=55999\n")
+    monkeypatch.setenv("BACKUP_ASSETS_DEMO_HOME", str(home))
+    monkeypatch.delenv("BACKUP_ASSETS_CATALOG", raising=False)
+    monkeypatch.delenv("MYLOWARE_DB_PASSWORD", raising=False)
+    monkeypatch.delenv("BACKUP_ASSETS_DEMO_PG_PORT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    catalog = catalog_from_env()
+    conn = catalog.sources["myloware"].connection
+    assert conn.password() == "s3cret-from-file" and conn.port == 55999
+    assert catalog.repository_root == home / "backups"
+
+
+def test_make_stop_stops_dagster_dev_and_its_children(tmp_path):
+    from backup_assets.demo.__main__ import stop_dagster
+
+    # a stand-in for `dagster dev` with a webserver/daemon child, recorded as `make run` does
+    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); time.sleep(120)"
+    proc = subprocess.Popen([sys.executable, "-c", code, "dagster", "dev"])
+    time.sleep(1)
+    children = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
+                if p.read_text().rsplit(")", 1)[1].split()[1] == str(proc.pid)]
+    assert children
+    (tmp_path / "dagster.pid").write_text(str(proc.pid))
+    assert stop_dagster(tmp_path, timeout_s=10)
+    proc.wait(timeout=10)
+    time.sleep(0.5)
+    for pid in children:
+        state = Path(f"/proc/{pid}/stat")
+        assert not state.exists() or state.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    assert not (tmp_path / "dagster.pid").exists()
+    assert not stop_dagster(tmp_path)  # nothing left to stop: says so, no error
+
+
+def test_asset_descriptions_have_no_blanks_that_markdown_eats(write_catalog, tmp_path):
+    catalog = write_catalog({"miyabi": {"engine": "sqlite", "path": str(tmp_path / "m.db")}})
+    defs = build_definitions(catalog)
+    spec = defs.resolve_assets_def(dg.AssetKey(["miyabi", "full", "daily"])).specs_by_key[dg.AssetKey(["miyabi", "full", "daily"])]
+    assert "<" not in spec.description and "miyabi-full-PARTITION-TIMESTAMP.db.zst" in spec.description
+    assert os.path.isabs(str(catalog.repository_root))
