@@ -289,6 +289,10 @@ def test_restore_onto_a_server_without_the_roles_recreates_them_from_the_roles_b
         conn.execute(sql.SQL("ALTER TABLE public.owned OWNER TO {}").format(sql.Identifier(owner)))
         conn.execute(sql.SQL("GRANT SELECT ON public.owned TO {}").format(sql.Identifier(team)))
         conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(db), sql.Identifier(login)))
+        conn.execute(sql.SQL("ALTER DATABASE {} SET work_mem = '7MB'").format(sql.Identifier(db)))
+        conn.execute(sql.SQL('ALTER ROLE {} SET search_path = "$user", "Odd Schema", public').format(sql.Identifier(login)))
+        conn.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} SET statement_timeout = '5s'").format(
+            sql.Identifier(login), sql.Identifier(db)))
         password_hash = conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", (login,)).fetchone()[0]
     catalog = write_catalog({"o": pg_source(pg15, db, PG15_PASSWORD_ENV, groups={"full": {}})},
                             tiers={"daily": {"drill": True}})
@@ -317,6 +321,12 @@ def test_restore_onto_a_server_without_the_roles_recreates_them_from_the_roles_b
             assert conn.execute("SELECT rolcanlogin, rolconnlimit, rolpassword FROM pg_authid WHERE rolname = %s",
                                 (login,)).fetchone() == (True, 7, password_hash)
             assert conn.execute("SELECT pg_has_role(%s, %s, 'MEMBER')", (login, team)).fetchone()[0]
+            settings = {(r, d): c for r, d, c in conn.execute(
+                "SELECT r.rolname, d.datname, s.setconfig FROM pg_db_role_setting s LEFT JOIN pg_roles r ON r.oid = s.setrole "
+                "LEFT JOIN pg_database d ON d.oid = s.setdatabase").fetchall()}
+            assert settings[(None, target)] == ["work_mem=7MB"]
+            assert settings[(login, None)] == ['search_path="$user", "Odd Schema", public']
+            assert settings[(login, target)] == ["statement_timeout=5s"]
     finally:
         _drop(pg18, target)
         _drop(pg15, db)

@@ -288,6 +288,9 @@ def _restore_roles(backup: StoredBackup, ep: postgres.Endpoint, *, say, started:
     with postgres.connect(ep.with_db("postgres"), what=f"restore of {backup.manifest.source} roles: ") as admin:
         with admin.transaction():
             created = roles.create_missing(admin, saved)
+        for problem in roles.apply_settings(admin, saved, source_db=backup.manifest.database, target_db=None,
+                                            roles=set(created)):
+            say(f"setting not restored: {problem}")
     say(f"created role(s): {', '.join(created) if created else 'none (all exist)'}")
     return RestoreResult(f"{ep.host}:{ep.port}", {}, {}, [], None, round(time.monotonic() - started, 3),
                          backup.manifest.artifact, extra={"created_roles": created})
@@ -351,6 +354,9 @@ def _restore_whole(catalog: Catalog, backup: StoredBackup, admin, ep: postgres.E
             swapped = True
         if saved is not None and m.whole_database:
             roles.apply_database_grants(admin, saved, target)
+            for problem in roles.apply_settings(admin, saved, source_db=m.database, target_db=target,
+                                                roles=set(created_roles)):
+                say(f"setting not restored: {problem}")
         if safety and not safety_copy:
             postgres.drop_database(admin, safety)
             safety = None

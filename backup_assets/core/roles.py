@@ -140,6 +140,40 @@ def apply_database_grants(conn: psycopg.Connection, saved: Globals, dbname: str)
     return done
 
 
+def apply_settings(conn: psycopg.Connection, saved: Globals, *, source_db: str, target_db: str | None,
+                   roles: set[str]) -> list[str]:
+    """Re-apply saved settings: the database's own (onto `target_db`), and those of the roles in
+    `roles` (server-wide, and in the database). Each value is set in this session with set_config
+    and stored with `SET ... FROM CURRENT`, so PostgreSQL parses it exactly as it did when it was
+    saved (list settings such as search_path keep their quoting). A setting this server does not
+    accept is skipped and reported, never half-applied."""
+    problems = []
+    for entry in saved.settings:
+        role, database = entry.get("role"), entry.get("database")
+        if database is not None and (database != source_db or target_db is None):
+            continue
+        if role is not None and role not in roles:
+            continue
+        if role is None and database is None:
+            continue
+        if role is None:
+            target = sql.SQL("DATABASE {}").format(sql.Identifier(target_db))
+        elif database is None:
+            target = sql.SQL("ROLE {}").format(sql.Identifier(role))
+        else:
+            target = sql.SQL("ROLE {} IN DATABASE {}").format(sql.Identifier(role), sql.Identifier(target_db))
+        for item in entry.get("config", []):
+            name, _, value = item.partition("=")
+            try:
+                with conn.transaction():
+                    conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+                    conn.execute(sql.SQL("ALTER {} SET {} FROM CURRENT").format(
+                        target, sql.Identifier(*name.split("."))))
+            except psycopg.Error as exc:
+                problems.append(f"{item} for {role or target_db}: {str(exc).strip().splitlines()[0]}")
+    return problems
+
+
 def drill(conn: psycopg.Connection, saved: Globals) -> list[str]:
     """Create every saved role the server lacks, with its memberships, inside a transaction that is
     rolled back: proves the backup restores without changing the server. Returns the roles tried."""
