@@ -337,7 +337,7 @@ def _restore_whole(catalog: Catalog, backup: StoredBackup, admin, ep: postgres.E
         wanted_tables = [TableName.parse(t) for t in m.row_counts]
         with postgres.connect(ep.with_db(temp)) as conn:
             facts = postgres.table_facts(conn, wanted_tables)
-            restored = {str(t): postgres.fingerprint(conn, t) for t in wanted_tables if str(t) in facts.row_counts}
+        restored = postgres.fingerprints(ep.with_db(temp), [t for t in wanted_tables if str(t) in facts.row_counts])
         problems = compare_with_manifest(m, facts.row_counts, facts.vectors, facts.indexes)
         problems += compare_content(scanned.tables, restored)
         if problems:

@@ -294,7 +294,7 @@ def _postgres_drill(catalog: Catalog, backup: StoredBackup, *, jobs: int) -> Out
                 wanted = [TableName.parse(t) for t in m.row_counts]
                 facts = postgres.table_facts(conn, wanted)
                 exts = dict(conn.execute("SELECT extname, extversion FROM pg_extension").fetchall())
-                restored = {str(t): postgres.fingerprint(conn, t) for t in wanted if str(t) in facts.row_counts}
+            restored = postgres.fingerprints(target, [t for t in wanted if str(t) in facts.row_counts])
             rto = time.monotonic() - started
             problems = compare_with_manifest(m, facts.row_counts, facts.vectors, facts.indexes, exts)
             problems += compare_content(archive.tables, restored)

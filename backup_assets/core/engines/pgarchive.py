@@ -90,32 +90,38 @@ class _Reader:
     def __init__(self, stream: BinaryIO):
         self._stream = stream
         self._buf = b""
+        self._pos = 0
         self.offset = 0
         self.int_size = 4
         self.off_size = 8
 
     def read(self, n: int) -> bytes:
-        parts = [self._buf[:n]]
+        end = self._pos + n
+        if end <= len(self._buf):  # the common case: a small read inside the buffer, no copy of the rest
+            data = self._buf[self._pos:end]
+            self._pos = end
+            self.offset += n
+            return data
+        parts = [self._buf[self._pos:]]
         have = len(parts[0])
-        self._buf = self._buf[n:]
         while have < n:
-            chunk = self._stream.read(max(n - have, 1 << 16))
+            chunk = self._stream.read(max(n - have, 1 << 20))
             if not chunk:
                 raise ArchiveFormatError(f"archive ends early (at byte {self.offset + have}, {n - have} byte(s) short)")
-            take = chunk[: n - have]
-            self._buf = chunk[len(take):]
-            parts.append(take)
-            have += len(take)
+            parts.append(chunk)
+            have += len(chunk)
+        joined = b"".join(parts)
+        self._buf, self._pos = joined, n
         self.offset += n
-        return b"".join(parts)
+        return joined[:n]
 
     def at_end(self) -> bool:
-        if self._buf:
+        if self._pos < len(self._buf):
             return False
-        chunk = self._stream.read(1 << 16)
+        chunk = self._stream.read(1 << 20)
         if not chunk:
             return True
-        self._buf = chunk
+        self._buf, self._pos = chunk, 0
         return False
 
     def byte(self) -> int:
@@ -244,16 +250,28 @@ def read_archive(stream: BinaryIO, on_data: DataSink | None = None,
     return archive
 
 
+BATCH = 1 << 20
+
+
 def _read_chunks(r: _Reader, sink: Callable[[bytes], None] | None) -> None:
+    """A data block's chunks (pg_dump writes one per row), handed on in batches of about 1 MB."""
+    batch: list[bytes] = []
+    size = 0
     while True:
         length = r.int_()
         if length == 0:
-            return
+            break
         if length < 0 or length > 1 << 31:
             raise ArchiveFormatError(f"data chunk of {length} bytes at byte {r.offset}: the archive is damaged")
         data = r.read(length)
         if sink is not None:
-            sink(data)
+            batch.append(data)
+            size += length
+            if size >= BATCH:
+                sink(b"".join(batch))
+                batch, size = [], 0
+    if sink is not None and batch:
+        sink(b"".join(batch))
 
 
 def read_toc(stream: BinaryIO) -> Archive:

@@ -294,15 +294,21 @@ def output_options() -> str:
     return " ".join(f"-c {k}={v}" for k, v in OUTPUT_SETTINGS.items())
 
 
-def _copy_line_sql(columns: list[str]) -> sql.Composable:
+# types whose text output never holds a backslash or a control character: no COPY escaping needed
+PLAIN_OUTPUT_CATEGORIES = {"N", "B", "D", "T", "V"}  # numeric, boolean, date/time, timespan, bit strings
+PLAIN_OUTPUT_TYPES = set(VECTOR_TYPES) | {"uuid", "oid", "inet", "cidr", "macaddr", "macaddr8", "pg_lsn"}
+
+
+def _copy_line_sql(columns: list[tuple[str, bool]]) -> sql.Composable:
     """SQL for a row's COPY text line: each column's text output, escaped as COPY TO does
-    (backslash, \\b \\f \\n \\r \\t \\v), NULL as \\N, joined by tabs."""
+    (backslash, \\b \\f \\n \\r \\t \\v) unless its type never needs it, NULL as \\N,
+    joined by tabs."""
     parts = []
-    for col in columns:
+    for col, plain in columns:
         # concat() prints through the type's output function, as COPY does (a cast to text
         # would not: true::text is 'true' where COPY writes 't', char(n) would lose its padding)
         value = sql.SQL("concat({})").format(sql.Identifier(col))
-        for raw, escaped in (("\\", "\\\\"), ("\b", "\\b"), ("\f", "\\f"), ("\n", "\\n"),
+        for raw, escaped in () if plain else (("\\", "\\\\"), ("\b", "\\b"), ("\f", "\\f"), ("\n", "\\n"),
                              ("\r", "\\r"), ("\t", "\\t"), ("\v", "\\v")):
             value = sql.SQL("replace({}, {}, {})").format(value, sql.Literal(raw), sql.Literal(escaped))
         parts.append(sql.SQL("CASE WHEN {} IS NULL THEN {} ELSE {} END").format(
@@ -314,9 +320,17 @@ def _copy_line_sql(columns: list[str]) -> sql.Composable:
 
 def copy_columns(conn: psycopg.Connection, table: TableName) -> list[str]:
     """The columns pg_dump writes for a table, in its order: not dropped, not generated."""
-    return [r[0] for r in conn.execute(
-        "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped "
-        "AND attgenerated = '' ORDER BY attnum", (_regclass(table),)).fetchall()]
+    return [name for name, _plain in _copy_columns(conn, table)]
+
+
+def _copy_columns(conn: psycopg.Connection, table: TableName) -> list[tuple[str, bool]]:
+    """(column, whether its type's output needs no COPY escaping), in pg_dump's order."""
+    return [(name, category in PLAIN_OUTPUT_CATEGORIES or typname in PLAIN_OUTPUT_TYPES)
+            for name, category, typname in conn.execute(
+                "SELECT a.attname, t.typcategory, t.typname FROM pg_attribute a "
+                "JOIN pg_type t ON t.oid = a.atttypid "  # a domain has its base type's category
+                "WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' "
+                "ORDER BY a.attnum", (_regclass(table),)).fetchall()]
 
 
 def use_output_settings(conn: psycopg.Connection) -> None:
@@ -333,7 +347,7 @@ def fingerprint(conn: psycopg.Connection, table: TableName) -> tuple[int, str]:
     leaves = leaf_partitions(conn, table) if kind == "p" else [table]
     rows, total = 0, 0
     for leaf in leaves:
-        line = _copy_line_sql(copy_columns(conn, leaf))
+        line = _copy_line_sql(_copy_columns(conn, leaf))
         n, s = conn.execute(sql.SQL(
             "SELECT count(*), coalesce(sum(('x' || substr(md5(convert_to({}, 'UTF8')), 1, 16))::bit(64)::bigint::numeric), 0) "
             "FROM ONLY {}").format(line, leaf.ident())).fetchone()
@@ -351,6 +365,41 @@ def safety_schemas(conn: psycopg.Connection) -> list[str]:
     """Schemas holding the safety copies of `--tables` restores (marked by a comment of ours)."""
     rows = conn.execute("SELECT nspname, obj_description(oid, 'pg_namespace') FROM pg_namespace").fetchall()
     return sorted(name for name, comment in rows if has_marker(comment, SAFETY_MARK))
+
+
+def fingerprints(ep: Endpoint, tables: list[TableName], *, workers: int = 2) -> dict[str, tuple[int, str]]:
+    """`fingerprint` of many tables, the biggest first, over `workers` connections at once (the
+    restored database is otherwise idle: this is what keeps a drill close to a raw restore)."""
+    with connect(ep) as conn:
+        sizes = {t: conn.execute("SELECT coalesce(sum(pg_relation_size(relid)), 0) FROM pg_partition_tree(%s::regclass)",
+                                 (_regclass(t),)).fetchone()[0] for t in tables}
+    queue = sorted(tables, key=lambda t: -sizes[t])
+    out: dict[str, tuple[int, str]] = {}
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with connect(ep) as conn:
+                while True:
+                    with lock:
+                        if not queue or errors:
+                            return
+                        table = queue.pop(0)
+                    result = fingerprint(conn, table)
+                    with lock:
+                        out[str(table)] = result
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(max(1, min(workers, len(tables))))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return out
 
 
 # -- roles -----------------------------------------------------------------------------------------
