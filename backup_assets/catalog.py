@@ -171,6 +171,36 @@ class PruneRule(_Model):
         return value
 
 
+class Encryption(_Model):
+    """age encryption at rest: public recipients only; the identity (private key) is read from the
+    file whose path is in the environment variable `identity_file_env`, when plaintext is needed."""
+
+    recipients: list[str]
+    identity_file_env: str | None = None
+
+    @field_validator("recipients")
+    @classmethod
+    def _recipients(cls, value: list[str]) -> list[str]:
+        from .core.crypto import parse_recipient
+
+        if not value:
+            raise ValueError("name at least one recipient (an age1... or ssh-ed25519 public key)")
+        for i, r in enumerate(value):
+            try:
+                parse_recipient(r)
+            except ValueError as exc:
+                raise ValueError(f"recipient [{i}]: {exc}") from None  # never echoed: it may be a pasted secret
+        return [r.strip() for r in value]
+
+    @field_validator("identity_file_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(IDENT, value):
+            raise ValueError("identity_file_env must be the NAME of an environment variable holding the path of "
+                             "an identity file, not the key itself")
+        return value
+
+
 class Source(_Model):
     engine: Literal["postgres", "sqlite"]
     description: str | None = None
@@ -183,6 +213,8 @@ class Source(_Model):
     prune: list[PruneRule] = []
     # the server's roles, memberships and database grants, as the group `globals` (default: on)
     globals: bool | None = None
+    # overrides the catalog's encryption for this source
+    encryption: Encryption | None = None
     # SQLite
     path: str | None = None
     tables: list[str] | None = None
@@ -371,6 +403,7 @@ class Catalog(_Model):
     dr_drill: DrDrillConfig = DrDrillConfig()
     replication: Replication = Replication()
     alerts: Alerts = Alerts()
+    encryption: Encryption | None = None
     # backup-health: how old the newest good backup of a tier may be (recovery point objective)
     rpo_hours: dict[Literal[TIER_NAMES], Annotated[float, Field(gt=0)]] = {  # type: ignore[valid-type]
         "daily": 26, "weekly": 7 * 24 + 2, "monthly": 31 * 24 + 2}
@@ -424,6 +457,10 @@ class Catalog(_Model):
     @property
     def repository_root(self) -> Path:
         return self.resolve_path(self.repository.root)
+
+    def encryption_for(self, source: str) -> Encryption | None:
+        src = self.sources.get(source)
+        return (src.encryption if src is not None and src.encryption is not None else None) or self.encryption
 
     def tier(self, name: str) -> TierConfig:
         return self.tiers[name]

@@ -16,6 +16,7 @@ from .core import BackupError, verification
 from .core.backup import repository_for
 from .core.drill import markdown_report, run_dr_drill
 from .core.restore import backup_from_file, choose_backup, restore_plan, restore_postgres, restore_sqlite
+from .core.crypto import identities_if_any, key_summary
 from .core.partition_keys import BadPartition, validate
 from .core.secrets import scrub
 from .core.verify import archive_readable, artifact_intact, restore_drill
@@ -66,7 +67,7 @@ def _s3_listing(catalog, args) -> dict[str, int]:
 
     try:
         storage = storage_for(catalog)
-        return {storage.repo_key(k): size for k, size in storage.list("") if k.endswith(".zst")}
+        return {storage.repo_key(k): size for k, size in storage.list("") if k.endswith((".zst", ".zst.age"))}
     except (BackupError, CatalogError) as exc:
         print(f"backup-assets: S3 not listed: {exc}", file=sys.stderr)
         return {}
@@ -88,6 +89,7 @@ def cmd_list(args) -> int:
             "source": m.source, "group": m.group, "tier": m.tier, "partition": m.partition,
             "created": m.timestamp, "size": m.size_human, "size_bytes": m.size_bytes, "rows": m.total_rows,
             "verified": verification.summary(b), "where": "local+s3" if remote.pop(key, None) is not None else "local",
+            "key": key_summary(m),
             "path": str(b.artifact_path),
         })
     for key, size in sorted(remote.items()):  # in S3 only (pruned locally, or a lost disk)
@@ -102,7 +104,8 @@ def cmd_list(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     elif rows:
-        _print_table(rows, ["source", "group", "tier", "partition", "created", "size", "rows", "verified", "where", "path"])
+        _print_table(rows, ["source", "group", "tier", "partition", "created", "size", "rows", "verified", "where", "key",
+                            "path"])
     else:
         print(f"no backups match in repository {repo.root} (catalog {catalog.catalog_path or 'built in'})",
               file=sys.stderr)
@@ -131,7 +134,9 @@ def cmd_verify(args) -> int:
     repository_for(catalog).sweep()
     say = Reporter()
     backup = _selected_backup(args, catalog, say)
-    steps = [("artifact_intact", lambda: artifact_intact(backup)), ("archive_readable", lambda: archive_readable(catalog, backup))]
+    ids = identities_if_any(catalog, backup.manifest, artifact=str(backup.artifact_path))
+    steps = [("artifact_intact", lambda: artifact_intact(backup, ids)),
+             ("archive_readable", lambda: archive_readable(catalog, backup))]
     if args.drill:
         steps.append(("restore_drill", lambda: restore_drill(catalog, backup, jobs=args.jobs)))
     results = []

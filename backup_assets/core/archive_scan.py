@@ -76,7 +76,7 @@ class _Tee:
 
 
 def scan(artifact: Path, manifest: Manifest, *, copy_to: Path | None = None, pipe: BinaryIO | None = None,
-         on_progress: Callable[[int], None] | None = None) -> ArchiveScan:
+         on_progress: Callable[[int], None] | None = None, identities=None) -> ArchiveScan:
     """Read the whole artifact once. Raises BackupError naming the artifact when it does not
     decode, is not a readable archive, or ends early."""
     started = time.monotonic()
@@ -89,7 +89,7 @@ def scan(artifact: Path, manifest: Manifest, *, copy_to: Path | None = None, pip
 
     out = os.fdopen(os.open(copy_to, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") if copy_to is not None else None
     try:
-        with open_decompressed(artifact, manifest.raw_size_bytes) as reader:
+        with open_decompressed(artifact, manifest.raw_size_bytes, identities) as reader:
             tee = _Tee(reader, out, pipe, on_progress)
             archive = read_archive(tee, on_data)
             while tee.read(CHUNK):  # anything after the last block still has to decode (and is counted)

@@ -100,8 +100,10 @@ class ArtifactWriter:
     commit (an exception, a kill) removes the partial file.
     """
 
-    def __init__(self, final: Path, *, level: int = 3, threads: int = 0):
+    def __init__(self, final: Path, *, level: int = 3, threads: int = 0, recipients: list[str] | None = None):
         self.final = final
+        self.recipients = recipients or None
+        self._enc = None
         self.level = level
         self.threads = threads if threads > 0 else (os.cpu_count() or 1)
         self._tmp = partial_path(final)
@@ -116,8 +118,13 @@ class ArtifactWriter:
         fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         self._fh = os.fdopen(fd, "wb", buffering=CHUNK)
         self._sink = _HashingSink(self._fh)
+        inner = self._sink
+        if self.recipients:  # dump -> zstd -> age -> SHA-256 -> file
+            from .crypto import EncryptingWriter
+
+            self._enc = inner = EncryptingWriter(self._sink, self.recipients)
         cctx = zstandard.ZstdCompressor(level=self.level, threads=self.threads, write_checksum=True)
-        self._zw = cctx.stream_writer(self._sink, closefd=False, write_size=CHUNK)
+        self._zw = cctx.stream_writer(inner, closefd=False, write_size=CHUNK)
         return self
 
     def write(self, data: bytes) -> None:
@@ -135,6 +142,8 @@ class ArtifactWriter:
     def commit(self) -> WrittenArtifact:
         self._zw.flush(zstandard.FLUSH_FRAME)
         self._zw.close()
+        if self._enc is not None:
+            self._enc.close()
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self._fh.close()
@@ -148,6 +157,11 @@ class ArtifactWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.result is None:
             try:
+                if self._enc is not None:
+                    try:
+                        self._enc.close()
+                    except Exception:  # the write already failed; the partial file goes below
+                        pass
                 if self._fh and not self._fh.closed:
                     self._fh.close()
             finally:
@@ -209,20 +223,42 @@ class _CheckedReader:
         return data
 
 
+def _plain_stream(fh: BinaryIO, path: Path, identities):
+    """The zstd stream inside an artifact: the file itself, or decrypted on the fly when it is
+    age-encrypted (which needs `identities`)."""
+    from .crypto import MAGIC, DecryptingReader
+
+    head = fh.read(len(MAGIC))
+    fh.seek(0)
+    if head != MAGIC:
+        return fh, None
+    if identities is None:
+        from . import BackupError
+
+        raise BackupError(f"{path} is encrypted (age) and no identity was given to open it")
+    reader = DecryptingReader(fh, identities, what=str(path))
+    return reader, reader
+
+
 @contextmanager
-def open_decompressed(path: Path, expected_size: int | None = None) -> Iterator[_CheckedReader]:
-    """A streaming reader of the artifact's original bytes; give the manifest's raw size to have a
-    truncated stream raise."""
+def open_decompressed(path: Path, expected_size: int | None = None, identities=None) -> Iterator[_CheckedReader]:
+    """A streaming reader of the artifact's original bytes (decrypted first when it is encrypted);
+    give the manifest's raw size to have a truncated stream raise."""
     with open(path, "rb") as fh:
-        yield _CheckedReader(fh, expected_size)
+        stream, decrypting = _plain_stream(fh, path, identities)
+        try:
+            yield _CheckedReader(stream, expected_size)
+        finally:
+            if decrypting is not None:
+                decrypting.close()
 
 
 def decompress_to(artifact: Path, dest: Path, *, expected_size: int | None = None,
-                  on_progress: Callable[[int], None] | None = None) -> None:
+                  on_progress: Callable[[int], None] | None = None, identities=None) -> None:
     """Decompress to a file; `on_progress(bytes_done)` at most once a second."""
     last = time.monotonic()
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-    with open_decompressed(artifact, expected_size) as reader, os.fdopen(fd, "wb") as out:
+    with open_decompressed(artifact, expected_size, identities) as reader, os.fdopen(fd, "wb") as out:
         while chunk := reader.read(CHUNK):
             out.write(chunk)
             if on_progress and time.monotonic() - last > 1:
@@ -241,22 +277,34 @@ class _HashingReader:
         return data
 
 
-def scan_artifact(path: Path, expected_size: int) -> tuple[str, str | None]:
-    """One pass over the file: its SHA-256, and why its zstd stream does not decode to the
-    expected size (None when it does)."""
+def scan_artifact(path: Path, expected_size: int, identities=None, *, encrypted: bool = False) -> tuple[str, str | None, bool]:
+    """One pass over the file: its SHA-256, why its stream does not decrypt and decode to the
+    expected size (None when it does), and whether it was decoded at all (an encrypted artifact
+    without identities is only hashed)."""
+    from . import BackupError
+    from .crypto import DecryptingReader
+
     error = None
+    decoded = not encrypted or identities is not None
     with open(path, "rb") as fh:
         hashed = _HashingReader(fh)
-        reader = _CheckedReader(hashed, expected_size)
-        try:
-            while reader.read(CHUNK):
-                pass
-        except zstandard.ZstdError as exc:
-            error = str(exc) if isinstance(exc, TruncatedArtifact) else \
-                f"zstd stream is corrupt after {reader.decoded} decoded bytes: {exc}"
+        if decoded:
+            decrypting = DecryptingReader(hashed, identities, what=str(path)) if encrypted else None
+            reader = _CheckedReader(decrypting or hashed, expected_size)
+            try:
+                while reader.read(CHUNK):
+                    pass
+            except zstandard.ZstdError as exc:
+                error = str(exc) if isinstance(exc, TruncatedArtifact) else \
+                    f"zstd stream is corrupt after {reader.decoded} decoded bytes: {exc}"
+            except BackupError as exc:
+                error = str(exc).removeprefix(f"{path}: ")
+            finally:
+                if decrypting is not None:
+                    decrypting.close()
         while hashed.read(CHUNK):  # the hash covers the whole file, also after a decode error
             pass
-    return hashed.sha256.hexdigest(), error
+    return hashed.sha256.hexdigest(), error, decoded
 
 
 def human_size(n: float) -> str:

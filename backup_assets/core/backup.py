@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from ..catalog import Catalog
-from . import BackupError, roles
+from . import BackupError, crypto, roles
 from .artifact import (ArtifactWriter, create_private, ensure_dir, fsync_dir, human_size, partial_path,
                        write_json_atomic)
 from .engines import postgres, sqlite
@@ -85,11 +85,12 @@ def dump(catalog: Catalog, source: str, group: str, tier: str, partition: str, *
     src = catalog.sources[source]
     repo = repository_for(catalog)
     what = f"source '{source}' group '{group}': "
-    final = repo.new_artifact_path(src.engine, tier, source, group, partition)
+    encryption = catalog.encryption_for(source)
+    final = repo.new_artifact_path(src.engine, tier, source, group, partition, encrypted=encryption is not None)
     level = 3
     started = time.monotonic()
     try:
-        with ArtifactWriter(final, level=level) as writer:
+        with ArtifactWriter(final, level=level, recipients=encryption.recipients if encryption else None) as writer:
             if src.engine == "postgres" and group == roles.GROUP:
                 ep = endpoint_for(catalog, source)
                 with postgres.connect(ep, what=what) as conn:
@@ -146,6 +147,8 @@ def dump(catalog: Catalog, source: str, group: str, tier: str, partition: str, *
         engine=src.engine, source=source, group=group, tier=tier, partition=partition,
         asset_key=asset_key_path(source, group, tier), artifact=final.name, sha256=written.sha256,
         raw_size_bytes=written.raw_size_bytes, duration_s=round(duration, 3), **details,
+        encryption={"format": "age", "recipients": crypto.describe(encryption.recipients),
+                    "identity_file_env": encryption.identity_file_env} if encryption else None,
     )
     try:
         write_json_atomic(manifest_path_for(final), manifest.to_json())
@@ -159,7 +162,7 @@ def dump(catalog: Catalog, source: str, group: str, tier: str, partition: str, *
 def promote(repo: LocalRepository, daily: StoredBackup, tier: str, partition: str) -> Manifest:
     """Give a daily artifact a weekly/monthly name by hard link (a copy across filesystems)."""
     m = daily.manifest
-    final = repo.new_artifact_path(m.engine, tier, m.source, m.group, partition)
+    final = repo.new_artifact_path(m.engine, tier, m.source, m.group, partition, encrypted=m.encryption is not None)
     ensure_dir(final.parent)
     tmp = partial_path(final)
     try:

@@ -61,6 +61,9 @@ class Manifest:
     owners: dict[str, str] = field(default_factory=dict)
     # the roles backup (format roles-json): role names only, never their passwords
     roles: list[str] = field(default_factory=list)
+    # age encryption: {"format": "age", "recipients": [{type, fingerprint, recipient}],
+    # "identity_file_env": NAME}; None when the artifact is plain zstd
+    encryption: dict | None = None
     format_version: int = FORMAT_VERSION
 
     @property

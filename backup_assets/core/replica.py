@@ -17,7 +17,7 @@ from .verification import is_verified, read_status, record
 from .verify import Outcome, artifact_intact
 
 ARTIFACT_NAME = re.compile(r"^(?P<source>[A-Za-z_][A-Za-z0-9_]*)-(?P<group>[A-Za-z_][A-Za-z0-9_]*)-"
-                           r"(?P<partition>\d{4}-\d{2}-\d{2})-(?P<stamp>\d{8}T\d{12}Z)\.(?P<ext>dump|db)\.zst$")
+                           r"(?P<partition>\d{4}-\d{2}-\d{2})-(?P<stamp>\d{8}T\d{12}Z)\.(?P<ext>dump|db|json)\.zst(?P<age>\.age)?$")
 
 
 def storage_for(catalog: Catalog, client=None) -> S3Storage:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from ..catalog import GLOBALS_GROUP
 from . import BackupError
 from .artifact import PARTIAL_MARK, ensure_dir, partial_owner
 from .manifest import MANIFEST_SUFFIX, Manifest, manifest_path_for, read_manifest
@@ -48,8 +49,10 @@ class LocalRepository:
     def folder(self, engine: str, tier: str) -> Path:
         return self.root / engine / tier
 
-    def new_artifact_path(self, engine: str, tier: str, source: str, group: str, partition: str) -> Path:
-        name = f"{source}-{group}-{partition}-{utc_stamp()}.{EXTENSIONS[engine]}.zst"
+    def new_artifact_path(self, engine: str, tier: str, source: str, group: str, partition: str, *,
+                          encrypted: bool = False) -> Path:
+        ext = "json" if (engine, group) == ("postgres", GLOBALS_GROUP) else EXTENSIONS[engine]  # the roles backup
+        name = f"{source}-{group}-{partition}-{utc_stamp()}.{ext}.zst" + (".age" if encrypted else "")
         return self.folder(engine, tier) / name
 
     def scratch_root(self) -> Path:
@@ -149,7 +152,7 @@ class LocalRepository:
                 if not folder.is_dir():
                     continue
                 for path in folder.iterdir():
-                    if path.name.endswith(".zst") and not path.name.startswith(".") \
+                    if path.name.endswith((".zst", ".zst.age")) and not path.name.startswith(".") \
                             and not manifest_path_for(path).exists() and (age_of(path) or 0) >= min_age_s:
                         found.append(path)
         return sorted(found)

@@ -27,7 +27,7 @@ import zstandard
 from psycopg import sql
 
 from ..catalog import Catalog
-from . import BackupError, archive_scan, failpoints, roles
+from . import BackupError, archive_scan, crypto, failpoints, roles
 from .artifact import decompress_to, human_size, open_decompressed, partial_path
 from .backup import endpoint_for, repository_for
 from .engines import postgres, sqlite
@@ -225,7 +225,7 @@ def restore_postgres(catalog: Catalog, backup: StoredBackup, *, target_db: str |
     ep = endpoint_for(catalog, m.source, target)
     started = time.monotonic()
     if m.format == roles.FORMAT:
-        return _restore_roles(backup, ep, say=say, started=started)
+        return _restore_roles(catalog, backup, ep, say=say, started=started)
     with postgres.connect(ep.with_db("postgres"), what=f"restore of {m.source}: ") as admin:
         problem = version_problem(m, postgres.server_major(admin))
         if problem:
@@ -256,7 +256,8 @@ def saved_globals(catalog: Catalog, source: str, say=quiet) -> roles.Globals | N
     for b in reversed(repo.backups(source=source, group=roles.GROUP)):
         if artifact_intact(b).passed:
             try:
-                return roles.load(b.artifact_path, b.manifest)
+                return roles.load(b.artifact_path, b.manifest,
+                                  crypto.identities_for(catalog, b.manifest, artifact=str(b.artifact_path)))
             except (BackupError, zstandard.ZstdError) as exc:
                 say(f"skipping roles backup {b.artifact_path.name}: {exc}")
     return None
@@ -281,10 +282,11 @@ def ensure_roles(admin, owners: set[str], saved: roles.Globals | None, *, create
     return created
 
 
-def _restore_roles(backup: StoredBackup, ep: postgres.Endpoint, *, say, started: float) -> RestoreResult:
+def _restore_roles(catalog: Catalog, backup: StoredBackup, ep: postgres.Endpoint, *, say, started: float) -> RestoreResult:
     """Restore a roles backup: create the roles the server lacks, with their memberships.
     Existing roles are never altered (an operator decides about those)."""
-    saved = roles.load(backup.artifact_path, backup.manifest)
+    saved = roles.load(backup.artifact_path, backup.manifest,
+                       crypto.identities_for(catalog, backup.manifest, artifact=str(backup.artifact_path)))
     with postgres.connect(ep.with_db("postgres"), what=f"restore of {backup.manifest.source} roles: ") as admin:
         with admin.transaction():
             created = roles.create_missing(admin, saved)
@@ -319,7 +321,8 @@ def _restore_whole(catalog: Catalog, backup: StoredBackup, admin, ep: postgres.E
     try:
         with repository_for(catalog).scratch("restore") as tmp:
             raw = tmp / "archive.dump"
-            scanned = archive_scan.scan(backup.artifact_path, m, copy_to=raw, on_progress=_progress(backup, say))
+            scanned = archive_scan.scan(backup.artifact_path, m, copy_to=raw, on_progress=_progress(backup, say),
+                                        identities=crypto.identities_for(catalog, m, artifact=str(backup.artifact_path)))
             say(f"decompressed {human_size(scanned.decoded_bytes)}")
             problems = archive_scan.archive_problems(scanned, m)
             if problems:
@@ -548,7 +551,8 @@ def _restore_tables(catalog: Catalog, backup: StoredBackup, ep: postgres.Endpoin
                     sql.Identifier(safety_schema, safety_table_name(table)), table.ident()))
             conn.execute(sql.SQL("DELETE FROM {}").format(table.ident()))
         say(f"loading {', '.join(map(str, tables))} in one transaction")
-        with open_decompressed(backup.artifact_path, m.raw_size_bytes) as reader:
+        with open_decompressed(backup.artifact_path, m.raw_size_bytes,
+                               crypto.identities_for(catalog, m, artifact=str(backup.artifact_path))) as reader:
             read_archive(reader, loader.on_data, loader.on_end)
         not_loaded = [str(t) for t in members.values() if t not in loader.loaded]
         if not_loaded:
@@ -597,9 +601,10 @@ def _restore_tables(catalog: Catalog, backup: StoredBackup, ep: postgres.Endpoin
 
 # -- SQLite -------------------------------------------------------------------------------------
 
-def _decompress(backup: StoredBackup, dest: Path, say) -> None:
+def _decompress(catalog: Catalog, backup: StoredBackup, dest: Path, say) -> None:
     decompress_to(backup.artifact_path, dest, expected_size=backup.manifest.raw_size_bytes,
-                  on_progress=_progress(backup, say))
+                  on_progress=_progress(backup, say),
+                  identities=crypto.identities_for(catalog, backup.manifest, artifact=str(backup.artifact_path)))
     say(f"decompressed {human_size(backup.manifest.raw_size_bytes)}")
 
 
@@ -622,7 +627,7 @@ def restore_sqlite(catalog: Catalog, backup: StoredBackup, *, target_file: str |
     started = time.monotonic()
     tmp = partial_path(target)
     try:
-        _decompress(backup, tmp, say)
+        _decompress(catalog, backup, tmp, say)
         problems_found = sqlite.integrity_problems(tmp)
         if problems_found:
             raise BackupError(f"restored copy fails integrity_check, {target} left unchanged: {'; '.join(problems_found[:3])}")

@@ -181,11 +181,11 @@ def drill(conn: psycopg.Connection, saved: Globals) -> list[str]:
         return create_missing(conn, saved)
 
 
-def load(artifact, manifest) -> Globals:
+def load(artifact, manifest, identities=None) -> Globals:
     """The saved roles of a roles backup (decoded in memory: it is small)."""
     from .artifact import open_decompressed
 
-    with open_decompressed(artifact, manifest.raw_size_bytes) as reader:
+    with open_decompressed(artifact, manifest.raw_size_bytes, identities) as reader:
         chunks = []
         while chunk := reader.read():
             chunks.append(chunk)

@@ -20,7 +20,7 @@ import psycopg
 import zstandard
 
 from ..catalog import Catalog
-from . import BackupError, archive_scan, failpoints, roles
+from . import BackupError, archive_scan, crypto, failpoints, roles
 from .artifact import decompress_to, scan_artifact
 from .backup import repository_for
 from .engines import postgres, sqlite
@@ -68,8 +68,10 @@ def find_backup(catalog: Catalog, source: str, group: str, tier: str, partition:
 
 # -- artifact_intact ----------------------------------------------------------------------------
 
-def artifact_intact(backup: StoredBackup) -> Outcome:
-    """Size and SHA-256 match the manifest, and the zstd stream decodes to its end."""
+def artifact_intact(backup: StoredBackup, identities=None) -> Outcome:
+    """Size and SHA-256 match the manifest, and the stream decrypts (when encrypted and the
+    identities are given) and decodes to its end. Without identities an encrypted artifact is
+    checked by size and SHA-256 (of the ciphertext) only, which needs no key."""
     m, path = backup.manifest, backup.artifact_path
     try:
         size = path.stat().st_size
@@ -78,15 +80,18 @@ def artifact_intact(backup: StoredBackup) -> Outcome:
     if size != m.size_bytes:
         return Outcome(False, f"{path}: size {size} bytes differs from the manifest's {m.size_bytes}",
                        {"size_bytes": size, "manifest_size_bytes": m.size_bytes})
-    digest, decode_error = scan_artifact(path, m.raw_size_bytes)
+    digest, decode_error, decoded = scan_artifact(path, m.raw_size_bytes, identities, encrypted=bool(m.encryption))
     if digest != m.sha256:
         also = f"; {decode_error}" if decode_error else ""
         return Outcome(False, f"{path}: sha256 {digest} differs from the manifest's {m.sha256}{also}",
                        {"sha256": digest, "manifest_sha256": m.sha256})
     if decode_error:
         return Outcome(False, f"{path}: {decode_error}")
-    return Outcome(True, f"{path.name}: {m.size_human}, sha256 and zstd stream verified",
-                   {"sha256": m.sha256, "size_bytes": size, "decoded_bytes": m.raw_size_bytes})
+    if not decoded:
+        return Outcome(True, f"{path.name}: {m.size_human}, sha256 of the encrypted artifact verified (not decrypted: "
+                             "no identity here)", {"sha256": m.sha256, "size_bytes": size, "decoded": False})
+    return Outcome(True, f"{path.name}: {m.size_human}, sha256 and {'age and ' if m.encryption else ''}zstd stream "
+                         "verified", {"sha256": m.sha256, "size_bytes": size, "decoded_bytes": m.raw_size_bytes})
 
 
 # -- archive_readable ---------------------------------------------------------------------------
@@ -95,7 +100,7 @@ def archive_readable(catalog: Catalog, backup: StoredBackup) -> Outcome:
     m, path = backup.manifest, backup.artifact_path
     if m.format == roles.FORMAT:
         try:
-            saved = roles.load(path, m)
+            saved = roles.load(path, m, crypto.identities_for(catalog, m, artifact=str(path)))
         except (BackupError, zstandard.ZstdError) as exc:
             return Outcome(False, f"{path}: {exc}")
         if saved.role_names() != sorted(m.roles):
@@ -109,7 +114,8 @@ def archive_readable(catalog: Catalog, backup: StoredBackup) -> Outcome:
     with repository_for(catalog).scratch("check") as tmp:
         copy = tmp / "check.db"
         try:
-            decompress_to(path, copy, expected_size=m.raw_size_bytes)
+            decompress_to(path, copy, expected_size=m.raw_size_bytes,
+                          identities=crypto.identities_for(catalog, m, artifact=str(path)))
             counts = sqlite.check_copy(copy, m.tables)
         except (BackupError, zstandard.ZstdError) as exc:
             return Outcome(False, f"{path}: {exc}")
@@ -130,7 +136,8 @@ def _postgres_readable(catalog: Catalog, backup: StoredBackup) -> Outcome:
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen([str(tool), "--list"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
         try:
-            result = archive_scan.scan(path, m, pipe=proc.stdin)
+            result = archive_scan.scan(path, m, pipe=proc.stdin,
+                                       identities=crypto.identities_for(catalog, m, artifact=str(path)))
         except BackupError as exc:
             proc.kill()
             proc.wait()
@@ -230,7 +237,7 @@ def _roles_drill(catalog: Catalog, backup: StoredBackup) -> Outcome:
     m, path = backup.manifest, backup.artifact_path
     started = time.monotonic()
     try:
-        saved = roles.load(path, m)
+        saved = roles.load(path, m, crypto.identities_for(catalog, m, artifact=str(path)))
         ep = drill_endpoint(catalog, m.source)
         with postgres.connect(ep, what=f"restore drill of {m.source}/{m.group}: ") as conn:
             tried = roles.drill(conn, saved)
@@ -277,7 +284,8 @@ def _postgres_drill(catalog: Catalog, backup: StoredBackup, *, jobs: int) -> Out
                 raw = tmp / "archive.dump"
                 t0 = time.monotonic()
                 try:
-                    archive = archive_scan.scan(path, m, copy_to=raw)
+                    archive = archive_scan.scan(path, m, copy_to=raw,
+                                                identities=crypto.identities_for(catalog, m, artifact=str(path)))
                 except BackupError as exc:
                     return Outcome(False, f"restore drill: {exc}", {"drill_database": name, "leftovers_dropped": cleaned})
                 decompress_s = time.monotonic() - t0
@@ -363,7 +371,8 @@ def _sqlite_drill(catalog: Catalog, backup: StoredBackup) -> Outcome:
     with repository_for(catalog).scratch("drill") as tmp:
         copy = tmp / "drill.db"
         try:
-            decompress_to(path, copy, expected_size=m.raw_size_bytes)
+            decompress_to(path, copy, expected_size=m.raw_size_bytes,
+                          identities=crypto.identities_for(catalog, m, artifact=str(path)))
             problems_found = sqlite.integrity_problems(copy)
             if problems_found:
                 return Outcome(False, f"{path}: integrity_check failed after restore: {'; '.join(problems_found[:5])}")

@@ -9,6 +9,7 @@ from ..catalog import Catalog
 from ..core import BackupError
 from ..core import verification
 from ..core.backup import repository_for
+from ..core.crypto import identities_if_any
 from ..core.drill import markdown_report, run_dr_drill
 from ..core.verify import Outcome, archive_readable, artifact_intact, find_backup, restore_drill, size_anomaly
 from .assets import backup_key
@@ -67,7 +68,9 @@ def _checks_for(catalog: Catalog, source: str, group: str, tier: str) -> list[dg
     checks = [
         dg.asset_check(asset=key, name="artifact_intact", blocking=True, partitions_def=partitions,
                        description="The manifest parses; the artifact's size and SHA-256 match it; the zstd stream "
-                                   "decodes to its end.")(run(artifact_intact)),
+                                   "decodes to its end (an encrypted one is decrypted when the identity is at hand; "
+                                   "without it, size and SHA-256 of the ciphertext are checked).")(
+            run(lambda b: artifact_intact(b, identities_if_any(catalog, b.manifest, artifact=str(b.artifact_path))))),
         dg.asset_check(asset=key, name="archive_readable", blocking=True, partitions_def=partitions,
                        description="pg_restore --list reads the archive and lists every table of the group "
                                    "(SQLite: integrity_check passes and every table is there).")(

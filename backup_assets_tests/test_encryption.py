@@ -1,0 +1,220 @@
+"""Encryption at rest with age: real keys, the stock `age` CLI, wrong and missing identities."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import sqlite3
+import subprocess
+
+import pyrage
+import pytest
+from psycopg import sql
+
+from backup_assets.cli import main
+from backup_assets.core.backup import run_backup
+from backup_assets.core.repository import LocalRepository
+from backup_assets.core.verify import archive_readable, artifact_intact, restore_drill
+from backup_assets.demo.cluster import embedded_bin_dir
+
+from . import zoo
+from .conftest import pg_source, reseal
+from .test_checks import check_evaluations, run_with_checks
+
+P = "2026-11-20"
+IDENTITY_ENV = "BA_TEST_AGE_IDENTITY"
+AGE = shutil.which("age")
+
+
+@pytest.fixture
+def keys(tmp_path, monkeypatch):
+    age_key = pyrage.x25519.Identity.generate()
+    (tmp_path / "age.key").write_text(f"# drill key\n{age_key}\n")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "id_ed25519")], check=True)
+    other = pyrage.x25519.Identity.generate()
+    (tmp_path / "other.key").write_text(f"{other}\n")
+    monkeypatch.setenv(IDENTITY_ENV, str(tmp_path / "age.key"))
+    return {"age": str(age_key.to_public()), "ssh": (tmp_path / "id_ed25519.pub").read_text().strip(),
+            "age_key": tmp_path / "age.key", "ssh_key": tmp_path / "id_ed25519", "other_key": tmp_path / "other.key"}
+
+
+@pytest.fixture
+def marked_zoo(pg18):
+    name = "enc_" + secrets.token_hex(4)
+    marker = "MARKER" + secrets.token_hex(16)
+    with pg18.connect() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    with pg18.connect(name) as conn:
+        zoo.build(conn)
+        conn.execute("INSERT INTO public.plain (t) VALUES (%s)", (marker,))
+    yield name, marker
+    with pg18.connect() as conn:
+        for (db,) in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (name + "%",)).fetchall():
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
+
+
+def encrypted_catalog(write_catalog, pg18, db, keys, **extra):
+    return write_catalog({"zoo": pg_source(pg18, db, groups={"full": {}, "some": {"tables": ["public.plain"]}})},
+                         encryption={"recipients": [keys["age"], keys["ssh"]], "identity_file_env": IDENTITY_ENV},
+                         tiers={"daily": {"drill": True}}, **extra)
+
+
+def repository_holds(root, marker: str) -> list[str]:
+    """Files that hold the marker as they are, or once zstd-decoded (zstd codes short literals)."""
+    import zstandard
+
+    needle, found = marker.encode(), []
+    for p in root.rglob("*"):
+        if not p.is_file():
+            continue
+        data = p.read_bytes()
+        if data.startswith(b"\x28\xb5\x2f\xfd"):
+            data = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True).read()
+        if needle in data:
+            found.append(str(p))
+    return found
+
+
+def test_encrypted_backups_pass_every_check_and_hold_no_plaintext(pg18, marked_zoo, keys, write_catalog, tmp_path):
+    db, marker = marked_zoo
+    # control: without encryption the marker is readable in the repository (so the grep below means something)
+    plain = write_catalog({"zoo": pg_source(pg18, db, groups={"full": {}})})
+    run_backup(plain, "zoo", "full", "daily", P)
+    assert repository_holds(plain.repository_root, marker)
+    shutil.rmtree(plain.repository_root)
+
+    catalog = encrypted_catalog(write_catalog, pg18, db, keys)
+    for group in ("full", "some", "globals"):
+        result = run_with_checks(catalog, f"zoo/{group}/daily")
+        evals = check_evaluations(result)
+        assert result.success and all(e.passed for e in evals.values()), {k: e.description for k, e in evals.items()}
+    backup = LocalRepository(catalog.repository_root).latest("zoo", "full", "daily")
+    assert backup.artifact_path.name.endswith(".dump.zst.age")
+    assert backup.artifact_path.read_bytes().startswith(b"age-encryption.org/v1\n")
+    recipients = backup.manifest.encryption["recipients"]
+    assert {r["type"] for r in recipients} == {"x25519", "ssh-ed25519"}
+    ssh_fp = subprocess.run(["ssh-keygen", "-lf", str(keys["ssh_key"]) + ".pub"], capture_output=True, text=True).stdout.split()[1]
+    assert ssh_fp in {r["fingerprint"] for r in recipients}
+    # no plaintext at rest: not in the repository (scratch folders are gone too)
+    assert repository_holds(catalog.repository_root, marker) == []
+    assert not (catalog.repository_root / ".tmp").exists() or not any((catalog.repository_root / ".tmp").iterdir())
+
+
+def test_stock_age_and_zstd_restore_without_project_code(pg18, marked_zoo, keys, write_catalog, tmp_path):
+    """The disaster runbook: age -d -i KEY ARTIFACT | zstd -d | pg_restore -d DB (both key kinds)."""
+    if AGE is None:
+        pytest.fail("the Debian age binary is missing (.ci/run installs it)")
+    db, marker = marked_zoo
+    catalog = encrypted_catalog(write_catalog, pg18, db, keys)
+    backup = run_backup(catalog, "zoo", "full", "daily", P)
+    artifact = LocalRepository(catalog.repository_root).folder("postgres", "daily") / backup.artifact
+    with pg18.connect(db) as conn:
+        before = zoo.content(conn)
+    for n, key in enumerate((keys["age_key"], keys["ssh_key"])):
+        target = f"{db}_stock{n}"
+        pg18.create_database(target)
+        env = dict(os.environ, PGPASSWORD=pg18.password)
+        pipeline = (f"'{AGE}' -d -i '{key}' '{artifact}' | zstd -d -q | '{embedded_bin_dir()}/pg_restore' -h {pg18.host} "
+                    f"-p {pg18.port} -U {pg18.superuser} -d {target} --exit-on-error")
+        subprocess.run(["bash", "-o", "pipefail", "-c", pipeline], check=True, env=env, capture_output=True)
+        with pg18.connect(target) as conn:
+            assert zoo.content(conn) == before
+
+
+def test_sqlite_encrypted_round_trip_and_stock_tools(miyabi_db, keys, write_catalog, tmp_path):
+    catalog = write_catalog({"miyabi": {"engine": "sqlite", "path": str(miyabi_db)}},
+                            encryption={"recipients": [keys["age"]], "identity_file_env": IDENTITY_ENV})
+    run_backup(catalog, "miyabi", "full", "daily", P)
+    backup = LocalRepository(catalog.repository_root).latest("miyabi", "full", "daily")
+    assert archive_readable(catalog, backup).passed and restore_drill(catalog, backup).passed
+    copy = tmp_path / "stock.db"
+    subprocess.run(["bash", "-o", "pipefail", "-c", f"'{AGE}' -d -i '{keys['age_key']}' '{backup.artifact_path}' | "
+                    f"zstd -d -q > '{copy}'"], check=True)
+    with sqlite3.connect(copy) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    with sqlite3.connect(miyabi_db) as conn:
+        conn.execute("DELETE FROM checkpoints")
+    assert main(["--catalog", catalog.catalog_path, "restore", "--source", "miyabi", "--group", "full", "--confirm"]) == 0
+    with sqlite3.connect(miyabi_db) as conn:
+        assert conn.execute("SELECT count(*) FROM checkpoints").fetchone()[0] == 900
+
+
+@pytest.mark.parametrize("how", ["missing", "wrong"])
+def test_without_the_right_identity_one_line_names_variable_and_keys(pg18, marked_zoo, keys, write_catalog, how,
+                                                                     monkeypatch, capsys):
+    db, _ = marked_zoo
+    catalog = encrypted_catalog(write_catalog, pg18, db, keys)
+    run_backup(catalog, "zoo", "full", "daily", P)
+    backup = LocalRepository(catalog.repository_root).latest("zoo", "full", "daily")
+    fps = [r["fingerprint"] for r in backup.manifest.encryption["recipients"]]
+    if how == "missing":
+        monkeypatch.delenv(IDENTITY_ENV)
+    else:
+        monkeypatch.setenv(IDENTITY_ENV, str(keys["other_key"]))
+    # what needs no plaintext still runs
+    assert artifact_intact(backup).passed
+    drill = restore_drill(catalog, backup)
+    assert not drill.passed and IDENTITY_ENV in drill.message and all(fp in drill.message for fp in fps)
+    with pg18.connect(db) as conn:
+        before = zoo.content(conn)
+    assert main(["--catalog", catalog.catalog_path, "restore", "--source", "zoo", "--group", "full", "--confirm"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("backup-assets:")]
+    assert len(err) == 1 and IDENTITY_ENV in err[0] and fps[0] in err[0], err
+    with pg18.connect(db) as conn:
+        assert zoo.content(conn) == before
+
+
+def test_a_damaged_ciphertext_is_caught_before_anything_is_restored(pg18, marked_zoo, keys, write_catalog, capsys):
+    db, _ = marked_zoo
+    catalog = encrypted_catalog(write_catalog, pg18, db, keys)
+    run_backup(catalog, "zoo", "full", "daily", P)
+    backup = LocalRepository(catalog.repository_root).latest("zoo", "full", "daily")
+    data = bytearray(backup.artifact_path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    backup.artifact_path.write_bytes(bytes(data))
+    # even with a manifest that agrees with the damaged file, age's authentication catches it
+    manifest = json.loads(backup.manifest_path.read_text())
+    manifest["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    backup.manifest_path.write_text(reseal(manifest))
+    backup = LocalRepository(catalog.repository_root).latest("zoo", "full", "daily")
+    outcome = artifact_intact(backup, None)
+    assert outcome.passed  # size and sha256 agree: only decryption can tell
+    with pg18.connect(db) as conn:
+        conn.execute("DELETE FROM public.u")
+        before = zoo.content(conn)
+    for args in (["verify", str(backup.artifact_path)],
+                 ["restore", "--source", "zoo", "--group", "full", "--confirm"],
+                 ["restore", "--source", "zoo", "--group", "full", "--tables", "public.u", "--confirm"]):
+        assert main(["--catalog", catalog.catalog_path, *args]) == 1, args
+    out = capsys.readouterr()
+    assert "damaged or truncated" in out.out + out.err
+    with pg18.connect(db) as conn:
+        assert zoo.content(conn) == before
+
+
+def test_s3_holds_only_ciphertext_and_restores_from_it(pg18, marked_zoo, keys, write_catalog, moto_s3, bucket):
+    from backup_assets.core.replica import replicate, storage_for
+
+    from .conftest import s3_replication
+
+    db, marker = marked_zoo
+    catalog = encrypted_catalog(write_catalog, pg18, db, keys, replication=s3_replication(moto_s3, bucket))
+    run_backup(catalog, "zoo", "full", "daily", P)
+    backup = LocalRepository(catalog.repository_root).latest("zoo", "full", "daily")
+    replicate(catalog, backup, storage_for(catalog))
+    client = moto_s3.client()
+    objects = [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]]
+    assert any(k.endswith(".dump.zst.age") for k in objects)
+    for key in objects:
+        assert marker.encode() not in client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    with pg18.connect(db) as conn:
+        before = zoo.content(conn)
+    shutil.rmtree(catalog.repository_root)  # the local disk is gone
+    target = f"{db}_from_s3"
+    assert main(["--catalog", catalog.catalog_path, "restore", "--from", "s3", "--source", "zoo", "--group", "full",
+                 "--target-db", target, "--confirm"]) == 0
+    with pg18.connect(target) as conn:
+        assert zoo.content(conn) == before
