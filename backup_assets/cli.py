@@ -354,6 +354,50 @@ def cmd_safety_drop(args) -> int:
     return 0
 
 
+def cmd_rekey(args) -> int:
+    from .core import crypto
+    from .core.rekey import rekey, select
+
+    catalog = _catalog(args)
+    repo = repository_for(catalog)
+    repo.sweep()
+    chosen = select(catalog, source=args.source, group=args.group, tier=args.tier,
+                    older_than_days=args.older_than_days, recipients=args.recipients)
+    keys = ", ".join(crypto.fingerprint(r) for r in args.recipients)
+    if not args.apply:
+        for b in chosen:
+            print(f"would re-encrypt {b.artifact_path.name} (now: {crypto.key_summary(b.manifest)}) to {keys}")
+        print(f"{len(chosen)} backup(s) to re-encrypt (a dry run: --apply does it)", file=sys.stderr)
+        return 0
+    storage = None
+    if catalog.replication.s3 is not None and not args.local_only:
+        from .core.replica import storage_for
+
+        storage = storage_for(catalog)
+    failed = 0
+    for b in chosen:
+        old_key = repo.key_of(b.artifact_path)
+        try:
+            done = rekey(catalog, b, args.recipients, identity_env=args.identity_file_env)
+        except BackupError as exc:
+            failed += 1
+            print(f"backup-assets: {scrub(str(exc))}", file=sys.stderr)
+            continue
+        line = f"re-encrypted {done.old} -> {done.new} ({done.seconds:.1f}s)"
+        if storage is not None:
+            from .core.manifest import MANIFEST_SUFFIX
+            from .core.replica import replicate
+
+            new = repo.latest(b.manifest.source, b.manifest.group, b.manifest.tier, b.manifest.partition)
+            remote_old = storage.key(old_key)
+            if storage.head(remote_old) is not None:
+                replicate(catalog, new, storage)
+                storage.delete([remote_old + MANIFEST_SUFFIX, remote_old])
+                line += "; S3 copy replaced"
+        print(line)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="backup-assets", description=__doc__.split("\n\n")[0])
     parser.add_argument("--catalog", help="catalog file (default: $BACKUP_ASSETS_CATALOG, else the demo catalog)")
@@ -426,6 +470,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--older-than-days", type=int, default=90)
     r.add_argument("--apply", action="store_true")
     r.set_defaults(func=cmd_runs_prune)
+
+    p = sub.add_parser("rekey", help="re-encrypt existing backups to new recipients (local and S3; a dry run "
+                                     "unless --apply)")
+    p.add_argument("--recipients", nargs="+", required=True, help="public keys: age1... or 'ssh-ed25519 AAAA...'")
+    p.add_argument("--identity-file-env", help="variable that will name the new identity file (recorded in manifests)")
+    p.add_argument("--source")
+    p.add_argument("--group")
+    p.add_argument("--tier", choices=["daily", "weekly", "monthly"])
+    p.add_argument("--older-than-days", type=float)
+    p.add_argument("--local-only", action="store_true", help="leave the S3 copies as they are")
+    p.add_argument("--apply", action="store_true")
+    p.set_defaults(func=cmd_rekey)
 
     p = sub.add_parser("doctor", help="find and repair what interrupted operations left (partial files, scratch "
                                       "folders and databases, a restore's swap state, artifacts without manifest)")

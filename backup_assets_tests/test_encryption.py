@@ -218,3 +218,76 @@ def test_s3_holds_only_ciphertext_and_restores_from_it(pg18, marked_zoo, keys, w
                  "--target-db", target, "--confirm"]) == 0
     with pg18.connect(target) as conn:
         assert zoo.content(conn) == before
+
+
+def _rekey_catalog(write_catalog, pg18, db, keys, moto_s3=None, bucket=None):
+    extra = {}
+    if moto_s3 is not None:
+        from .conftest import s3_replication
+
+        extra["replication"] = s3_replication(moto_s3, bucket)
+    return encrypted_catalog(write_catalog, pg18, db, keys, **extra)
+
+
+def test_rekey_moves_backups_to_new_keys_locally_and_in_s3(pg18, marked_zoo, keys, write_catalog, moto_s3, bucket,
+                                                           monkeypatch, tmp_path, capsys):
+    from backup_assets.core.replica import replicate, storage_for
+
+    db, marker = marked_zoo
+    catalog = _rekey_catalog(write_catalog, pg18, db, keys, moto_s3, bucket)
+    run_backup(catalog, "zoo", "full", "daily", P)
+    old = LocalRepository(catalog.repository_root).latest("zoo", "full", "daily")
+    replicate(catalog, old, storage_for(catalog))
+    new_key = pyrage.x25519.Identity.generate()
+    (tmp_path / "new.key").write_text(f"{new_key}\n")
+    new_recipient = str(new_key.to_public())
+    args = ["--catalog", catalog.catalog_path, "rekey", "--recipients", new_recipient, "--source", "zoo", "--group", "full"]
+    assert main(args) == 0 and "1 backup(s) to re-encrypt" in capsys.readouterr().err  # a dry run
+    assert LocalRepository(catalog.repository_root).latest("zoo", "full", "daily").artifact_path == old.artifact_path
+    assert main([*args, "--apply"]) == 0
+    repo = LocalRepository(catalog.repository_root)
+    [new] = repo.backups(source="zoo", group="full")
+    assert new.artifact_path != old.artifact_path and not old.artifact_path.exists()
+    assert [r["recipient"] for r in new.manifest.encryption["recipients"]] == [new_recipient]
+    # the old key no longer opens it; the new one does, and the backup restores
+    assert not restore_drill(catalog, new).passed
+    monkeypatch.setenv(IDENTITY_ENV, str(tmp_path / "new.key"))
+    assert restore_drill(catalog, new).passed
+    client = moto_s3.client()
+    names = {o["Key"].rsplit("/", 1)[-1] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert new.artifact_path.name in names and old.artifact_path.name not in names
+    assert repository_holds(catalog.repository_root, marker) == []
+
+
+@pytest.mark.parametrize("point", ["rekey.streaming", "rekey.new_artifact", "rekey.new_manifest"])
+def test_a_rekey_killed_anywhere_leaves_a_good_backup(pg18, marked_zoo, keys, write_catalog, point):
+    import sys
+
+    from backup_assets.core.failpoints import ENV
+
+    db, _ = marked_zoo
+    catalog = encrypted_catalog(write_catalog, pg18, db, keys)
+    run_backup(catalog, "zoo", "full", "daily", P)
+    other = pyrage.x25519.Identity.generate()
+    proc = subprocess.run([sys.executable, "-m", "backup_assets.cli", "--catalog", catalog.catalog_path, "rekey",
+                           "--recipients", str(other.to_public()), keys["age"], "--apply"],
+                          env=dict(os.environ, **{ENV: point}), capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()
+    assert main(["--catalog", catalog.catalog_path, "doctor"]) == 0
+    backups = LocalRepository(catalog.repository_root).backups(source="zoo", group="full", strict=True)
+    assert backups, "a complete backup is always left"
+    for b in backups:  # every backup that counts verifies and restores with a key we hold
+        assert artifact_intact(b).passed
+        assert restore_drill(catalog, b).passed
+    assert not [p for p in catalog.repository_root.rglob("*") if ".partial-" in p.name]
+
+
+def test_plain_backups_can_be_encrypted_after_the_fact(pg18, marked_zoo, keys, write_catalog):
+    db, marker = marked_zoo
+    plain = write_catalog({"zoo": pg_source(pg18, db, groups={"full": {}})})
+    run_backup(plain, "zoo", "full", "daily", P)
+    assert main(["--catalog", plain.catalog_path, "rekey", "--recipients", keys["age"], "--identity-file-env",
+                 IDENTITY_ENV, "--apply"]) == 0
+    [b] = LocalRepository(plain.repository_root).backups()
+    assert b.artifact_path.name.endswith(".age") and repository_holds(plain.repository_root, marker) == []
+    assert restore_drill(plain, b).passed
