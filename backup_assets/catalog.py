@@ -86,7 +86,15 @@ class PostgresConnection(_Model):
     dbname: str
     user: str = "postgres"
     password_env: str | None = None
-    sslmode: str | None = None
+    # TLS: up to verify-full (checks the server's certificate against sslrootcert and its name)
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = None
+    sslrootcert: str | None = None  # CA bundle that signed the server's certificate
+
+    @model_validator(mode="after")
+    def _tls(self) -> "PostgresConnection":
+        if self.sslmode in ("verify-ca", "verify-full") and not self.sslrootcert:
+            raise ValueError(f"sslmode {self.sslmode} needs sslrootcert (the CA that signed the server's certificate)")
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -25,7 +25,8 @@ from .repository import LocalRepository, StoredBackup
 
 def endpoint_for(catalog: Catalog, source: str, dbname: str | None = None) -> postgres.Endpoint:
     conn = catalog.sources[source].connection
-    return postgres.Endpoint(conn.host, conn.port, conn.user, dbname or conn.dbname, conn.password(), conn.sslmode)
+    return postgres.Endpoint(conn.host, conn.port, conn.user, dbname or conn.dbname, conn.password(), conn.sslmode,
+                             str(catalog.resolve_path(conn.sslrootcert)) if conn.sslrootcert else None)
 
 
 def repository_for(catalog: Catalog) -> LocalRepository:

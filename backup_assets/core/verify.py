@@ -208,7 +208,8 @@ def compare_with_manifest(m: Manifest, counts: dict[str, int], vectors: dict, in
 def drill_endpoint(catalog: Catalog, source: str) -> postgres.Endpoint:
     src = catalog.sources[source]
     server = src.drill_server or src.connection
-    return postgres.Endpoint(server.host, server.port, server.user, server.dbname, server.password(), server.sslmode)
+    return postgres.Endpoint(server.host, server.port, server.user, server.dbname, server.password(), server.sslmode,
+                             str(catalog.resolve_path(server.sslrootcert)) if server.sslrootcert else None)
 
 
 def cleanup_drill_leftovers(conn, *, protect: set[str]) -> list[str]:

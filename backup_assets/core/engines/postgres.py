@@ -44,9 +44,10 @@ class Endpoint:
     dbname: str
     password: str | None = None
     sslmode: str | None = None
+    sslrootcert: str | None = None
 
     def with_db(self, dbname: str) -> "Endpoint":
-        return Endpoint(self.host, self.port, self.user, dbname, self.password, self.sslmode)
+        return Endpoint(self.host, self.port, self.user, dbname, self.password, self.sslmode, self.sslrootcert)
 
     def describe(self) -> str:
         return f"{self.host}:{self.port}/{self.dbname}"
@@ -59,6 +60,8 @@ class Endpoint:
             env["PGPASSWORD"] = self.password
         if self.sslmode:
             env["PGSSLMODE"] = self.sslmode
+        if self.sslrootcert:
+            env["PGSSLROOTCERT"] = self.sslrootcert
         return env
 
     def scrub(self, text: str) -> str:
@@ -70,6 +73,7 @@ def connect(ep: Endpoint, *, autocommit: bool = True, what: str = "") -> psycopg
         return psycopg.connect(
             host=ep.host, port=ep.port, user=ep.user, dbname=ep.dbname, password=ep.password,
             sslmode=ep.sslmode or "prefer", connect_timeout=CONNECT_TIMEOUT_S,
+            **({"sslrootcert": ep.sslrootcert} if ep.sslrootcert else {}),
             application_name="backup_assets", autocommit=autocommit,
         )
     except psycopg.Error as exc:
