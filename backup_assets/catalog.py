@@ -306,6 +306,8 @@ class S3Replication(_Model):
     region: str = "us-east-1"
     # AWS, Cloudflare R2, MinIO... (None: AWS itself)
     endpoint_url: str | None = None
+    # CA bundle to verify an https endpoint's certificate (default: the system's)
+    ca_bundle: str | None = None
     # names of the environment variables with the credentials (None: boto3's default chain)
     access_key_id_env: str | None = None
     secret_access_key_env: str | None = None

@@ -105,3 +105,103 @@ def test_verify_full_without_a_ca_is_a_catalog_error(write_catalog, tls_pg15):
 
     with pytest.raises(CatalogError, match="sslmode verify-full needs sslrootcert"):
         _catalog(write_catalog, cluster, sslmode="verify-full")
+
+
+class TlsProxy:
+    """HTTPS on 127.0.0.1 in front of moto's HTTP server, with a certificate from a throwaway CA."""
+
+    def __init__(self, backend_port: int, cert: Path, key: Path):
+        import socket
+        import ssl
+        import threading
+
+        self._ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._ctx.load_cert_chain(str(cert), str(key))
+        self._backend = backend_port
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.port = self._sock.getsockname()[1]
+        self._stop = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import select
+        import socket
+        import threading
+
+        while not self._stop:
+            try:
+                raw, _ = self._sock.accept()
+            except OSError:
+                return
+
+            def handle(raw=raw):
+                try:
+                    conn = self._ctx.wrap_socket(raw, server_side=True)
+                except OSError:
+                    raw.close()
+                    return
+                backend = socket.create_connection(("127.0.0.1", self._backend))
+                # one thread per connection: an SSLSocket must not be read and written concurrently
+                try:
+                    while True:
+                        ready = [conn] if conn.pending() else select.select([conn, backend], [], [], 30)[0]
+                        if not ready:
+                            return
+                        for src in ready:
+                            data = src.recv(65536)
+                            if not data:
+                                return
+                            (backend if src is conn else conn).sendall(data)
+                except OSError:
+                    return
+                finally:
+                    for sock in (conn, backend):
+                        try:
+                            sock.close()
+                        except OSError:
+                            pass
+
+            threading.Thread(target=handle, daemon=True).start()
+
+    def close(self) -> None:
+        self._stop = True
+        self._sock.close()
+
+
+@pytest.fixture
+def https_s3(moto_s3, tmp_path):
+    ca_crt, ca_key = make_ca(tmp_path / "s3ca", "backup_assets S3 test CA")
+    work = tmp_path / "s3cert"
+    work.mkdir()
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "s3.key", "-out", "s3.csr", cwd=work)
+    (work / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    _openssl("x509", "-req", "-in", "s3.csr", "-CA", str(ca_crt), "-CAkey", str(ca_key), "-CAcreateserial", "-days", "2",
+             "-extfile", "san.ext", "-out", "s3.crt", cwd=work)
+    proxy = TlsProxy(moto_s3.port, work / "s3.crt", work / "s3.key")
+    yield f"https://127.0.0.1:{proxy.port}", ca_crt
+    proxy.close()
+
+
+def test_s3_over_https_with_a_ca_bundle(miyabi_db, write_catalog, moto_s3, bucket, https_s3, tmp_path):
+    from backup_assets.core import BackupError
+    from backup_assets.core.replica import replica_intact, replicate, storage_for
+
+    from .conftest import s3_replication
+
+    endpoint, ca = https_s3
+    catalog = write_catalog({"miyabi": {"engine": "sqlite", "path": str(miyabi_db)}},
+                            replication=s3_replication(moto_s3, bucket, endpoint_url=endpoint, ca_bundle=str(ca)))
+    run_backup(catalog, "miyabi", "full", "daily", "2026-11-20")
+    backup = LocalRepository(catalog.repository_root).latest("miyabi", "full", "daily")
+    replicate(catalog, backup, storage_for(catalog))
+    assert replica_intact(catalog, backup, storage_for(catalog)).passed
+    shutil.rmtree(catalog.repository_root)
+    assert main(["--catalog", catalog.catalog_path, "restore", "--from", "s3", "--source", "miyabi", "--group", "full",
+                 "--target-file", str(tmp_path / "from_s3.db"), "--confirm"]) == 0
+    wrong, _ = make_ca(tmp_path / "wrongs3", "not the S3 CA")
+    bad = write_catalog({"miyabi": {"engine": "sqlite", "path": str(miyabi_db)}},
+                        replication=s3_replication(moto_s3, bucket, endpoint_url=endpoint, ca_bundle=str(wrong)))
+    with pytest.raises(BackupError, match="certificate verify failed"):
+        storage_for(bad).head("anything")

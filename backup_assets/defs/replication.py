@@ -31,7 +31,9 @@ def s3_resource(catalog: Catalog) -> S3Resource:
 
 
 def _storage(catalog: Catalog, s3: S3Resource) -> S3Storage:
-    return S3Storage(catalog.replication.s3, client=s3.get_client())
+    cfg = catalog.replication.s3
+    # S3Resource's `verify` is a bool: with a CA bundle the storage makes its own client
+    return S3Storage(cfg, client=None if cfg.ca_bundle else s3.get_client())
 
 
 def build_replica(catalog: Catalog, source: str, group: str, tier: str) -> list:

@@ -8,9 +8,8 @@ from dagster import AssetExecutionContext
 from ..catalog import Catalog
 from ..core.prune_tables import prune_tables
 from ..core.retention import prune
-from ..core.storage.s3 import S3Storage
 from .assets import backup_key
-from .replication import replica_key
+from .replication import _storage, replica_key
 
 RETENTION_KEY = dg.AssetKey(["operations", "retention"])
 
@@ -32,7 +31,7 @@ def build_retention(catalog: Catalog) -> list[dg.AssetsDefinition]:
                           f"{' and S3' if replicated else ''}; never the newest verified backup of any source, "
                           "group and tier. Set dry_run to only report.")
     def retention(context: AssetExecutionContext, config: PruneConfig) -> dg.MaterializeResult:
-        storage = S3Storage(catalog.replication.s3, client=context.resources.s3.get_client()) if replicated else None
+        storage = _storage(catalog, context.resources.s3) if replicated else None
         report = prune(catalog, dry_run=config.dry_run, storage=storage)
         context.log.info(json.dumps({k: v for k, v in report.items()}, default=str)[:4000])
         md = {"report": dg.MetadataValue.json(report), "dry_run": dg.MetadataValue.bool(config.dry_run)}

@@ -32,6 +32,7 @@ def make_client(cfg: S3Replication):
         "s3",
         region_name=cfg.region,
         endpoint_url=cfg.endpoint_url,
+        verify=cfg.ca_bundle or None,
         config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60,
                       signature_version="s3v4"),
         **cfg.credentials(),
