@@ -87,10 +87,16 @@ def test_encrypted_backups_pass_every_check_and_hold_no_plaintext(pg18, marked_z
     shutil.rmtree(plain.repository_root)
 
     catalog = encrypted_catalog(write_catalog, pg18, db, keys)
-    for group in ("full", "some", "globals"):
-        result = run_with_checks(catalog, f"zoo/{group}/daily")
-        evals = check_evaluations(result)
-        assert result.success and all(e.passed for e in evals.values()), {k: e.description for k, e in evals.items()}
+    import dagster as dg
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    with dg.instance_for_test(temp_dir=str(home)) as instance:
+        for group in ("full", "some", "globals"):
+            result = run_with_checks(catalog, f"zoo/{group}/daily", instance=instance)
+            evals = check_evaluations(result)
+            assert result.success and all(e.passed for e in evals.values()), {k: e.description for k, e in evals.items()}
+        assert repository_holds(home, marker) == []  # nor in Dagster's run and event storage
     backup = LocalRepository(catalog.repository_root).latest("zoo", "full", "daily")
     assert backup.artifact_path.name.endswith(".dump.zst.age")
     assert backup.artifact_path.read_bytes().startswith(b"age-encryption.org/v1\n")

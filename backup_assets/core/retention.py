@@ -117,10 +117,12 @@ def prune_s3(catalog: Catalog, storage, *, dry_run: bool, now: dt.datetime | Non
         tier = key.rsplit("/", 2)[-2] if key.count("/") >= 2 else None
         if not parsed or tier not in catalog.tiers:
             continue
-        info = storage.head(key)
         created = dt.datetime.strptime(parsed["stamp"], "%Y%m%dT%H%M%S%fZ").replace(tzinfo=dt.timezone.utc)
+        # replicate() uploads only backups that verify, manifest last: an artifact with its manifest
+        # beside it in the listing is a verified replica, and no request per object is needed to know it
+        verified = key + MANIFEST_SUFFIX in listing
         entries.append(Entry(key, parsed["source"], parsed["group"], tier, parsed["partition"], created,
-                             bool(info and info.metadata.get("verified") == "true"), size))
+                             verified, size))
     days = {t: catalog.retention_days(t, "s3") for t in catalog.tiers}
     sel = select(entries, days, now)
     doomed = []
