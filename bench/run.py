@@ -179,21 +179,27 @@ def bench_drill(c: LocalCluster, cat: Path, artifact: Path, res: dict) -> dict:
             "ratio_drill_vs_raw_pg_restore": wall / res["d_raw_pg_restore_j2"]["wall_s"]}
 
 
-def bench_restore(c: LocalCluster, cat: Path, artifact: Path, res: dict) -> dict:
-    """backup_assets' restore of the same dump into a new database against raw pg_restore -j2 (d)."""
+def timed_restore(c: LocalCluster, cat: Path, suffix: str):
+    """backup_assets' restore of the catalog's bench backup into a new database: (seconds, backup)."""
     from backup_assets.catalog import load_catalog
     from backup_assets.core.restore import restore_postgres
     from backup_assets.core.verify import find_backup
 
     catalog = load_catalog(cat)
     backup = find_backup(catalog, "bench", "full", "daily", "2026-11-20")
-    target = f"{backup.manifest.database}_restored"
+    target = f"{backup.manifest.database}_{suffix}"
     with c.connect() as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE)')
     wall, result = timed(lambda: restore_postgres(catalog, backup, target_db=target, jobs=2))
     assert result.matches
     with c.connect() as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE)')
+    return wall, backup
+
+
+def bench_restore(c: LocalCluster, cat: Path, artifact: Path, res: dict) -> dict:
+    """backup_assets' restore of the same dump into a new database against raw pg_restore -j2 (d)."""
+    wall, _ = timed_restore(c, cat, "restored")
     return {"f_restore": {"wall_s": wall}, "ratio_restore_vs_raw_pg_restore": wall / res["d_raw_pg_restore_j2"]["wall_s"]}
 
 
@@ -201,10 +207,6 @@ def bench_encryption(c: LocalCluster, cat: Path, artifact: Path, res: dict) -> d
     """(g) the asset with age encryption against (c) without, and (h) the restore of the encrypted
     backup against (f): the price of encryption at rest, on the same database in the same run."""
     import pyrage
-
-    from backup_assets.catalog import load_catalog
-    from backup_assets.core.restore import restore_postgres
-    from backup_assets.core.verify import find_backup
 
     key = pyrage.x25519.Identity.generate()
     work = cat.parent / "encrypted"
@@ -217,15 +219,7 @@ def bench_encryption(c: LocalCluster, cat: Path, artifact: Path, res: dict) -> d
     enc_cat = work / "catalog.yaml"
     enc_cat.write_text(yaml.safe_dump(data))
     g = materialize(enc_cat, "bench/full/daily")
-    catalog = load_catalog(enc_cat)
-    backup = find_backup(catalog, "bench", "full", "daily", "2026-11-20")
-    target = f"{backup.manifest.database}_restored_enc"
-    with c.connect() as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE)')
-    wall, result = timed(lambda: restore_postgres(catalog, backup, target_db=target, jobs=2))
-    assert result.matches
-    with c.connect() as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE)')
+    wall, backup = timed_restore(c, enc_cat, "restored_enc")
     shutil.rmtree(work)
     return {"g_asset_encrypted": {**g, "bytes": backup.manifest.size_bytes},
             "ratio_encrypted_vs_plain_backup": g["wall_s"] / res["c_asset"]["wall_s"],
