@@ -349,7 +349,8 @@ def _restore_whole(catalog: Catalog, backup: StoredBackup, admin, ep: postgres.E
         restored_comment = sql.SQL("COMMENT ON DATABASE {} IS {}").format(
             sql.Identifier(target), sql.Literal(f"restored by backup_assets from {m.artifact} at {stamp}"))
         if exists:
-            swapped = _swap(admin, target, temp, safety, restored_comment, terminate=terminate)
+            _swap(admin, target, temp, safety, restored_comment, terminate=terminate)
+            swapped = True
         else:
             with admin.transaction():
                 admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(temp), sql.Identifier(target)))
@@ -381,7 +382,7 @@ def _free_safety_name(admin, target: str) -> str:
         at += dt.timedelta(seconds=1)
 
 
-def _swap(admin, target: str, temp: str, safety: str, restored_comment, *, terminate: bool) -> bool:
+def _swap(admin, target: str, temp: str, safety: str, restored_comment, *, terminate: bool) -> None:
     """Put the restored copy in the target's place, in one transaction, while nobody is connected.
 
     The swap state is kept on the target itself: a marker comment (with the database's own
@@ -391,8 +392,9 @@ def _swap(admin, target: str, temp: str, safety: str, restored_comment, *, termi
     `repair_interrupted_swaps`). A session that connected while the restore ran makes it refuse
     and change nothing, unless `terminate`."""
     original = postgres.database_comment(admin, target)
+    allow = admin.execute("SELECT datallowconn FROM pg_database WHERE datname = %s", (target,)).fetchone()[0]
     admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(target), sql.Literal(
-        postgres.marker(SWAP_MARK, target=target, temp=temp, safety=safety, comment=original))))
+        postgres.marker(SWAP_MARK, target=target, temp=temp, safety=safety, comment=original, allow=allow))))
     swapped = False
     try:
         failpoints.point("restore.swap.marked")
@@ -413,12 +415,13 @@ def _swap(admin, target: str, temp: str, safety: str, restored_comment, *, termi
         swapped = True
         failpoints.point("restore.swap.renamed")
     finally:
-        _release(admin, safety if swapped else target, original)
-    return True
+        _release(admin, safety if swapped else target, original, allow)
 
 
-def _release(admin, name: str, comment: str | None) -> None:
-    admin.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(name)))
+def _release(admin, name: str, comment: str | None, allow: bool = True) -> None:
+    """A database out of the swap: connections as they were before it, its own comment back."""
+    admin.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {}").format(
+        sql.Identifier(name), sql.SQL("true" if allow else "false")))
     admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(comment)))
 
 
@@ -431,7 +434,7 @@ def repair_interrupted_swaps(admin) -> list[str]:
         data = postgres.read_marker(comment, SWAP_MARK)
         if data is None or postgres.marker_owner_alive(data):
             continue
-        _release(admin, name, data.get("comment"))
+        _release(admin, name, data.get("comment"), data.get("allow", True) is not False)
         done.append(f"database {name}: {'connections allowed again, ' if not allow else ''}"
                     "left as it was by an interrupted restore")
     for name in postgres.drop_marked_databases(admin, like="%\\_restoring\\_%", mark=RESTORE_MARK):
@@ -455,6 +458,16 @@ def safety_table_name(table: TableName) -> str:
         return text
     digest = hashlib.sha256(text.encode()).hexdigest()[:10]
     return text.encode()[:50].decode(errors="ignore") + "_" + digest
+
+
+def _free_schema_name(conn) -> str:
+    """`before_restore_<UTC time>`, a second later when that name is taken."""
+    at = dt.datetime.now(dt.timezone.utc)
+    while True:
+        name = f"before_restore_{at.strftime('%Y%m%d%H%M%S')}"
+        if not conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (name,)).fetchone():
+            return name
+        at += dt.timedelta(seconds=1)
 
 
 def _owned_sequences(conn, table: TableName) -> list[tuple[TableName, str]]:
@@ -521,8 +534,6 @@ def _restore_tables(catalog: Catalog, backup: StoredBackup, ep: postgres.Endpoin
     transaction, and commit only when every table's row count equals the manifest's and its
     content fingerprint equals the archive's; otherwise roll back: nothing changes."""
     m = backup.manifest
-    stamp = _stamp()
-    safety_schema = f"before_restore_{stamp}" if safety_copy else None
     members: dict[tuple[str, str], TableName] = {}
     for table in tables:
         # a partitioned table's rows are in its leaf partitions' data blocks (it has none itself)
@@ -539,6 +550,7 @@ def _restore_tables(catalog: Catalog, backup: StoredBackup, ep: postgres.Endpoin
         postgres.use_output_settings(conn)  # the archive's text is UTF-8, printed with these settings
         conn.execute("SET LOCAL session_replication_role = replica")
         conn.execute("SET LOCAL lock_timeout = '30s'")
+        safety_schema = _free_schema_name(conn) if safety_copy else None
         if safety_schema:
             conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(safety_schema)))
             conn.execute(sql.SQL("COMMENT ON SCHEMA {} IS {}").format(
