@@ -112,6 +112,8 @@ def cmd_list(args) -> int:
     for orphan in repo.orphans():
         print(f"backup-assets: {orphan} has no manifest: not a backup (an interrupted write; "
               "`backup-assets doctor` removes it)", file=sys.stderr)
+    for _path, error in repo.unreadable():
+        print(f"backup-assets: not counted as a backup: {error}", file=sys.stderr)
     return 0
 
 

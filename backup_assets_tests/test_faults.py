@@ -257,6 +257,9 @@ def test_every_corruption_is_caught_by_verify_and_refused_by_restore(pg18, catal
     out = capsys.readouterr()
     assert v == 1 and r == 1, out
     assert content_of(pg18, zoo_db) == before
+    if how == "edited manifest":  # never silently ignored: list and doctor name it
+        main(["--catalog", catalog.catalog_path, "list"])
+        assert "not counted as a backup" in capsys.readouterr().err
     assert b.artifact_path.name in out.out + out.err or "no backup" in out.err
 
 

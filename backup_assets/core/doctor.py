@@ -52,6 +52,8 @@ def doctor(catalog: Catalog, *, say=lambda _m: None) -> list[str]:
     for path in repo.orphans(min_age_s=ORPHAN_AGE_S):
         path.unlink(missing_ok=True)
         done.append(f"removed {path}: an artifact without a manifest is never a backup")
+    for _path, error in repo.unreadable():  # evidence of damage or tampering: reported, kept
+        done.append(f"not counted as a backup (left for you to look at): {error}")
     for where, ep in servers(catalog).items():
         try:
             with postgres.connect(ep, what="doctor: ") as admin:

@@ -142,6 +142,17 @@ class LocalRepository:
                     removed.append(path)
         return removed
 
+    def unreadable(self) -> list[tuple[Path, str]]:
+        """Manifests that cannot be trusted (damaged, edited, or written before format 2): their
+        backups never count, so they are reported for an operator to look at, never deleted."""
+        found = []
+        for path in self.manifests():
+            try:
+                read_manifest(path)
+            except BackupError as exc:
+                found.append((path, str(exc)))
+        return found
+
     def orphans(self, *, min_age_s: float = 0) -> list[Path]:
         """Artifacts without a manifest (a crash between the artifact's rename and the manifest's
         write): never a backup, reported and swept."""
