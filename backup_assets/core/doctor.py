@@ -27,8 +27,10 @@ SAFETY_SCHEMA = re.compile(r"before_restore_(\d{14})$")
 SAFETY_FILE = re.compile(r".+\.before-restore-(\d{14})$")
 
 
-def servers(catalog: Catalog) -> dict[str, postgres.Endpoint]:
-    """Every PostgreSQL server the catalog names (sources and drill servers), by host:port."""
+def servers(catalog: Catalog, problems: list[str] | None = None) -> dict[str, postgres.Endpoint]:
+    """Every PostgreSQL server the catalog names (sources and drill servers), by host:port; a
+    source whose credentials are not at hand is said in `problems` and skipped."""
+    from ..catalog import CatalogError
     from .backup import endpoint_for
     from .verify import drill_endpoint
 
@@ -36,7 +38,13 @@ def servers(catalog: Catalog) -> dict[str, postgres.Endpoint]:
     for name, src in catalog.sources.items():
         if src.engine != "postgres":
             continue
-        for ep in (endpoint_for(catalog, name), drill_endpoint(catalog, name)):
+        try:
+            endpoints = (endpoint_for(catalog, name), drill_endpoint(catalog, name))
+        except CatalogError as exc:
+            if problems is not None:
+                problems.append(f"source {name}: not checked: {exc}")
+            continue
+        for ep in endpoints:
             found.setdefault(f"{ep.host}:{ep.port}", ep.with_db("postgres"))
     return found
 
@@ -54,7 +62,7 @@ def doctor(catalog: Catalog, *, say=lambda _m: None) -> list[str]:
         done.append(f"removed {path}: an artifact without a manifest is never a backup")
     for _path, error in repo.unreadable():  # evidence of damage or tampering: reported, kept
         done.append(f"not counted as a backup (left for you to look at): {error}")
-    for where, ep in servers(catalog).items():
+    for where, ep in servers(catalog, done).items():
         try:
             with postgres.connect(ep, what="doctor: ") as admin:
                 done += [f"{where}: {line}" for line in repair_interrupted_swaps(admin)]
