@@ -28,7 +28,7 @@ def test_highly_compressible_data_reads_back_whole_in_chunk_sized_pieces(tmp_pat
             digest.update(chunk)
     assert total == len(raw) and largest <= CHUNK
     assert digest.hexdigest() == hashlib.sha256(raw).hexdigest()
-    assert scan_artifact(written.path, written.raw_size_bytes) == (written.sha256, None)
+    assert scan_artifact(written.path, written.raw_size_bytes) == (written.sha256, None, True)
 
 
 def test_truncated_stream_raises_when_the_expected_size_is_known(tmp_path):
@@ -39,7 +39,8 @@ def test_truncated_stream_raises_when_the_expected_size_is_known(tmp_path):
     cut.write_bytes(written.path.read_bytes()[:-50])
     with pytest.raises(TruncatedArtifact, match=r"truncated\): decodes to \d+ bytes, the manifest says 10240000"):
         decompress_to(cut, tmp_path / "out", expected_size=written.raw_size_bytes)
-    sha, error = scan_artifact(cut, written.raw_size_bytes)
+    sha, error, decoded = scan_artifact(cut, written.raw_size_bytes)
+    assert decoded
     assert sha == hashlib.sha256(cut.read_bytes()).hexdigest() and "truncated" in error
 
 
@@ -50,7 +51,8 @@ def test_flipped_byte_is_a_decode_error_and_the_hash_still_covers_the_file(tmp_p
     data = bytearray(written.path.read_bytes())
     data[len(data) // 2] ^= 0x40
     written.path.write_bytes(bytes(data))
-    sha, error = scan_artifact(written.path, written.raw_size_bytes)
+    sha, error, decoded = scan_artifact(written.path, written.raw_size_bytes)
+    assert decoded
     assert sha == hashlib.sha256(bytes(data)).hexdigest() and sha != written.sha256
     assert error and ("corrupt" in error or "truncated" in error)
     with pytest.raises(zstandard.ZstdError):
