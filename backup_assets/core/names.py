@@ -46,10 +46,6 @@ class TableName:
     def __str__(self) -> str:
         return f"{quote(self.schema)}.{quote(self.name)}"
 
-    @property
-    def text(self) -> str:
-        return str(self)
-
     def ident(self) -> sql.Identifier:
         return sql.Identifier(self.schema, self.name)
 
@@ -136,7 +132,3 @@ def split_qualified(text: str) -> list[str]:
         if i >= n:
             raise NameError_(f"{text!r}: ends with '.'")
 
-
-def table_key(schema: str, name: str) -> str:
-    """The manifest's key of a table (its text form)."""
-    return str(TableName(schema, name))

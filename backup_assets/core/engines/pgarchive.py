@@ -43,9 +43,6 @@ class TocEntry:
     deps: tuple[int, ...]
     relkind: str | None = None
 
-    @property
-    def is_table_data(self) -> bool:
-        return self.desc == "TABLE DATA"
 
 
 @dataclass
@@ -68,20 +65,12 @@ class Archive:
     def __post_init__(self) -> None:
         self.by_id = {e.dump_id: e for e in self.entries}
 
-    def find(self, desc: str, namespace: str | None, tag: str) -> list[TocEntry]:
-        return [e for e in self.entries if e.desc == desc and e.namespace == namespace and e.tag == tag]
-
     def tables(self) -> dict[tuple[str, str], TocEntry]:
         return {(e.namespace or "", e.tag): e for e in self.entries if e.desc == "TABLE"}
 
     def table_data(self) -> dict[tuple[str, str], TocEntry]:
         return {(e.namespace or "", e.tag): e for e in self.entries if e.desc == "TABLE DATA"}
 
-    def dump_major(self) -> int | None:
-        if not self.header.dump_version:
-            return None
-        head = self.header.dump_version.split()[0].split(".")[0]
-        return int(head) if head.isdigit() else None
 
 
 class _Reader:
@@ -272,13 +261,6 @@ def _read_chunks(r: _Reader, sink: Callable[[bytes], None] | None) -> None:
                 batch, size = [], 0
     if sink is not None and batch:
         sink(b"".join(batch))
-
-
-def read_toc(stream: BinaryIO) -> Archive:
-    """Only the header and the TOC (the stream is left after the TOC)."""
-    r = _Reader(stream)
-    header = _read_header(r)
-    return Archive(header, _read_toc(r, header))
 
 
 # -- content fingerprints -------------------------------------------------------------------------
