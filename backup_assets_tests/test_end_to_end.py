@@ -63,6 +63,9 @@ def source_cluster(tmp_path):
     with cluster.connect("myloware") as conn:
         seed_myloware(conn, Scale(runs=200, webhooks=200, documents=10, chunks_per_document=3, dims=16))
     yield cluster
+    log = cluster.data_dir / "server.log"
+    if log.exists():  # kept with the test's files, to see what the server said when something failed
+        (tmp_path / "source_server.log").write_bytes(log.read_bytes())
     cluster.destroy()
 
 

@@ -27,6 +27,7 @@ from .engines import postgres, sqlite
 from .manifest import MANIFEST_SUFFIX, Manifest, read_manifest
 from .names import TableName
 from .repository import LocalRepository, StoredBackup
+from .secrets import scrub
 
 DRILL_MARK = "backup_assets restore drill"
 
@@ -253,6 +254,29 @@ def _roles_drill(catalog: Catalog, backup: StoredBackup) -> Outcome:
 
 
 def _postgres_drill(catalog: Catalog, backup: StoredBackup, *, jobs: int) -> Outcome:
+    try:
+        return _postgres_drill_steps(catalog, backup, jobs=jobs)
+    except psycopg.Error as exc:  # e.g. the drill server went away: a failed drill, said in one line
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return Outcome(False, f"{backup.artifact_path}: restore drill failed: {scrub(text)}")
+
+
+def _drop_scratch(admin, ep: postgres.Endpoint, name: str) -> None:
+    """Drop the drill's scratch database, over a new connection when the old one is gone; if even
+    that fails, its name says its owner, and the next drill after this process drops it."""
+    try:
+        postgres.drop_database(admin, name)
+        return
+    except psycopg.Error:
+        pass
+    try:
+        with postgres.connect(ep) as again:
+            postgres.drop_database(again, name)
+    except (psycopg.Error, BackupError):
+        pass
+
+
+def _postgres_drill_steps(catalog: Catalog, backup: StoredBackup, *, jobs: int) -> Outcome:
     m, path = backup.manifest, backup.artifact_path
     src = catalog.sources.get(m.source)
     if src is None or src.engine != "postgres":
@@ -308,7 +332,7 @@ def _postgres_drill(catalog: Catalog, backup: StoredBackup, *, jobs: int) -> Out
             problems = compare_with_manifest(m, facts.row_counts, facts.vectors, facts.indexes, exts)
             problems += compare_content(archive.tables, restored)
         finally:
-            postgres.drop_database(admin, name)
+            _drop_scratch(admin, ep, name)
     meta = {
         "rto_s": round(rto, 3), "decompress_s": round(decompress_s, 3), "pg_restore_s": round(restore_s, 3),
         "drill_database": name, "drill_server": f"{ep.host}:{ep.port}", "row_counts": facts.row_counts,
