@@ -223,10 +223,9 @@ def read_archive(stream: BinaryIO, on_data: DataSink | None = None,
             raise ArchiveFormatError(f"two data blocks for TOC entry {dump_id}: the archive is damaged")
         seen.add(dump_id)
         sink = on_data(entry) if (on_data and kind == BLK_DATA) else None
-        if kind == BLK_BLOBS:
-            while (oid := r.int_()) != 0:
+        if kind == BLK_BLOBS:  # large objects: each is an oid and its chunks, up to a zero oid
+            while r.int_() != 0:
                 _read_chunks(r, None)
-                del oid
         else:
             _read_chunks(r, sink)
         if on_end is not None and kind == BLK_DATA:
