@@ -162,12 +162,22 @@ def verify_before_restore(backup: StoredBackup) -> None:
 
 # -- PostgreSQL ---------------------------------------------------------------------------------
 
-def other_sessions(conn, dbname: str) -> list[tuple[int, str]]:
-    return conn.execute(
-        "SELECT pid, coalesce(application_name, '') || '@' || coalesce(client_addr::text, 'local') "
-        "FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-        (dbname,),
-    ).fetchall()
+def other_sessions(conn, dbname: str, *, settle_s: float = 1.0) -> list[tuple[int, str]]:
+    """Client sessions on `dbname` other than ours. Background workers are not sessions:
+    autovacuum workers are cancelled by PostgreSQL itself when a database is renamed. A session
+    that is just ending (its client has closed) stays in pg_stat_activity for a moment, so a
+    non-empty answer is asked again for up to `settle_s` before it counts."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        rows = conn.execute(
+            "SELECT pid, coalesce(application_name, '') || '@' || coalesce(client_addr::text, 'local') "
+            "FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid() "
+            "AND backend_type = 'client backend'",
+            (dbname,),
+        ).fetchall()
+        if not rows or time.monotonic() >= deadline:
+            return rows
+        time.sleep(0.1)
 
 
 def restore_plan(catalog: Catalog, backup: StoredBackup, *, target_db: str | None = None,
@@ -444,7 +454,7 @@ def repair_interrupted_swaps(admin) -> list[str]:
 
 def _wait_for_no_sessions(admin, dbname: str, timeout_s: float = 15) -> None:
     deadline = time.monotonic() + timeout_s
-    while other_sessions(admin, dbname):
+    while other_sessions(admin, dbname, settle_s=0):
         if time.monotonic() > deadline:
             raise BackupError(f"sessions on {dbname} did not end within {timeout_s:.0f}s; nothing was changed")
         time.sleep(0.1)
