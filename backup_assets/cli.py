@@ -58,61 +58,61 @@ def _print_table(rows: list[dict], columns: list[str]) -> None:
         print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
 
 
-def _s3_listing(catalog, args) -> dict[str, int]:
-    """Replicated artifacts by repository key (empty without replication, with --local-only, or
-    when S3 cannot be reached, which is said on stderr)."""
-    if catalog.replication.s3 is None or args.local_only:
-        return {}
-    from .core.replica import storage_for
+def _repositories(catalog, args) -> list:
+    """The repositories to walk: the local one, and the S3 replica unless --local-only."""
+    repos = [repository_for(catalog)]
+    if catalog.replication.s3 is not None and not getattr(args, "local_only", False):
+        from .core.replica import replica_repository
 
-    try:
-        storage = storage_for(catalog)
-        return {storage.repo_key(k): size for k, size in storage.list("") if k.endswith((".zst", ".zst.age"))}
-    except (BackupError, CatalogError) as exc:
-        print(f"backup-assets: S3 not listed: {exc}", file=sys.stderr)
-        return {}
+        try:
+            repos.append(replica_repository(catalog))
+        except (BackupError, CatalogError) as exc:
+            print(f"backup-assets: S3 not listed: {scrub(str(exc))}", file=sys.stderr)
+    return repos
 
 
 def cmd_list(args) -> int:
     from .core.artifact import human_size
-    from .core.replica import parse_artifact_name
 
     catalog = _catalog(args)
-    repo = repository_for(catalog)
-    repo.sweep()
-    remote = _s3_listing(catalog, args)
-    rows = []
-    for b in repo.backups(source=args.source, group=args.group, tier=args.tier, partition=args.partition):
-        m = b.manifest
-        key = repo.key_of(b.artifact_path)
-        rows.append({
-            "source": m.source, "group": m.group, "tier": m.tier, "partition": m.partition,
-            "created": m.timestamp, "size": m.size_human, "size_bytes": m.size_bytes, "rows": m.total_rows,
-            "verified": verification.summary(b), "where": "local+s3" if remote.pop(key, None) is not None else "local",
-            "key": key_summary(m),
-            "path": str(b.artifact_path),
-        })
-    for key, size in sorted(remote.items()):  # in S3 only (pruned locally, or a lost disk)
-        parsed = parse_artifact_name(key.rsplit("/", 1)[-1])
-        tier = key.split("/")[-2] if key.count("/") >= 2 else None
-        if not parsed or (args.source and parsed["source"] != args.source) or (args.group and parsed["group"] != args.group) \
-                or (args.tier and tier != args.tier) or (args.partition and parsed["partition"] != args.partition):
+    local, *others = _repositories(catalog, args)
+    local.sweep()
+    rows: dict[str, dict] = {}
+    for repo in [local, *others]:
+        try:
+            refs = repo.refs(source=args.source, group=args.group, tier=args.tier, partition=args.partition)
+        except (BackupError, CatalogError) as exc:
+            print(f"backup-assets: {repo.name.replace('s3', 'S3')} not listed: {scrub(str(exc))}", file=sys.stderr)
             continue
-        rows.append({"source": parsed["source"], "group": parsed["group"], "tier": tier, "partition": parsed["partition"],
-                     "created": parsed["stamp"], "size": human_size(size), "size_bytes": size, "rows": "",
-                     "verified": "unknown", "where": "s3", "path": key})
+        untrusted = repo.untrusted()
+        for ref in refs:
+            if ref.key in untrusted:
+                continue
+            if ref.key in rows:
+                rows[ref.key]["where"] += f"+{repo.name}"
+                continue
+            row = {"source": ref.source, "group": ref.group, "tier": ref.tier, "partition": ref.partition,
+                   "created": ref.created.isoformat(timespec="seconds"), "size": human_size(ref.size),
+                   "size_bytes": ref.size, "rows": "", "verified": "ok (replica)" if repo.replica else "unknown",
+                   "where": repo.name, "key": "", "path": repo.storage.uri(ref.key)}
+            if repo is local:  # the manifest and check record are at hand: say more
+                b = local.stored(ref)
+                row.update(created=b.manifest.timestamp, size=b.manifest.size_human, rows=b.manifest.total_rows,
+                           verified=verification.summary(b), key=key_summary(b.manifest))
+            rows[ref.key] = row
+    ordered = sorted(rows.values(), key=lambda r: (r["source"], r["group"], r["tier"], r["partition"], r["created"]))
     if args.json:
-        print(json.dumps(rows, indent=2))
-    elif rows:
-        _print_table(rows, ["source", "group", "tier", "partition", "created", "size", "rows", "verified", "where", "key",
-                            "path"])
+        print(json.dumps(ordered, indent=2))
+    elif ordered:
+        _print_table(ordered, ["source", "group", "tier", "partition", "created", "size", "rows", "verified", "where",
+                               "key", "path"])
     else:
-        print(f"no backups match in repository {repo.root} (catalog {catalog.catalog_path or 'built in'})",
+        print(f"no backups match in repository {local.root} (catalog {catalog.catalog_path or 'built in'})",
               file=sys.stderr)
-    for orphan in repo.orphans():
+    for orphan in local.orphans():
         print(f"backup-assets: {orphan} has no manifest: not a backup (an interrupted write; "
               "`backup-assets doctor` removes it)", file=sys.stderr)
-    for _path, error in repo.unreadable():
+    for _path, error in local.unreadable():
         print(f"backup-assets: not counted as a backup: {error}", file=sys.stderr)
     return 0
 
@@ -361,41 +361,28 @@ def cmd_rekey(args) -> int:
     from .core.rekey import rekey, select
 
     catalog = _catalog(args)
-    repo = repository_for(catalog)
-    repo.sweep()
-    chosen = select(catalog, source=args.source, group=args.group, tier=args.tier,
+    repos = _repositories(catalog, args)
+    repos[0].sweep()
+    chosen = select(repos, source=args.source, group=args.group, tier=args.tier,
                     older_than_days=args.older_than_days, recipients=args.recipients)
     keys = ", ".join(crypto.fingerprint(r) for r in args.recipients)
     if not args.apply:
-        for b in chosen:
-            print(f"would re-encrypt {b.artifact_path.name} (now: {crypto.key_summary(b.manifest)}) to {keys}")
+        for c in chosen:
+            places = "+".join([c.repo.name] + [o.name for o in c.others])
+            print(f"would re-encrypt {c.ref.name} ({places}; now: {crypto.key_summary(c.manifest)}) to {keys}")
         print(f"{len(chosen)} backup(s) to re-encrypt (a dry run: --apply does it)", file=sys.stderr)
         return 0
-    storage = None
-    if catalog.replication.s3 is not None and not args.local_only:
-        from .core.replica import storage_for
-
-        storage = storage_for(catalog)
     failed = 0
-    for b in chosen:
-        old_key = repo.key_of(b.artifact_path)
+    for c in chosen:
         try:
-            done = rekey(catalog, b, args.recipients, identity_env=args.identity_file_env)
+            done = rekey(catalog, c, args.recipients, identity_env=args.identity_file_env)
         except BackupError as exc:
             failed += 1
             print(f"backup-assets: {scrub(str(exc))}", file=sys.stderr)
             continue
-        line = f"re-encrypted {done.old} -> {done.new} ({done.seconds:.1f}s)"
-        if storage is not None:
-            from .core.manifest import MANIFEST_SUFFIX
-            from .core.replica import replicate
-
-            new = repo.latest(b.manifest.source, b.manifest.group, b.manifest.tier, b.manifest.partition)
-            remote_old = storage.key(old_key)
-            if storage.head(remote_old) is not None:
-                replicate(catalog, new, storage)
-                storage.delete([remote_old + MANIFEST_SUFFIX, remote_old])
-                line += "; S3 copy replaced"
+        line = f"re-encrypted {done.old} -> {done.new} in {c.repo.name} ({done.seconds:.1f}s)"
+        if done.also_in:
+            line += f"; the copy in {', '.join(done.also_in)} replaced"
         print(line)
     return 1 if failed else 0
 

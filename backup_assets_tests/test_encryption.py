@@ -297,3 +297,39 @@ def test_plain_backups_can_be_encrypted_after_the_fact(pg18, marked_zoo, keys, w
     [b] = LocalRepository(plain.repository_root).backups()
     assert b.artifact_path.name.endswith(".age") and repository_holds(plain.repository_root, marker) == []
     assert restore_drill(plain, b).passed
+
+
+def test_rekey_reaches_backups_that_exist_only_in_s3(pg18, marked_zoo, keys, write_catalog, moto_s3, bucket,
+                                                     monkeypatch, tmp_path, capsys):
+    """The local disk was lost (or pruned sooner than S3): rotation still reaches every copy, and
+    streams the S3 object through decryption and encryption without plaintext on disk."""
+    from backup_assets.core.replica import replicate, storage_for
+
+    db, marker = marked_zoo
+    catalog = _rekey_catalog(write_catalog, pg18, db, keys, moto_s3, bucket)
+    run_backup(catalog, "zoo", "full", "daily", P)
+    old = LocalRepository(catalog.repository_root).latest("zoo", "full", "daily")
+    replicate(catalog, old, storage_for(catalog))
+    shutil.rmtree(catalog.repository_root / "postgres")
+    new_key = pyrage.x25519.Identity.generate()
+    (tmp_path / "new.key").write_text(f"{new_key}\n")
+    args = ["--catalog", catalog.catalog_path, "rekey", "--recipients", str(new_key.to_public()), "--source", "zoo",
+            "--group", "full"]
+    assert main(args) == 0
+    assert f"would re-encrypt {old.artifact_path.name} (s3;" in capsys.readouterr().out
+    assert main([*args, "--apply"]) == 0
+    assert " in s3 " in capsys.readouterr().out
+    client = moto_s3.client()
+    names = {o["Key"].rsplit("/", 1)[-1] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert old.artifact_path.name not in names and old.artifact_path.name + ".meta" not in names
+    [new_name] = [n for n in names if n.endswith(".age")]
+    assert new_name + ".meta" in names
+    assert not (catalog.repository_root / "postgres").exists(), "nothing was written to the local repository"
+    assert repository_holds(catalog.repository_root, marker) == []
+    # the new key restores it from S3; the old one would not
+    monkeypatch.setenv(IDENTITY_ENV, str(tmp_path / "new.key"))
+    target = f"{db}_rekeyed"
+    assert main(["--catalog", catalog.catalog_path, "restore", "--from", "s3", "--source", "zoo", "--group", "full",
+                 "--target-db", target, "--confirm"]) == 0
+    with pg18.connect(db) as a, pg18.connect(target) as b:
+        assert zoo.content(a) == zoo.content(b)

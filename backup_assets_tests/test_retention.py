@@ -193,3 +193,20 @@ def test_table_pruning_only_removes_rows_covered_by_a_drilled_backup(pg18, mylow
     assert after["artifacts"] == start["artifacts"] - start["artifacts_old"]
     assert after["webhooks"] == start["webhooks"] - start["webhooks_old"]
     assert report["tables"]["public.webhook_events"]["batches"] > 2
+
+
+def test_s3_retention_costs_one_listing_not_a_request_per_object(write_catalog, tmp_path, moto_s3, bucket):
+    catalog = write_catalog({"app": {"engine": "sqlite", "path": str(tmp_path / "app.db")}},
+                            replication=s3_replication(moto_s3, bucket, retention_days={"daily": 5}))
+    repo = LocalRepository(catalog.repository_root)
+    storage = storage_for(catalog, moto_s3.client())
+    for day in range(30):
+        b = _fake_backup(repo, "app", "full", "daily", NOW - dt.timedelta(days=30 - day), status=True)
+        replicate(catalog, b, storage)
+    calls = []
+    storage.client.meta.events.register("before-call.s3.*", lambda model, **kw: calls.append(model.name))
+    report = prune(catalog, dry_run=False, storage=storage, now=NOW)
+    assert report["s3"]["backups"] == 25
+    assert set(calls) == {"ListObjectsV2", "DeleteObjects"}, calls
+    left = sorted(k for k, _ in storage.list("") if k.endswith(".zst"))
+    assert len(left) == 5 and all(f"{k}.meta" in dict(storage.list("")) for k in left)

@@ -110,9 +110,17 @@ def manifest_path_for(artifact: Path) -> Path:
 
 def read_manifest(path: Path) -> Manifest:
     try:
-        data = json.loads(path.read_text())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise BackupError(f"manifest {path} is missing") from None
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise BackupError(f"manifest {path} cannot be read: {exc}") from None
-    return Manifest.from_json(data, where=str(path))
+    return parse_manifest(data, where=str(path))
+
+
+def parse_manifest(data: bytes, *, where: str) -> Manifest:
+    try:
+        payload = json.loads(data)
+    except ValueError as exc:
+        raise BackupError(f"manifest {where} cannot be read: {exc}") from None
+    return Manifest.from_json(payload, where=where)

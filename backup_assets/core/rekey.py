@@ -1,11 +1,15 @@
-"""Key rotation: re-encrypt existing backups to a new set of recipients.
+"""Key rotation: re-encrypt existing backups to a new set of recipients, in every repository.
 
-The artifact's zstd stream is decrypted with the current identity and encrypted to the new
-recipients as one stream (pipes, never plaintext on disk), hashed as it is written and read back
-from disk to check the hash. Plain (unencrypted) backups are encrypted the same way.
+The artifact's zstd stream is read from its repository (a local file or an S3 object), decrypted
+with the current identity and encrypted to the new recipients as one stream (pipes, never
+plaintext on disk), hashed as it is written into a 0700 scratch folder, and put into the
+repository under a name of its own (its backup time plus one microsecond), checked on arrival.
+Plain (unencrypted) backups are encrypted the same way.
 
-A kill at any moment leaves a good backup: the new artifact gets a name of its own (its backup
-time plus one microsecond) and its own manifest; only once both are on disk is the old manifest
+A backup is re-encrypted once, in the first repository that holds it (local before S3, so a
+backup that exists only in S3 is re-encrypted there); every other repository holding it then
+receives that same new artifact, so the copies stay byte-identical. A kill at any moment leaves a
+good backup: only once the new artifact and its manifest are complete is the old manifest
 removed, then the old artifact. A kill in between leaves two complete backups of the partition
 (the newer is used) or an orphan artifact (swept), never a backup that does not verify.
 """
@@ -14,20 +18,19 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, replace
 
 from ..catalog import Catalog
 from . import BackupError, crypto, failpoints
-from .artifact import CHUNK, FILE_MODE, _HashingSink, fsync_dir, human_size, partial_path, sha256_file, write_json_atomic
+from .artifact import CHUNK, FILE_MODE, _HashingSink, human_size
 from .backup import repository_for
-from .manifest import manifest_path_for
-from .repository import StoredBackup
-from .verification import checks_path, read_status
+from .manifest import MANIFEST_SUFFIX, Manifest
+from .repository import CHECKS_SUFFIX, STAMP, BackupRef, Repository
 
-STAMP = "%Y%m%dT%H%M%S%fZ"
+__all__ = ["Rekeyed", "Candidate", "rekey", "select"]
 
 
 @dataclass
@@ -36,6 +39,15 @@ class Rekeyed:
     new: str
     size_bytes: int
     seconds: float
+    also_in: list[str]
+
+
+@dataclass
+class Candidate:
+    repo: Repository
+    ref: BackupRef
+    manifest: Manifest
+    others: list[Repository]  # the other repositories that hold the same backup
 
 
 def _next_name(name: str) -> str:
@@ -47,38 +59,48 @@ def _next_name(name: str) -> str:
     return f"{head}-{when.strftime(STAMP)}.{rest}"
 
 
-def select(catalog: Catalog, *, source: str | None = None, group: str | None = None, tier: str | None = None,
-           older_than_days: float | None = None, recipients: list[str]) -> list[StoredBackup]:
-    """The backups to re-encrypt: matching the filters and not already encrypted to exactly `recipients`."""
+def select(repos: list[Repository], *, source: str | None = None, group: str | None = None, tier: str | None = None,
+           older_than_days: float | None = None, recipients: list[str]) -> list[Candidate]:
+    """The backups to re-encrypt: matching the filters and not already encrypted to exactly
+    `recipients`, each once, in the first repository that holds it."""
     now = dt.datetime.now(dt.timezone.utc)
     wanted = sorted(crypto.fingerprint(r) for r in recipients)
-    chosen = []
-    for b in repository_for(catalog).backups(source=source, group=group, tier=tier):
-        if older_than_days is not None:
-            created = dt.datetime.fromisoformat(b.manifest.timestamp)
-            if (now - created).total_seconds() < older_than_days * 86400:
+    chosen: dict[str, Candidate] = {}
+    for repo in repos:
+        untrusted = repo.untrusted()
+        for ref in repo.refs(source=source, group=group, tier=tier):
+            if ref.key in chosen:
+                chosen[ref.key].others.append(repo)
                 continue
-        have = sorted(r["fingerprint"] for r in (b.manifest.encryption or {}).get("recipients", []))
-        if have != wanted:
-            chosen.append(b)
-    return chosen
+            if ref.key in untrusted or (older_than_days is not None
+                                        and (now - ref.created).total_seconds() < older_than_days * 86400):
+                continue
+            m = repo.manifest(ref)
+            have = sorted(r["fingerprint"] for r in (m.encryption or {}).get("recipients", []))
+            if have != wanted:
+                chosen[ref.key] = Candidate(repo, ref, m, [])
+    return list(chosen.values())
 
 
-def rekey(catalog: Catalog, backup: StoredBackup, recipients: list[str], *, identity_env: str | None = None) -> Rekeyed:
-    m, old = backup.manifest, backup.artifact_path
+def rekey(catalog: Catalog, c: Candidate, recipients: list[str], *, identity_env: str | None = None,
+          say=lambda _m: None) -> Rekeyed:
+    from .replica import copy_backup
+
+    repo, ref, m = c.repo, c.ref, c.manifest
     started = time.monotonic()
     for r in recipients:
         try:
             crypto.parse_recipient(r)
         except ValueError as exc:
             raise BackupError(f"recipient {crypto.fingerprint(r) if r.strip() else '(empty)'}: {exc}") from None
-    identities = crypto.identities_for(catalog, m, artifact=str(old)) if m.encryption else None
-    new = old.with_name(_next_name(old.name))
-    tmp = partial_path(new)
+    where = repo.storage.uri(ref.key)
+    identities = crypto.identities_for(catalog, m, artifact=where) if m.encryption else None
+    new_key = ref.key.rsplit("/", 1)[0] + "/" + _next_name(ref.name)
     source_hash = hashlib.sha256()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    try:
-        with open(old, "rb") as fh, os.fdopen(fd, "wb") as out:
+    with repository_for(catalog).scratch("rekey") as tmp_dir:
+        tmp = tmp_dir / "artifact"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        with repo.storage.open(ref.key) as fh, os.fdopen(fd, "wb") as out:
             sink = _HashingSink(out)
             writer = crypto.EncryptingWriter(sink, recipients)
 
@@ -88,7 +110,7 @@ def rekey(catalog: Catalog, backup: StoredBackup, recipients: list[str], *, iden
                     source_hash.update(data)
                     return data
 
-            reader = crypto.DecryptingReader(_Hashed(), identities, what=str(old)) if identities else _Hashed()
+            reader = crypto.DecryptingReader(_Hashed(), identities, what=where) if identities else _Hashed()
             try:
                 while chunk := reader.read(CHUNK):
                     writer.write(chunk)
@@ -100,32 +122,31 @@ def rekey(catalog: Catalog, backup: StoredBackup, recipients: list[str], *, iden
             out.flush()
             os.fsync(out.fileno())
         if source_hash.hexdigest() != m.sha256:
-            raise BackupError(f"{old}: sha256 {source_hash.hexdigest()} differs from the manifest's {m.sha256}; "
+            raise BackupError(f"{where}: sha256 {source_hash.hexdigest()} differs from the manifest's {m.sha256}; "
                               "not re-encrypted")
-        if sha256_file(tmp) != sink.sha256.hexdigest():
-            raise BackupError(f"{new}: what was written does not read back the same; not re-encrypted")
-        os.replace(tmp, new)
-        fsync_dir(new.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        digest = sink.sha256.hexdigest()
+        # checked on arrival: read back from disk, or S3's checksums and metadata
+        put = repo.storage.put_file
+        put(tmp, new_key, sha256=digest, **({"move": True} if repo.storage.where == "local" else {}))
     failpoints.point("rekey.new_artifact")
-    manifest = replace(m, artifact=new.name, sha256=sink.sha256.hexdigest(), size_bytes=sink.size,
+    manifest = replace(m, artifact=new_key.rsplit("/", 1)[-1], sha256=digest, size_bytes=sink.size,
                        size_human=human_size(sink.size),
                        encryption={"format": "age", "recipients": crypto.describe(recipients),
                                    "identity_file_env": identity_env or (m.encryption or {}).get("identity_file_env")})
     try:
-        write_json_atomic(manifest_path_for(new), manifest.to_json())
+        repo.storage.put_bytes(json.dumps(manifest.to_json(), indent=2, sort_keys=True).encode(), new_key + MANIFEST_SUFFIX)
     except BaseException:
-        new.unlink(missing_ok=True)
+        repo.storage.delete([new_key])
         raise
-    status = read_status(backup)
-    if status:
-        shutil.copyfile(checks_path(backup), checks_path(StoredBackup(manifest, manifest_path_for(new))))
+    record = repo.check_record(ref)
+    if record:  # what was checked of the content still holds: the content is the same
+        repo.storage.put_bytes(json.dumps(record, indent=2, sort_keys=True).encode(), new_key + CHECKS_SUFFIX)
     failpoints.point("rekey.new_manifest")
-    # the new backup is complete: the old one goes, manifest first (then it no longer counts)
-    backup.manifest_path.unlink(missing_ok=True)
-    old.unlink(missing_ok=True)
-    checks_path(backup).unlink(missing_ok=True)
-    fsync_dir(new.parent)
-    return Rekeyed(old.name, new.name, sink.size, round(time.monotonic() - started, 3))
+    # the new backup is complete: the old one goes (manifest first, then it no longer counts)
+    repo.delete(ref)
+    also = []
+    for other in c.others:
+        copy_backup(manifest, new_key, repo, other, say=say)
+        other.delete(ref)
+        also.append(other.name)
+    return Rekeyed(ref.name, new_key.rsplit("/", 1)[-1], sink.size, round(time.monotonic() - started, 3), also)

@@ -1,14 +1,23 @@
-"""The local backup repository: layout and lookup.
+"""Backup repositories: a layout and manifests over one storage (local filesystem, S3).
 
 Layout (the Miyabi runbook's): `<root>/{postgres,sqlite}/{daily,weekly,monthly}/`
-`<source>-<group>-<partition>-<timestamp>.<ext>.zst` with `<artifact>.meta` beside it.
-The key of a file relative to the root is the same locally and in S3.
+`<source>-<group>-<partition>-<timestamp>.<ext>.zst[.age]` with `<artifact>.meta` beside it.
+The key of a file relative to the root is the same in every repository. A backup is complete
+when its manifest is there (the manifest is always written last); an artifact without one is
+never a backup.
+
+What a listing must tell (source, group, tier, partition, time, complete or not) is in the names,
+so walking a repository costs one listing, not a request per object. A *replica* receives only
+backups that verified (replication refuses the others), so every complete backup in it counts as
+verified; the local repository keeps each backup's check record beside it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
+import re
 import secrets
 import shutil
 from contextlib import contextmanager
@@ -19,17 +28,116 @@ from typing import Iterator
 from ..catalog import GLOBALS_GROUP
 from . import BackupError
 from .artifact import PARTIAL_MARK, ensure_dir, partial_owner
-from .manifest import MANIFEST_SUFFIX, Manifest, manifest_path_for, read_manifest
+from .manifest import MANIFEST_SUFFIX, Manifest, manifest_path_for, parse_manifest, read_manifest
 from .owner import Owner, age_of
+from .storage import Storage
+from .storage.local import SCRATCH, LocalStorage
 
-SCRATCH = ".tmp"
+TIERS = ("daily", "weekly", "monthly")
+STAMP = "%Y%m%dT%H%M%S%fZ"
+ARTIFACT_NAME = re.compile(r"^(?P<source>[A-Za-z_][A-Za-z0-9_]*)-(?P<group>[A-Za-z_][A-Za-z0-9_]*)-"
+                           r"(?P<partition>\d{4}-\d{2}-\d{2})-(?P<stamp>\d{8}T\d{12}Z)\.(?P<ext>dump|db|json)\.zst"
+                           r"(?P<age>\.age)?$")
+CHECKS_SUFFIX = ".checks.json"
 
 EXTENSIONS = {"postgres": "dump", "sqlite": "db"}
 
 
 def utc_stamp(now: dt.datetime | None = None) -> str:
     now = now or dt.datetime.now(dt.timezone.utc)
-    return now.strftime("%Y%m%dT%H%M%S%fZ")
+    return now.strftime(STAMP)
+
+
+def parse_artifact_name(name: str) -> dict | None:
+    match = ARTIFACT_NAME.match(name)
+    return match.groupdict() if match else None
+
+
+@dataclass(frozen=True)
+class BackupRef:
+    """A backup as a listing shows it: its artifact's key, what the name says, its size."""
+    key: str
+    engine: str
+    tier: str
+    source: str
+    group: str
+    partition: str
+    stamp: str
+    size: int
+    complete: bool  # its manifest is beside it
+
+    @property
+    def name(self) -> str:
+        return self.key.rsplit("/", 1)[-1]
+
+    @property
+    def manifest_key(self) -> str:
+        return self.key + MANIFEST_SUFFIX
+
+    @property
+    def checks_key(self) -> str:
+        return self.key + CHECKS_SUFFIX
+
+    @property
+    def created(self) -> dt.datetime:
+        return dt.datetime.strptime(self.stamp, STAMP).replace(tzinfo=dt.timezone.utc)
+
+
+class Repository:
+    """Backups in one storage. Everything that walks backups goes through here, whatever the storage."""
+
+    def __init__(self, storage: Storage, *, name: str, replica: bool):
+        self.storage = storage
+        self.name = name
+        self.replica = replica
+
+    def refs(self, *, source: str | None = None, group: str | None = None, tier: str | None = None,
+             partition: str | None = None, complete: bool = True) -> list[BackupRef]:
+        """Backups matching the filters (complete ones unless `complete=False`), oldest first, from
+        one listing."""
+        listing = dict(self.storage.list(""))
+        found = []
+        for key, size in listing.items():
+            parts = key.split("/")
+            if len(parts) != 3 or parts[1] not in TIERS:
+                continue
+            parsed = parse_artifact_name(parts[2])
+            if not parsed:
+                continue
+            ref = BackupRef(key, parts[0], parts[1], parsed["source"], parsed["group"], parsed["partition"],
+                            parsed["stamp"], size, key + MANIFEST_SUFFIX in listing)
+            if (complete and not ref.complete) or (source and ref.source != source) or (group and ref.group != group) \
+                    or (tier and ref.tier != tier) or (partition and ref.partition != partition):
+                continue
+            found.append(ref)
+        found.sort(key=lambda r: (r.partition, r.stamp))
+        return found
+
+    def manifest(self, ref: BackupRef) -> Manifest:
+        return parse_manifest(self.storage.get_bytes(ref.manifest_key), where=self.storage.uri(ref.manifest_key))
+
+    def check_record(self, ref: BackupRef) -> dict:
+        try:
+            data = json.loads(self.storage.get_bytes(ref.checks_key))
+        except (OSError, ValueError, BackupError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def verified(self, ref: BackupRef) -> bool:
+        if self.replica:
+            return ref.complete
+        from .verification import verified_by
+
+        return verified_by(self.check_record(ref))
+
+    def untrusted(self) -> set[str]:
+        """Keys of artifacts whose manifest cannot be trusted: never counted, never deleted."""
+        return set()
+
+    def delete(self, ref: BackupRef) -> None:
+        # the manifest first: from then on the artifact no longer counts as a backup
+        self.storage.delete([ref.manifest_key])
+        self.storage.delete([ref.key, ref.checks_key])
 
 
 @dataclass(frozen=True)
@@ -42,9 +150,17 @@ class StoredBackup:
         return self.manifest_path.with_name(self.manifest.artifact)
 
 
-class LocalRepository:
+class LocalRepository(Repository):
     def __init__(self, root: Path):
         self.root = Path(root)
+        super().__init__(LocalStorage(self.root), name="local", replica=False)
+
+    def stored(self, ref: BackupRef) -> StoredBackup:
+        path = self.root / ref.manifest_key
+        return StoredBackup(read_manifest(path), path)
+
+    def untrusted(self) -> set[str]:
+        return {self.key_of(path)[: -len(MANIFEST_SUFFIX)] for path, _ in self.unreadable()}
 
     def folder(self, engine: str, tier: str) -> Path:
         return self.root / engine / tier
@@ -169,4 +285,5 @@ class LocalRepository:
         return sorted(found)
 
 
-__all__ = ["LocalRepository", "StoredBackup", "manifest_path_for", "utc_stamp"]
+__all__ = ["BackupRef", "LocalRepository", "Repository", "StoredBackup", "manifest_path_for", "parse_artifact_name",
+           "utc_stamp"]

@@ -15,8 +15,7 @@ from typing import Iterable
 
 from ..catalog import Catalog
 from .backup import repository_for
-from .manifest import MANIFEST_SUFFIX
-from .verification import checks_path, is_verified
+from .repository import BackupRef, Repository
 
 
 @dataclass(frozen=True)
@@ -69,75 +68,47 @@ def select(entries: Iterable[Entry], retention_days: dict[str, int], now: dt.dat
     return sel
 
 
-def _created(timestamp: str) -> dt.datetime:
-    value = dt.datetime.fromisoformat(timestamp)
-    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+def entries(repo: Repository) -> list[tuple[Entry, BackupRef]]:
+    """Every complete backup of a repository as retention sees it, from one listing (and, for the
+    local repository, the check records beside the artifacts). Backups whose manifest cannot be
+    trusted are left out: they are kept for an operator, never deleted."""
+    untrusted = repo.untrusted()
+    return [(Entry(ref.key, ref.source, ref.group, ref.tier, ref.partition, ref.created, repo.verified(ref), ref.size),
+             ref) for ref in repo.refs() if ref.key not in untrusted]
 
 
-def local_entries(catalog: Catalog) -> list[tuple[Entry, object]]:
-    out = []
-    for b in repository_for(catalog).backups():
-        m = b.manifest
-        out.append((Entry(str(b.artifact_path), m.source, m.group, m.tier, m.partition, _created(m.timestamp),
-                          is_verified(b), m.size_bytes), b))
-    return out
-
-
-def prune_local(catalog: Catalog, *, dry_run: bool, now: dt.datetime | None = None) -> dict:
-    now = now or dt.datetime.now(dt.timezone.utc)
-    pairs = local_entries(catalog)
-    lookup = {e.id: b for e, b in pairs}
-    days = {t: catalog.retention_days(t, "local") for t in catalog.tiers}
-    sel = select([e for e, _ in pairs], days, now)
+def prune_repository(repo: Repository, retention_days: dict[str, int], *, dry_run: bool, now: dt.datetime) -> dict:
+    """Delete what `select` lets go: each backup with its manifest (first) and its check record."""
+    pairs = entries(repo)
+    lookup = {e.id: ref for e, ref in pairs}
+    sel = select([e for e, _ in pairs], retention_days, now)
+    present = {key for key, _ in repo.storage.list("")}
     files = freed = 0
     for e in sel.delete:
-        b = lookup[e.id]
-        paths = [b.manifest_path, b.artifact_path, checks_path(b)]  # manifest first: then it no longer counts
-        for path in paths:
-            if path.exists():
-                files += 1
-                if path == b.artifact_path and path.stat().st_nlink == 1:
-                    freed += path.stat().st_size
-                if not dry_run:
-                    path.unlink()
-    if not dry_run:
-        repository_for(catalog).sweep()
+        ref = lookup[e.id]
+        files += sum(1 for k in (ref.manifest_key, ref.key, ref.checks_key) if k in present)
+        path = repo.storage.local_path(ref.key)
+        if path is None or path.stat().st_nlink == 1:  # a hard-linked promotion frees nothing yet
+            freed += ref.size
+        if not dry_run:
+            repo.delete(ref)
     return {"files": files, "backups": len(sel.delete), "bytes_freed": freed, "kept": len(sel.keep),
             "deleted": sorted(e.id.rsplit("/", 1)[-1] for e in sel.delete)}
 
 
-def prune_s3(catalog: Catalog, storage, *, dry_run: bool, now: dt.datetime | None = None) -> dict:
-    from .replica import parse_artifact_name
+def prune(catalog: Catalog, *, dry_run: bool, storage=None, now: dt.datetime | None = None) -> dict:
+    """Prune the local repository and the S3 replica, each by its own retention days."""
+    from .replica import _as_repository, replica_repository
 
     now = now or dt.datetime.now(dt.timezone.utc)
-    listing = dict(storage.list(""))
-    entries = []
-    for key, size in listing.items():
-        parsed = parse_artifact_name(key.rsplit("/", 1)[-1])
-        tier = key.rsplit("/", 2)[-2] if key.count("/") >= 2 else None
-        if not parsed or tier not in catalog.tiers:
-            continue
-        created = dt.datetime.strptime(parsed["stamp"], "%Y%m%dT%H%M%S%fZ").replace(tzinfo=dt.timezone.utc)
-        # replicate() uploads only backups that verify, manifest last: an artifact with its manifest
-        # beside it in the listing is a verified replica, and no request per object is needed to know it
-        verified = key + MANIFEST_SUFFIX in listing
-        entries.append(Entry(key, parsed["source"], parsed["group"], tier, parsed["partition"], created,
-                             verified, size))
-    days = {t: catalog.retention_days(t, "s3") for t in catalog.tiers}
-    sel = select(entries, days, now)
-    doomed = []
-    for e in sel.delete:
-        doomed += [k for k in (e.id + MANIFEST_SUFFIX, e.id) if k in listing]
-    if doomed and not dry_run:
-        storage.delete(doomed)
-    return {"files": len(doomed), "backups": len(sel.delete), "bytes_freed": sum(e.size for e in sel.delete),
-            "kept": len(sel.keep), "deleted": sorted(e.id.rsplit("/", 1)[-1] for e in sel.delete)}
-
-
-def prune(catalog: Catalog, *, dry_run: bool, storage=None, now: dt.datetime | None = None) -> dict:
-    report: dict = {"dry_run": dry_run, "local": prune_local(catalog, dry_run=dry_run, now=now)}
+    local = repository_for(catalog)
+    places = [("local", local)]
     if catalog.replication.s3 is not None:
-        from .replica import storage_for
-
-        report["s3"] = prune_s3(catalog, storage or storage_for(catalog), dry_run=dry_run, now=now)
+        places.append(("s3", _as_repository(storage) if storage is not None else replica_repository(catalog)))
+    report: dict = {"dry_run": dry_run}
+    for where, repo in places:
+        days = {t: catalog.retention_days(t, where) for t in catalog.tiers}
+        report[where] = prune_repository(repo, days, dry_run=dry_run, now=now)
+    if not dry_run:
+        local.sweep()
     return report

@@ -12,9 +12,7 @@ import json
 from pathlib import Path
 
 from .artifact import write_json_atomic
-from .repository import StoredBackup
-
-CHECKS_SUFFIX = ".checks.json"
+from .repository import CHECKS_SUFFIX, StoredBackup
 
 
 def checks_path(backup: StoredBackup) -> Path:
@@ -53,7 +51,10 @@ def summary(backup: StoredBackup) -> str:
 
 def is_verified(backup: StoredBackup) -> bool:
     """Intact and readable by its last checks, and no blocking check failed."""
-    status = read_status(backup)
+    return verified_by(read_status(backup))
+
+
+def verified_by(status: dict) -> bool:
     blocking = {k: v for k, v in status.items() if k != "size_anomaly"}
     return bool(status.get("artifact_intact", {}).get("passed")) and all(v.get("passed") for v in blocking.values())
 

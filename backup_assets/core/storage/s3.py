@@ -1,5 +1,7 @@
 """S3 (and R2, MinIO): the off-site copy of the repository, under the same relative keys.
 
+Methods take repository keys (`postgres/daily/<artifact>`); the catalog's prefix is added here.
+
 Uploads stream the file in parts of a fixed size (bounded memory whatever the artifact's size),
 with server-side encryption and storage class from the catalog. The manifest's SHA-256 travels as
 object metadata (`sha256`) and is checked with a HEAD after the upload; single-part uploads also
@@ -12,9 +14,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import boto3
 from botocore.config import Config
@@ -22,6 +23,7 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 
 from ...catalog import S3Replication
 from .. import BackupError, failpoints
+from . import ObjectInfo
 
 MIB = 1024 * 1024
 COPY_LIMIT = 5 * 1024 * MIB  # copy_object's limit; larger objects are copied in parts
@@ -43,16 +45,6 @@ def _b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode()
 
 
-@dataclass
-class ObjectInfo:
-    key: str
-    size: int
-    sha256: str | None
-    metadata: dict[str, str]
-    server_side_encryption: str | None
-    storage_class: str | None
-
-
 def _explain(exc: Exception, what: str) -> BackupError:
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
@@ -69,22 +61,27 @@ def _explain(exc: Exception, what: str) -> BackupError:
 
 
 class S3Storage:
+    where = "s3"
+
     def __init__(self, cfg: S3Replication, client=None):
         self.cfg = cfg
         self.client = client or make_client(cfg)
         self.bucket = cfg.bucket
 
     # -- keys ------------------------------------------------------------------------------
-    def key(self, repo_key: str) -> str:
+    def _full(self, key: str) -> str:
         prefix = self.cfg.prefix.strip("/")
-        return f"{prefix}/{repo_key}" if prefix else repo_key
+        return f"{prefix}/{key}" if prefix else key
 
-    def repo_key(self, key: str) -> str:
+    def _rel(self, full: str) -> str:
         prefix = self.cfg.prefix.strip("/")
-        return key[len(prefix) + 1:] if prefix and key.startswith(prefix + "/") else key
+        return full[len(prefix) + 1:] if prefix and full.startswith(prefix + "/") else full
 
     def uri(self, key: str) -> str:
-        return f"s3://{self.bucket}/{key}"
+        return f"s3://{self.bucket}/{self._full(key)}"
+
+    def local_path(self, key: str) -> None:
+        return None
 
     def _put_args(self) -> dict:
         args = {"StorageClass": self.cfg.storage_class}
@@ -97,7 +94,7 @@ class S3Storage:
     # -- reads -----------------------------------------------------------------------------
     def head(self, key: str) -> ObjectInfo | None:
         try:
-            r = self.client.head_object(Bucket=self.bucket, Key=key)
+            r = self.client.head_object(Bucket=self.bucket, Key=self._full(key))
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return None
@@ -110,15 +107,22 @@ class S3Storage:
 
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
         try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.key(prefix)):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._full(prefix)):
                 for obj in page.get("Contents", []):
-                    yield obj["Key"], obj["Size"]
+                    yield self._rel(obj["Key"]), obj["Size"]
         except (ClientError, BotoCoreError) as exc:
-            raise _explain(exc, f"listing {self.uri(self.key(prefix))}") from None
+            raise _explain(exc, f"listing {self.uri(prefix)}") from None
+
+    def open(self, key: str) -> BinaryIO:
+        """The object as a stream (read in parts, never held whole)."""
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"]
+        except (ClientError, BotoCoreError) as exc:
+            raise _explain(exc, f"downloading {self.uri(key)}") from None
 
     def get_file(self, key: str, dest: Path) -> None:
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            body = self.client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"]
             with open(dest, "wb") as out:
                 for chunk in body.iter_chunks(MIB):
                     out.write(chunk)
@@ -127,7 +131,7 @@ class S3Storage:
 
     def get_bytes(self, key: str) -> bytes:
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            return self.client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"].read()
         except (ClientError, BotoCoreError) as exc:
             raise _explain(exc, f"downloading {self.uri(key)}") from None
 
@@ -143,7 +147,8 @@ class S3Storage:
             if size <= part_size:
                 with open(path, "rb") as fh:
                     data = fh.read()
-                self.client.put_object(Bucket=self.bucket, Key=key, Body=data, Metadata=meta,
+                _same(path, hashlib.sha256(data).hexdigest(), sha256)
+                self.client.put_object(Bucket=self.bucket, Key=self._full(key), Body=data, Metadata=meta,
                                        ChecksumSHA256=_b64(hashlib.sha256(data).digest()), **self._put_args())
             else:
                 self._multipart(path, key, part_size, meta)
@@ -151,22 +156,33 @@ class S3Storage:
             raise _explain(exc, what) from None
         return self.verify(key, size=size, sha256=sha256)
 
+    def put_bytes(self, data: bytes, key: str) -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._full(key), Body=data,
+                                   Metadata={"sha256": hashlib.sha256(data).hexdigest()},
+                                   ChecksumSHA256=_b64(hashlib.sha256(data).digest()), **self._put_args())
+        except (ClientError, BotoCoreError) as exc:
+            raise _explain(exc, f"uploading {self.uri(key)}") from None
+
     def _multipart(self, path: Path, key: str, part_size: int, meta: dict[str, str]) -> None:
-        upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=meta,
+        upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=self._full(key), Metadata=meta,
                                                         ChecksumAlgorithm="SHA256", **self._put_args())["UploadId"]
         try:
             parts = []
+            whole = hashlib.sha256()
             with open(path, "rb") as fh:
                 number = 1
                 while chunk := fh.read(part_size):
+                    whole.update(chunk)
                     checksum = _b64(hashlib.sha256(chunk).digest())
-                    r = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                    r = self.client.upload_part(Bucket=self.bucket, Key=self._full(key), UploadId=upload_id, PartNumber=number,
                                                 Body=chunk, ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum)
                     parts.append({"PartNumber": number, "ETag": r["ETag"], "ChecksumSHA256": checksum})
                     failpoints.point("s3.part_uploaded")
                     number += 1
                     del chunk
-            self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
+            _same(path, whole.hexdigest(), meta["sha256"])  # before the object exists
+            self.client.complete_multipart_upload(Bucket=self.bucket, Key=self._full(key), UploadId=upload_id,
                                                   MultipartUpload={"Parts": parts})
         except BaseException:
             self._abort(key, upload_id)
@@ -174,42 +190,42 @@ class S3Storage:
 
     def _abort(self, key: str, upload_id: str) -> None:
         try:
-            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._full(key), UploadId=upload_id)
         except (ClientError, BotoCoreError):
             # the endpoint may be gone; _abort_stale_uploads clears it on the next attempt
             pass
 
     def _abort_stale_uploads(self, key: str) -> None:
         try:
-            r = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=key)
+            r = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=self._full(key))
         except (ClientError, BotoCoreError) as exc:
             raise _explain(exc, f"checking {self.uri(key)}") from None
         for upload in r.get("Uploads", []):
-            if upload["Key"] == key:
+            if upload["Key"] == self._full(key):
                 self._abort(key, upload["UploadId"])
 
     def copy(self, src_key: str, dst_key: str, *, size: int, sha256: str, metadata: dict[str, str] | None = None) -> ObjectInfo:
         """A server-side copy (promotions: daily → weekly/monthly), no second upload."""
         meta = {"sha256": sha256, **(metadata or {})}
-        source = {"Bucket": self.bucket, "Key": src_key}
+        source = {"Bucket": self.bucket, "Key": self._full(src_key)}
         try:
             if size <= COPY_LIMIT:
-                self.client.copy_object(Bucket=self.bucket, Key=dst_key, CopySource=source, Metadata=meta,
+                self.client.copy_object(Bucket=self.bucket, Key=self._full(dst_key), CopySource=source, Metadata=meta,
                                         MetadataDirective="REPLACE", **self._put_args())
             else:
-                upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=dst_key, Metadata=meta,
+                upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=self._full(dst_key), Metadata=meta,
                                                                 **self._put_args())["UploadId"]
                 try:
                     parts, start, number = [], 0, 1
                     step = max(self.cfg.part_size_mb * MIB, 64 * MIB)
                     while start < size:
                         end = min(start + step, size) - 1
-                        r = self.client.upload_part_copy(Bucket=self.bucket, Key=dst_key, UploadId=upload_id,
+                        r = self.client.upload_part_copy(Bucket=self.bucket, Key=self._full(dst_key), UploadId=upload_id,
                                                          PartNumber=number, CopySource=source,
                                                          CopySourceRange=f"bytes={start}-{end}")
                         parts.append({"PartNumber": number, "ETag": r["CopyPartResult"]["ETag"]})
                         start, number = end + 1, number + 1
-                    self.client.complete_multipart_upload(Bucket=self.bucket, Key=dst_key, UploadId=upload_id,
+                    self.client.complete_multipart_upload(Bucket=self.bucket, Key=self._full(dst_key), UploadId=upload_id,
                                                           MultipartUpload={"Parts": parts})
                 except BaseException:
                     self._abort(dst_key, upload_id)
@@ -232,7 +248,7 @@ class S3Storage:
         for start in range(0, len(keys), 1000):
             batch = keys[start:start + 1000]
             try:
-                r = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch],
+                r = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": self._full(k)} for k in batch],
                                                                           "Quiet": True})
             except (ClientError, BotoCoreError) as exc:
                 raise _explain(exc, f"deleting from s3://{self.bucket}") from None
@@ -241,12 +257,17 @@ class S3Storage:
                 raise BackupError(f"deleting {first['Key']} from s3://{self.bucket} failed: {first.get('Message')}")
 
 
+def _same(path: Path, actual: str, expected: str) -> None:
+    if actual != expected:
+        raise BackupError(f"{path}: sha256 {actual} differs from the manifest's {expected}; not uploaded")
+
+
 def with_retries(fn, *, attempts: int = 3, first_delay: float = 1.0, retry_on=(BackupError,)):
     """Retry a whole step with backoff (botocore already retries single requests)."""
     for attempt in range(1, attempts + 1):
         try:
             return fn()
         except retry_on as exc:
-            if attempt == attempts or "does not exist" in str(exc) or "access denied" in str(exc):
+            if attempt == attempts or any(s in str(exc) for s in ("does not exist", "access denied", "differs from")):
                 raise
             time.sleep(first_delay * 2 ** (attempt - 1))
