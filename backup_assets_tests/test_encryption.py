@@ -333,3 +333,28 @@ def test_rekey_reaches_backups_that_exist_only_in_s3(pg18, marked_zoo, keys, wri
                  "--target-db", target, "--confirm"]) == 0
     with pg18.connect(db) as a, pg18.connect(target) as b:
         assert zoo.content(a) == zoo.content(b)
+
+
+def test_an_encrypting_writer_whose_sink_fails_raises_and_never_hangs(keys):
+    """A full disk under the encrypting thread: the writer raises BackupError (at a write or at
+    close), it does not wait forever for a reader that is gone."""
+    from backup_assets.core import BackupError
+    from backup_assets.core.crypto import EncryptingWriter
+
+    class FullDisk:
+        written = 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 3 << 20:
+                raise OSError(28, "No space left on device")
+            return len(data)
+
+        def flush(self):
+            pass
+
+    writer = EncryptingWriter(FullDisk(), [keys["age"]])
+    with pytest.raises(BackupError, match="encryption failed: .*No space left"):
+        for _ in range(64):
+            writer.write(os.urandom(1 << 20))
+        writer.close()

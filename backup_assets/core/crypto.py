@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,30 +109,72 @@ class Identities:
         return cls(env, tuple(keys), frozenset(public))
 
 
+class _ChunkQueue:
+    """Hands written chunks to the encrypting thread without a kernel pipe: pyrage reads in
+    8 KiB pieces, which through a pipe cost a system call and a copy each."""
+
+    def __init__(self, depth: int = 8):
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._buf = b""
+        self._pos = 0
+        self._eof = False
+
+    def put(self, item, alive) -> None:
+        while True:
+            try:
+                self._q.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                if not alive():
+                    raise BrokenPipeError("the encrypting thread stopped") from None
+
+    def read(self, size: int = -1) -> bytes:
+        while self._pos >= len(self._buf):
+            if self._eof:
+                return b""
+            item = self._q.get()
+            if item is None:
+                self._eof = True
+                return b""
+            self._buf, self._pos = item, 0
+        end = len(self._buf) if size is None or size < 0 else self._pos + size
+        out = self._buf[self._pos:end]
+        self._pos += len(out)
+        return out
+
+    def drain(self) -> None:
+        """Unblock a writer after the reader failed."""
+        try:
+            while True:
+                self._q.get_nowait()
+        except queue.Empty:
+            pass
+
+
 class EncryptingWriter:
     """A writable stream that encrypts to `sink` (age format) as it goes."""
 
     def __init__(self, sink, recipients: list[str]):
         self._recipients = [parse_recipient(r) for r in recipients]
-        r, w = os.pipe()
-        self._pipe = os.fdopen(w, "wb", buffering=0)
-        reader = os.fdopen(r, "rb", buffering=1 << 20)
+        self._chunks = _ChunkQueue()
+        self._closed = False
         self._error: list[BaseException] = []
 
         def run() -> None:
             try:
-                pyrage.encrypt_io(reader, sink, self._recipients)
+                pyrage.encrypt_io(self._chunks, sink, self._recipients)
             except BaseException as exc:  # re-raised by close()
                 self._error.append(exc)
-            finally:
-                reader.close()
+                self._chunks.drain()
 
         self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()
 
     def write(self, data) -> int:
+        if self._error:
+            self._raise()
         try:
-            self._pipe.write(data)
+            self._chunks.put(bytes(data), self._thread.is_alive)
         except BrokenPipeError:
             self._raise()
             raise
@@ -141,8 +184,12 @@ class EncryptingWriter:
         pass
 
     def close(self) -> None:
-        if not self._pipe.closed:
-            self._pipe.close()
+        if not self._closed:
+            self._closed = True
+            try:
+                self._chunks.put(None, self._thread.is_alive)  # the end of the stream
+            except BrokenPipeError:  # the thread already stopped: its error is raised below
+                pass
         self._thread.join()
         self._raise()
 
