@@ -141,7 +141,8 @@ def test_freshness_and_disk_space_alerts(miyabi_db, write_catalog, smtp_sink, ht
 def test_every_backup_asset_has_a_tier_freshness_policy(write_catalog, tmp_path):
     catalog = write_catalog({"m": {"engine": "sqlite", "path": str(tmp_path / "m.db")}})
     defs = build_definitions(catalog)
-    daily = next(iter(defs.resolve_assets_def(dg.AssetKey(["m", "full", "daily"])).specs)).freshness_policy
+    key = dg.AssetKey(["m", "full", "daily"])
+    daily = defs.resolve_assets_def(key).specs_by_key[key].freshness_policy
     assert daily.fail_window.to_timedelta() == dt.timedelta(hours=30)
     assert daily.warn_window.to_timedelta() == dt.timedelta(hours=26)
 

@@ -23,9 +23,11 @@ from .conftest import PG15_PASSWORD_ENV, pg_restore_into, pg_source
 
 def materialize(catalog, key: str, partition: str, instance=None, raise_on_error=True):
     defs = build_definitions(catalog)
-    asset = defs.resolve_assets_def(dg.AssetKey(key.split("/")))
-    with (dg.instance_for_test() if instance is None else _nullcontext(instance)) as inst:
-        return dg.materialize([asset], partition_key=partition, instance=inst, raise_on_error=raise_on_error)
+    asset_key = dg.AssetKey(key.split("/"))
+    asset = defs.resolve_assets_def(asset_key)
+    with (dg.instance_for_test() if instance is None else _nullcontext(instance)) as inst:  # the backup alone
+        return dg.materialize([asset], selection=dg.AssetSelection.assets(asset_key).without_checks(),
+                              partition_key=partition, instance=inst, raise_on_error=raise_on_error)
 
 
 class _nullcontext:

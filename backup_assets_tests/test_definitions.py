@@ -26,7 +26,7 @@ def test_demo_definitions_have_one_asset_per_source_group_and_tier(monkeypatch, 
     assert expected <= keys
 
     core_daily = defs.resolve_assets_def(dg.AssetKey(['myloware', 'core', 'daily']))
-    spec = next(iter(core_daily.specs))
+    spec = core_daily.specs_by_key[dg.AssetKey(['myloware', 'core', 'daily'])]
     assert spec.group_name == "myloware"
     assert spec.kinds == {"postgres"}
     assert "public.runs, public.artifacts, public.webhook_events, public.hitl_approvals" in spec.description
@@ -42,7 +42,7 @@ def test_demo_definitions_have_one_asset_per_source_group_and_tier(monkeypatch, 
     assert graph.get(dg.AssetKey(["myloware", "core", "weekly"])).parent_keys == {dg.AssetKey(["myloware", "core", "daily"])}
     assert graph.get(dg.AssetKey(["myloware", "core", "monthly"])).parent_keys == {dg.AssetKey(["myloware", "core", "weekly"])}
     sqlite_daily = defs.resolve_assets_def(dg.AssetKey(['miyabi', 'full', 'daily']))
-    assert next(iter(sqlite_daily.specs)).kinds == {"sqlite"}
+    assert sqlite_daily.specs_by_key[dg.AssetKey(['miyabi', 'full', 'daily'])].kinds == {"sqlite"}
     assert sqlite_daily.op.pool == "sqlite_miyabi_db"
 
 
@@ -52,4 +52,78 @@ def test_sources_without_a_daily_tier_dump_weekly_on_their_own(write_catalog, tm
     catalog = write_catalog({"m": {"engine": "sqlite", "path": str(tmp_path / "m.db"), "tiers": ["weekly", "monthly"]}})
     graph = build_definitions(catalog).resolve_asset_graph()
     assert graph.get(dg.AssetKey(["m", "full", "weekly"])).parent_keys == set()
-    assert "Promoted" not in next(iter(build_definitions(catalog).resolve_assets_def(dg.AssetKey(['m', 'full', 'weekly'])).specs)).description
+    key = dg.AssetKey(['m', 'full', 'weekly'])
+    assert "Promoted" not in build_definitions(catalog).resolve_assets_def(key).specs_by_key[key].description
+
+
+SNAPSHOT = __import__("pathlib").Path(__file__).parent / "snapshots" / "demo_definitions.json"
+
+
+def definitions_outline(defs: dg.Definitions) -> dict:
+    """What users see of the definitions: asset keys with their group, kinds, partitions and
+    parents; checks with their blocking flag; jobs with their assets; schedules; sensors."""
+    graph = defs.resolve_asset_graph()
+    repo = defs.get_repository_def()
+    assets = {}
+    for key in sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string()):
+        node = graph.get(key)
+        spec = node.to_asset_spec() if hasattr(node, "to_asset_spec") else None
+        assets[key.to_user_string()] = {
+            "group": node.group_name,
+            "kinds": sorted(spec.kinds) if spec is not None else [],
+            "partitions": type(node.partitions_def).__name__ if node.partitions_def else None,
+            "parents": sorted(k.to_user_string() for k in node.parent_keys),
+            "checks": {c.name: graph.get(c).blocking for c in sorted(node.check_keys, key=lambda c: c.name)},
+        }
+    jobs = {}
+    for job in sorted(repo.get_all_jobs(), key=lambda j: j.name):
+        if job.name.startswith("__"):
+            continue
+        jobs[job.name] = sorted(k.to_user_string() for k in job.asset_layer.executable_asset_keys) \
+            if job.asset_layer else []
+    return {
+        "assets": assets,
+        "jobs": jobs,
+        "schedules": {s.name: s.cron_schedule for s in sorted(repo.schedule_defs, key=lambda s: s.name)},
+        "sensors": sorted(s.name for s in repo.sensor_defs),
+    }
+
+
+def test_demo_definitions_match_their_snapshot(monkeypatch, tmp_path):
+    """A refactor must keep what users see. After an intended change, regenerate the snapshot with
+    `UPDATE_SNAPSHOTS=1 make test` and review its diff."""
+    import json
+    import os
+
+    outline = definitions_outline(load_demo_defs(monkeypatch, tmp_path))
+    if os.environ.get("UPDATE_SNAPSHOTS"):
+        SNAPSHOT.parent.mkdir(exist_ok=True)
+        SNAPSHOT.write_text(json.dumps(outline, indent=1, sort_keys=True) + "\n")
+    assert outline == json.loads(SNAPSHOT.read_text())
+
+
+def test_a_fleet_of_100_sources_loads(tmp_path, monkeypatch):
+    """100 PostgreSQL sources x 3 groups x 3 tiers with S3 (bench/fleet.py): the definitions and
+    every job resolve, with one op per source and tier. How long it takes is `make bench`'s."""
+    import yaml
+
+    from backup_assets.catalog import load_catalog
+    from backup_assets.defs.build import build_definitions
+    from bench.fleet import fleet_catalog
+
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(fleet_catalog(100, root=str(tmp_path / "repo"))))
+    monkeypatch.setenv("FLEET_PG_PASSWORD", "x")
+    defs = build_definitions(load_catalog(path))
+    repo = defs.get_repository_def()
+    jobs = {j.name: j for j in repo.get_all_jobs()}
+    assert {"daily_backups", "weekly_backups", "monthly_backups", "maintenance", "restore"} <= set(jobs)
+    graph = defs.resolve_asset_graph()
+    keys = graph.get_all_asset_keys()
+    assert len([k for k in keys if k.path[-1] in ("daily", "weekly", "monthly")]) == 900
+    assert len([k for k in keys if k.path[-1] == "s3"]) == 900
+    ops = {graph.get(k).assets_def.op.name for k in keys if k.path[0].startswith("db")}
+    assert len(ops) == 300
+    daily = jobs["daily_backups"]
+    assert len(daily.asset_layer.executable_asset_keys) == 600  # 300 backups and their 300 replicas
+    assert len(list(graph.asset_check_keys)) == 900 * 4 + 900  # 3 checks and a drill per backup, replica_intact

@@ -11,7 +11,12 @@ Ratios are printed and written as JSON under bench/results/. Goals (from the iss
   (c)/(b) wall ≤ 1.2, output ≤ 1.05, peak RSS ≤ 300 MB and flat across sizes;
   drill/(d) ≤ 1.2; restore/(d) ≤ 1.1; SQLite ≤ 1.5× .backup; S3 upload peak RSS ≤ 300 MB.
 
+Also: loading the definitions of a 100-source fleet catalog against `import dagster` (CPU ≤ 3×),
+and `backup-assets backup` with its blocking checks against the raw tools (≤ 1.3× dump|zstd; with
+the drill ≤ 1.2× the runbook's dump|zstd, zstd -d, pg_restore -j2, counts).
+
 Usage: python -m bench.run [--sizes small,large] [--fresh] [--skip-sqlite] [--s3-upload-gb 2] [--only-s3]
+                           [--only-definitions]
 The generated databases are kept in bench/data/ and reused by the next run (--fresh rebuilds).
 """
 
@@ -111,7 +116,8 @@ key = dg.AssetKey(sys.argv[2].split("/"))
 asset = build_definitions(catalog).resolve_assets_def(key)
 with dg.instance_for_test() as instance:
     start = time.perf_counter()
-    result = dg.materialize([asset], partition_key="2026-11-20", instance=instance,
+    result = dg.materialize([asset], selection=dg.AssetSelection.assets(key).without_checks(),
+                            partition_key="2026-11-20", instance=instance,
                             run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}})
     wall = time.perf_counter() - start
 assert result.success
@@ -149,7 +155,8 @@ def bench_postgres(c: LocalCluster, size: str, fresh: bool, work: Path) -> dict:
 
     # raw pg_restore -j2 of the same dump, for the drill and restore comparisons of later steps
     raw = out / "c.dump"
-    sh(f"zstd -q -d -f '{artifact}' -o '{raw}'", env)
+    unz, _ = timed(lambda: sh(f"zstd -q -d -f '{artifact}' -o '{raw}'", env))
+    res["zstd_d"] = {"wall_s": unz}
     target = f"{dbname}_raw_restore"
     with c.connect() as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE)')
@@ -227,8 +234,84 @@ def bench_encryption(c: LocalCluster, cat: Path, artifact: Path, res: dict) -> d
             "ratio_encrypted_vs_plain_restore": wall / res["f_restore"]["wall_s"]}
 
 
+def bench_cli_with_checks(c: LocalCluster, cat: Path, artifact: Path, res: dict) -> dict:
+    """`backup-assets backup` of one partition with every blocking check (issue 12), drill off
+    against (b) `pg_dump | zstd -T2 -3`, drill on against the runbook's whole pipeline: (b), then
+    `zstd -d`, `pg_restore -j2` (d) and a row count of every table."""
+    from backup_assets.catalog import load_catalog
+
+    catalog = load_catalog(cat)
+    env = dict(os.environ, PGPASSWORD=c.password, PGHOST=c.host, PGPORT=str(c.port), PGUSER=c.superuser)
+    dbname = catalog.sources["bench"].connection.dbname
+    count_all = "SELECT format('SELECT count(*) FROM %I.%I', schemaname, relname) FROM pg_stat_user_tables \\gexec"
+    counts, _ = timed(lambda: sh(f"echo \"{count_all}\" | '{embedded_bin_dir()}/psql' -qAt -d {dbname} > /dev/null", env))
+    out = {}
+    for drill in (False, True):
+        data = yaml.safe_load(cat.read_text())
+        data["repository"]["root"] = str(cat.parent / f"cli_{drill}")
+        data["tiers"] = {"daily": {"drill": drill}}
+        data["sources"]["bench"]["globals"] = False
+        path = cat.parent / f"catalog_cli_{drill}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        wall, _ = timed(lambda: subprocess.run(
+            [sys.executable, "-m", "backup_assets.cli", "--catalog", str(path), "backup", "--source", "bench",
+             "--group", "full", "--tier", "daily", "--partition", "2026-11-20"],
+            check=True, env=dict(os.environ, DAGSTER_HOME=tempfile.mkdtemp())))
+        shutil.rmtree(cat.parent / f"cli_{drill}", ignore_errors=True)
+        out["i_cli_backup_checks" + ("_drill" if drill else "")] = {"wall_s": wall}
+    runbook = res["b_pg_dump_zstd"]["wall_s"] + res["zstd_d"]["wall_s"] + res["d_raw_pg_restore_j2"]["wall_s"] + counts
+    out["runbook_pipeline_s"] = runbook
+    out["ratio_cli_checks_vs_dump_zstd"] = out["i_cli_backup_checks"]["wall_s"] / res["b_pg_dump_zstd"]["wall_s"]
+    out["ratio_cli_checks_drill_vs_runbook"] = out["i_cli_backup_checks_drill"]["wall_s"] / runbook
+    return out
+
+
 # later benchmarks register here: fn(cluster, catalog_path, artifact, results) -> dict
-EXTRA_POSTGRES: list = [bench_drill, bench_restore, bench_encryption]
+EXTRA_POSTGRES: list = [bench_drill, bench_restore, bench_encryption, bench_cli_with_checks]
+
+
+LOAD_DEFS = r"""
+import json, resource, sys, time
+start = time.process_time()
+if sys.argv[1] == "dagster":
+    import dagster
+else:
+    import backup_assets.definitions as d
+    repo = d.defs.get_repository_def()
+    jobs = [repo.get_job(j.name) for j in repo.get_all_jobs()]
+print(json.dumps({"cpu_s": time.process_time() - start,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def bench_definitions(work: Path, sizes=(25, 50, 100), repeat: int = 3) -> dict:
+    """Loading the definitions of a fleet catalog (bench/fleet.py: N PostgreSQL sources x 3 groups
+    x 3 tiers, S3) and resolving every job, against `import dagster` alone: CPU time (best of
+    `repeat` runs) and peak memory, and the memory each further source costs."""
+    from bench.fleet import fleet_catalog
+
+    def run(what: str, catalog: Path | None = None) -> dict:
+        env = dict(os.environ, FLEET_PG_PASSWORD="x", PYTHONWARNINGS="default")
+        if catalog is not None:
+            env["BACKUP_ASSETS_CATALOG"] = str(catalog)
+        best = None
+        for _ in range(repeat):
+            proc = subprocess.run([sys.executable, "-c", LOAD_DEFS, what], check=True, capture_output=True, text=True,
+                                  env=env)
+            got = json.loads(proc.stdout.strip().splitlines()[-1])
+            got["warning_lines"] = sum(1 for line in proc.stderr.splitlines() if "Warning:" in line)
+            best = got if best is None or got["cpu_s"] < best["cpu_s"] else best
+        return best
+
+    res = {"import_dagster": run("dagster"), "fleet": {}}
+    for n in sizes:
+        path = work / f"fleet_{n}.yaml"
+        path.write_text(yaml.safe_dump(fleet_catalog(n, root=str(work / "fleet_repo"))))
+        res["fleet"][n] = run("defs", path)
+    big, small = res["fleet"][max(sizes)], res["fleet"][min(sizes)]
+    res["ratio_defs_vs_import_dagster_cpu"] = big["cpu_s"] / res["import_dagster"]["cpu_s"]
+    res["mb_per_source"] = (big["peak_rss_mb"] - small["peak_rss_mb"]) / (max(sizes) - min(sizes))
+    return res
 
 
 def bench_sqlite(fresh: bool, work: Path) -> dict:
@@ -307,6 +390,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-sqlite", action="store_true")
     parser.add_argument("--s3-upload-gb", type=float, default=2.0, help="size of the S3 upload test (0: skip)")
     parser.add_argument("--only-s3", action="store_true", help="only the S3 upload test")
+    parser.add_argument("--only-definitions", action="store_true", help="only the fleet definitions load test")
     args = parser.parse_args(argv)
     if not shutil.which("zstd") or not shutil.which("sqlite3"):
         sys.exit("bench needs the zstd and sqlite3 command-line tools (apt-get install zstd sqlite3)")
@@ -314,7 +398,16 @@ def main(argv=None) -> int:
     c = cluster()
     results: dict = {"when": dt.datetime.now(dt.timezone.utc).isoformat(), "cpus": os.cpu_count(), "postgres": {}}
     try:
-        for size in ([] if args.only_s3 else args.sizes.split(",")):
+        print("== Definitions of a fleet catalog (100 PostgreSQL sources x 3 groups x 3 tiers, S3)", flush=True)
+        results["definitions"] = dfs = bench_definitions(work)
+        for n, r in dfs["fleet"].items():
+            print(f"  {n:3d} sources: {r['cpu_s']:.2f}s CPU, peak RSS {r['peak_rss_mb']:.0f} MB, "
+                  f"{r['warning_lines']} warning line(s)")
+        print(f"  import dagster: {dfs['import_dagster']['cpu_s']:.2f}s CPU -> ratio "
+              f"{dfs['ratio_defs_vs_import_dagster_cpu']:.2f} (goal <= 3); {dfs['mb_per_source']:.2f} MB per source")
+        if args.only_definitions:
+            args.sizes, args.s3_upload_gb, args.skip_sqlite = "", 0, True
+        for size in ([] if args.only_s3 or not args.sizes else args.sizes.split(",")):
             print(f"== PostgreSQL {size}", flush=True)
             results["postgres"][size] = bench_postgres(c, size, args.fresh, work)
             report_pg(size, results["postgres"][size])
@@ -351,7 +444,8 @@ def report_pg(size: str, r: dict) -> None:
         print(f"  (g) asset, age-encrypted {r['g_asset_encrypted']['wall_s']:6.1f}s  peak RSS "
               f"{r['g_asset_encrypted']['peak_rss_mb']:.0f} MB (goal <= 300 MB)")
     goals = {"ratio_drill_vs_raw_pg_restore": 1.2, "ratio_restore_vs_raw_pg_restore": 1.1,
-             "ratio_encrypted_vs_plain_backup": 1.1, "ratio_encrypted_vs_plain_restore": 1.1}
+             "ratio_encrypted_vs_plain_backup": 1.1, "ratio_encrypted_vs_plain_restore": 1.1,
+             "ratio_cli_checks_vs_dump_zstd": 1.3, "ratio_cli_checks_drill_vs_runbook": 1.2}
     for key, value in r.items():
         if key.startswith("ratio_") and key not in ("ratio_c_b_wall", "ratio_c_b_bytes", "ratio_c_a_wall"):
             goal = f" (goal <= {goals[key]})" if key in goals else ""

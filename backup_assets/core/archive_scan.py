@@ -76,9 +76,10 @@ class _Tee:
 
 
 def scan(artifact: Path, manifest: Manifest, *, copy_to: Path | None = None, pipe: BinaryIO | None = None,
-         on_progress: Callable[[int], None] | None = None, identities=None) -> ArchiveScan:
+         on_progress: Callable[[int], None] | None = None, identities=None, sha256=None) -> ArchiveScan:
     """Read the whole artifact once. Raises BackupError naming the artifact when it does not
-    decode, is not a readable archive, or ends early."""
+    decode, is not a readable archive, or ends early. Given a hashlib object as `sha256`, the
+    artifact's bytes are hashed into it in the same pass."""
     started = time.monotonic()
     per_entry: dict[tuple[str, str], CopyFingerprint] = {}
 
@@ -89,7 +90,7 @@ def scan(artifact: Path, manifest: Manifest, *, copy_to: Path | None = None, pip
 
     out = os.fdopen(os.open(copy_to, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") if copy_to is not None else None
     try:
-        with open_decompressed(artifact, manifest.raw_size_bytes, identities) as reader:
+        with open_decompressed(artifact, manifest.raw_size_bytes, identities, sha256) as reader:
             tee = _Tee(reader, out, pipe, on_progress)
             archive = read_archive(tee, on_data)
             while tee.read(CHUNK):  # anything after the last block still has to decode (and is counted)

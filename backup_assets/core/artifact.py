@@ -223,34 +223,48 @@ class _CheckedReader:
         return data
 
 
-def _plain_stream(fh: BinaryIO, path: Path, identities):
+def _plain_stream(fh: BinaryIO, path: Path, identities, wrap=None):
     """The zstd stream inside an artifact: the file itself, or decrypted on the fly when it is
-    age-encrypted (which needs `identities`)."""
+    age-encrypted (which needs `identities`). `wrap` sees the file's bytes as they are read."""
     from .crypto import MAGIC, DecryptingReader
 
     head = fh.read(len(MAGIC))
     fh.seek(0)
+    src = wrap(fh) if wrap else fh
     if head != MAGIC:
-        return fh, None
+        return src, None
     if identities is None:
         from . import BackupError
 
         raise BackupError(f"{path} is encrypted (age) and no identity was given to open it")
-    reader = DecryptingReader(fh, identities, what=str(path))
+    reader = DecryptingReader(src, identities, what=str(path))
     return reader, reader
 
 
 @contextmanager
-def open_decompressed(path: Path, expected_size: int | None = None, identities=None) -> Iterator[_CheckedReader]:
+def open_decompressed(path: Path, expected_size: int | None = None, identities=None,
+                      sha256=None) -> Iterator[_CheckedReader]:
     """A streaming reader of the artifact's original bytes (decrypted first when it is encrypted);
-    give the manifest's raw size to have a truncated stream raise."""
+    give the manifest's raw size to have a truncated stream raise. Given a hashlib object as
+    `sha256`, the whole file's bytes are hashed into it in the same pass (once the reader is done
+    without an error)."""
     with open(path, "rb") as fh:
-        stream, decrypting = _plain_stream(fh, path, identities)
+        hashed = None
+
+        def wrap(raw):
+            nonlocal hashed
+            hashed = _HashingReader(raw, sha256)
+            return hashed
+
+        stream, decrypting = _plain_stream(fh, path, identities, wrap if sha256 is not None else None)
         try:
             yield _CheckedReader(stream, expected_size)
         finally:
             if decrypting is not None:
                 decrypting.close()
+        if hashed is not None:
+            while hashed.read(CHUNK):  # whatever follows the stream's end counts too
+                pass
 
 
 def decompress_to(artifact: Path, dest: Path, *, expected_size: int | None = None,
@@ -267,9 +281,9 @@ def decompress_to(artifact: Path, dest: Path, *, expected_size: int | None = Non
 
 
 class _HashingReader:
-    def __init__(self, fh: BinaryIO):
+    def __init__(self, fh: BinaryIO, sha256=None):
         self._fh = fh
-        self.sha256 = hashlib.sha256()
+        self.sha256 = sha256 if sha256 is not None else hashlib.sha256()
 
     def read(self, size: int = CHUNK) -> bytes:
         data = self._fh.read(size)

@@ -8,6 +8,8 @@ drill killed midway leaves a database marked as a drill, which the next drill re
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import re
 import subprocess
 import tempfile
@@ -128,21 +130,29 @@ def _postgres_readable(catalog: Catalog, backup: StoredBackup) -> Outcome:
     the manifest has its definition and data, with exactly the snapshot's row count; the content
     fingerprint of each table is recorded for the drill. pg_restore --list of the version that
     will restore it reads the same stream's TOC."""
+    return _readable_pass(catalog, backup)[0]
+
+
+def _readable_pass(catalog: Catalog, backup: StoredBackup, *, copy_to: Path | None = None, sha256=None,
+                   identities=None) -> tuple[Outcome, archive_scan.ArchiveScan | None]:
+    """`_postgres_readable`, also handing back the scan (None when the archive could not be read)
+    and, when asked, a plain copy of the archive and the artifact's SHA-256 from the same pass."""
     m, path = backup.manifest, backup.artifact_path
     src = catalog.sources.get(m.source)
     try:
         tool, _ = postgres.find_tool("pg_restore", dump_major(m), src.pg_bin_dir if src else None)
+        if identities is None:
+            identities = crypto.identities_for(catalog, m, artifact=str(path))
     except BackupError as exc:
-        return Outcome(False, f"{path}: {exc}")
+        return Outcome(False, f"{path}: {exc}" if str(path) not in str(exc) else str(exc)), None
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen([str(tool), "--list"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
         try:
-            result = archive_scan.scan(path, m, pipe=proc.stdin,
-                                       identities=crypto.identities_for(catalog, m, artifact=str(path)))
+            result = archive_scan.scan(path, m, pipe=proc.stdin, copy_to=copy_to, identities=identities, sha256=sha256)
         except BackupError as exc:
             proc.kill()
             proc.wait()
-            return Outcome(False, str(exc))
+            return Outcome(False, str(exc)), None
         finally:
             try:
                 proc.stdin.close()
@@ -152,15 +162,15 @@ def _postgres_readable(catalog: Catalog, backup: StoredBackup) -> Outcome:
         err.seek(0)
         if rc != 0:
             return Outcome(False, f"{path}: {tool.name} --list cannot read the archive: "
-                                  f"{err.read().decode(errors='replace').strip()[-500:]}")
+                                  f"{err.read().decode(errors='replace').strip()[-500:]}"), result
     problems = archive_scan.archive_problems(result, m)
     meta = {"toc_entries": len(result.archive.entries), "tables": len(m.row_counts),
             "rows": sum(t.rows for t in result.tables.values()), "scan_s": result.seconds,
             "fingerprints": result.fingerprints()}
     if problems:
-        return Outcome(False, f"{path}: {'; '.join(problems[:8])}", meta)
+        return Outcome(False, f"{path}: {'; '.join(problems[:8])}", meta), result
     return Outcome(True, f"{path.name}: all {len(m.row_counts)} table(s) of the manifest are in the archive with "
-                         f"their data and exact row counts; every data block read", meta)
+                         f"their data and exact row counts; every data block read", meta), result
 
 
 def dump_major(m: Manifest) -> int:
@@ -253,9 +263,9 @@ def _roles_drill(catalog: Catalog, backup: StoredBackup) -> Outcome:
                                                           "roles_created_and_rolled_back": tried})
 
 
-def _postgres_drill(catalog: Catalog, backup: StoredBackup, *, jobs: int) -> Outcome:
+def _postgres_drill(catalog: Catalog, backup: StoredBackup, *, jobs: int, prepared=None) -> Outcome:
     try:
-        return _postgres_drill_steps(catalog, backup, jobs=jobs)
+        return _postgres_drill_steps(catalog, backup, jobs=jobs, prepared=prepared)
     except psycopg.Error as exc:  # e.g. the drill server went away: a failed drill, said in one line
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return Outcome(False, f"{backup.artifact_path}: restore drill failed: {scrub(text)}")
@@ -276,7 +286,8 @@ def _drop_scratch(admin, ep: postgres.Endpoint, name: str) -> None:
         pass
 
 
-def _postgres_drill_steps(catalog: Catalog, backup: StoredBackup, *, jobs: int) -> Outcome:
+def _postgres_drill_steps(catalog: Catalog, backup: StoredBackup, *, jobs: int, prepared=None) -> Outcome:
+    """The drill; `prepared` is (scan, plain archive) from a pass that already read the artifact."""
     m, path = backup.manifest, backup.artifact_path
     src = catalog.sources.get(m.source)
     if src is None or src.engine != "postgres":
@@ -305,15 +316,19 @@ def _postgres_drill_steps(catalog: Catalog, backup: StoredBackup, *, jobs: int) 
             return Outcome(False, f"{path}: no free drill database name")
         postgres.create_database(admin, name, comment=postgres.marker(DRILL_MARK, name=name))
         try:
-            with repo.scratch("drill") as tmp:
-                raw = tmp / "archive.dump"
+            with contextlib.ExitStack() as stack:
                 t0 = time.monotonic()
-                try:
-                    archive = archive_scan.scan(path, m, copy_to=raw,
-                                                identities=crypto.identities_for(catalog, m, artifact=str(path)))
-                except BackupError as exc:
-                    return Outcome(False, f"restore drill: {exc}", {"drill_database": name, "leftovers_dropped": cleaned})
-                decompress_s = time.monotonic() - t0
+                if prepared is not None:
+                    archive, raw = prepared
+                else:
+                    raw = stack.enter_context(repo.scratch("drill")) / "archive.dump"
+                    try:
+                        archive = archive_scan.scan(path, m, copy_to=raw,
+                                                    identities=crypto.identities_for(catalog, m, artifact=str(path)))
+                    except BackupError as exc:
+                        return Outcome(False, f"restore drill: {exc}",
+                                       {"drill_database": name, "leftovers_dropped": cleaned})
+                decompress_s = time.monotonic() - t0 if prepared is None else archive.seconds
                 failpoints.point("drill.decoded")
                 target = ep.with_db(name)
                 entries = None if m.whole_database else archive_scan.group_entries(
@@ -413,6 +428,79 @@ def _sqlite_drill(catalog: Catalog, backup: StoredBackup) -> Outcome:
     if problems:
         return Outcome(False, f"{path}: restore differs from the manifest: {'; '.join(problems[:8])}", meta)
     return Outcome(True, f"{path.name}: restored in {rto:.2f}s, {len(counts)} table(s) match the manifest", meta)
+
+
+# -- every check of a backup, reading it once -------------------------------------------------------
+
+CHECK_NAMES = ("artifact_intact", "archive_readable", "size_anomaly", "restore_drill")
+
+
+def evaluate(catalog: Catalog, backup: StoredBackup, names, *, jobs: int = 2) -> dict[str, Outcome]:
+    """The outcomes of the named checks. For a PostgreSQL archive, intact and readable come from
+    one pass over the artifact (SHA-256, decryption, decoding, the archive's structure and
+    fingerprints, pg_restore --list), and a drill restores from the plain copy written by that
+    same pass: the artifact is read once, not once per check."""
+    names = list(dict.fromkeys(names))
+    unknown = [n for n in names if n not in CHECK_NAMES]
+    if unknown:
+        raise ValueError(f"unknown check(s) {', '.join(unknown)}")
+    m = backup.manifest
+    ids = crypto.identities_if_any(catalog, m, artifact=str(backup.artifact_path))
+    out: dict[str, Outcome] = {}
+    if (m.engine == "postgres" and m.format != roles.FORMAT and {"artifact_intact", "archive_readable"} <= set(names)
+            and (ids is not None or not m.encryption)):
+        out.update(_postgres_in_one_pass(catalog, backup, ids, drill="restore_drill" in names, jobs=jobs))
+    single = {
+        "artifact_intact": lambda: artifact_intact(backup, ids),
+        "archive_readable": lambda: archive_readable(catalog, backup),
+        "size_anomaly": lambda: size_anomaly(repository_for(catalog), backup, catalog.size_anomaly_threshold),
+        "restore_drill": lambda: restore_drill(catalog, backup, jobs=jobs),
+    }
+    for name in names:
+        if name not in out:
+            try:
+                out[name] = single[name]()
+            except BackupError as exc:
+                out[name] = Outcome(False, str(exc))
+    return {n: out[n] for n in names}
+
+
+def _postgres_in_one_pass(catalog: Catalog, backup: StoredBackup, ids, *, drill: bool, jobs: int) -> dict[str, Outcome]:
+    m, path = backup.manifest, backup.artifact_path
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return {}  # each check says so itself
+    if size != m.size_bytes:
+        return {}
+    repo = repository_for(catalog)
+    repo.sweep()
+    out: dict[str, Outcome] = {}
+    with repo.scratch("check") as tmp:
+        raw = tmp / "archive.dump" if drill else None
+        digest = hashlib.sha256()
+        readable, scanned = _readable_pass(catalog, backup, copy_to=raw, sha256=digest, identities=ids)
+        out["archive_readable"] = readable
+        if scanned is None:  # it did not decode or parse: say exactly why the artifact is not intact
+            out["artifact_intact"] = artifact_intact(backup, ids)
+        elif digest.hexdigest() != m.sha256:
+            out["artifact_intact"] = Outcome(False, f"{path}: sha256 {digest.hexdigest()} differs from the manifest's "
+                                                    f"{m.sha256}", {"sha256": digest.hexdigest(),
+                                                                    "manifest_sha256": m.sha256})
+        else:
+            out["artifact_intact"] = Outcome(
+                True, f"{path.name}: {m.size_human}, sha256 and {'age and ' if m.encryption else ''}zstd stream verified",
+                {"sha256": m.sha256, "size_bytes": size, "decoded_bytes": scanned.decoded_bytes})
+        if drill:
+            if scanned is not None and out["artifact_intact"].passed:
+                try:
+                    out["restore_drill"] = _postgres_drill(catalog, backup, jobs=jobs, prepared=(scanned, raw))
+                except BackupError as exc:  # e.g. the drill server cannot be reached
+                    out["restore_drill"] = Outcome(False, str(exc))
+            else:
+                why = out["artifact_intact"].message if not out["artifact_intact"].passed else readable.message
+                out["restore_drill"] = Outcome(False, f"restore drill not attempted: {why}")
+    return out
 
 
 # -- size anomaly -------------------------------------------------------------------------------

@@ -1,14 +1,9 @@
-"""Backup assets: one per source × table group × tier, built from the catalog."""
-
-import warnings
+"""The backup asset of a source × table group × tier, as Dagster shows it (see tier_op.py for what runs)."""
 
 import dagster as dg
-from dagster import AssetExecutionContext
 
 from ..catalog import Catalog
-from ..core.backup import repository_for, run_backup
 from ..core.manifest import Manifest
-from .partitions import partitions_for
 from .sensors import freshness_policy
 
 KIND = {"postgres": "postgres", "sqlite": "sqlite"}
@@ -44,7 +39,7 @@ def backup_metadata(manifest: Manifest, path: str) -> dict:
     }
 
 
-def build_backup_asset(catalog: Catalog, source: str, group: str, tier: str) -> dg.AssetsDefinition:
+def backup_spec(catalog: Catalog, source: str, group: str, tier: str) -> dg.AssetSpec:
     src = catalog.sources[source]
     tables = src.group_tables(group)
     what = ("the server's roles, memberships and settings, and the database's grants" if tables == []
@@ -62,31 +57,9 @@ def build_backup_asset(catalog: Catalog, source: str, group: str, tier: str) -> 
         f"(PARTITION is the partition's date, TIMESTAMP the UTC time of the backup), zstd-compressed, with a "
         f"`.meta` JSON manifest beside it (sha256, row counts, versions).{promoted}"
     )
-
-    # BackfillPolicy is beta in dagster 1.13; one partition per run is what we rely on
-    warnings.filterwarnings("ignore", category=dg.BetaWarning)
-
-    @dg.asset(
-        key=backup_key(source, group, tier),
-        partitions_def=partitions_for(catalog, tier),
-        group_name=source,
-        kinds={KIND[src.engine]},
-        owners=src.owners or None,
-        description=description,
-        pool=src.pool_name(),
-        deps=deps,
-        backfill_policy=dg.BackfillPolicy.multi_run(1),
-        freshness_policy=freshness_policy(tier),
+    return dg.AssetSpec(
+        key=backup_key(source, group, tier), group_name=source, kinds={KIND[src.engine]}, owners=src.owners or None,
+        description=description, deps=deps, freshness_policy=freshness_policy(tier),
         tags={"backup_assets/tier": tier, "backup_assets/source": source},
         metadata={"tables": dg.MetadataValue.text(what), "engine": src.engine},
     )
-    def _backup(context: AssetExecutionContext) -> dg.MaterializeResult:
-        manifest = run_backup(catalog, source, group, tier, context.partition_key, log=context.log.info)
-        path = repository_for(catalog).folder(src.engine, tier) / manifest.artifact
-        return dg.MaterializeResult(metadata=backup_metadata(manifest, str(path)))
-
-    return _backup
-
-
-def build_backup_assets(catalog: Catalog) -> list[dg.AssetsDefinition]:
-    return [build_backup_asset(catalog, *target) for target in catalog.backup_targets()]

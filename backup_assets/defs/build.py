@@ -5,20 +5,18 @@ from __future__ import annotations
 import dagster as dg
 
 from ..catalog import Catalog
-from .assets import build_backup_assets
 from .assets import backup_key
-from .checks import build_backup_checks, build_dr_drill
-from .partitions import partitions_for
-from .replication import build_replicas, replica_key, s3_resource
+from .checks import build_dr_drill
+from .replication import replica_key, s3_resource
 from .restore_job import build_restore_job
 from .hygiene import prune_run_history_job
 from .retention import build_retention
 from .sensors import HEALTH_KEY, build_health, build_schedules, build_sensors
+from .tier_op import build_tier_assets
 
 
 def build_definitions(catalog: Catalog) -> dg.Definitions:
     dr_drill, dr_drill_schedule = build_dr_drill(catalog)
-    replicas, replica_checks = build_replicas(catalog)
     resources = {"s3": s3_resource(catalog)} if catalog.replication.s3 else {}
     tiers = tier_jobs(catalog)
     retention_assets = build_retention(catalog)
@@ -27,8 +25,7 @@ def build_definitions(catalog: Catalog) -> dg.Definitions:
         description="Retention, application-table pruning and the backup-health report.")
     jobs = [build_restore_job(catalog), *tiers, maintenance, prune_run_history_job]
     return dg.Definitions(
-        assets=[*build_backup_assets(catalog), dr_drill, *replicas, *retention_assets, build_health(catalog)],
-        asset_checks=[*build_backup_checks(catalog), *replica_checks],
+        assets=[*build_tier_assets(catalog), dr_drill, *retention_assets, build_health(catalog)],
         resources=resources,
         schedules=[dr_drill_schedule, *build_schedules(catalog, tiers, maintenance)],
         sensors=build_sensors(catalog),
@@ -49,9 +46,11 @@ def tier_jobs(catalog: Catalog) -> list:
         jobs.append(dg.define_asset_job(
             f"{tier}_backups",
             selection=dg.AssetSelection.assets(*keys),
-            partitions_def=partitions_for(catalog, tier),
             description=f"The {tier} backups of every source and group, their checks"
                         f"{' and S3 replicas' if catalog.replication.s3 else ''}.",
             tags={"backup_assets/tier": tier},
+            # steps run in the run's own process: a step costs no process start and no second load
+            # of the definitions (a source's tier is one step; servers are kept apart by pools)
+            executor_def=dg.in_process_executor,
         ))
     return jobs

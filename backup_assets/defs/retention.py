@@ -9,7 +9,7 @@ from ..catalog import Catalog
 from ..core.prune_tables import prune_tables
 from ..core.retention import prune
 from .assets import backup_key
-from .replication import _storage, replica_key
+from .replication import _storage
 
 RETENTION_KEY = dg.AssetKey(["operations", "retention"])
 
@@ -20,12 +20,11 @@ class PruneConfig(dg.Config):
 
 def build_retention(catalog: Catalog) -> list[dg.AssetsDefinition]:
     replicated = catalog.replication.s3 is not None
-    deps = [(replica_key if replicated else backup_key)(*t) for t in catalog.backup_targets()]
     days = ", ".join(f"{t} {catalog.retention_days(t)}d" for t in catalog.tiers)
 
     resource_keys = {"s3"} if replicated else set()
 
-    @dg.asset(key=RETENTION_KEY, group_name="operations", deps=deps, kinds={"s3"} if replicated else None,
+    @dg.asset(key=RETENTION_KEY, group_name="operations", kinds={"s3"} if replicated else None,
               required_resource_keys=resource_keys,
               description=f"Deletes backups past their tier's retention ({days}) from the local repository"
                           f"{' and S3' if replicated else ''}; never the newest verified backup of any source, "

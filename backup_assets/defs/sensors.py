@@ -2,6 +2,7 @@
 backup-health asset. Delivery (Slack, email, webhook) and storm control are in core.alerts."""
 
 import datetime as dt
+import json
 
 import dagster as dg
 from dagster import AssetExecutionContext, RunFailureSensorContext, SensorEvaluationContext
@@ -33,6 +34,18 @@ def describe_key(key: dg.AssetKey) -> dict:
     if len(path) >= 3 and path[2] in FRESHNESS:
         return {"source": path[0], "group": path[1], "tier": path[2], "asset": key.to_user_string()}
     return {"asset": key.to_user_string()}
+
+
+FAILED_ASSETS = "failed_assets"  # a tier op's Failure metadata: {asset key: error}
+
+
+def failed_assets(metadata) -> dict[str, str]:
+    """The {asset: error} a failed tier op named (empty for another failure)."""
+    value = (metadata or {}).get(FAILED_ASSETS)
+    data = getattr(value, "data", value)
+    if isinstance(data, str):
+        data = json.loads(data)
+    return data if isinstance(data, dict) else {}
 
 
 def root_cause(error) -> str:
@@ -70,20 +83,23 @@ def _notify(context, notifier: Notifier, alert: Alert) -> None:
 def build_sensors(catalog: Catalog) -> list:
     notifier = Notifier.for_catalog(catalog)
     interval = catalog.alerts.sensor_interval_seconds
-    known = [dg.AssetKey(list(t)) for t in catalog.backup_targets()]
-    known += [dg.AssetKey([*t, "s3"]) for t in catalog.backup_targets()]
-    known += [dg.AssetKey(["operations", n]) for n in ("dr_drill", "retention", "backup_health")]
+    known = [dg.AssetKey(["operations", n]) for n in ("dr_drill", "retention", "backup_health")]
     known += [dg.AssetKey([s, "app_table_pruning"]) for s in catalog.sources]
-    step_keys = {"__".join(k.path): k for k in known}
+    step_keys = {"__".join(k.path): [k] for k in known}
+    for source, group, tier in catalog.backup_targets():  # a source's tier is one op: <source>__<tier>
+        step_keys.setdefault(f"{source}__{tier}", []).append(dg.AssetKey([source, group, tier]))
 
-    def asset_of_step(step_key: str | None) -> dg.AssetKey | None:
-        """The asset a failed step belongs to: its own op, or one of its checks (`<op>_<check>`)."""
-        if not step_key:
-            return None
-        if step_key in step_keys:
-            return step_keys[step_key]
-        owners = [k for s, k in step_keys.items() if step_key.startswith(s + "_") and not step_key.startswith(s + "__")]
-        return max(owners, key=lambda k: len(k.path), default=None)
+    def assets_of_step(step_key: str | None, event, selection) -> dict[dg.AssetKey, str]:
+        """The assets a failed step failed for, each with its error: those a tier op named in its
+        failure, else the step's assets that the run selected."""
+        data = event.event_specific_data
+        error = root_cause(data.error) if data and data.error else (event.message or "")
+        named = failed_assets(data.user_failure_data.metadata) if data and data.user_failure_data else {}
+        if named:
+            return {dg.AssetKey.from_user_string(k): v for k, v in named.items()}
+        keys = step_keys.get(step_key or "", [])
+        chosen = [k for k in keys if not selection or k in selection] or keys
+        return {k: error for k in chosen}
 
     @dg.run_failure_sensor(name="run_failure_alerts", minimum_interval_seconds=interval,
                            default_status=dg.DefaultSensorStatus.RUNNING,
@@ -94,10 +110,7 @@ def build_sensors(catalog: Catalog) -> list:
         url = run_url(catalog, run.run_id)
         failed_keys: dict[dg.AssetKey, str] = {}
         for event in context.get_step_failure_events():
-            key = asset_of_step(event.step_key)
-            error = root_cause(event.event_specific_data.error) if event.event_specific_data and \
-                event.event_specific_data.error else (event.message or "")
-            if key is not None:
+            for key, error in assets_of_step(event.step_key, event, set(run.asset_selection or [])).items():
                 failed_keys.setdefault(key, error[:2000])
         if not failed_keys:
             error = context.failure_event.message or "run failed"
@@ -180,7 +193,6 @@ def build_sensors(catalog: Catalog) -> list:
 
 def build_health(catalog: Catalog) -> dg.AssetsDefinition:
     @dg.asset(key=HEALTH_KEY, group_name="operations",
-              deps=[dg.AssetKey(list(t)) for t in catalog.backup_targets()],
               description="Per source, group and tier: the newest good backup, its age against the RPO, the last "
                           "drill's RTO and the size trend; disk space and the 30-day storage forecast.")
     def backup_health(context: AssetExecutionContext) -> dg.MaterializeResult:
