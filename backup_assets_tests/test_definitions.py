@@ -104,7 +104,7 @@ def test_demo_definitions_match_their_snapshot(monkeypatch, tmp_path):
 
 def test_a_fleet_of_100_sources_loads(tmp_path, monkeypatch):
     """100 PostgreSQL sources x 3 groups x 3 tiers with S3 (bench/fleet.py): the definitions and
-    every job resolve, with one op per source and tier. How long it takes is `make bench`'s."""
+    every job resolve, with one op per server and tier. How long it takes is `make bench`'s."""
     import yaml
 
     from backup_assets.catalog import load_catalog
@@ -123,7 +123,7 @@ def test_a_fleet_of_100_sources_loads(tmp_path, monkeypatch):
     assert len([k for k in keys if k.path[-1] in ("daily", "weekly", "monthly")]) == 900
     assert len([k for k in keys if k.path[-1] == "s3"]) == 900
     ops = {graph.get(k).assets_def.op.name for k in keys if k.path[0].startswith("db")}
-    assert len(ops) == 300
+    assert ops == {f"pg_pg{i}_internal_5432__{t}" for i in range(3) for t in ("daily", "weekly", "monthly")}
     daily = jobs["daily_backups"]
     assert len(daily.asset_layer.executable_asset_keys) == 600  # 300 backups and their 300 replicas
     assert len(list(graph.asset_check_keys)) == 900 * 4 + 900  # 3 checks and a drill per backup, replica_intact

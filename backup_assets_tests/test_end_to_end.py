@@ -162,7 +162,13 @@ def test_daemon_runs_the_schedule_backfills_and_alerts(pg18, source_cluster, mot
         wait_for(lambda: set(missed) <= instance.get_materialized_partitions(dg.AssetKey([*key, "s3"])), 300,
                  "the backfill")
         assert set(missed) <= instance.get_materialized_partitions(akey)
-        backfill_runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/backfill": launched["backfillId"]}))
+
+        def backfill_done():  # every run of it ended (a run also backs up the roles after the core group)
+            runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/backfill": launched["backfillId"]}))
+            return runs if len(runs) == len(missed) and all(r.is_finished for r in runs) else None
+
+        backfill_runs = wait_for(backfill_done, 300, "the backfill's runs to end")
+        assert all(r.is_success for r in backfill_runs), [(r.run_id, r.status) for r in backfill_runs]
         from backup_assets.defs.sensors import run_partition
 
         assert sorted(run_partition(r.tags) for r in backfill_runs) == missed, "one partition per run"

@@ -49,8 +49,8 @@ def tier_jobs(catalog: Catalog) -> list:
             description=f"The {tier} backups of every source and group, their checks"
                         f"{' and S3 replicas' if catalog.replication.s3 else ''}.",
             tags={"backup_assets/tier": tier},
-            # steps run in the run's own process: a step costs no process start and no second load
-            # of the definitions (a source's tier is one step; servers are kept apart by pools)
-            executor_def=dg.in_process_executor,
+            # a step is a server's backups (tier_op.py): few steps, each its own process, so servers
+            # run side by side while each server's pool keeps it to one dump at a time
+            executor_def=dg.multiprocess_executor,
         ))
     return jobs

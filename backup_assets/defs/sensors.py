@@ -86,8 +86,9 @@ def build_sensors(catalog: Catalog) -> list:
     known = [dg.AssetKey(["operations", n]) for n in ("dr_drill", "retention", "backup_health")]
     known += [dg.AssetKey([s, "app_table_pruning"]) for s in catalog.sources]
     step_keys = {"__".join(k.path): [k] for k in known}
-    for source, group, tier in catalog.backup_targets():  # a source's tier is one op: <source>__<tier>
-        step_keys.setdefault(f"{source}__{tier}", []).append(dg.AssetKey([source, group, tier]))
+    for source, group, tier in catalog.backup_targets():  # a server's tier is one op: <pool>__<tier>
+        step_keys.setdefault(f"{catalog.sources[source].pool_name()}__{tier}", []).append(
+            dg.AssetKey([source, group, tier]))
 
     def assets_of_step(step_key: str | None, event, selection) -> dict[dg.AssetKey, str]:
         """The assets a failed step failed for, each with its error: those a tier op named in its

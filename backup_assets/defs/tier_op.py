@@ -1,10 +1,12 @@
-"""One op per source × tier: the backups of its table groups, their checks and their S3 replicas.
+"""One op per database server (pool) × tier: the backups of every source and table group on it,
+one after another, each followed by its checks and its S3 replica.
 
 Users still see one asset per source × group × tier (and one replica asset each), every check per
 partition, checks that can be run on their own, backfills of one partition per run. Underneath,
-a source's tier is one multi-asset: a fleet of 100 sources × 3 groups × 3 tiers is 300 ops instead
-of about 6,000 (one per asset and per check), so definitions load fast in every process that
-loads them, and a backup's checks run where the backup was just written, reading it once
+a server's tier is one multi-asset with subsetting: a fleet of 100 sources × 3 groups × 3 tiers on
+3 servers is 9 ops instead of about 6,000 (one per asset and per check), so definitions load fast
+in every process that loads them; servers run side by side, each one dump at a time (its pool);
+and a backup's checks run where the backup was just written, reading it once
 (`core.verify.evaluate`).
 
 A failure of one group does not stop the others; the op fails at the end, naming each asset that
@@ -57,44 +59,49 @@ def backup_check_specs(catalog: Catalog, source: str, group: str, tier: str, par
             for name in check_names(catalog, tier)]
 
 
-def build_tier_asset(catalog: Catalog, source: str, tier: str, groups: list[str], partitions) -> dg.AssetsDefinition:
-    src = catalog.sources[source]
+def op_name(pool: str, tier: str) -> str:
+    return f"{pool}__{tier}"
+
+
+def build_tier_asset(catalog: Catalog, pool: str, tier: str, targets: list[tuple[str, str]],
+                     partitions) -> dg.AssetsDefinition:
+    """The op of one server (pool) and tier: the backups of every source and group on it."""
     replicated = catalog.replication.s3 is not None
     specs, check_specs = [], []
-    for group in groups:
+    for source, group in targets:
         specs.append(backup_spec(catalog, source, group, tier))
         check_specs += backup_check_specs(catalog, source, group, tier, partitions)
         if replicated:
             specs.append(replica_spec(catalog, source, group, tier))
-            check_specs.append(dg.AssetCheckSpec("replica_intact", asset=replica_key(source, group, tier),
-                                                 blocking=True, partitions_def=partitions, description="The S3 object exists and its size and "
-                                                                            "SHA-256 match the manifest."))
+            check_specs.append(dg.AssetCheckSpec(
+                "replica_intact", asset=replica_key(source, group, tier), blocking=True, partitions_def=partitions,
+                description="The S3 object exists and its size and SHA-256 match the manifest."))
+    sources = list(dict.fromkeys(s for s, _ in targets))
 
     @dg.multi_asset(
-        name=f"{source}__{tier}",
+        name=op_name(pool, tier),
         specs=specs,
         check_specs=check_specs,
         partitions_def=partitions,
         can_subset=True,
-        pool=src.pool_name(),
+        pool=pool,
         backfill_policy=dg.BackfillPolicy.multi_run(1),
         required_resource_keys={"s3"} if replicated else set(),
-        description=f"The {tier} backups of {source} ({', '.join(groups)}), their checks"
-                    f"{' and S3 replicas' if replicated else ''}.",
+        description=f"The {tier} backups on {pool} ({', '.join(sources)}), one after another, each with its checks"
+                    f"{' and S3 replica' if replicated else ''}.",
     )
     def tier_backups(context: AssetExecutionContext):
-        yield from run_tier(catalog, context, source, tier, groups,
-                            s3=context.resources.s3 if replicated else None)
+        yield from run_tier(catalog, context, tier, targets, s3=context.resources.s3 if replicated else None)
 
     return tier_backups
 
 
-def run_tier(catalog: Catalog, context: AssetExecutionContext, source: str, tier: str, groups: list[str], *, s3):
+def run_tier(catalog: Catalog, context: AssetExecutionContext, tier: str, targets: list[tuple[str, str]], *, s3):
     selected = context.selected_asset_keys
     checks = context.selected_asset_check_keys
     partition = context.partition_key
     failed: dict[str, str] = {}
-    for group in groups:
+    for source, group in targets:
         key, rkey = backup_key(source, group, tier), replica_key(source, group, tier)
         backup = None
         if key in selected:
@@ -152,15 +159,20 @@ def _check(key: dg.AssetKey, name: str, outcome: Outcome) -> dg.AssetCheckResult
                                description=result.description, metadata=result.metadata)
 
 
+def tier_ops(catalog: Catalog) -> dict[tuple[str, str], list[tuple[str, str]]]:
+    """(pool, tier) -> the (source, group) pairs its op backs up, in catalog order."""
+    ops: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for source, group, tier in catalog.backup_targets():
+        ops.setdefault((catalog.sources[source].pool_name(), tier), []).append((source, group))
+    return ops
+
+
 def build_tier_assets(catalog: Catalog) -> list[dg.AssetsDefinition]:
     partitions = lru_cache(maxsize=None)(lambda tier: partitions_for(catalog, tier))
-    groups: dict[tuple[str, str], list[str]] = {}
-    for source, group, tier in catalog.backup_targets():
-        groups.setdefault((source, tier), []).append(group)
     with warnings.catch_warnings():
         # dagster 1.13 calls BackfillPolicy beta and partitioned check specs a preview; one partition
         # per run and checks per partition are what we rely on (not a warning line per asset)
         warnings.simplefilter("ignore", dg.BetaWarning)
         warnings.simplefilter("ignore", dg.PreviewWarning)
-        return [build_tier_asset(catalog, source, tier, names, partitions(tier))
-                for (source, tier), names in groups.items()]
+        return [build_tier_asset(catalog, pool, tier, targets, partitions(tier))
+                for (pool, tier), targets in tier_ops(catalog).items()]

@@ -28,6 +28,12 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 LOCAL_DAGSTER_YAML = """\
 # Written by `make run`: the embedded default keeps run, event log and schedule storage in
 # SQLite files inside this DAGSTER_HOME. See dagster.yaml at the project root for production.
+run_coordinator:
+  module: dagster.core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    # a scheduled backup starts within a second of its tick, not within five
+    dequeue_interval_seconds: 1
 concurrency:
   pools:
     # one dump at a time per database server (each backup asset's pool is its server)
