@@ -332,9 +332,12 @@ def bench_daemon_run(c: LocalCluster, work: Path) -> dict:
             time.sleep(0.5)
         run_id = str(uuid.uuid4())
         started = time.perf_counter()
-        subprocess.run([str(bin_dir / "dagster"), "job", "launch", "-w", str(root / "workspace.yaml"), "-j",
-                        "daily_backups", "--run-id", run_id, "--tags", json.dumps({"dagster/partition": partition})],
-                       cwd=root, env=env, check=True, capture_output=True)
+        launch = subprocess.run([str(bin_dir / "dagster"), "job", "launch", "-w", str(root / "workspace.yaml"), "-j",
+                                 "daily_backups", "--run-id", run_id, "--tags",
+                                 json.dumps({"dagster/partition": partition})],
+                                cwd=root, env=env, capture_output=True, text=True)
+        if launch.returncode != 0:
+            raise RuntimeError(f"dagster job launch failed: {launch.stderr.strip()[-2000:]}")
         while True:
             run = instance.get_run_by_id(run_id)
             if run is not None and run.is_finished:
