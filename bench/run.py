@@ -344,6 +344,8 @@ def bench_daemon_run(c: LocalCluster, work: Path) -> dict:
                 break
             if time.perf_counter() - started > 1800:
                 raise RuntimeError("the daemon-launched run did not finish in 30 minutes")
+            if daemon.poll() is not None:
+                raise RuntimeError(f"dagster-daemon exited ({daemon.returncode}) before the run ended")
             time.sleep(0.2)
         assert run.is_success, f"daemon-launched run {run_id} ended {run.status}"
         # from the moment the run is queued (what a schedule tick does inside the daemon) to its

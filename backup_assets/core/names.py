@@ -19,7 +19,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from psycopg import sql
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # psycopg is imported where SQL is built, not by every catalog reader
+    from psycopg import sql
 
 PLAIN = re.compile(r"[a-z_][a-z0-9_]*")
 MAX_IDENT_BYTES = 63
@@ -47,6 +50,8 @@ class TableName:
         return f"{quote(self.schema)}.{quote(self.name)}"
 
     def ident(self) -> sql.Identifier:
+        from psycopg import sql
+
         return sql.Identifier(self.schema, self.name)
 
     def pattern(self) -> str:

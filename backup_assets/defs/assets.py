@@ -3,7 +3,6 @@
 import dagster as dg
 
 from ..catalog import Catalog
-from ..core.manifest import Manifest
 from .sensors import freshness_policy
 
 KIND = {"postgres": "postgres", "sqlite": "sqlite"}
@@ -20,7 +19,7 @@ def upstream_tier(catalog: Catalog, source: str, tier: str) -> str | None:
     return earlier[-1] if earlier else None
 
 
-def backup_metadata(manifest: Manifest, path: str) -> dict:
+def backup_metadata(manifest, path: str) -> dict:
     duration = max(manifest.duration_s, 1e-6)
     return {
         "dagster/size_bytes": dg.MetadataValue.int(manifest.size_bytes),

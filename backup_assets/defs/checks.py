@@ -4,11 +4,9 @@ import dagster as dg
 from dagster import AssetExecutionContext
 
 from ..catalog import Catalog
-from ..core.drill import markdown_report, run_dr_drill
-from ..core.verify import Outcome
 
 
-def metadata_of(outcome: Outcome) -> dict:
+def metadata_of(outcome) -> dict:
     md: dict = {}
     for key, value in outcome.metadata.items():
         if isinstance(value, bool) or value is None:
@@ -24,7 +22,7 @@ def metadata_of(outcome: Outcome) -> dict:
     return md
 
 
-def check_result(outcome: Outcome) -> dg.AssetCheckResult:
+def check_result(outcome) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         passed=outcome.passed,
         severity=dg.AssetCheckSeverity.WARN if outcome.warn else dg.AssetCheckSeverity.ERROR,
@@ -46,6 +44,8 @@ def build_dr_drill(catalog: Catalog) -> tuple[dg.AssetsDefinition, dg.ScheduleDe
                     "and pass/fail (markdown in metadata). Fails when any drill fails.",
     )
     def dr_drill(context: AssetExecutionContext) -> dg.MaterializeResult:
+        from ..core.drill import markdown_report, run_dr_drill
+
         results = run_dr_drill(catalog, log=context.log.info)
         report = markdown_report(results)
         failed = [r for r in results if not r.outcome.passed]

@@ -3,7 +3,6 @@
 import dagster as dg
 
 from ..catalog import Catalog
-from ..core.storage.s3 import S3Storage
 from .assets import backup_key
 
 
@@ -27,7 +26,9 @@ def s3_resource(catalog: Catalog) -> S3Replica:
     return S3Replica(bucket=cfg.bucket, prefix=cfg.prefix, region=cfg.region, endpoint_url=cfg.endpoint_url)
 
 
-def _storage(catalog: Catalog, s3: S3Replica | None = None) -> S3Storage:
+def _storage(catalog: Catalog, s3: S3Replica | None = None):
+    from ..core.storage.s3 import S3Storage  # boto3 is loaded by the steps that use S3
+
     return S3Storage(catalog.replication.s3)
 
 

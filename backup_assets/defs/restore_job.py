@@ -5,8 +5,6 @@ from dagster import OpExecutionContext
 from pydantic import Field
 
 from ..catalog import Catalog
-from ..core import BackupError
-from ..core.restore import choose_backup, restore_plan, restore_postgres, restore_sqlite
 
 
 class RestoreConfig(dg.Config):
@@ -26,6 +24,9 @@ class RestoreConfig(dg.Config):
 def build_restore_job(catalog: Catalog) -> dg.JobDefinition:
     @dg.op(name="restore_backup", tags={"backup_assets/kind": "restore"})
     def restore_backup(context: OpExecutionContext, config: RestoreConfig) -> dg.Output:
+        from ..core import BackupError
+        from ..core.restore import choose_backup, restore_plan, restore_postgres, restore_sqlite
+
         def say(message: str, progress: bool = False) -> None:
             if not progress:
                 context.log.info(message)

@@ -6,8 +6,6 @@ import dagster as dg
 from dagster import AssetExecutionContext
 
 from ..catalog import Catalog
-from ..core.prune_tables import prune_tables
-from ..core.retention import prune
 from .assets import backup_key
 from .replication import _storage
 
@@ -30,6 +28,8 @@ def build_retention(catalog: Catalog) -> list[dg.AssetsDefinition]:
                           f"{' and S3' if replicated else ''}; never the newest verified backup of any source, "
                           "group and tier. Set dry_run to only report.")
     def retention(context: AssetExecutionContext, config: PruneConfig) -> dg.MaterializeResult:
+        from ..core.retention import prune
+
         storage = _storage(catalog, context.resources.s3) if replicated else None
         report = prune(catalog, dry_run=config.dry_run, storage=storage)
         context.log.info(json.dumps({k: v for k, v in report.items()}, default=str)[:4000])
@@ -61,6 +61,8 @@ def _table_pruning(catalog: Catalog, source: str) -> dg.AssetsDefinition:
                           f"newest {'/'.join(groups)} backup that passed its restore drill, in small batches. "
                           "Set dry_run to only count.")
     def app_table_pruning(context: AssetExecutionContext, config: PruneConfig) -> dg.MaterializeResult:
+        from ..core.prune_tables import prune_tables
+
         report = prune_tables(catalog, source, dry_run=config.dry_run, say=context.log.info)
         md = {"report": dg.MetadataValue.json(report), "dry_run": dg.MetadataValue.bool(config.dry_run),
               "rows_deleted": dg.MetadataValue.int(sum(t.get("deleted", 0) for t in report["tables"].values())),

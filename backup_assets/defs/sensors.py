@@ -11,7 +11,6 @@ from dagster import AssetExecutionContext, RunFailureSensorContext, SensorEvalua
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from ..catalog import Catalog
-from ..core import health
 from ..core.alerts import Alert, Notifier
 from .partitions import DAGSTER_WEEKDAY
 
@@ -181,6 +180,8 @@ def build_sensors(catalog: Catalog) -> list:
                default_status=dg.DefaultSensorStatus.RUNNING,
                description="Alerts when the repository's volume runs low on free space.")
     def disk_space_alerts(context: SensorEvaluationContext):
+        from ..core import health
+
         disk = health.disk_status(catalog)
         if disk["low"]:
             _notify(context, notifier, Alert(
@@ -197,6 +198,8 @@ def build_health(catalog: Catalog) -> dg.AssetsDefinition:
               description="Per source, group and tier: the newest good backup, its age against the RPO, the last "
                           "drill's RTO and the size trend; disk space and the 30-day storage forecast.")
     def backup_health(context: AssetExecutionContext) -> dg.MaterializeResult:
+        from ..core import health
+
         rows, forecast = health.report(catalog)
         missed = [f"{r.source}/{r.group}/{r.tier}" for r in rows if not r.rpo_ok]
         if missed:

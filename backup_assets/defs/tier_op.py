@@ -21,10 +21,6 @@ import dagster as dg
 from dagster import AssetExecutionContext
 
 from ..catalog import Catalog
-from ..core import BackupError, verification
-from ..core.backup import repository_for, run_backup
-from ..core.replica import replica_intact, replicate
-from ..core.verify import Outcome, evaluate, find_backup
 from .assets import backup_key, backup_metadata, backup_spec
 from .checks import check_result
 from .partitions import partitions_for
@@ -97,6 +93,12 @@ def build_tier_asset(catalog: Catalog, pool: str, tier: str, targets: list[tuple
 
 
 def run_tier(catalog: Catalog, context: AssetExecutionContext, tier: str, targets: list[tuple[str, str]], *, s3):
+    # the core is imported when a backup runs, not by every process that loads the definitions
+    from ..core import BackupError, verification
+    from ..core.backup import repository_for, run_backup
+    from ..core.replica import replica_intact, replicate
+    from ..core.verify import Outcome, evaluate, find_backup
+
     selected = context.selected_asset_keys
     checks = context.selected_asset_check_keys
     partition = context.partition_key
@@ -153,7 +155,7 @@ def run_tier(catalog: Catalog, context: AssetExecutionContext, tier: str, target
                          metadata={FAILED_ASSETS: dg.MetadataValue.json(failed)})
 
 
-def _check(key: dg.AssetKey, name: str, outcome: Outcome) -> dg.AssetCheckResult:
+def _check(key: dg.AssetKey, name: str, outcome) -> dg.AssetCheckResult:
     result = check_result(outcome)
     return dg.AssetCheckResult(asset_key=key, check_name=name, passed=result.passed, severity=result.severity,
                                description=result.description, metadata=result.metadata)
