@@ -320,13 +320,14 @@ def bench_daemon_run(c: LocalCluster, work: Path) -> dict:
         instance_cfg.pop(name, None)
     (home / "dagster.yaml").write_text(yaml.safe_dump(instance_cfg))
     env = dict(os.environ, BACKUP_ASSETS_CATALOG=str(path), DAGSTER_HOME=str(home))
+    import dagster as dg
+
+    os.environ["DAGSTER_HOME"] = str(home)
+    instance = dg.DagsterInstance.get()  # creates the storage before any other process opens it
+    instance.get_runs(limit=1)
     daemon = subprocess.Popen([str(bin_dir / "dagster-daemon"), "run", "-w", str(root / "workspace.yaml")], cwd=root,
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        import dagster as dg
-
-        os.environ["DAGSTER_HOME"] = str(home)
-        instance = dg.DagsterInstance.get()
         deadline = time.monotonic() + 120
         while not instance.get_daemon_heartbeats() and time.monotonic() < deadline:
             time.sleep(0.5)
