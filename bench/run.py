@@ -254,8 +254,8 @@ def bench_cli_with_checks(c: LocalCluster, cat: Path, artifact: Path, res: dict)
         path = cat.parent / f"catalog_cli_{drill}.yaml"
         path.write_text(yaml.safe_dump(data))
         wall, _ = timed(lambda: subprocess.run(
-            [sys.executable, "-m", "backup_assets.cli", "--catalog", str(path), "backup", "--source", "bench",
-             "--group", "full", "--tier", "daily", "--partition", "2026-11-20"],
+            [sys.executable, "-m", "backup_assets.cli", "--catalog", str(path), "backup", "--tier", "daily",
+             "--partition", "2026-11-20", "--select", "bench/full"],
             check=True, env=dict(os.environ, DAGSTER_HOME=tempfile.mkdtemp())))
         shutil.rmtree(cat.parent / f"cli_{drill}", ignore_errors=True)
         out["i_cli_backup_checks" + ("_drill" if drill else "")] = {"wall_s": wall}
