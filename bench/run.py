@@ -225,11 +225,19 @@ def bench_encryption(c: LocalCluster, cat: Path, artifact: Path, res: dict) -> d
     data["encryption"] = {"recipients": [str(key.to_public())], "identity_file_env": "BENCH_AGE_IDENTITY"}
     enc_cat = work / "catalog.yaml"
     enc_cat.write_text(yaml.safe_dump(data))
-    g = materialize(enc_cat, "bench/full/daily")
+    # encrypted and plain backups taken in turns, the best of each: a ratio of two walls of a few
+    # seconds is otherwise at the mercy of whatever else the machine did in one of them
+    encrypted, plain = [], [res["c_asset"]["wall_s"]]
+    for turn in range(2):
+        encrypted.append(materialize(enc_cat, "bench/full/daily"))
+        if turn == 0:
+            plain.append(materialize(cat, "bench/full/daily")["wall_s"])
+    g = min(encrypted, key=lambda r: r["wall_s"])
     wall, backup = timed_restore(c, enc_cat, "restored_enc")
     shutil.rmtree(work)
     return {"g_asset_encrypted": {**g, "bytes": backup.manifest.size_bytes},
-            "ratio_encrypted_vs_plain_backup": g["wall_s"] / res["c_asset"]["wall_s"],
+            "plain_backup_best_s": min(plain),
+            "ratio_encrypted_vs_plain_backup": g["wall_s"] / min(plain),
             "h_restore_encrypted": {"wall_s": wall},
             "ratio_encrypted_vs_plain_restore": wall / res["f_restore"]["wall_s"]}
 

@@ -223,6 +223,68 @@ class _CheckedReader:
         return data
 
 
+class _ReadAhead:
+    """Decodes ahead in a thread while the caller works on what came before: zstd releases the
+    GIL, so on two cores decoding and the caller's parsing overlap instead of taking turns. Errors
+    of the decoder (a damaged or truncated stream) are raised by `read`, where they would have
+    been; a caller that stops early releases the thread on `close`."""
+
+    def __init__(self, reader: _CheckedReader, depth: int = 4):
+        import queue
+        import threading
+
+        self._reader = reader
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._buf = b""
+        self._pos = 0
+        self._done = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @property
+    def decoded(self) -> int:
+        return self._reader.decoded
+
+    def _run(self) -> None:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                item = self._reader.read(CHUNK)
+            except BaseException as exc:  # handed to the reader of this stream
+                item = exc
+            while not self._stop.is_set():
+                try:
+                    self._q.put(item, timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
+            if not isinstance(item, bytes) or not item:
+                return
+
+    def read(self, size: int = CHUNK) -> bytes:
+        while self._pos >= len(self._buf):
+            if self._done:
+                return b""
+            item = self._q.get()
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            if not item:
+                self._done = True
+                return b""
+            self._buf, self._pos = item, 0
+        end = len(self._buf) if size is None or size < 0 else self._pos + size
+        out = self._buf[self._pos:end]
+        self._pos += len(out)
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def _plain_stream(fh: BinaryIO, path: Path, identities, wrap=None):
     """The zstd stream inside an artifact: the file itself, or decrypted on the fly when it is
     age-encrypted (which needs `identities`). `wrap` sees the file's bytes as they are read."""
@@ -243,7 +305,7 @@ def _plain_stream(fh: BinaryIO, path: Path, identities, wrap=None):
 
 @contextmanager
 def open_decompressed(path: Path, expected_size: int | None = None, identities=None,
-                      sha256=None) -> Iterator[_CheckedReader]:
+                      sha256=None) -> Iterator[_ReadAhead]:
     """A streaming reader of the artifact's original bytes (decrypted first when it is encrypted);
     give the manifest's raw size to have a truncated stream raise. Given a hashlib object as
     `sha256`, the whole file's bytes are hashed into it in the same pass (once the reader is done
@@ -257,9 +319,11 @@ def open_decompressed(path: Path, expected_size: int | None = None, identities=N
             return hashed
 
         stream, decrypting = _plain_stream(fh, path, identities, wrap if sha256 is not None else None)
+        ahead = _ReadAhead(_CheckedReader(stream, expected_size))
         try:
-            yield _CheckedReader(stream, expected_size)
+            yield ahead
         finally:
+            ahead.close()  # the decoding thread is done with the file before anything else reads it
             if decrypting is not None:
                 decrypting.close()
         if hashed is not None:

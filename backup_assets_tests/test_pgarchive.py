@@ -1,0 +1,56 @@
+"""The structural reader of pg_dump's custom format, on generated data blocks: every row chunk
+comes out whole and in order wherever the reader's buffer happens to end."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from backup_assets.core.engines.pgarchive import ArchiveFormatError, _read_chunks, _Reader
+
+
+def encode_int(value: int, size: int = 4) -> bytes:
+    return bytes([1 if value < 0 else 0]) + abs(value).to_bytes(size, "little")
+
+
+class Trickle(io.RawIOBase):
+    """A stream that hands out at most `step` bytes per read."""
+
+    def __init__(self, data: bytes, step: int):
+        self._data, self._pos, self._step = data, 0, step
+
+    def read(self, n=-1):
+        n = self._step if n is None or n < 0 else min(n, self._step)
+        out = self._data[self._pos:self._pos + n]
+        self._pos += len(out)
+        return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(chunks=st.lists(st.binary(min_size=1, max_size=300), max_size=60),
+       step=st.sampled_from([1, 3, 7, 64, 1000, 1 << 20]), trailer=st.binary(max_size=20))
+def test_chunks_come_out_whole_and_in_order(chunks, step, trailer):
+    block = b"".join(encode_int(len(c)) + c for c in chunks) + encode_int(0)
+    reader = _Reader(Trickle(block + trailer, step))
+    got: list[bytes] = []
+    _read_chunks(reader, got.append)
+    assert b"".join(got) == b"".join(chunks)
+    assert reader.offset == len(block)
+    assert reader.read(len(trailer)) == trailer  # the reader stands right after the block
+
+
+@pytest.mark.parametrize("step", [1, 1 << 20])
+def test_a_damaged_chunk_length_is_an_error_not_a_guess(step):
+    block = encode_int(5) + b"hello" + encode_int(-7) + b"x" * 7 + encode_int(0)
+    with pytest.raises(ArchiveFormatError, match="data chunk of -7 bytes"):
+        _read_chunks(_Reader(Trickle(block, step)), lambda _data: None)
+
+
+@pytest.mark.parametrize("step", [2, 1 << 20])
+def test_a_block_cut_short_is_an_error(step):
+    block = encode_int(10) + b"abc"
+    with pytest.raises(ArchiveFormatError, match="ends early"):
+        _read_chunks(_Reader(Trickle(block, step)), lambda _data: None)
