@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from .. import BackupError
-from ..artifact import CHUNK, FILE_MODE, PARTIAL_MARK, ensure_dir, fsync_dir, partial_path
+from ..artifact import CHUNK, FILE_MODE, PARTIAL_MARK, ensure_dir, fsync_dir, partial_path, sha256_file
 from . import ObjectInfo
 
 SCRATCH = ".tmp"
@@ -82,7 +82,7 @@ class LocalStorage:
         tmp = partial_path(final)
         try:
             if move:
-                digest = _sha256_of(path)
+                digest = sha256_file(path)
                 os.replace(path, tmp)
             else:
                 digest = hashlib.sha256()
@@ -143,10 +143,3 @@ class LocalStorage:
             if parent.is_dir():
                 fsync_dir(parent)
 
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
