@@ -209,6 +209,27 @@ class Encryption(_Model):
         return value
 
 
+HookCommand = Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+
+
+class Hooks(_Model):
+    """Commands around a restore (see core.hooks): stop the application, migrate and restart it,
+    check its health. The target's details come in the environment, the password never in argv."""
+
+    pre_restore: list[HookCommand] = []
+    post_restore: list[HookCommand] = []
+    verify: list[HookCommand] = []
+    timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 300
+    # the verify commands work against any database or file (the drill's scratch target too)
+    verify_in_drill: bool = False
+
+
+class RestoreSettings(_Model):
+    # the `restore` job (launchpad, schedules) may replace a source's own database or file only when this is set;
+    # restores into another database or file stay available. The CLI asks for confirmation instead.
+    allow_in_place_from_ui: bool = False
+
+
 class Source(_Model):
     engine: Literal["postgres", "sqlite"]
     description: str | None = None
@@ -229,6 +250,7 @@ class Source(_Model):
     # both
     tiers: list[Literal[TIER_NAMES]] | None = None  # type: ignore[valid-type]
     pool: str | None = None
+    hooks: Hooks = Hooks()
 
     @model_validator(mode="after")
     def _engine_fields(self) -> "Source":
@@ -414,6 +436,7 @@ class Catalog(_Model):
     replication: Replication = Replication()
     alerts: Alerts = Alerts()
     encryption: Encryption | None = None
+    restore: RestoreSettings = RestoreSettings()
     # backup-health: how old the newest good backup of a tier may be (recovery point objective)
     rpo_hours: dict[Literal[TIER_NAMES], Annotated[float, Field(gt=0)]] = {  # type: ignore[valid-type]
         "daily": 26, "weekly": 7 * 24 + 2, "monthly": 31 * 24 + 2}

@@ -204,6 +204,9 @@ def cmd_restore(args) -> int:
     if result.problems:
         print("DIFFERS from the manifest: " + "; ".join(result.problems), file=sys.stderr)
         return 1
+    if result.hook_problem:
+        print(f"HOOK FAILED: {result.hook_problem}", file=sys.stderr)
+        return 1
     return 0
 
 

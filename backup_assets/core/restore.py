@@ -27,7 +27,7 @@ import zstandard
 from psycopg import sql
 
 from ..catalog import Catalog
-from . import BackupError, archive_scan, crypto, failpoints, roles
+from . import BackupError, archive_scan, crypto, failpoints, hooks, roles
 from .artifact import decompress_to, human_size, open_decompressed, partial_path
 from .backup import endpoint_for, repository_for
 from .engines import postgres, sqlite
@@ -56,6 +56,9 @@ class RestoreResult:
     duration_s: float
     artifact: str
     extra: dict = field(default_factory=dict)
+    hooks: list[dict] = field(default_factory=list)
+    # a post_restore or verify hook failed after the data was restored (names the safety copy)
+    hook_problem: str | None = None
 
     @property
     def matches(self) -> bool:
@@ -68,6 +71,59 @@ class RestoreResult:
             mark = "" if got == self.expected[t] else "  <-- differs"
             lines.append(f"{t:40} {str(got if got is not None else '-'):>12} {self.expected[t]:>12}{mark}")
         return "\n".join(lines)
+
+
+class _Hooks:
+    """The source's hooks around one restore (see core.hooks for when each stage runs)."""
+
+    def __init__(self, catalog: Catalog, backup: StoredBackup, *, target: str, in_place: bool, endpoint=None,
+                 say=quiet):
+        m = backup.manifest
+        src = catalog.sources.get(m.source)
+        self.cfg = src.hooks if src is not None else None
+        self.in_place, self.say, self.endpoint = in_place, say, endpoint
+        self.args = dict(source=m.source, group=m.group, engine=m.engine, artifact=m.artifact,
+                         partition=m.partition, target=target, endpoint=endpoint)
+        self.runs: list[hooks.HookRun] = []
+        if self.cfg and not in_place and (self.cfg.pre_restore or self.cfg.post_restore):
+            say("pre_restore/post_restore hooks skipped: they run when the source's own data is replaced")
+
+    def _stage(self, stage: str, commands: list, **env) -> hooks.HookRun | None:
+        if not commands:
+            return None
+        runs = hooks.run_stage(stage, commands, {**hooks.target_env(**self.args), **env},
+                               timeout_s=self.cfg.timeout_s, say=self.say)
+        self.runs += runs
+        return runs[-1] if runs and not runs[-1].ok else None
+
+    def before(self) -> None:
+        if self.cfg and self.in_place:
+            failed = self._stage("pre_restore", self.cfg.pre_restore)
+            if failed:
+                raise BackupError(f"pre_restore hook failed, nothing was changed: {failed.problem}")
+
+    def after_failure(self, error: BackupError) -> BackupError:
+        """The restore failed (the target kept its data): bring the application back on it."""
+        if self.cfg and self.in_place:
+            failed = self._stage("post_restore", self.cfg.post_restore, BACKUP_ASSETS_RESTORE_OK="0")
+            if failed:
+                return BackupError(f"{error}; then the post_restore hook failed too: {failed.problem}")
+        return error
+
+    def after(self, result: RestoreResult) -> RestoreResult:
+        if self.cfg:
+            env = {"BACKUP_ASSETS_RESTORE_OK": "1", "BACKUP_ASSETS_SAFETY_COPY": result.safety_copy or ""}
+            failed = self._stage("post_restore", self.cfg.post_restore, **env) if self.in_place else None
+            if failed is None and (self.in_place or self.cfg.verify_in_drill):
+                failed = self._stage("verify", self.cfg.verify, **env)
+            if failed is not None:
+                back = (f"the previous data is kept as {result.safety_copy}: go back to it if the application cannot "
+                        "run on the restored data" if result.safety_copy else "no safety copy was kept")
+                result.hook_problem = (f"{result.target} was restored from {result.artifact}, but the {failed.stage} "
+                                       f"hook failed: {failed.problem}; {back}")
+                self.say(f"WARNING: {result.hook_problem}")
+        result.hooks = [r.as_dict() for r in self.runs]
+        return result
 
 
 def _stamp() -> str:
@@ -236,23 +292,28 @@ def restore_postgres(catalog: Catalog, backup: StoredBackup, *, target_db: str |
     started = time.monotonic()
     if m.format == roles.FORMAT:
         return _restore_roles(catalog, backup, ep, say=say, started=started)
+    around = _Hooks(catalog, backup, target=target, in_place=target == src.connection.dbname, endpoint=ep, say=say)
     with postgres.connect(ep.with_db("postgres"), what=f"restore of {m.source}: ") as admin:
         problem = version_problem(m, postgres.server_major(admin))
         if problem:
             raise BackupError(f"refusing to restore {backup.artifact_path.name}: {problem}; nothing was changed")
+        if wanted and not postgres.database_exists(admin, target):
+            raise BackupError(f"database {target} does not exist: restore whole backups into new databases")
+        around.before()
         try:
-            if wanted:
-                if not postgres.database_exists(admin, target):
-                    raise BackupError(f"database {target} does not exist: restore whole backups into new databases")
-                result = _restore_tables(catalog, backup, ep, wanted, safety_copy=safety_copy, say=say)
-            else:
-                result = _restore_whole(catalog, backup, admin, ep, target, jobs=jobs, safety_copy=safety_copy,
-                                        terminate=terminate_connections, create_roles=create_roles, say=say)
-        except psycopg.Error as exc:
-            detail = ep.scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-            raise BackupError(f"restore of {backup.artifact_path.name} into {target} failed: {detail}") from None
+            try:
+                if wanted:
+                    result = _restore_tables(catalog, backup, ep, wanted, safety_copy=safety_copy, say=say)
+                else:
+                    result = _restore_whole(catalog, backup, admin, ep, target, jobs=jobs, safety_copy=safety_copy,
+                                            terminate=terminate_connections, create_roles=create_roles, say=say)
+            except psycopg.Error as exc:
+                detail = ep.scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                raise BackupError(f"restore of {backup.artifact_path.name} into {target} failed: {detail}") from None
+        except BackupError as exc:
+            raise around.after_failure(exc) from None
     result.duration_s = round(time.monotonic() - started, 3)
-    return result
+    return around.after(result)
 
 
 def _progress(backup: StoredBackup, say):
@@ -646,6 +707,21 @@ def restore_sqlite(catalog: Catalog, backup: StoredBackup, *, target_file: str |
         raise BackupError(f"target folder {target.parent} does not exist")
     repository_for(catalog).sweep()
     verify_before_restore(backup)
+    own = src is not None and src.engine == "sqlite" and catalog.resolve_path(src.path) == target
+    around = _Hooks(catalog, backup, target=str(target), in_place=own, say=say)
+    around.before()
+    started = time.monotonic()
+    try:
+        result = _restore_sqlite_file(catalog, backup, target, safety_copy=safety_copy, say=say)
+    except BackupError as exc:
+        raise around.after_failure(exc) from None
+    result.duration_s = round(time.monotonic() - started, 3)
+    return around.after(result)
+
+
+def _restore_sqlite_file(catalog: Catalog, backup: StoredBackup, target: Path, *, safety_copy: bool,
+                         say) -> RestoreResult:
+    m = backup.manifest
     started = time.monotonic()
     tmp = partial_path(target)
     try:

@@ -22,7 +22,7 @@ import psycopg
 import zstandard
 
 from ..catalog import Catalog
-from . import BackupError, archive_scan, crypto, failpoints, roles
+from . import BackupError, archive_scan, crypto, failpoints, hooks, roles
 from .artifact import decompress_to, scan_artifact
 from .backup import repository_for
 from .engines import postgres, sqlite
@@ -346,6 +346,8 @@ def _postgres_drill_steps(catalog: Catalog, backup: StoredBackup, *, jobs: int, 
             rto = time.monotonic() - started
             problems = compare_with_manifest(m, facts.row_counts, facts.vectors, facts.indexes, exts)
             problems += compare_content(archive.tables, restored)
+            hook_runs, hook_problem = drill_verify_hook(catalog, backup, name, endpoint=target)
+            problems += [hook_problem] if hook_problem else []
         finally:
             _drop_scratch(admin, ep, name)
     meta = {
@@ -356,6 +358,7 @@ def _postgres_drill_steps(catalog: Catalog, backup: StoredBackup, *, jobs: int, 
         "archive_fingerprints": archive.fingerprints(),
         "restored_fingerprints": {k: {"rows": r, "fingerprint": f} for k, (r, f) in sorted(restored.items())},
         "owners_restored": not missing, "missing_roles": missing,
+        **({"verify_hook": hook_runs} if hook_runs else {}),
     }
     if problems:
         return Outcome(False, f"{path}: restore differs from the archive or manifest: {'; '.join(problems[:8])}", meta)
@@ -405,6 +408,20 @@ def pg_restore_archive(catalog: Catalog, backup: StoredBackup, target: postgres.
     postgres.pg_restore(target, raw, tool=tool, jobs=jobs, use_list=list_file, no_owner=no_owner, what=what)
 
 
+def drill_verify_hook(catalog: Catalog, backup: StoredBackup, target: str, *, endpoint=None) -> tuple[list, str | None]:
+    """The source's verify hook against the drill's scratch target, when the catalog says it works on any
+    target (`hooks.verify_in_drill`). Returns (runs, problem)."""
+    m = backup.manifest
+    src = catalog.sources.get(m.source)
+    if src is None or not src.hooks.verify_in_drill or not src.hooks.verify or m.format == roles.FORMAT:
+        return [], None
+    env = hooks.target_env(source=m.source, group=m.group, engine=m.engine, artifact=m.artifact, partition=m.partition,
+                           target=target, endpoint=endpoint, drill=True)
+    runs = hooks.run_stage("verify", src.hooks.verify, env, timeout_s=src.hooks.timeout_s, say=lambda _m: None)
+    problem = f"verify hook failed on the drill's copy: {runs[-1].problem}" if runs and not runs[-1].ok else None
+    return [r.as_dict() for r in runs], problem
+
+
 def _sqlite_drill(catalog: Catalog, backup: StoredBackup) -> Outcome:
     m, path = backup.manifest, backup.artifact_path
     started = time.monotonic()
@@ -418,13 +435,15 @@ def _sqlite_drill(catalog: Catalog, backup: StoredBackup) -> Outcome:
                 return Outcome(False, f"{path}: integrity_check failed after restore: {'; '.join(problems_found[:5])}")
             counts = sqlite.row_counts(copy)
             idx = sqlite.indexes(copy)
+            hook_runs, hook_problem = drill_verify_hook(catalog, backup, str(copy))
         except (zstandard.ZstdError, BackupError, OSError) as exc:
             return Outcome(False, f"{path}: restore drill failed: {exc}")
         except Exception as exc:  # sqlite3.DatabaseError and friends
             return Outcome(False, f"{path}: restored copy is not a usable SQLite database: {exc}")
     rto = time.monotonic() - started
-    problems = compare_with_manifest(m, counts, {}, idx)
-    meta = {"rto_s": round(rto, 3), "row_counts": counts, "tables": len(counts), "rows": sum(counts.values())}
+    problems = compare_with_manifest(m, counts, {}, idx) + ([hook_problem] if hook_problem else [])
+    meta = {"rto_s": round(rto, 3), "row_counts": counts, "tables": len(counts), "rows": sum(counts.values()),
+            **({"verify_hook": hook_runs} if hook_runs else {})}
     if problems:
         return Outcome(False, f"{path}: restore differs from the manifest: {'; '.join(problems[:8])}", meta)
     return Outcome(True, f"{path.name}: restored in {rto:.2f}s, {len(counts)} table(s) match the manifest", meta)

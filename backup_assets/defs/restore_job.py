@@ -1,5 +1,7 @@
 """The `restore` job: the CLI's restore, launchable from the UI's launchpad with typed config."""
 
+from pathlib import Path
+
 import dagster as dg
 from dagster import OpExecutionContext
 from pydantic import Field
@@ -21,6 +23,32 @@ class RestoreConfig(dg.Config):
     confirm: bool = Field(default=False, description="must be true: this replaces data")
 
 
+def in_place_refusal(catalog: Catalog, manifest, config: RestoreConfig) -> str | None:
+    """Open-source Dagster's webserver has no login: unless the catalog opts in, a run of this job may not
+    replace a source's own database or file (the CLI may, after its confirmation)."""
+    if catalog.restore.allow_in_place_from_ui:
+        return None
+    from ..core import roles
+
+    src = catalog.sources.get(manifest.source)
+    if src is None or manifest.format == roles.FORMAT:  # roles are only added, never replaced
+        return None
+    if src.engine == "postgres":
+        in_place = (config.target_database or src.connection.dbname) == src.connection.dbname
+        what = f"database {src.connection.dbname}"
+        other = "target_database (another database)"
+    else:
+        own = catalog.resolve_path(src.path)
+        in_place = config.target_file is None or Path(config.target_file).resolve() == own
+        what = f"file {own}"
+        other = "target_file (another file)"
+    if not in_place:
+        return None
+    return (f"refusing to replace source {manifest.source}'s own {what} from the restore job: set "
+            f"restore.allow_in_place_from_ui: true in the catalog ({catalog.catalog_path or 'catalog'}) to allow it, "
+            f"restore into {other}, or use `backup-assets restore` on the command line")
+
+
 def build_restore_job(catalog: Catalog) -> dg.JobDefinition:
     @dg.op(name="restore_backup", tags={"backup_assets/kind": "restore"})
     def restore_backup(context: OpExecutionContext, config: RestoreConfig) -> dg.Output:
@@ -36,6 +64,9 @@ def build_restore_job(catalog: Catalog) -> dg.JobDefinition:
                                    partition=config.partition, say=say)
             plan = restore_plan(catalog, backup, target_db=config.target_database, tables=config.tables,
                                 target_file=config.target_file, safety_copy=config.safety_copy)
+            refusal = in_place_refusal(catalog, backup.manifest, config)
+            if refusal:
+                raise dg.Failure(description=refusal)
             if not config.confirm:
                 raise dg.Failure(description=f"refusing without confirm: true. This run would {plan}.")
             context.log.info(f"about to {plan}")
@@ -52,19 +83,21 @@ def build_restore_job(catalog: Catalog) -> dg.JobDefinition:
                                         safety_copy=config.safety_copy, say=say)
         except BackupError as exc:
             raise dg.Failure(description=str(exc)) from None
+        metadata = {
+            "artifact": dg.MetadataValue.text(result.artifact),
+            "target": dg.MetadataValue.text(result.target),
+            "safety_copy": dg.MetadataValue.text(result.safety_copy or ""),
+            "duration_s": dg.MetadataValue.float(result.duration_s),
+            "row_counts": dg.MetadataValue.json(result.counts),
+            "counts": dg.MetadataValue.md("```\n" + result.table() + "\n```"),
+            "hooks": dg.MetadataValue.json(result.hooks),
+        }
         if result.problems:
-            raise dg.Failure(description="restored data differs from the manifest: " + "; ".join(result.problems))
-        return dg.Output(
-            result.target,
-            metadata={
-                "artifact": dg.MetadataValue.text(result.artifact),
-                "target": dg.MetadataValue.text(result.target),
-                "safety_copy": dg.MetadataValue.text(result.safety_copy or ""),
-                "duration_s": dg.MetadataValue.float(result.duration_s),
-                "row_counts": dg.MetadataValue.json(result.counts),
-                "counts": dg.MetadataValue.md("```\n" + result.table() + "\n```"),
-            },
-        )
+            raise dg.Failure(description="restored data differs from the manifest: " + "; ".join(result.problems),
+                             metadata=metadata)
+        if result.hook_problem:
+            raise dg.Failure(description=result.hook_problem, metadata=metadata)
+        return dg.Output(result.target, metadata=metadata)
 
     @dg.job(name="restore", description="Restore a backup (the same code as `backup-assets restore`). "
                                          "Refuses to run without confirm: true.",
