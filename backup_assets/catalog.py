@@ -421,6 +421,11 @@ class Alerts(_Model):
     webhook: WebhookAlerts | None = None
 
 
+class Metrics(_Model):
+    # node_exporter textfile the backup_health asset writes (default: <repository>/metrics/backup_assets.prom)
+    textfile: str | None = None
+
+
 class Replication(_Model):
     s3: S3Replication | None = None
 
@@ -437,6 +442,7 @@ class Catalog(_Model):
     alerts: Alerts = Alerts()
     encryption: Encryption | None = None
     restore: RestoreSettings = RestoreSettings()
+    metrics: Metrics = Metrics()
     # backup-health: how old the newest good backup of a tier may be (recovery point objective)
     rpo_hours: dict[Literal[TIER_NAMES], Annotated[float, Field(gt=0)]] = {  # type: ignore[valid-type]
         "daily": 26, "weekly": 7 * 24 + 2, "monthly": 31 * 24 + 2}

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import traceback
+from pathlib import Path
 
 from .catalog import CatalogError, catalog_from_env, load_catalog
 from .core import BackupError, verification
@@ -390,6 +391,38 @@ def cmd_rekey(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_metrics(args) -> int:
+    from .core import metrics
+
+    catalog = _catalog(args)
+    if args.textfile:
+        print(f"wrote {metrics.write_textfile(catalog, Path(args.textfile))}")
+        return 0
+    sys.stdout.write(metrics.render(catalog, openmetrics=args.openmetrics).decode())
+    return 0
+
+
+def cmd_metrics_serve(args) -> int:
+    import signal
+    import threading
+
+    from .core import metrics
+
+    catalog = _catalog(args)
+    try:
+        server, thread = metrics.serve(catalog, port=args.port, addr=args.addr)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {args.addr}:{args.port}: {exc.strerror or exc}") from None
+    host, port = server.server_address[:2]
+    print(f"serving metrics on http://{host}:{port}/metrics (Ctrl-C to stop)", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="backup-assets", description=__doc__.split("\n\n")[0])
     parser.add_argument("--catalog", help="catalog file (default: $BACKUP_ASSETS_CATALOG, else the demo catalog)")
@@ -489,6 +522,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--all", action="store_true")
     r.add_argument("--confirm", action="store_true")
     r.set_defaults(func=cmd_safety_drop)
+
+    p = sub.add_parser("metrics", help="Prometheus metrics of the repository: print them, write a node_exporter "
+                                       "textfile, or `metrics serve --port N`")
+    p.add_argument("--openmetrics", action="store_true", help="OpenMetrics text instead of Prometheus 0.0.4")
+    p.add_argument("--textfile", metavar="PATH", help="write a node_exporter textfile (atomically) instead")
+    p.set_defaults(func=cmd_metrics)
+    msub = p.add_subparsers(dest="metrics_command")
+    r = msub.add_parser("serve", help="serve /metrics over HTTP until stopped")
+    r.add_argument("--port", type=int, default=9860, help="default 9860")
+    r.add_argument("--addr", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    r.set_defaults(func=cmd_metrics_serve)
 
     p = sub.add_parser("backup", help="back up now through Dagster (default: the newest complete partition)")
     p.add_argument("--tier", default="daily", choices=["daily", "weekly", "monthly"])

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from ..catalog import Catalog
 from .artifact import human_size
 from .backup import repository_for
-from .verification import is_verified, read_status
+from .verification import read_status, verified_by
 
 
 @dataclass
@@ -25,6 +26,11 @@ class TierHealth:
     rpo_ok: bool
     last_rto_s: float | None
     sizes: list[int]
+    # the newest good backup's manifest, the checks of the newest backup (good or not), how many are kept
+    newest: Any = None
+    latest_checks: dict = field(default_factory=dict)
+    count: int = 0
+    snapshot_at: dt.datetime | None = None
 
     @property
     def trend(self) -> str:
@@ -52,15 +58,18 @@ def report(catalog: Catalog, now: dt.datetime | None = None) -> tuple[list[TierH
     for source, group, tier in catalog.backup_targets():
         mine = [b for b in backups if (b.manifest.source, b.manifest.group, b.manifest.tier) == (source, group, tier)]
         mine.sort(key=lambda b: b.manifest.timestamp)
-        good = [b for b in mine if is_verified(b)]
+        statuses = [read_status(b) for b in mine]
+        good = [b for b, status in zip(mine, statuses) if verified_by(status)]
         newest = good[-1] if good else None
-        age = (now - dt.datetime.fromisoformat(newest.manifest.snapshot_at or newest.manifest.timestamp)).total_seconds() / 3600 if newest else None
+        snap = dt.datetime.fromisoformat(newest.manifest.snapshot_at or newest.manifest.timestamp) if newest else None
+        age = (now - snap).total_seconds() / 3600 if snap else None
         rpo = catalog.rpo_hours.get(tier, 26)
-        rtos = [read_status(b).get("restore_drill", {}).get("rto_s") for b in mine]
+        rtos = [s.get("restore_drill", {}).get("rto_s") for s in statuses]
         rtos = [r for r in rtos if r is not None]
         rows.append(TierHealth(source, group, tier, newest.manifest.partition if newest else None,
                                round(age, 1) if age is not None else None, rpo, age is not None and age <= rpo,
-                               rtos[-1] if rtos else None, [b.manifest.size_bytes for b in mine[-7:]]))
+                               rtos[-1] if rtos else None, [b.manifest.size_bytes for b in mine[-7:]],
+                               newest.manifest if newest else None, _latest_per_check(statuses), len(mine), snap))
     # the runbook's estimate: what the daily tier adds over 30 days at today's size
     daily_sizes = {}
     for b in backups:
@@ -77,6 +86,14 @@ def report(catalog: Catalog, now: dt.datetime | None = None) -> tuple[list[TierH
         "disk": disk,
     }
     return rows, forecast
+
+
+def _latest_per_check(statuses: list[dict]) -> dict:
+    """Each check's outcome on the newest backup it ran on (statuses oldest first)."""
+    latest: dict = {}
+    for status in statuses:
+        latest.update({name: outcome for name, outcome in status.items() if isinstance(outcome, dict)})
+    return latest
 
 
 def _safety_copies(catalog: Catalog) -> list[dict] | str:

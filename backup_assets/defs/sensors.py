@@ -200,7 +200,10 @@ def build_health(catalog: Catalog) -> dg.AssetsDefinition:
     def backup_health(context: AssetExecutionContext) -> dg.MaterializeResult:
         from ..core import health
 
+        from ..core import metrics
+
         rows, forecast = health.report(catalog)
+        textfile = metrics.write_textfile(catalog)
         missed = [f"{r.source}/{r.group}/{r.tier}" for r in rows if not r.rpo_ok]
         if missed:
             context.log.warning(f"RPO not met: {', '.join(missed)}")
@@ -213,6 +216,7 @@ def build_health(catalog: Catalog) -> dg.AssetsDefinition:
             "safety_copies": dg.MetadataValue.int(len(forecast["safety_copies"])
                                                   if isinstance(forecast["safety_copies"], list) else -1),
             "forecast": dg.MetadataValue.json(forecast),
+            "metrics_textfile": dg.MetadataValue.path(str(textfile)),
         })
 
     return backup_health

@@ -1,0 +1,136 @@
+"""Prometheus/OpenMetrics exposition of the repository's state, read fresh at every scrape.
+
+Names follow pgbackrest_exporter where they fit (`*_since_last_completion_seconds`, sizes in bytes,
+durations in seconds, one label set per backup kind); ours are per source, group and tier:
+
+    backup_assets_backup_last_success_timestamp_seconds   snapshot time of the newest good backup
+    backup_assets_backup_since_last_completion_seconds    its age
+    backup_assets_backup_rpo_seconds / _rpo_met           the catalog's recovery point objective, and 1 when met
+    backup_assets_backup_size_bytes / _raw_size_bytes     the newest good backup, stored / before compression
+    backup_assets_backup_duration_seconds, _rows          how long it took, rows it holds
+    backup_assets_backup_count                            backups kept in the local repository
+    backup_assets_check_passed{check}                     last outcome of each check (1 pass, 0 fail)
+    backup_assets_check_last_run_timestamp_seconds{check}
+    backup_assets_drill_rto_seconds                       the last restore drill's recovery time
+    backup_assets_repository_bytes, _disk_free_bytes, _disk_total_bytes
+    backup_assets_exporter_scrape_duration_seconds
+
+No metric carries a secret: labels are catalog names only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest, write_to_textfile
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+from ..catalog import Catalog
+
+PREFIX = "backup_assets_"
+LABELS = ["source", "group", "tier"]
+
+
+class RepositoryCollector:
+    """A prometheus_client collector over the catalog's repository (reads it at every collect())."""
+
+    def __init__(self, catalog: Catalog):
+        self.catalog = catalog
+
+    def describe(self):
+        return []  # not known before the repository is read; keeps registration cheap
+
+    def collect(self):
+        from . import health
+
+        started = time.monotonic()
+        rows, forecast = health.report(self.catalog)
+
+        def gauge(name: str, doc: str, labels=LABELS, unit: str = "") -> GaugeMetricFamily:
+            return GaugeMetricFamily(PREFIX + name, doc, labels=labels, unit=unit)
+
+        last = gauge("backup_last_success_timestamp_seconds", "Snapshot time of the newest good (verified) backup.")
+        since = gauge("backup_since_last_completion_seconds", "Age of the newest good backup.")
+        rpo = gauge("backup_rpo_seconds", "Recovery point objective of the tier (catalog rpo_hours).")
+        met = gauge("backup_rpo_met", "1 when the newest good backup is younger than the RPO, else 0.")
+        size = gauge("backup_size_bytes", "Stored size of the newest good backup (compressed, encrypted).")
+        raw = gauge("backup_raw_size_bytes", "Size of the newest good backup before compression.")
+        duration = gauge("backup_duration_seconds", "How long the newest good backup took.")
+        rows_ = gauge("backup_rows", "Rows held by the newest good backup.")
+        count = gauge("backup_count", "Backups kept in the local repository.")
+        passed = gauge("check_passed", "Last outcome of each check (1 passed, 0 failed).", LABELS + ["check"])
+        ran = gauge("check_last_run_timestamp_seconds", "When each check last ran.", LABELS + ["check"])
+        rto = gauge("drill_rto_seconds", "Recovery time measured by the last restore drill.")
+        now = dt.datetime.now(dt.timezone.utc)
+        for r in rows:
+            labels = [r.source, r.group, r.tier]
+            rpo.add_metric(labels, r.rpo_h * 3600)
+            met.add_metric(labels, 1.0 if r.rpo_ok else 0.0)
+            count.add_metric(labels, r.count)
+            if r.newest is not None:
+                m = r.newest
+                last.add_metric(labels, r.snapshot_at.timestamp())
+                since.add_metric(labels, max(0.0, (now - r.snapshot_at).total_seconds()))
+                size.add_metric(labels, m.size_bytes)
+                raw.add_metric(labels, m.raw_size_bytes)
+                duration.add_metric(labels, m.duration_s)
+                rows_.add_metric(labels, m.total_rows)
+            for check, outcome in sorted(r.latest_checks.items()):
+                passed.add_metric(labels + [check], 1.0 if outcome.get("passed") else 0.0)
+                at = _timestamp(outcome.get("at"))
+                if at is not None:
+                    ran.add_metric(labels + [check], at)
+            if r.last_rto_s is not None:
+                rto.add_metric(labels, r.last_rto_s)
+        yield from (last, since, rpo, met, size, raw, duration, rows_, count, passed, ran, rto)
+        disk = forecast["disk"]
+        repo = gauge("repository_bytes", "Bytes stored in the local backup repository.", ["repository"])
+        repo.add_metric(["local"], forecast["repository_bytes"])
+        free = gauge("disk_free_bytes", "Free bytes on the repository's file system.", ["path"])
+        free.add_metric([disk["path"]], disk["free_bytes"])
+        total = gauge("disk_total_bytes", "Size of the repository's file system.", ["path"])
+        total.add_metric([disk["path"]], disk["total_bytes"])
+        scrape = gauge("exporter_scrape_duration_seconds", "How long reading the repository took.", [])
+        scrape.add_metric([], time.monotonic() - started)
+        yield from (repo, free, total, scrape)
+
+
+def _timestamp(text) -> float | None:
+    try:
+        return dt.datetime.fromisoformat(text).timestamp() if text else None
+    except ValueError:
+        return None
+
+
+def registry(catalog: Catalog) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(RepositoryCollector(catalog))
+    return reg
+
+
+def render(catalog: Catalog, *, openmetrics: bool = False) -> bytes:
+    reg = registry(catalog)
+    return generate_openmetrics(reg) if openmetrics else generate_latest(reg)
+
+
+def default_textfile(catalog: Catalog) -> Path:
+    return catalog.resolve_path(catalog.metrics.textfile) if catalog.metrics.textfile else catalog.repository_root / "metrics" / "backup_assets.prom"
+
+
+def write_textfile(catalog: Catalog, path: Path | None = None) -> Path:
+    """For node_exporter's textfile collector: written to a temporary file and renamed (atomic)."""
+    path = Path(path) if path else default_textfile(catalog)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_to_textfile(str(path), registry(catalog))
+    return path
+
+
+def serve(catalog: Catalog, *, port: int, addr: str = "127.0.0.1"):
+    """Serve /metrics (OpenMetrics when the scraper asks for it) until the process ends.
+    Returns (server, thread) so callers can shut it down."""
+    from prometheus_client import start_http_server
+
+    return start_http_server(port, addr=addr, registry=registry(catalog))
