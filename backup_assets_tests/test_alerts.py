@@ -14,6 +14,7 @@ from backup_assets.core.alerts import SIGNATURE_HEADER, verify_signature
 from backup_assets.defs import sensors as sensors_module
 from backup_assets.defs.build import build_definitions
 from backup_assets.defs.hygiene import prune_runs
+from backup_assets.defs.keys import backup_key
 
 from .conftest import WEBHOOK_SECRET_ENV, alert_config, pg_source
 
@@ -66,7 +67,7 @@ def test_run_failure_alert_by_email_webhook_and_slack_once_per_window(pg18, mylo
     with dg.instance_for_test() as instance:
         result = defs.resolve_job_def("daily_backups").execute_in_process(
             partition_key="2026-11-20", instance=instance, raise_on_error=False,
-            asset_selection=[dg.AssetKey(["myloware", "core", "daily"])])
+            asset_selection=[backup_key("myloware", "core", "daily")])
         assert not result.success
         sensor = defs.resolve_sensor_def("run_failure_alerts")
         sensor(_failure_context(instance, result.run_id))
@@ -92,7 +93,7 @@ def test_run_failure_alert_by_email_webhook_and_slack_once_per_window(pg18, mylo
         # the same failure again within the window: no storm
         again = defs.resolve_job_def("daily_backups").execute_in_process(
             partition_key="2026-11-20", instance=instance, raise_on_error=False,
-            asset_selection=[dg.AssetKey(["myloware", "core", "daily"])])
+            asset_selection=[backup_key("myloware", "core", "daily")])
         sensor(_failure_context(instance, again.run_id))
         assert len(smtp_sink.messages) == 1 and len([r for r in http_sink.requests if r["path"] == "/hooks/backup"]) == 1
 
@@ -102,7 +103,7 @@ def test_failed_checks_alert_once_including_warnings(pg18, myloware_db, write_ca
                             alerts=alert_config(smtp_sink, http_sink, window_minutes=0))
     defs = build_definitions(catalog)
     job = defs.resolve_job_def("daily_backups")
-    key = dg.AssetKey(["myloware", "core", "daily"])
+    key = backup_key("myloware", "core", "daily")
     with dg.instance_for_test() as instance:
         assert job.execute_in_process(partition_key="2026-11-19", instance=instance, asset_selection=[key]).success
         with pg18.connect(myloware_db) as conn:
@@ -141,7 +142,7 @@ def test_freshness_and_disk_space_alerts(miyabi_db, write_catalog, smtp_sink, ht
 def test_every_backup_asset_has_a_tier_freshness_policy(write_catalog, tmp_path):
     catalog = write_catalog({"m": {"engine": "sqlite", "path": str(tmp_path / "m.db")}})
     defs = build_definitions(catalog)
-    key = dg.AssetKey(["m", "full", "daily"])
+    key = backup_key("m", "full", "daily")
     daily = defs.resolve_assets_def(key).specs_by_key[key].freshness_policy
     assert daily.fail_window.to_timedelta() == dt.timedelta(hours=30)
     assert daily.warn_window.to_timedelta() == dt.timedelta(hours=26)
@@ -166,7 +167,7 @@ def test_backup_health_report(miyabi_db, write_catalog):
 def test_run_hygiene_keeps_the_latest_materialization_of_every_partition(miyabi_db, write_catalog):
     catalog = write_catalog({"miyabi": {"engine": "sqlite", "path": str(miyabi_db)}})
     job = build_definitions(catalog).resolve_job_def("daily_backups")
-    key = dg.AssetKey(["miyabi", "full", "daily"])
+    key = backup_key("miyabi", "full", "daily")
     with dg.instance_for_test() as instance:
         runs = {}
         for partition in ("2026-11-18", "2026-11-19", "2026-11-19", "2026-11-20"):

@@ -17,13 +17,14 @@ from backup_assets.core.artifact import sha256_file
 from backup_assets.core.backup import run_backup
 from backup_assets.core.repository import LocalRepository
 from backup_assets.defs.build import build_definitions
+from backup_assets.defs.keys import backup_key
 
 from .conftest import PG15_PASSWORD_ENV, pg_restore_into, pg_source
 
 
 def materialize(catalog, key: str, partition: str, instance=None, raise_on_error=True):
     defs = build_definitions(catalog)
-    asset_key = dg.AssetKey(key.split("/"))
+    asset_key = backup_key(*key.split("/"))
     asset = defs.resolve_assets_def(asset_key)
     with (dg.instance_for_test() if instance is None else _nullcontext(instance)) as inst:  # the backup alone
         return dg.materialize([asset], selection=dg.AssetSelection.assets(asset_key).without_checks(),
@@ -72,7 +73,7 @@ def test_full_backup_materializes_and_restores_exactly(pg18, myloware_db, write_
                 "compression", "format", "sha256", "asset_key", "partition", "row_counts",
                 "server_version", "tool_version", "duration_s"):
         assert key in json.loads(backup.manifest_path.read_text()), key
-    assert m.database == myloware_db and m.backup_type == "daily" and m.asset_key == "myloware/full/daily"
+    assert m.database == myloware_db and m.backup_type == "daily" and m.asset_key == "myloware/full_daily"
     assert m.server_version.startswith("18") and "pg_dump" in m.tool_version
     assert m.compression.startswith("zstd")
 

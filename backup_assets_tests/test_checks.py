@@ -16,6 +16,7 @@ from backup_assets.core.drill import markdown_report, run_dr_drill
 from backup_assets.core.verify import (archive_readable, cleanup_drill_leftovers, drill_name,
                                        find_backup, restore_drill)
 from backup_assets.defs.build import build_definitions
+from backup_assets.defs.keys import backup_key
 
 from .conftest import pg_source, reseal
 
@@ -25,7 +26,7 @@ PARTITION = "2026-11-20"
 def run_with_checks(catalog, key: str, partition: str = PARTITION, instance=None):
     """Back up one asset with its checks: what its tier's run does for it."""
     defs = build_definitions(catalog)
-    asset_key = dg.AssetKey(key.split("/"))
+    asset_key = backup_key(*key.split("/"))
     asset = defs.resolve_assets_def(asset_key)
     return dg.materialize([asset], selection=dg.AssetSelection.assets(asset_key), partition_key=partition,
                           instance=instance or dg.DagsterInstance.ephemeral(), raise_on_error=False)
@@ -38,7 +39,7 @@ def check_evaluations(result) -> dict[str, dg.AssetCheckEvaluation]:
 def run_checks_only(catalog, key: str, partition: str = PARTITION):
     """Run an asset's checks on an existing partition, as "Execute checks" does in the UI."""
     defs = build_definitions(catalog)
-    asset_key = dg.AssetKey(key.split("/"))
+    asset_key = backup_key(*key.split("/"))
     asset = defs.resolve_assets_def(asset_key)
     job = dg.define_asset_job("checks_only", selection=dg.AssetSelection.checks_for_assets(asset_key),
                               partitions_def=asset.partitions_def)
@@ -77,7 +78,7 @@ def test_blocking_flags():
     blocking = {}
     for assets_def in build_definitions(catalog).assets:
         for spec in getattr(assets_def, "check_specs", []):
-            if spec.asset_key == dg.AssetKey(["m", "full", "weekly"]):
+            if spec.asset_key == backup_key("m", "full", "weekly"):
                 blocking[spec.name] = spec.blocking
     assert blocking == {"artifact_intact": True, "archive_readable": True, "size_anomaly": False, "restore_drill": True}
 

@@ -6,9 +6,13 @@ import importlib
 
 import dagster as dg
 
+from backup_assets.defs.keys import backup_key, parse_key
+
 
 def load_demo_defs(monkeypatch, tmp_path) -> dg.Definitions:
     monkeypatch.delenv("BACKUP_ASSETS_CATALOG", raising=False)
+    for name in ("BACKUP_ASSETS_DEMO_PG_PORT", "BACKUP_ASSETS_DEMO_S3_PORT", "BACKUP_ASSETS_DEMO_WEBHOOK_PORT"):
+        monkeypatch.delenv(name, raising=False)  # the demo's defaults, whatever an earlier test left
     monkeypatch.setenv("BACKUP_ASSETS_DEMO_HOME", str(tmp_path))
     import backup_assets.definitions as module
 
@@ -20,13 +24,13 @@ def test_demo_definitions_have_one_asset_per_source_group_and_tier(monkeypatch, 
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    expected = {f"{s}/{g}/{t}" for s, g in [("myloware", "full"), ("myloware", "core"), ("myloware", "kb"),
+    expected = {f"{s}/{g}_{t}" for s, g in [("myloware", "full"), ("myloware", "core"), ("myloware", "kb"),
                                              ("miyabi", "full"), ("miyabi_persistence", "full")]
                 for t in ("daily", "weekly", "monthly")}
     assert expected <= keys
 
-    core_daily = defs.resolve_assets_def(dg.AssetKey(['myloware', 'core', 'daily']))
-    spec = core_daily.specs_by_key[dg.AssetKey(['myloware', 'core', 'daily'])]
+    core_daily = defs.resolve_assets_def(backup_key("myloware", "core", "daily"))
+    spec = core_daily.specs_by_key[backup_key("myloware", "core", "daily")]
     assert spec.group_name == "myloware"
     assert spec.kinds == {"postgres"}
     assert "public.runs, public.artifacts, public.webhook_events, public.hitl_approvals" in spec.description
@@ -35,14 +39,14 @@ def test_demo_definitions_have_one_asset_per_source_group_and_tier(monkeypatch, 
     assert core_daily.partitions_def.timezone == "UTC"
     assert core_daily.backfill_policy.max_partitions_per_run == 1
 
-    weekly = defs.resolve_assets_def(dg.AssetKey(['myloware', 'core', 'weekly']))
+    weekly = defs.resolve_assets_def(backup_key("myloware", "core", "weekly"))
     assert isinstance(weekly.partitions_def, dg.WeeklyPartitionsDefinition)
     # weeks start on Monday and the weekly depends on the daily, the monthly on the weekly
     assert weekly.partitions_def.get_first_partition_key() == "2026-11-02"
-    assert graph.get(dg.AssetKey(["myloware", "core", "weekly"])).parent_keys == {dg.AssetKey(["myloware", "core", "daily"])}
-    assert graph.get(dg.AssetKey(["myloware", "core", "monthly"])).parent_keys == {dg.AssetKey(["myloware", "core", "weekly"])}
-    sqlite_daily = defs.resolve_assets_def(dg.AssetKey(['miyabi', 'full', 'daily']))
-    assert sqlite_daily.specs_by_key[dg.AssetKey(['miyabi', 'full', 'daily'])].kinds == {"sqlite"}
+    assert graph.get(backup_key("myloware", "core", "weekly")).parent_keys == {backup_key("myloware", "core", "daily")}
+    assert graph.get(backup_key("myloware", "core", "monthly")).parent_keys == {backup_key("myloware", "core", "weekly")}
+    sqlite_daily = defs.resolve_assets_def(backup_key("miyabi", "full", "daily"))
+    assert sqlite_daily.specs_by_key[backup_key("miyabi", "full", "daily")].kinds == {"sqlite"}
     assert sqlite_daily.op.pool == "sqlite_miyabi_db"
 
 
@@ -51,8 +55,8 @@ def test_sources_without_a_daily_tier_dump_weekly_on_their_own(write_catalog, tm
 
     catalog = write_catalog({"m": {"engine": "sqlite", "path": str(tmp_path / "m.db"), "tiers": ["weekly", "monthly"]}})
     graph = build_definitions(catalog).resolve_asset_graph()
-    assert graph.get(dg.AssetKey(["m", "full", "weekly"])).parent_keys == set()
-    key = dg.AssetKey(['m', 'full', 'weekly'])
+    assert graph.get(backup_key("m", "full", "weekly")).parent_keys == set()
+    key = backup_key("m", "full", "weekly")
     assert "Promoted" not in build_definitions(catalog).resolve_assets_def(key).specs_by_key[key].description
 
 
@@ -120,8 +124,9 @@ def test_a_fleet_of_100_sources_loads(tmp_path, monkeypatch):
     assert {"daily_backups", "weekly_backups", "monthly_backups", "maintenance", "restore"} <= set(jobs)
     graph = defs.resolve_asset_graph()
     keys = graph.get_all_asset_keys()
-    assert len([k for k in keys if k.path[-1] in ("daily", "weekly", "monthly")]) == 900
-    assert len([k for k in keys if k.path[-1] == "s3"]) == 900
+    parsed = [parse_key(k) for k in keys]
+    assert len([p for p in parsed if p and not p[3]]) == 900
+    assert len([p for p in parsed if p and p[3]]) == 900
     ops = {graph.get(k).assets_def.op.name for k in keys if k.path[0].startswith("db")}
     assert ops == {f"pg_pg{i}_internal_5432__{t}" for i in range(3) for t in ("daily", "weekly", "monthly")}
     daily = jobs["daily_backups"]

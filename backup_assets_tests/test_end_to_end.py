@@ -21,6 +21,7 @@ import yaml
 
 from backup_assets.demo.cluster import LocalCluster, embedded_bin_dir, free_port
 from backup_assets.demo.seed import Scale, seed_myloware
+from backup_assets.defs.keys import backup_key, replica_key
 
 from .conftest import PG18_PASSWORD_ENV, alert_config, s3_replication
 
@@ -112,7 +113,8 @@ def test_daemon_runs_the_schedule_backfills_and_alerts(pg18, source_cluster, mot
         subprocess.Popen([str(bin_dir / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")], cwd=ROOT, env=env,
                          stdout=logs["daemon"], stderr=subprocess.STDOUT, start_new_session=True),
     ]
-    key = ["myloware", "core", "daily"]
+    key = backup_key("myloware", "core", "daily").path
+    rkey = replica_key("myloware", "core", "daily").path
     try:
         def server_up():
             try:
@@ -140,7 +142,7 @@ def test_daemon_runs_the_schedule_backfills_and_alerts(pg18, source_cluster, mot
             assetMaterializations(limit: 50) { partition runId } } } }"""
         mats = graphql(web, asset_query, {"key": {"path": key}})["assetOrError"]["assetMaterializations"]
         assert {"partition": yesterday, "runId": run["runId"]} in mats
-        replica = graphql(web, asset_query, {"key": {"path": [*key, "s3"]}})["assetOrError"]["assetMaterializations"]
+        replica = graphql(web, asset_query, {"key": {"path": rkey}})["assetOrError"]["assetMaterializations"]
         assert any(m["partition"] == yesterday for m in replica)
         instance = dg.DagsterInstance.from_config(str(home))
         check_keys = [dg.AssetCheckKey(dg.AssetKey(key), n) for n in ("artifact_intact", "archive_readable", "restore_drill")]
@@ -159,7 +161,7 @@ def test_daemon_runs_the_schedule_backfills_and_alerts(pg18, source_cluster, mot
                            {"params": {"selector": selector, "partitionNames": missed}})["launchPartitionBackfill"]
         assert launched["__typename"] == "LaunchBackfillSuccess", launched
         akey = dg.AssetKey(key)
-        wait_for(lambda: set(missed) <= instance.get_materialized_partitions(dg.AssetKey([*key, "s3"])), 300,
+        wait_for(lambda: set(missed) <= instance.get_materialized_partitions(dg.AssetKey(rkey)), 300,
                  "the backfill")
         assert set(missed) <= instance.get_materialized_partitions(akey)
 

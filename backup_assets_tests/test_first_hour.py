@@ -12,6 +12,7 @@ import dagster as dg
 
 from backup_assets.catalog import catalog_from_env
 from backup_assets.defs.build import build_definitions
+from backup_assets.defs.keys import backup_key
 
 
 def test_the_demo_catalog_reads_its_settings_from_any_directory(tmp_path, monkeypatch):
@@ -53,6 +54,6 @@ def test_make_stop_stops_dagster_dev_and_its_children(tmp_path):
 def test_asset_descriptions_have_no_blanks_that_markdown_eats(write_catalog, tmp_path):
     catalog = write_catalog({"miyabi": {"engine": "sqlite", "path": str(tmp_path / "m.db")}})
     defs = build_definitions(catalog)
-    spec = defs.resolve_assets_def(dg.AssetKey(["miyabi", "full", "daily"])).specs_by_key[dg.AssetKey(["miyabi", "full", "daily"])]
+    spec = defs.resolve_assets_def(backup_key("miyabi", "full", "daily")).specs_by_key[backup_key("miyabi", "full", "daily")]
     assert "<" not in spec.description and "miyabi-full-PARTITION-TIMESTAMP.db.zst" in spec.description
     assert os.path.isabs(str(catalog.repository_root))

@@ -16,6 +16,7 @@ from backup_assets.core.storage.s3 import S3Storage
 from backup_assets.core.verify import find_backup
 from backup_assets.defs.build import build_definitions
 from backup_assets.demo.seed import seed_miyabi
+from backup_assets.defs.keys import backup_key, replica_key
 
 from .conftest import pg_source, s3_replication
 
@@ -35,7 +36,7 @@ def materialize_with_replica(catalog, key: str, partition: str = P, instance=Non
     defs = build_definitions(catalog)
     parts = key.split("/")
     job = defs.resolve_job_def(f"{parts[2]}_backups")
-    return job.execute_in_process(partition_key=partition, asset_selection=[dg.AssetKey(parts), dg.AssetKey([*parts, "s3"])],
+    return job.execute_in_process(partition_key=partition, asset_selection=[backup_key(*parts), replica_key(*parts)],
                                   instance=instance or dg.DagsterInstance.ephemeral(), raise_on_error=False)
 
 

@@ -34,7 +34,8 @@ def repository_for(catalog: Catalog) -> LocalRepository:
 
 
 def asset_key_path(source: str, group: str, tier: str) -> str:
-    return f"{source}/{group}/{tier}"
+    """The Dagster asset key (defs.keys.backup_key) as text, for manifests and object metadata."""
+    return f"{source}/{group}_{tier}"
 
 
 def window(tier: str, partition: str) -> tuple[dt.date, dt.date]:

@@ -3,13 +3,10 @@
 import dagster as dg
 
 from ..catalog import Catalog
+from .keys import backup_key
 from .sensors import freshness_policy
 
 KIND = {"postgres": "postgres", "sqlite": "sqlite"}
-
-
-def backup_key(source: str, group: str, tier: str) -> dg.AssetKey:
-    return dg.AssetKey([source, group, tier])
 
 
 def upstream_tier(catalog: Catalog, source: str, tier: str) -> str | None:

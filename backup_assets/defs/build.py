@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from ..catalog import Catalog
-from .assets import backup_key
+from .keys import backup_key
 from .checks import build_dr_drill
 from .replication import replica_key, s3_resource
 from .restore_job import build_restore_job

@@ -3,11 +3,7 @@
 import dagster as dg
 
 from ..catalog import Catalog
-from .assets import backup_key
-
-
-def replica_key(source: str, group: str, tier: str) -> dg.AssetKey:
-    return dg.AssetKey([source, group, tier, "s3"])
+from .keys import backup_key, replica_key
 
 
 class S3Replica(dg.ConfigurableResource):

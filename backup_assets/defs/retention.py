@@ -6,7 +6,7 @@ import dagster as dg
 from dagster import AssetExecutionContext
 
 from ..catalog import Catalog
-from .assets import backup_key
+from .keys import backup_key
 from .replication import _storage
 
 RETENTION_KEY = dg.AssetKey(["operations", "retention"])

@@ -12,6 +12,7 @@ from dagster._core.storage.asset_check_execution_record import AssetCheckExecuti
 
 from ..catalog import Catalog
 from ..core.alerts import Alert, Notifier
+from .keys import backup_key, parse_key, replica_key
 from .partitions import DAGSTER_WEEKDAY
 
 # freshness per tier: (warn after, fail after)
@@ -29,9 +30,10 @@ def freshness_policy(tier: str) -> dg.FreshnessPolicy:
 
 
 def describe_key(key: dg.AssetKey) -> dict:
-    path = key.path
-    if len(path) >= 3 and path[2] in FRESHNESS:
-        return {"source": path[0], "group": path[1], "tier": path[2], "asset": key.to_user_string()}
+    parsed = parse_key(key)
+    if parsed is not None:
+        source, group, tier, _ = parsed
+        return {"source": source, "group": group, "tier": tier, "asset": key.to_user_string()}
     return {"asset": key.to_user_string()}
 
 
@@ -87,7 +89,7 @@ def build_sensors(catalog: Catalog) -> list:
     step_keys = {"__".join(k.path): [k] for k in known}
     for source, group, tier in catalog.backup_targets():  # a server's tier is one op: <pool>__<tier>
         step_keys.setdefault(f"{catalog.sources[source].pool_name()}__{tier}", []).append(
-            dg.AssetKey([source, group, tier]))
+            backup_key(source, group, tier))
 
     def assets_of_step(step_key: str | None, event, selection) -> dict[dg.AssetKey, str]:
         """The assets a failed step failed for, each with its error: those a tier op named in its
@@ -126,9 +128,9 @@ def build_sensors(catalog: Catalog) -> list:
                                              run_url=url, cause="run-failure", **describe_key(key)))
 
     backup_check_names = ("artifact_intact", "archive_readable", "restore_drill", "size_anomaly")
-    check_keys = [dg.AssetCheckKey(dg.AssetKey(list(t)), n) for t in catalog.backup_targets() for n in backup_check_names]
+    check_keys = [dg.AssetCheckKey(backup_key(*t), n) for t in catalog.backup_targets() for n in backup_check_names]
     if catalog.replication.s3:
-        check_keys += [dg.AssetCheckKey(dg.AssetKey([*t, "s3"]), "replica_intact") for t in catalog.backup_targets()]
+        check_keys += [dg.AssetCheckKey(replica_key(*t), "replica_intact") for t in catalog.backup_targets()]
 
     @dg.sensor(name="check_failure_alerts", minimum_interval_seconds=interval,
                default_status=dg.DefaultSensorStatus.RUNNING,
@@ -154,7 +156,7 @@ def build_sensors(catalog: Catalog) -> list:
             new_cursor = max(new_cursor, record.id)
         context.update_cursor(str(new_cursor))
 
-    backup_keys = [dg.AssetKey(list(t)) for t in catalog.backup_targets()]
+    backup_keys = [backup_key(*t) for t in catalog.backup_targets()]
 
     @dg.sensor(name="freshness_alerts", minimum_interval_seconds=max(interval, 60),
                default_status=dg.DefaultSensorStatus.RUNNING,
@@ -167,7 +169,7 @@ def build_sensors(catalog: Catalog) -> list:
             if event is None:
                 continue  # never backed up yet: backup_health shows it; the schedule has not run
             age = now - dt.datetime.fromtimestamp(event.timestamp, dt.timezone.utc)
-            warn, fail = FRESHNESS[key.path[2]]
+            warn, fail = FRESHNESS[parse_key(key)[2]]
             if age > warn:
                 level = "error" if age > fail else "warning"
                 _notify(context, notifier, Alert(

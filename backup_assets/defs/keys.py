@@ -1,0 +1,39 @@
+"""Asset keys of backups and replicas: `<source>/<group>_<tier>` and `<source>/<group>_<tier>_s3`.
+
+The lineage view labels a node with the last part of its key, so that part names the group and the
+tier ("core_daily", "kb_weekly_s3"); the first part is the source (the UI's folder and asset group).
+Tiers are a fixed set, so a key reads back unambiguously even when a group name holds underscores.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from ..catalog import TIER_NAMES
+
+REPLICA_SUFFIX = "_s3"
+
+
+def backup_key(source: str, group: str, tier: str) -> dg.AssetKey:
+    return dg.AssetKey([source, f"{group}_{tier}"])
+
+
+def replica_key(source: str, group: str, tier: str) -> dg.AssetKey:
+    return dg.AssetKey([source, f"{group}_{tier}{REPLICA_SUFFIX}"])
+
+
+def parse_key(key: dg.AssetKey) -> tuple[str, str, str, bool] | None:
+    """(source, group, tier, is_replica) of a backup or replica key; None for any other asset."""
+    if len(key.path) != 2:
+        return None
+    source, name = key.path
+    replica = name.endswith(REPLICA_SUFFIX) and _split(name[: -len(REPLICA_SUFFIX)]) is not None
+    parts = _split(name[: -len(REPLICA_SUFFIX)] if replica else name)
+    if parts is None:
+        return None
+    return source, parts[0], parts[1], replica
+
+
+def _split(name: str) -> tuple[str, str] | None:
+    group, sep, tier = name.rpartition("_")
+    return (group, tier) if sep and group and tier in TIER_NAMES else None
