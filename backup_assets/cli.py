@@ -276,9 +276,9 @@ def cmd_backup(args) -> int:
     """Run backups through Dagster (recorded in DAGSTER_HOME, visible in the UI): one run per asset
     and partition, with the backup's checks and, when configured, its S3 replica."""
 
-    from .defs.assets import backup_key
+    from .defs.keys import backup_key
     from .defs.build import build_definitions
-    from .defs.replication import replica_key
+    from .defs.keys import replica_key
 
     catalog = _catalog(args)
     _check_partitions(args, catalog)
@@ -389,6 +389,18 @@ def cmd_rekey(args) -> int:
             line += f"; the copy in {', '.join(done.also_in)} replaced"
         print(line)
     return 1 if failed else 0
+
+
+def cmd_alerts_test(args) -> int:
+    from .core.alerts import Notifier
+
+    notifier = Notifier.for_catalog(_catalog(args))
+    if not notifier.channels:
+        raise UsageError("no alert channel is configured (alerts.slack, alerts.email or alerts.webhook)")
+    results = notifier.test()
+    for channel, error in results.items():
+        print(f"{'OK  ' if error is None else 'FAIL'} {channel}" + (f": {error}" if error else ""))
+    return 1 if any(results.values()) else 0
 
 
 def cmd_metrics(args) -> int:
@@ -522,6 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--all", action="store_true")
     r.add_argument("--confirm", action="store_true")
     r.set_defaults(func=cmd_safety_drop)
+
+    p = sub.add_parser("alerts", help="alert channels")
+    asub = p.add_subparsers(dest="alerts_command", required=True)
+    r = asub.add_parser("test", help="send a test alert to every configured channel")
+    r.set_defaults(func=cmd_alerts_test)
 
     p = sub.add_parser("metrics", help="Prometheus metrics of the repository: print them, write a node_exporter "
                                        "textfile, or `metrics serve --port N`")

@@ -127,6 +127,21 @@ class Notifier:
             raise BackupError("no alert channel reached: " + "; ".join(failures))
         return reached
 
+    def test(self) -> dict[str, str | None]:
+        """Send a test alert to each configured channel (no dedupe): channel -> None or its error."""
+        alert = Alert(what="test alert", error="sent by `backup-assets alerts test`; nothing is wrong",
+                      severity="warning", cause="test")
+        secrets = [self._safe_secret(getattr(getattr(self.cfg, c, None), f, None))
+                   for c, f in (("slack", "token_env"), ("email", "password_env"), ("webhook", "hmac_secret_env"))]
+        out: dict[str, str | None] = {}
+        for name in self.channels:
+            try:
+                getattr(self, f"_send_{name}")(alert)
+                out[name] = None
+            except Exception as exc:
+                out[name] = scrub(str(exc), *secrets)
+        return out
+
     @staticmethod
     def _safe_secret(env_name: str | None) -> str | None:
         try:

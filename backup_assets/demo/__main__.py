@@ -1,10 +1,11 @@
 """`python -m backup_assets.demo {setup,run,backup,stop}`: the embedded demo.
 
-setup   start (or reuse) the embedded PostgreSQL 18 + pgvector cluster and seed the MyloWare
-        database and the Miyabi SQLite stores, once; re-running reuses them
+setup   start (or reuse) the embedded PostgreSQL 18 + pgvector cluster and seed the MyloWare and
+        Miyabi databases and the Miyabi SQLite stores, once; re-running reuses them; start the local
+        S3 stand-in (moto, in memory) and the alert receiver (webhook -> <demo home>/alerts.log)
 run     setup, then `dagster dev` with the daemon on 127.0.0.1:3000, DAGSTER_HOME in the project
 backup  setup, then back up the newest complete partition of every daily asset
-stop    stop the demo PostgreSQL cluster
+stop    stop Dagster, the demo PostgreSQL cluster, the S3 stand-in and the alert receiver
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from pathlib import Path
 
 from ..catalog import demo_env, demo_home
 from .cluster import LocalCluster, embedded_bin_dir
-from .seed import seed_miyabi, seed_myloware
+from .seed import seed_miyabi, seed_miyabi_pg, seed_myloware
+from .services import (DEFAULT_S3_PORT, DEFAULT_WEBHOOK_PORT, S3_BUCKET, S3_KEY_ENV, S3_SECRET_ENV, WEBHOOK_SECRET_ENV, start_s3,
+                       start_webhook, stop_services)
 
 PASSWORD_ENV = "MYLOWARE_DB_PASSWORD"
 DEFAULT_PORT = 54329
@@ -95,6 +98,11 @@ def setup() -> Path:
         if not seeded:
             print("seeding the MyloWare demo database (PostgreSQL 18 + pgvector)...")
             seed_myloware(conn)
+    cluster.create_database("miyabi")
+    with cluster.connect("miyabi") as conn:
+        if not conn.execute("SELECT to_regclass('public.users') IS NOT NULL").fetchone()[0]:
+            print("seeding the Miyabi demo database (PostgreSQL)...")
+            seed_miyabi_pg(conn)
     data = home / "data"
     if not (data / "miyabi.db").exists():
         print("seeding the Miyabi SQLite stores...")
@@ -103,9 +111,22 @@ def setup() -> Path:
     os.environ[PASSWORD_ENV] = cluster.password
     os.environ["BACKUP_ASSETS_DEMO_HOME"] = str(home)
     os.environ.setdefault("BACKUP_ASSETS_DEMO_PG_PORT", str(cluster.port))
-    write_settings(home, {"BACKUP_ASSETS_DEMO_PG_PORT": str(cluster.port)})
-    print(f"demo PostgreSQL: 127.0.0.1:{cluster.port}/myloware (password in {_secrets_file(home)})")
+    settings = demo_env(home)
+    made = {name: secrets.token_urlsafe(18) for name in (S3_KEY_ENV, S3_SECRET_ENV, WEBHOOK_SECRET_ENV)
+            if name not in settings}
+    s3_port = int(os.environ.get("BACKUP_ASSETS_DEMO_S3_PORT", DEFAULT_S3_PORT))
+    webhook_port = int(os.environ.get("BACKUP_ASSETS_DEMO_WEBHOOK_PORT", DEFAULT_WEBHOOK_PORT))
+    write_settings(home, {"BACKUP_ASSETS_DEMO_PG_PORT": str(cluster.port), "BACKUP_ASSETS_DEMO_S3_PORT": str(s3_port),
+                          "BACKUP_ASSETS_DEMO_WEBHOOK_PORT": str(webhook_port), **made})
+    for name, value in demo_env(home).items():
+        os.environ.setdefault(name, value)
+    start_s3(home, s3_port, dict(os.environ))
+    alerts = start_webhook(home, webhook_port)
+    print(f"demo PostgreSQL: 127.0.0.1:{cluster.port}/myloware and /miyabi (password in {_secrets_file(home)})")
     print(f"demo SQLite:     {data / 'miyabi.db'}, {data / 'miyabi-persistence.db'}")
+    print(f"demo S3:         http://127.0.0.1:{s3_port}/{S3_BUCKET} (moto's server, in memory: a stand-in for a real "
+          "bucket)")
+    print(f"demo alerts:     webhook to 127.0.0.1:{webhook_port}, logged to {alerts} (tail -f it)")
     return home
 
 
@@ -125,11 +146,12 @@ def run() -> None:
     setup()
     home = dagster_home()
     dagster = shutil.which("dagster", path=str(Path(sys.executable).parent)) or "dagster"
-    print(f"DAGSTER_HOME={home}\nstarting Dagster (webserver + daemon) on http://127.0.0.1:3000 ...", flush=True)
+    port = os.environ.get("BACKUP_ASSETS_DEMO_DAGSTER_PORT", "3000")
+    print(f"DAGSTER_HOME={home}\nstarting Dagster (webserver + daemon) on http://127.0.0.1:{port} ...", flush=True)
     os.chdir(PROJECT_ROOT)
     # `make stop` reads this: exec keeps the pid, so it is the `dagster dev` that owns webserver and daemon
     (demo_home() / "dagster.pid").write_text(str(os.getpid()))
-    os.execv(dagster, [dagster, "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", "3000"])
+    os.execv(dagster, [dagster, "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", port])
 
 
 def backup() -> int:
@@ -190,6 +212,8 @@ def stop() -> None:
     if (home / "pg").exists():
         demo_cluster(home).stop()
         print("demo PostgreSQL stopped")
+    for name in stop_services(home):
+        print(f"demo {'S3 stand-in' if name == 's3' else 'alert receiver'} stopped")
 
 
 def env() -> None:

@@ -2,7 +2,8 @@
 
 MyloWare (PostgreSQL + pgvector): runs, artifacts, webhook_events, orchestration_checkpoints,
 hitl_approvals, kb_documents, kb_embeddings (vector column + HNSW index), socials,
-project_socials. Miyabi (SQLite): execution_runs, checkpoints, worktrees.
+project_socials. Miyabi (SQLite): execution_runs, checkpoints, worktrees. Miyabi (PostgreSQL): users,
+repositories, agent_executions, workflows, line_messages, websocket_connections.
 
 Rows are generated server-side with generate_series so that the benchmark's gigabytes take
 minutes, not hours. Timestamps spread over the past months so retention pruning has work to do.
@@ -271,3 +272,81 @@ def seed_miyabi(path: Path, *, runs: int = 500, checkpoints_per_run: int = 3, wo
                 )
     finally:
         conn.close()
+
+
+MIYABI_PG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    id bigserial PRIMARY KEY,
+    github_login text NOT NULL UNIQUE,
+    email text NOT NULL,
+    display_name text,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS repositories (
+    id bigserial PRIMARY KEY,
+    owner_id bigint NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    full_name text NOT NULL UNIQUE,
+    default_branch text NOT NULL DEFAULT 'main',
+    connected_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS workflows (
+    id bigserial PRIMARY KEY,
+    repository_id bigint NOT NULL REFERENCES repositories (id) ON DELETE CASCADE,
+    name text NOT NULL,
+    definition jsonb NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS agent_executions (
+    id bigserial PRIMARY KEY,
+    repository_id bigint NOT NULL REFERENCES repositories (id) ON DELETE CASCADE,
+    agent text NOT NULL,
+    issue_number integer NOT NULL,
+    status text NOT NULL,
+    result jsonb,
+    started_at timestamptz NOT NULL,
+    finished_at timestamptz
+);
+CREATE INDEX IF NOT EXISTS agent_executions_started_at_idx ON agent_executions (started_at);
+CREATE TABLE IF NOT EXISTS line_messages (
+    id bigserial PRIMARY KEY,
+    user_id bigint REFERENCES users (id) ON DELETE SET NULL,
+    direction text NOT NULL CHECK (direction IN ('in', 'out')),
+    body text NOT NULL,
+    sent_at timestamptz NOT NULL
+);
+CREATE TABLE IF NOT EXISTS websocket_connections (
+    id uuid PRIMARY KEY,
+    user_id bigint NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    connected_at timestamptz NOT NULL,
+    last_seen_at timestamptz NOT NULL
+);
+"""
+
+
+def seed_miyabi_pg(conn, *, users: int = 50, executions: int = 3000) -> None:
+    """The Miyabi PostgreSQL database of the runbook (autocommit conn)."""
+    conn.execute(MIYABI_PG_SCHEMA)
+    p = {"users": users, "execs": executions}
+    _exec(conn, """INSERT INTO users (github_login, email, display_name, created_at)
+                   SELECT 'user' || n, 'user' || n || '@example.com', 'User ' || n, now() - n * interval '3 days'
+                   FROM generate_series(1, %(users)s) n""", p)
+    _exec(conn, """INSERT INTO repositories (owner_id, full_name, connected_at)
+                   SELECT u.id, 'org/' || u.github_login || '-' || k, u.created_at + k * interval '1 hour'
+                   FROM users u, generate_series(1, 2) k""", p)
+    _exec(conn, """INSERT INTO workflows (repository_id, name, definition)
+                   SELECT r.id, w, jsonb_build_object('steps', jsonb_build_array('plan', 'code', 'review', 'deploy'))
+                   FROM repositories r, unnest(ARRAY['issue-to-pr', 'nightly-review']) w""", p)
+    _exec(conn, """INSERT INTO agent_executions (repository_id, agent, issue_number, status, result, started_at, finished_at)
+                   SELECT 1 + n %% (SELECT count(*) FROM repositories),
+                          (ARRAY['CoordinatorAgent', 'CodeGenAgent', 'ReviewAgent', 'DeploymentAgent'])[1 + n %% 4],
+                          100 + n %% 250, CASE WHEN n %% 9 = 0 THEN 'failed' ELSE 'completed' END,
+                          jsonb_build_object('tokens', n * 17 %% 9000, 'summary', md5(n::text)),
+                          now() - (n %% 180) * interval '1 day', now() - (n %% 180) * interval '1 day' + interval '5 minutes'
+                   FROM generate_series(1, %(execs)s) n""", p)
+    _exec(conn, """INSERT INTO line_messages (user_id, direction, body, sent_at)
+                   SELECT 1 + n %% %(users)s, CASE WHEN n %% 2 = 0 THEN 'in' ELSE 'out' END,
+                          'message ' || n || ' ' || md5(n::text), now() - n * interval '7 minutes'
+                   FROM generate_series(1, %(execs)s) n""", p)
+    _exec(conn, """INSERT INTO websocket_connections (id, user_id, connected_at, last_seen_at)
+                   SELECT gen_random_uuid(), 1 + n %% %(users)s, now() - interval '1 hour', now()
+                   FROM generate_series(1, 40) n""", p)
