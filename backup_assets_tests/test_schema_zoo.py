@@ -359,3 +359,37 @@ def test_artifact_checks_on_a_non_archive_fail_clearly(pg18, zoo18, write_catalo
     outcome = archive_readable(catalog, backup)
     assert not outcome.passed and backup.artifact_path.name in outcome.message
     assert "archive format 1.1.1 is older than this reader supports" in outcome.message, outcome.message
+
+
+def test_a_sql_ascii_database_backs_up_checks_and_restores(pg18, write_catalog):
+    """What initdb gives without a UTF-8 locale (a plain container): names and text arrive as str anyway."""
+
+    def utf8(db):
+        conn = pg18.connect(db)
+        conn.execute("SET client_encoding TO 'UTF8'")  # this test's own connections; ours set it themselves
+        return conn
+
+    def content(db) -> tuple:
+        with utf8(db) as conn:
+            return zoo.content(conn), zoo.owners_and_grants(conn), zoo.sequences(conn)
+
+    name = "t_sql_ascii_" + secrets.token_hex(3)
+    with pg18.connect() as conn:
+        conn.execute(f"CREATE DATABASE {name} ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    try:
+        with utf8(name) as conn:
+            conn.execute('CREATE SCHEMA "Legacy App"')
+            conn.execute('CREATE TABLE "Legacy App"."Odd Table" (id int PRIMARY KEY, note text)')
+            conn.execute("""INSERT INTO "Legacy App"."Odd Table" SELECT n, 'grüße ' || n FROM generate_series(1, 50) n""")
+        catalog = write_catalog({"legacy": pg_source(pg18, name, groups={"full": {}})},
+                                tiers={"daily": {"drill": True}})
+        result = run_with_checks(catalog, "legacy/full/daily")
+        evals = check_evaluations(result)
+        assert result.success and all(e.passed for e in evals.values()), {k: e.description for k, e in evals.items()}
+        assert cli(catalog, "restore", "--source", "legacy", "--group", "full", "--target-db", f"{name}_copy",
+                   "--confirm") == 0
+        assert content(f"{name}_copy") == content(name)
+    finally:
+        with pg18.connect() as conn:
+            for db in (name, f"{name}_copy"):
+                conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')

@@ -75,6 +75,8 @@ def connect(ep: Endpoint, *, autocommit: bool = True, what: str = "") -> psycopg
             sslmode=ep.sslmode or "prefer", connect_timeout=CONNECT_TIMEOUT_S,
             **({"sslrootcert": ep.sslrootcert} if ep.sslrootcert else {}),
             application_name="backup_assets", autocommit=autocommit,
+            # names and text always arrive as str: a SQL_ASCII database would otherwise hand out bytes
+            client_encoding="UTF8",
         )
     except psycopg.Error as exc:
         detail = ep.scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
