@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import dagster as dg
 
 from backup_assets.catalog import catalog_from_env
 from backup_assets.defs.build import build_definitions

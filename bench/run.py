@@ -13,7 +13,9 @@ Ratios are printed and written as JSON under bench/results/. Goals (from the iss
 
 Also: loading the definitions of a 100-source fleet catalog against `import dagster` (CPU ≤ 3×),
 and `backup-assets backup` with its blocking checks against the raw tools (≤ 1.3× dump|zstd; with
-the drill ≤ 1.2× the runbook's dump|zstd, zstd -d, pg_restore -j2, counts).
+the drill ≤ 1.2× the runbook's dump|zstd, zstd -d, pg_restore -j2, counts), and the fleet run of
+bench/fleet_run.py (30 databases on 3 servers in one daemon-launched run, ≤ 1.25× the slowest
+server's serial raw dumps; also against the raw dumps of all servers at once, with a timeline).
 
 Usage: python -m bench.run [--sizes small,large] [--fresh] [--skip-sqlite] [--s3-upload-gb 2] [--only-s3]
                            [--only-definitions]
@@ -489,7 +491,7 @@ def main(argv=None) -> int:
     parser.add_argument("--s3-upload-gb", type=float, default=2.0, help="size of the S3 upload test (0: skip)")
     parser.add_argument("--only-s3", action="store_true", help="only the S3 upload test")
     parser.add_argument("--only-definitions", action="store_true",
-                        help="only the definitions load and the daemon-launched run (issue 12)")
+                        help="only the definitions load, the daemon-launched run and the fleet run (issue 12)")
     args = parser.parse_args(argv)
     if not shutil.which("zstd") or not shutil.which("sqlite3"):
         sys.exit("bench needs the zstd and sqlite3 command-line tools (apt-get install zstd sqlite3)")
@@ -508,6 +510,12 @@ def main(argv=None) -> int:
         results["daemon_run"] = dr = bench_daemon_run(c, work)
         print(f"  CLI in-process {dr['cli_in_process_s']:.1f}s, daemon-launched {dr['daemon_launched_s']:.1f}s -> "
               f"ratio {dr['ratio_daemon_vs_cli']:.2f} (goal <= 1.5)")
+        print("== The fleet run: 30 databases on 3 servers, one daily partition of all of them", flush=True)
+        from bench.fleet_run import bench_fleet_run, report as report_fleet
+
+        (work / "fleet").mkdir()
+        results["fleet_run"] = fr = bench_fleet_run(work / "fleet")
+        report_fleet(fr)
         if args.only_definitions:
             args.sizes, args.s3_upload_gb, args.skip_sqlite = "", 0, True
         for size in ([] if args.only_s3 or not args.sizes else args.sizes.split(",")):

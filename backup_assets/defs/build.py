@@ -50,7 +50,9 @@ def tier_jobs(catalog: Catalog) -> list:
                         f"{' and S3 replicas' if catalog.replication.s3 else ''}.",
             tags={"backup_assets/tier": tier},
             # a step is a server's backups (tier_op.py): few steps, each its own process, so servers
-            # run side by side while each server's pool keeps it to one dump at a time
-            executor_def=dg.multiprocess_executor,
+            # run side by side (all of them, not only as many as there are cores: a dump mostly waits on
+            # its server) while each server's pool keeps it to one dump at a time
+            executor_def=dg.multiprocess_executor.configured(
+                {"max_concurrent": len({catalog.sources[t[0]].pool_name() for t in targets})}),
         ))
     return jobs

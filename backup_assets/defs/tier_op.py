@@ -15,6 +15,8 @@ failed (the run-failure sensor alerts per asset from that list).
 
 
 import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import dagster as dg
@@ -93,66 +95,96 @@ def build_tier_asset(catalog: Catalog, pool: str, tier: str, targets: list[tuple
 
 
 def run_tier(catalog: Catalog, context: AssetExecutionContext, tier: str, targets: list[tuple[str, str]], *, s3):
+    """A server's backups of a tier, one dump at a time; each backup's checks and replica run in a
+    follow-up thread while the next backup dumps (they read the local artifact, not the server), in order,
+    and every event is yielded from this thread as the follow-ups finish."""
     # the core is imported when a backup runs, not by every process that loads the definitions
-    from ..core import BackupError, verification
+    from ..core import BackupError
     from ..core.backup import repository_for, run_backup
-    from ..core.replica import replica_intact, replicate
-    from ..core.verify import Outcome, evaluate, find_backup
+    from ..core.verify import find_backup
 
     selected = context.selected_asset_keys
     checks = context.selected_asset_check_keys
     partition = context.partition_key
     failed: dict[str, str] = {}
-    for source, group in targets:
-        key, rkey = backup_key(source, group, tier), replica_key(source, group, tier)
-        backup = None
-        if key in selected:
-            try:
-                run_backup(catalog, source, group, tier, partition, log=context.log.info)
-                backup = find_backup(catalog, source, group, tier, partition)
-            except BackupError as exc:
-                context.log.error(f"{key.to_user_string()}: {exc}")
-                failed[key.to_user_string()] = str(exc)
-                continue  # its checks and replica have nothing to look at
-            path = repository_for(catalog).folder(catalog.sources[source].engine, tier) / backup.manifest.artifact
-            yield dg.MaterializeResult(asset_key=key, metadata=backup_metadata(backup.manifest, str(path)))
-        names = [c.name for c in checks if c.asset_key == key]
-        if names:
-            try:
-                backup = backup or find_backup(catalog, source, group, tier, partition)
-                outcomes = evaluate(catalog, backup, names)
-            except BackupError as exc:
-                outcomes = {n: Outcome(False, str(exc)) for n in names}
-            for name, outcome in outcomes.items():
-                if backup is not None:
-                    verification.record(backup, name, outcome.passed, outcome.message, outcome.metadata)
-                (context.log.info if outcome.passed else context.log.error)(f"{name}: {outcome.message}")
-                yield _check(key, name, outcome)
-        if s3 is not None and rkey in selected:
-            try:
-                backup = backup or find_backup(catalog, source, group, tier, partition)
-                result = replicate(catalog, backup, _storage(catalog, s3), say=context.log.info)
-            except BackupError as exc:
-                context.log.error(f"{rkey.to_user_string()}: {exc}")
-                failed[rkey.to_user_string()] = str(exc)
-            else:
-                yield dg.MaterializeResult(asset_key=rkey, metadata={
-                    "uri": dg.MetadataValue.text(result.uri),
-                    "mode": dg.MetadataValue.text(result.mode),
-                    "dagster/size_bytes": dg.MetadataValue.int(result.size_bytes),
-                    "duration_s": dg.MetadataValue.float(result.duration_s),
-                    "sha256": dg.MetadataValue.text(backup.manifest.sha256),
-                })
-        if s3 is not None and any(c.asset_key == rkey for c in checks):
-            try:
-                backup = backup or find_backup(catalog, source, group, tier, partition)
-                outcome = replica_intact(catalog, backup, _storage(catalog, s3))
-            except BackupError as exc:
-                outcome = Outcome(False, str(exc))
-            yield _check(rkey, "replica_intact", outcome)
+    pending: deque = deque()
+
+    def finished(wait: bool):
+        while pending and (wait or pending[0].done()):
+            events, logs, errors = pending.popleft().result()
+            for level, message in logs:
+                getattr(context.log, level)(message)
+            failed.update(errors)
+            yield from events
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="follow-up") as follow_ups:
+        for source, group in targets:
+            yield from finished(wait=False)
+            key = backup_key(source, group, tier)
+            backup = None
+            if key in selected:
+                try:
+                    run_backup(catalog, source, group, tier, partition, log=context.log.info)
+                    backup = find_backup(catalog, source, group, tier, partition)
+                except BackupError as exc:
+                    context.log.error(f"{key.to_user_string()}: {exc}")
+                    failed[key.to_user_string()] = str(exc)
+                    continue  # its checks and replica have nothing to look at
+                path = repository_for(catalog).folder(catalog.sources[source].engine, tier) / backup.manifest.artifact
+                yield dg.MaterializeResult(asset_key=key, metadata=backup_metadata(backup.manifest, str(path)))
+            pending.append(follow_ups.submit(_follow_up, catalog, source, group, tier, partition, backup,
+                                             selected, checks, s3))
+        yield from finished(wait=True)
     if failed:
         raise dg.Failure(description="; ".join(f"{k}: {v}" for k, v in failed.items()),
                          metadata={FAILED_ASSETS: dg.MetadataValue.json(failed)})
+
+
+def _follow_up(catalog: Catalog, source: str, group: str, tier: str, partition: str, backup, selected, checks, s3):
+    """A backup's checks, then its replica and the replica's check. Returns (events, log lines, failures);
+    logs are written by the op's thread."""
+    from ..core import BackupError, verification
+    from ..core.replica import replica_intact, replicate
+    from ..core.verify import Outcome, evaluate, find_backup
+
+    key, rkey = backup_key(source, group, tier), replica_key(source, group, tier)
+    events, logs, failed = [], [], {}
+    say = lambda message: logs.append(("info", message))  # noqa: E731
+    names = [c.name for c in checks if c.asset_key == key]
+    if names:
+        try:
+            backup = backup or find_backup(catalog, source, group, tier, partition)
+            outcomes = evaluate(catalog, backup, names)
+        except BackupError as exc:
+            outcomes = {n: Outcome(False, str(exc)) for n in names}
+        for name, outcome in outcomes.items():
+            if backup is not None:
+                verification.record(backup, name, outcome.passed, outcome.message, outcome.metadata)
+            logs.append(("info" if outcome.passed else "error", f"{name}: {outcome.message}"))
+            events.append(_check(key, name, outcome))
+    if s3 is not None and rkey in selected:
+        try:
+            backup = backup or find_backup(catalog, source, group, tier, partition)
+            result = replicate(catalog, backup, _storage(catalog, s3), say=say)
+        except BackupError as exc:
+            logs.append(("error", f"{rkey.to_user_string()}: {exc}"))
+            failed[rkey.to_user_string()] = str(exc)
+        else:
+            events.append(dg.MaterializeResult(asset_key=rkey, metadata={
+                "uri": dg.MetadataValue.text(result.uri),
+                "mode": dg.MetadataValue.text(result.mode),
+                "dagster/size_bytes": dg.MetadataValue.int(result.size_bytes),
+                "duration_s": dg.MetadataValue.float(result.duration_s),
+                "sha256": dg.MetadataValue.text(backup.manifest.sha256),
+            }))
+    if s3 is not None and any(c.asset_key == rkey for c in checks):
+        try:
+            backup = backup or find_backup(catalog, source, group, tier, partition)
+            outcome = replica_intact(catalog, backup, _storage(catalog, s3))
+        except BackupError as exc:
+            outcome = Outcome(False, str(exc))
+        events.append(_check(rkey, "replica_intact", outcome))
+    return events, logs, failed
 
 
 def _check(key: dg.AssetKey, name: str, outcome) -> dg.AssetCheckResult:
