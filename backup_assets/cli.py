@@ -391,6 +391,46 @@ def cmd_rekey(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_wal_push(args) -> int:
+    from .core import wal
+
+    done = wal.push(_catalog(args), args.source, args.path)
+    print(f"{done.name} already archived (identical)" if done.already
+          else f"archived {done.name} ({done.raw_size} bytes) as {done.stored}")
+    return 0
+
+
+def cmd_wal_fetch(args) -> int:
+    from .core import wal
+
+    wal.fetch(_catalog(args), args.source, args.name, args.dest)
+    return 0
+
+
+def cmd_wal_verify(args) -> int:
+    import datetime as dt
+
+    from .core import wal
+
+    result = wal.verify(_catalog(args), args.source)
+    age = None
+    if result.newest_pushed_at:
+        age = (dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(result.newest_pushed_at)).total_seconds()
+    if args.json:
+        print(json.dumps({"source": args.source, "segments": result.segments, "first": result.first,
+                          "last": result.last, "gaps": [list(g) for g in result.gaps],
+                          "newest_pushed_at": result.newest_pushed_at, "newest_age_s": age, "ok": result.ok}))
+    elif not result.segments:
+        print(f"{args.source}: no WAL segment archived yet")
+    else:
+        print(f"{args.source}: {result.segments} segment(s) {result.first} .. {result.last}, "
+              + ("no gaps" if not result.gaps else f"{len(result.gaps)} gap(s)")
+              + (f"; newest pushed {age:.0f}s ago" if age is not None else ""))
+        for before, after in result.gaps:
+            print(f"  gap after {before}: the next archived segment is {after}")
+    return 0 if result.ok else 1
+
+
 def cmd_alerts_test(args) -> int:
     from .core.alerts import Notifier
 
@@ -534,6 +574,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--all", action="store_true")
     r.add_argument("--confirm", action="store_true")
     r.set_defaults(func=cmd_safety_drop)
+
+    p = sub.add_parser("wal-push", help="archive one WAL file (PostgreSQL's archive_command: wal-push --source S %%p)")
+    p.add_argument("--source", required=True)
+    p.add_argument("path", help="the WAL file (%%p)")
+    p.set_defaults(func=cmd_wal_push)
+    p = sub.add_parser("wal-fetch", help="restore one archived WAL file (restore_command: wal-fetch --source S %%f %%p)")
+    p.add_argument("--source", required=True)
+    p.add_argument("name", help="the WAL file name (%%f)")
+    p.add_argument("dest", help="where to write it (%%p)")
+    p.set_defaults(func=cmd_wal_fetch)
+    p = sub.add_parser("wal-verify", help="WAL archive continuity: every segment from the oldest to the newest")
+    p.add_argument("--source", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_wal_verify)
 
     p = sub.add_parser("alerts", help="alert channels")
     asub = p.add_subparsers(dest="alerts_command", required=True)
