@@ -169,7 +169,38 @@ def _confirm(args, plan: str, target: str) -> None:
         raise UsageError("not confirmed; nothing was changed")
 
 
+def cmd_pitr_restore(args) -> int:
+    from .core import pitr
+
+    catalog = _catalog(args)
+    if not args.pgdata:
+        raise UsageError("a point-in-time restore builds a new data directory: name it with --pgdata")
+    if not args.source:
+        raise UsageError("name the source with --source")
+    target = pitr.parse_time(args.to_time) if args.to_time else None
+    what = target.isoformat() if target else (args.to_lsn or "the end of the archived WAL")
+    plan = (f"build a new data directory {args.pgdata} from {args.source}'s base backup and WAL archive, recover it "
+            f"to {what} and start it on port {args.port}; the running server is not touched")
+    _confirm(args, plan, args.pgdata)
+    result = pitr.restore_to_time(catalog, args.source, args.pgdata, to_time=target, to_lsn=args.to_lsn, port=args.port,
+                                  run_as=args.run_as, say=Reporter())
+    print(f"recovered {result.pgdata} from {result.base} to {result.target}: {result.reached}")
+    print(f"running on 127.0.0.1:{result.port}; stop it with: pg_ctl -D {result.pgdata} stop")
+    return 0
+
+
+def cmd_basebackup(args) -> int:
+    from .core import pitr
+
+    meta = pitr.base_backup(_catalog(args), args.source, say=Reporter())
+    print(f"base backup {meta['artifact']} ({meta['size_bytes']} bytes), WAL from {meta['start_wal']}, "
+          f"finished {meta['finished_at']}")
+    return 0
+
+
 def cmd_restore(args) -> int:
+    if args.to_time or args.to_lsn or args.latest:
+        return cmd_pitr_restore(args)
     catalog = _catalog(args)
     say = Reporter()
     _check_partitions(args, catalog)
@@ -410,20 +441,24 @@ def cmd_wal_fetch(args) -> int:
 def cmd_wal_verify(args) -> int:
     import datetime as dt
 
-    from .core import wal
+    from .core import pitr, wal
 
-    result = wal.verify(_catalog(args), args.source)
+    catalog = _catalog(args)
+    bases = pitr.base_backups(catalog, args.source)
+    since = bases[0]["start_wal"] if bases else None  # from the oldest kept base backup on
+    result = wal.verify(catalog, args.source, since=since)
     age = None
     if result.newest_pushed_at:
         age = (dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(result.newest_pushed_at)).total_seconds()
     if args.json:
-        print(json.dumps({"source": args.source, "segments": result.segments, "first": result.first,
+        print(json.dumps({"source": args.source, "since": since, "segments": result.segments, "first": result.first,
                           "last": result.last, "gaps": [list(g) for g in result.gaps],
                           "newest_pushed_at": result.newest_pushed_at, "newest_age_s": age, "ok": result.ok}))
     elif not result.segments:
         print(f"{args.source}: no WAL segment archived yet")
     else:
-        print(f"{args.source}: {result.segments} segment(s) {result.first} .. {result.last}, "
+        print(f"{args.source}: {result.segments} segment(s) {result.first} .. {result.last}"
+              + (f" (from the oldest base backup's {since})" if since else "") + ", "
               + ("no gaps" if not result.gaps else f"{len(result.gaps)} gap(s)")
               + (f"; newest pushed {age:.0f}s ago" if age is not None else ""))
         for before, after in result.gaps:
@@ -520,7 +555,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--terminate-connections", action="store_true", help="end other sessions on the target")
     p.add_argument("--no-create-roles", action="store_true",
                    help="refuse instead of creating roles that own restored objects and are missing on the target")
+    pitr = p.add_argument_group("point-in-time recovery (base backups + WAL archive)")
+    pitr.add_argument("--to-time", help="recover to this time, e.g. '2026-11-22 10:41:07+00'")
+    pitr.add_argument("--to-lsn", help="recover to this WAL location")
+    pitr.add_argument("--latest", action="store_true", help="recover to the end of the archived WAL")
+    pitr.add_argument("--pgdata", help="the new data directory to build (must not exist or be empty)")
+    pitr.add_argument("--port", type=int, default=5433, help="port of the recovered server (default 5433)")
+    pitr.add_argument("--run-as", help="OS user the recovered server runs as (needed when run as root)")
     p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("basebackup", help="a base backup for point-in-time recovery (pg_basebackup, needs the WAL "
+                                          "archive)")
+    p.add_argument("--source", required=True)
+    p.set_defaults(func=cmd_basebackup)
 
     p = sub.add_parser("drill", help="the disaster-recovery drill: restore the newest backup of everything, compare")
     p.add_argument("--source", nargs="*")

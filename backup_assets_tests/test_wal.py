@@ -32,7 +32,7 @@ def push_command(catalog_path: Path) -> str:
 
 
 @pytest.fixture
-def archiving(tmp_path):
+def archiving(tmp_path, monkeypatch):
     """A PostgreSQL 18 server whose archive_command is `backup-assets wal-push` into a repository that the
     server's own user writes (as in production: the archive command runs as the server's user)."""
     root = tmp_path / "shared"
@@ -42,7 +42,9 @@ def archiving(tmp_path):
     cluster = LocalCluster(embedded_bin_dir(), tmp_path / "pg", free_port(), "wal-" + os.urandom(6).hex())
     catalog = {"repository": {"root": str(repo)}, "start_date": "2026-11-01",
                "sources": {"app": {"engine": "postgres", "groups": {"full": {}}, "connection": {
-                   "host": cluster.host, "port": cluster.port, "dbname": "postgres", "user": "postgres"}}}}
+                   "host": cluster.host, "port": cluster.port, "dbname": "postgres", "user": "postgres",
+                   "password_env": "WAL_TEST_PG_PASSWORD"}}}}
+    monkeypatch.setenv("WAL_TEST_PG_PASSWORD", cluster.password)
     path = root / "catalog.yaml"
     path.write_text(yaml.safe_dump(catalog))
     cluster.init()
@@ -54,7 +56,8 @@ def archiving(tmp_path):
         os.chown(repo, user.pw_uid, user.pw_gid)
         _open_path_for(Path(sys.executable).resolve())  # the interpreter the archive command runs
     with open(cluster.data_dir / "postgresql.auto.conf", "a") as conf:
-        conf.write(f"archive_mode = on\narchive_command = '{push_command(path)}'\nwal_level = replica\n")
+        conf.write(f"archive_mode = on\narchive_command = '{push_command(path)}'\nwal_level = replica\n"
+                   "track_commit_timestamp = on\n")
     cluster.start()
     yield cluster, path, repo / "wal" / "app"
     cluster.destroy()
@@ -187,3 +190,63 @@ def test_encrypted_wal_is_stored_encrypted_and_fetched_with_the_identity(tmp_pat
     assert stored.read_bytes().startswith(b"age-encryption.org/v1") and b"WAL WAL" not in stored.read_bytes()
     assert cli(catalog_path, "wal-fetch", "--source", "app", seg.name, str(tmp_path / "back")) == 0
     assert (tmp_path / "back").read_bytes() == seg.read_bytes()
+
+
+def wait_archived_through(cluster, name: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    with cluster.connect() as conn:
+        while time.monotonic() < deadline:
+            last = conn.execute("SELECT last_archived_wal FROM pg_stat_archiver").fetchone()[0]
+            if last and last[:24] >= name:
+                return
+            time.sleep(0.2)
+    raise AssertionError(f"{name} not archived in {timeout:g}s")
+
+
+def test_restore_to_a_time_holds_exactly_the_rows_committed_by_then(archiving, tmp_path, capsys):
+    import datetime as dt
+
+    import psycopg
+
+    cluster, catalog_path, _ = archiving
+    with cluster.connect() as conn:
+        conn.execute("CREATE TABLE stamped (id serial PRIMARY KEY, note text)")
+        conn.execute("INSERT INTO stamped (note) SELECT 'before the base backup' FROM generate_series(1, 20)")
+    assert cli(catalog_path, "basebackup", "--source", "app") == 0
+    base_done = dt.datetime.now(dt.timezone.utc)
+    # a writer: one row per transaction (each commit has its own time)
+    with cluster.connect() as conn:
+        for i in range(60):
+            conn.execute("INSERT INTO stamped (note) VALUES (%s)", (f"row {i}",))
+            time.sleep(0.03)
+        commits = conn.execute("SELECT id, pg_xact_commit_timestamp(xmin) FROM stamped ORDER BY id").fetchall()
+        name = conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0]
+        conn.execute("SELECT pg_switch_wal()")
+    wait_archived_through(cluster, name)
+    after = [ts for _, ts in commits[20:]]
+    # at a commit, between two, the one before the last (a time target is reached at the first later commit)
+    targets = [after[10], after[30] + (after[31] - after[30]) / 2, after[-2], None]  # None: --latest
+    user = ["--run-as", SERVER_USER] if os.geteuid() == 0 else []
+    for k, target in enumerate(targets):
+        pgdata, port = tmp_path / f"recovered{k}", free_port()
+        how = ["--to-time", target.isoformat()] if target else ["--latest"]
+        code = cli(catalog_path, "restore", "--source", "app", *how, "--pgdata", str(pgdata), "--port", str(port),
+                   "--confirm", *user)
+        out = capsys.readouterr()
+        assert code == 0, out.err[-3000:]
+        assert "recovered" in out.out and ("recovery stopping" in out.out or target is None), out.out
+        try:
+            with psycopg.connect(host="127.0.0.1", port=port, user="postgres", password=cluster.password,
+                                 dbname="postgres", autocommit=True) as conn:
+                ids = {r[0] for r in conn.execute("SELECT id FROM stamped")}
+                assert conn.execute("SELECT pg_is_in_recovery()").fetchone()[0] is False  # promoted
+        finally:
+            LocalCluster(cluster.bin_dir, pgdata, port, cluster.password).stop()
+        expected = {i for i, ts in commits if target is None or ts <= target}
+        assert ids == expected, (target, sorted(ids ^ expected))
+    # before the oldest base backup ended: refused, nothing built
+    early = base_done - dt.timedelta(hours=1)
+    assert cli(catalog_path, "restore", "--source", "app", "--to-time", early.isoformat(), "--pgdata",
+               str(tmp_path / "too_early"), "--confirm", *user) == 1
+    assert "is before the oldest base backup of app ended" in capsys.readouterr().err
+    assert not (tmp_path / "too_early").exists()
