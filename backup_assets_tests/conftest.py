@@ -315,3 +315,33 @@ def _forget_disposed_dagster_instances():
     from dagster._core.storage.defs_state.base import _current_storage
 
     _current_storage.set(None)
+
+
+# -- the webserver's GraphQL API and waiting for what a daemon does ----------------------------------------
+
+def graphql(url: str, query: str, variables: dict | None = None) -> dict:
+    import json
+    import urllib.request
+
+    body = json.dumps({"query": query, "variables": variables or {}}).encode()
+    request = urllib.request.Request(f"{url}/graphql", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        data = json.loads(response.read())
+    assert "errors" not in data, data
+    return data["data"]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 2.0, on_timeout=lambda: ""):
+    """The predicate's first truthy value; a connection refused meanwhile counts as not yet."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except OSError:
+            value = None
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{on_timeout()}")

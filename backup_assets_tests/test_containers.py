@@ -16,12 +16,13 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from backup_assets.demo.cluster import free_port
+
+from .conftest import graphql, wait_for
 
 pytestmark = pytest.mark.containers
 
@@ -47,26 +48,6 @@ def run(*argv, timeout: float = 900, check: bool = True, env: dict | None = None
     return done
 
 
-def graphql(url: str, query: str, variables: dict | None = None) -> dict:
-    body = json.dumps({"query": query, "variables": variables or {}}).encode()
-    request = urllib.request.Request(f"{url}/graphql", data=body, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        data = json.loads(response.read())
-    assert "errors" not in data, data
-    return data["data"]
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 2.0, on_timeout=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except OSError:
-            value = None
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{on_timeout()}")
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import dagster as dg
@@ -23,29 +21,12 @@ from backup_assets.demo.cluster import LocalCluster, embedded_bin_dir, free_port
 from backup_assets.demo.seed import Scale, seed_myloware
 from backup_assets.defs.keys import backup_key, replica_key
 
-from .conftest import PG18_PASSWORD_ENV, alert_config, s3_replication
+from .conftest import PG18_PASSWORD_ENV, alert_config, graphql, s3_replication, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_PASSWORD_ENV = "BA_E2E_SOURCE_PASSWORD"
 
 
-def graphql(url: str, query: str, variables: dict | None = None) -> dict:
-    body = json.dumps({"query": query, "variables": variables or {}}).encode()
-    request = urllib.request.Request(f"{url}/graphql", data=body, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        data = json.loads(response.read())
-    assert "errors" not in data, data
-    return data["data"]
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 2.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def next_tick() -> dt.datetime:

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import yaml
@@ -108,34 +107,10 @@ def bench_fleet_run(work: Path, servers: int = 3, per_server: int = 10) -> dict:
         os.environ.update(BACKUP_ASSETS_CATALOG=str(catalog), DAGSTER_HOME=str(home))
         instance = dg.DagsterInstance.get()
         instance.get_runs(limit=1)
-        bin_dir = Path(sys.executable).parent
-        daemon = subprocess.Popen([str(bin_dir / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
-                                  cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  start_new_session=True)
-        try:
-            deadline = time.monotonic() + 120
-            while not instance.get_daemon_heartbeats() and time.monotonic() < deadline:
-                time.sleep(0.5)
-            run_id = str(uuid.uuid4())
-            launch = subprocess.run([str(bin_dir / "dagster"), "job", "launch", "-w", str(ROOT / "workspace.yaml"),
-                                     "-j", "daily_backups", "--run-id", run_id, "--tags",
-                                     json.dumps({"dagster/partition": "2026-11-20"})],
-                                    cwd=ROOT, env=env, capture_output=True, text=True)
-            if launch.returncode != 0:
-                raise RuntimeError(f"dagster job launch failed: {launch.stderr.strip()[-2000:]}")
-            while True:
-                run = instance.get_run_by_id(run_id)
-                if run is not None and run.is_finished:
-                    break
-                if daemon.poll() is not None:
-                    raise RuntimeError(f"dagster-daemon exited ({daemon.returncode}) before the run ended")
-                time.sleep(0.5)
-        finally:
-            os.killpg(daemon.pid, 15)
-            daemon.wait()
-        if not run.is_success:
-            raise RuntimeError(f"the fleet run {run_id} ended {run.status}")
-        record = instance.get_run_record_by_id(run_id)
+        from bench.daemon import daemon_run
+
+        record, _ = daemon_run(instance, env, "2026-11-20")
+        run_id = record.dagster_run.run_id
         created = record.create_timestamp.timestamp()
         wall = record.end_time - created
         timeline: dict[str, dict] = {}

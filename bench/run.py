@@ -284,7 +284,6 @@ def bench_daemon_run(c: LocalCluster, work: Path) -> dict:
     core and kb, the roles backup, a Miyabi SQLite store; drill on): launched through the queued
     run coordinator and run by `dagster-daemon` with the default run launcher, against the CLI's
     in-process `backup-assets backup` of the same partition (issue 12: <= 1.5x)."""
-    import uuid
 
     from backup_assets.demo.seed import DEMO_SCALE
 
@@ -310,7 +309,6 @@ def bench_daemon_run(c: LocalCluster, work: Path) -> dict:
     }
     path = work / "daemon" / "catalog.yaml"
     path.write_text(yaml.safe_dump(catalog))
-    bin_dir = Path(sys.executable).parent
     partition = "2026-11-20"
 
     cli_home = work / "daemon" / "cli_home"
@@ -334,38 +332,10 @@ def bench_daemon_run(c: LocalCluster, work: Path) -> dict:
     os.environ["DAGSTER_HOME"] = str(home)
     instance = dg.DagsterInstance.get()  # creates the storage before any other process opens it
     instance.get_runs(limit=1)
-    daemon = subprocess.Popen([str(bin_dir / "dagster-daemon"), "run", "-w", str(root / "workspace.yaml")], cwd=root,
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not instance.get_daemon_heartbeats() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        run_id = str(uuid.uuid4())
-        started = time.perf_counter()
-        launch = subprocess.run([str(bin_dir / "dagster"), "job", "launch", "-w", str(root / "workspace.yaml"), "-j",
-                                 "daily_backups", "--run-id", run_id, "--tags",
-                                 json.dumps({"dagster/partition": partition})],
-                                cwd=root, env=env, capture_output=True, text=True)
-        if launch.returncode != 0:
-            raise RuntimeError(f"dagster job launch failed: {launch.stderr.strip()[-2000:]}")
-        while True:
-            run = instance.get_run_by_id(run_id)
-            if run is not None and run.is_finished:
-                break
-            if time.perf_counter() - started > 1800:
-                raise RuntimeError("the daemon-launched run did not finish in 30 minutes")
-            if daemon.poll() is not None:
-                raise RuntimeError(f"dagster-daemon exited ({daemon.returncode}) before the run ended")
-            time.sleep(0.2)
-        assert run.is_success, f"daemon-launched run {run_id} ended {run.status}"
-        # from the moment the run is queued (what a schedule tick does inside the daemon) to its
-        # end; the `dagster job launch` process that submits it here is not part of it
-        record = instance.get_run_record_by_id(run_id)
-        daemon_wall = record.end_time - record.create_timestamp.timestamp()
-        submit_s = time.perf_counter() - started - daemon_wall
-    finally:
-        os.killpg(daemon.pid, 15)
-        daemon.wait()
+    from bench.daemon import daemon_run
+
+    record, submit_s = daemon_run(instance, env, partition)
+    daemon_wall = record.end_time - record.create_timestamp.timestamp()
     return {"cli_in_process_s": cli, "daemon_launched_s": daemon_wall, "ratio_daemon_vs_cli": daemon_wall / cli,
             "job_launch_command_s": submit_s}
 

@@ -81,7 +81,7 @@ class _Hooks:
         m = backup.manifest
         src = catalog.sources.get(m.source)
         self.cfg = src.hooks if src is not None else None
-        self.in_place, self.say, self.endpoint = in_place, say, endpoint
+        self.in_place, self.say = in_place, say
         self.args = dict(source=m.source, group=m.group, engine=m.engine, artifact=m.artifact,
                          partition=m.partition, target=target, endpoint=endpoint)
         self.runs: list[hooks.HookRun] = []
