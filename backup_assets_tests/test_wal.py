@@ -17,7 +17,7 @@ import yaml
 
 from backup_assets.catalog import load_catalog
 from backup_assets.cli import main
-from backup_assets.core import failpoints
+from backup_assets.core import failpoints, wal
 from backup_assets.demo.cluster import LocalCluster, _open_path_for, embedded_bin_dir, free_port
 
 SERVER_USER = "backup_assets_pg"
@@ -148,8 +148,6 @@ def test_a_push_killed_at_any_narrow_point_never_counts_and_the_next_push_succee
     killed = subprocess.run(argv, env={**os.environ, failpoints.ENV: point}, capture_output=True)
     assert killed.returncode == -9
     catalog = load_catalog(catalog_path)
-    from backup_assets.core import wal
-
     assert wal.verify(catalog, "app").segments == 0  # nothing counts without its JSON
     with pytest.raises(Exception, match="not in the WAL archive"):
         wal.fetch(catalog, "app", seg.name, str(tmp_path / "out"))
@@ -169,6 +167,14 @@ def test_the_continuity_check_finds_a_missing_segment(archiving, capsys):
     assert cli(catalog_path, "wal-verify", "--source", "app") == 1
     out = capsys.readouterr()
     assert f"gap after {names[1]}" in out.out + out.err and names[3] in out.out + out.err
+    # and the metrics say so, with the recovery point
+    assert cli(catalog_path, "metrics") == 0
+    text = capsys.readouterr().out
+    assert 'backup_assets_wal_gaps{source="app"} 1.0' in text
+    counted = wal.verify(load_catalog(catalog_path), "app").segments
+    assert f'backup_assets_wal_segments{{source="app"}} {float(counted)}' in text
+    age = [line for line in text.splitlines() if line.startswith('backup_assets_wal_since_last_archived_seconds{source="app"}')]
+    assert age and 0 <= float(age[0].split()[-1]) < 300
 
 
 def test_encrypted_wal_is_stored_encrypted_and_fetched_with_the_identity(tmp_path, monkeypatch):

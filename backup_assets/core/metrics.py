@@ -12,6 +12,8 @@ durations in seconds, one label set per backup kind); ours are per source, group
     backup_assets_check_passed{check}                     last outcome of each check (1 pass, 0 fail)
     backup_assets_check_last_run_timestamp_seconds{check}
     backup_assets_drill_rto_seconds                       the last restore drill's recovery time
+    backup_assets_wal_last_archived_timestamp_seconds, _wal_since_last_archived_seconds, _wal_segments,
+    _wal_gaps, _base_backup_count               per source with a WAL archive (point-in-time recovery)
     backup_assets_repository_bytes, _disk_free_bytes, _disk_total_bytes
     backup_assets_exporter_scrape_duration_seconds
 
@@ -86,6 +88,7 @@ class RepositoryCollector:
             if r.last_rto_s is not None:
                 rto.add_metric(labels, r.last_rto_s)
         yield from (last, since, rpo, met, size, raw, duration, rows_, count, passed, ran, rto)
+        yield from self._wal(gauge)
         disk = forecast["disk"]
         repo = gauge("repository_bytes", "Bytes stored in the local backup repository.", ["repository"])
         repo.add_metric(["local"], forecast["repository_bytes"])
@@ -96,6 +99,34 @@ class RepositoryCollector:
         scrape = gauge("exporter_scrape_duration_seconds", "How long reading the repository took.", [])
         scrape.add_metric([], time.monotonic() - started)
         yield from (repo, free, total, scrape)
+
+
+    def _wal(self, gauge):
+        """Point-in-time recovery: per PostgreSQL source with a WAL archive, its recovery point (the newest
+        archived segment's time), its segments and gaps since the oldest base backup, its base backups."""
+        from . import pitr, wal
+
+        last = gauge("wal_last_archived_timestamp_seconds", "When the newest WAL segment was archived (the RPO).",
+                     ["source"])
+        age = gauge("wal_since_last_archived_seconds", "Age of the newest archived WAL segment.", ["source"])
+        segments = gauge("wal_segments", "Archived WAL segments since the oldest base backup.", ["source"])
+        gaps = gauge("wal_gaps", "Missing WAL segments runs since the oldest base backup (0 when continuous).",
+                     ["source"])
+        bases = gauge("base_backup_count", "Base backups kept for point-in-time recovery.", ["source"])
+        now = time.time()
+        for name, src in self.catalog.sources.items():
+            if src.engine != "postgres" or not (self.catalog.repository_root / "wal" / name).is_dir():
+                continue
+            kept = pitr.base_backups(self.catalog, name)
+            result = wal.verify(self.catalog, name, since=kept[0]["start_wal"] if kept else None)
+            segments.add_metric([name], result.segments)
+            gaps.add_metric([name], len(result.gaps))
+            bases.add_metric([name], len(kept))
+            at = _timestamp(result.newest_pushed_at)
+            if at is not None:
+                last.add_metric([name], at)
+                age.add_metric([name], max(0.0, now - at))
+        yield from (last, age, segments, gaps, bases)
 
 
 def _timestamp(text) -> float | None:
