@@ -18,7 +18,7 @@ import yaml
 from backup_assets.catalog import load_catalog
 from backup_assets.cli import main
 from backup_assets.core import failpoints, wal
-from backup_assets.demo.cluster import LocalCluster, _open_path_for, embedded_bin_dir, free_port
+from backup_assets.demo.cluster import LocalCluster, _open_path_for, debian_bin_dir, embedded_bin_dir, free_port
 
 SERVER_USER = "backup_assets_pg"
 
@@ -31,15 +31,17 @@ def push_command(catalog_path: Path) -> str:
     return f"{sys.executable} -m backup_assets.cli --catalog {catalog_path} wal-push --source app %p"
 
 
-@pytest.fixture
-def archiving(tmp_path, monkeypatch):
+@pytest.fixture(params=[18])
+def archiving(tmp_path, monkeypatch, request):
     """A PostgreSQL 18 server whose archive_command is `backup-assets wal-push` into a repository that the
     server's own user writes (as in production: the archive command runs as the server's user)."""
     root = tmp_path / "shared"
     root.mkdir()
     repo = root / "backups"
     repo.mkdir()
-    cluster = LocalCluster(embedded_bin_dir(), tmp_path / "pg", free_port(), "wal-" + os.urandom(6).hex())
+    bin_dir = embedded_bin_dir() if request.param == 18 else debian_bin_dir(request.param)
+    assert bin_dir is not None, f"PostgreSQL {request.param} is not installed"
+    cluster = LocalCluster(bin_dir, tmp_path / "pg", free_port(), "wal-" + os.urandom(6).hex())
     catalog = {"repository": {"root": str(repo)}, "start_date": "2026-11-01",
                "sources": {"app": {"engine": "postgres", "groups": {"full": {}}, "connection": {
                    "host": cluster.host, "port": cluster.port, "dbname": "postgres", "user": "postgres",
@@ -209,6 +211,7 @@ def wait_archived_through(cluster, name: str, timeout: float = 60) -> None:
     raise AssertionError(f"{name} not archived in {timeout:g}s")
 
 
+@pytest.mark.parametrize("archiving", [18, 15], indirect=True, ids=["pg18", "pg15"])
 def test_restore_to_a_time_holds_exactly_the_rows_committed_by_then(archiving, tmp_path, capsys):
     import datetime as dt
 
