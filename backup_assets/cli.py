@@ -13,14 +13,9 @@ import traceback
 from pathlib import Path
 
 from .catalog import CatalogError, catalog_from_env, load_catalog
-from .core import BackupError, verification
-from .core.backup import repository_for
-from .core.drill import markdown_report, run_dr_drill
-from .core.restore import backup_from_file, choose_backup, restore_plan, restore_postgres, restore_sqlite
-from .core.crypto import identities_if_any, key_summary
+from .core import BackupError
 from .core.partition_keys import BadPartition, validate
 from .core.secrets import scrub
-from .core.verify import archive_readable, artifact_intact, restore_drill
 
 
 class UsageError(Exception):
@@ -61,6 +56,8 @@ def _print_table(rows: list[dict], columns: list[str]) -> None:
 
 def _repositories(catalog, args) -> list:
     """The repositories to walk: the local one, and the S3 replica unless --local-only."""
+    from .core.backup import repository_for
+
     repos = [repository_for(catalog)]
     if catalog.replication.s3 is not None and not getattr(args, "local_only", False):
         from .core.replica import replica_repository
@@ -73,7 +70,9 @@ def _repositories(catalog, args) -> list:
 
 
 def cmd_list(args) -> int:
+    from .core import verification
     from .core.artifact import human_size
+    from .core.crypto import key_summary
 
     catalog = _catalog(args)
     local, *others = _repositories(catalog, args)
@@ -124,6 +123,8 @@ def _check_partitions(args, catalog) -> None:
 
 
 def _selected_backup(args, catalog, say):
+    from .core.restore import backup_from_file, choose_backup
+
     _check_partitions(args, catalog)
     if args.file:
         return backup_from_file(catalog, args.file)
@@ -133,6 +134,11 @@ def _selected_backup(args, catalog, say):
 
 
 def cmd_verify(args) -> int:
+    from .core import verification
+    from .core.backup import repository_for
+    from .core.crypto import identities_if_any
+    from .core.verify import archive_readable, artifact_intact, restore_drill
+
     catalog = _catalog(args)
     repository_for(catalog).sweep()
     say = Reporter()
@@ -199,6 +205,8 @@ def cmd_basebackup(args) -> int:
 
 
 def cmd_restore(args) -> int:
+    from .core.restore import restore_plan, restore_postgres, restore_sqlite
+
     if args.to_time or args.to_lsn or args.latest:
         return cmd_pitr_restore(args)
     catalog = _catalog(args)
@@ -243,6 +251,9 @@ def cmd_restore(args) -> int:
 
 
 def cmd_drill(args) -> int:
+    from .core import verification
+    from .core.drill import markdown_report, run_dr_drill
+
     catalog = _catalog(args)
     results = run_dr_drill(catalog, sources=args.source, jobs=args.jobs, log=Reporter())
     for r in results:
@@ -306,6 +317,9 @@ def _instance():
 def cmd_backup(args) -> int:
     """Run backups through Dagster (recorded in DAGSTER_HOME, visible in the UI): one run per asset
     and partition, with the backup's checks and, when configured, its S3 replica."""
+    from .core import verification
+    from .core.backup import repository_for
+
 
     from .defs.keys import backup_key
     from .defs.build import build_definitions
