@@ -251,6 +251,9 @@ class Source(_Model):
     tiers: list[Literal[TIER_NAMES]] | None = None  # type: ignore[valid-type]
     pool: str | None = None
     hooks: Hooks = Hooks()
+    # point-in-time recovery (postgres): alert when the WAL archive's newest segment is older than this
+    # (the recovery point objective; with archive_timeout = 60, 120 is a sensible value)
+    wal_rpo_seconds: Annotated[int, Field(ge=1)] | None = None
 
     @model_validator(mode="after")
     def _engine_fields(self) -> "Source":
@@ -276,7 +279,7 @@ class Source(_Model):
         else:
             if not self.path:
                 raise ValueError("a sqlite source needs 'path'")
-            for field in ("connection", "groups", "pg_bin_dir", "drill_server", "globals"):
+            for field in ("connection", "groups", "pg_bin_dir", "drill_server", "globals", "wal_rpo_seconds"):
                 if getattr(self, field) is not None:
                     raise ValueError(f"'{field}' belongs to postgres sources")
             if self.prune:

@@ -177,6 +177,32 @@ def build_sensors(catalog: Catalog) -> list:
                     error=f"newest backup is {age.total_seconds() / 3600:.1f} h old "
                           f"(warn after {warn.total_seconds() / 3600:g} h, fail after {fail.total_seconds() / 3600:g} h)",
                     run_url=run_url(catalog, event.run_id), **describe_key(key)))
+        _wal_alerts(context, now)
+
+    def _wal_alerts(context, now: dt.datetime) -> None:
+        """Point-in-time recovery: the WAL archive of a source with wal_rpo_seconds is fresh and has no gap."""
+        watched = {name: src.wal_rpo_seconds for name, src in catalog.sources.items() if src.wal_rpo_seconds}
+        if not watched:
+            return
+        from ..core import pitr, wal
+
+        for name, rpo in watched.items():
+            bases = pitr.base_backups(catalog, name)
+            result = wal.verify(catalog, name, since=bases[0]["start_wal"] if bases else None)
+            newest = dt.datetime.fromisoformat(result.newest_pushed_at) if result.newest_pushed_at else None
+            age = (now - newest).total_seconds() if newest else None
+            if age is None or age > rpo:
+                _notify(context, notifier, Alert(
+                    what="WAL archive is stale", source=name, asset=f"{name}/wal", cause="wal-stale",
+                    error=(f"the newest archived WAL segment is {age:.0f} s old (wal_rpo_seconds {rpo}): check "
+                           "archive_command and pg_stat_archiver" if age is not None
+                           else "no WAL segment is archived: set archive_command to backup-assets wal-push")))
+            if result.gaps:
+                before, after = result.gaps[0]
+                _notify(context, notifier, Alert(
+                    what="WAL archive has a gap", source=name, asset=f"{name}/wal", cause="wal-gap",
+                    error=f"{len(result.gaps)} gap(s) in the WAL archive, the first after {before} (next: {after}); "
+                          "a restore to a time past it is impossible: take a base backup now"))
 
     @dg.sensor(name="disk_space_alerts", minimum_interval_seconds=max(interval, 60),
                default_status=dg.DefaultSensorStatus.RUNNING,
