@@ -488,6 +488,13 @@ def main(argv=None) -> int:
         report_fleet(fr)
         if args.only_definitions:
             args.sizes, args.s3_upload_gb, args.skip_sqlite = "", 0, True
+        if not args.only_definitions and not args.only_s3:
+            print("== Point-in-time recovery: wal-push under a pgbench load", flush=True)
+            from bench.pitr import bench_pitr, report as report_pitr
+
+            (work / "pitr").mkdir()
+            results["pitr"] = pr = bench_pitr(work / "pitr")
+            report_pitr(pr)
         for size in ([] if args.only_s3 or not args.sizes else args.sizes.split(",")):
             print(f"== PostgreSQL {size}", flush=True)
             results["postgres"][size] = bench_postgres(c, size, args.fresh, work)
