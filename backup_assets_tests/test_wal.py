@@ -47,6 +47,15 @@ def archiving(tmp_path, monkeypatch, request):
                    "host": cluster.host, "port": cluster.port, "dbname": "postgres", "user": "postgres",
                    "password_env": "WAL_TEST_PG_PASSWORD"}}}}
     monkeypatch.setenv("WAL_TEST_PG_PASSWORD", cluster.password)
+    if request.node.get_closest_marker("encrypted"):  # age: the server's user reads the identity (restore_command)
+        import pyrage
+
+        identity = pyrage.x25519.Identity.generate()
+        key_file = root / "age.key"
+        key_file.write_text(str(identity) + "\n")
+        key_file.chmod(0o644 if os.geteuid() == 0 else 0o600)
+        monkeypatch.setenv("WAL_AGE_IDENTITY", str(key_file))
+        catalog["encryption"] = {"recipients": [str(identity.to_public())], "identity_file_env": "WAL_AGE_IDENTITY"}
     path = root / "catalog.yaml"
     path.write_text(yaml.safe_dump(catalog))
     cluster.init()
@@ -330,3 +339,31 @@ def test_wal_rpo_is_for_postgres_sources(tmp_path):
     with pytest.raises(CatalogError, match=r"sources\.lite: 'wal_rpo_seconds' belongs to postgres sources"):
         parse_catalog({"repository": {"root": str(tmp_path)}, "sources": {
             "lite": {"engine": "sqlite", "path": "a.db", "wal_rpo_seconds": 60}}})
+
+
+@pytest.mark.encrypted
+def test_an_encrypted_base_backup_and_wal_restore_to_the_latest(archiving, tmp_path, capsys):
+    import psycopg
+
+    cluster, catalog_path, folder = archiving
+    with cluster.connect() as conn:
+        conn.execute("CREATE TABLE secret_rows (id serial PRIMARY KEY, note text)")
+    assert cli(catalog_path, "basebackup", "--source", "app") == 0
+    base = next((catalog_path.parent / "backups" / "base" / "app").glob("base-*.tar.zst.age"))
+    assert base.read_bytes()[:21] == b"age-encryption.org/v1"
+    with cluster.connect() as conn:
+        conn.execute("INSERT INTO secret_rows (note) SELECT 'after the base ' || n FROM generate_series(1, 500) n")
+        name = conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0]
+        conn.execute("SELECT pg_switch_wal()")
+    wait_archived_through(cluster, name)
+    assert all(p.name.endswith(".zst.age") for p in folder.iterdir() if p.name.endswith((".zst", ".age")))
+    pgdata, port = tmp_path / "recovered", free_port()
+    user = ["--run-as", SERVER_USER] if os.geteuid() == 0 else []
+    assert cli(catalog_path, "restore", "--source", "app", "--latest", "--pgdata", str(pgdata), "--port", str(port),
+               "--confirm", *user) == 0, capsys.readouterr().err[-3000:]
+    try:
+        with psycopg.connect(host="127.0.0.1", port=port, user="postgres", password=cluster.password,
+                             dbname="postgres", autocommit=True) as conn:
+            assert conn.execute("SELECT count(*) FROM secret_rows").fetchone()[0] == 500
+    finally:
+        LocalCluster(cluster.bin_dir, pgdata, port, cluster.password).stop()
