@@ -267,6 +267,21 @@ def identities_for(catalog, manifest, *, artifact: str) -> "Identities | None":
     return ids
 
 
+def identities_for_record(catalog, source: str, record: dict, *, what: str) -> "Identities | None":
+    """The identities for a file described by a JSON of its own (a WAL segment, a base backup): None when it is
+    not encrypted; the catalog's identity_file_env for the source, else the one the JSON recorded."""
+    if not record.get("encrypted"):
+        return None
+    cfg = catalog.encryption_for(source) if catalog is not None else None
+    env = (cfg.identity_file_env if cfg is not None and cfg.identity_file_env else None) or record.get("identity_file_env")
+    if not env:
+        raise BackupError(f"{what} is encrypted: name the identity file's variable in encryption.identity_file_env")
+    try:
+        return Identities.load(env)
+    except BackupError as exc:
+        raise BackupError(f"{what}: {exc}") from None
+
+
 def identities_if_any(catalog, manifest, *, artifact: str) -> "Identities | None":
     """The identities when they can be had, else None (for checks that can do without plaintext)."""
     try:

@@ -28,6 +28,7 @@ from pathlib import Path
 from ..catalog import Catalog
 from . import BackupError
 from .artifact import ArtifactWriter, ensure_dir, open_decompressed, write_json_atomic
+from .crypto import identities_for_record
 from .backup import endpoint_for
 from .engines import postgres
 
@@ -88,19 +89,6 @@ def base_backup(catalog: Catalog, source: str, *, say=lambda _m: None) -> dict:
     }
     write_json_atomic(final.with_name(final.name + ".json"), meta)
     return meta
-
-
-def _identities(catalog: Catalog, source: str, meta: dict):
-    if not meta.get("encrypted"):
-        return None
-    from .crypto import Identities
-
-    cfg = catalog.encryption_for(source)
-    env = (cfg.identity_file_env if cfg else None) or meta.get("identity_file_env")
-    if not env:
-        raise BackupError(f"{meta.get('artifact')} is encrypted: name the identity file's variable in "
-                          "encryption.identity_file_env")
-    return Identities.load(env)
 
 
 def _backup_label(path: Path, encryption, catalog: Catalog) -> str:
@@ -180,7 +168,8 @@ def restore_to_time(catalog: Catalog, source: str, pgdata: str, *, to_time: dt.d
     target_dir.chmod(0o700)
     folder = base_dir(catalog, source)
     say(f"unpacking {base['artifact']} (finished {base['finished_at']}) into {target_dir}")
-    with open_decompressed(folder / base["artifact"], base["raw_size_bytes"], _identities(catalog, source, base)) as reader, \
+    identities = identities_for_record(catalog, source, base, what=base["artifact"])
+    with open_decompressed(folder / base["artifact"], base["raw_size_bytes"], identities) as reader, \
             tarfile.open(fileobj=reader, mode="r|") as tar:
         tar.extractall(target_dir, filter="tar")
     fetch = (f"{sys.executable} -m backup_assets.cli --catalog {catalog.catalog_path} wal-fetch --source {source} "

@@ -124,15 +124,9 @@ def fetch(catalog: Catalog, source: str, name: str, dest: str) -> int:
     meta = _read_meta(folder, name)
     if meta is None:
         raise BackupError(f"{name} is not in the WAL archive of {source} ({folder})")
-    identities = None
-    if meta.get("encrypted"):
-        from .crypto import Identities
+    from .crypto import identities_for_record
 
-        env = meta.get("identity_file_env") or (catalog.encryption_for(source).identity_file_env
-                                                if catalog.encryption_for(source) else None)
-        if not env:
-            raise BackupError(f"{name} is encrypted: name the identity file's variable in encryption.identity_file_env")
-        identities = Identities.load(env)
+    identities = identities_for_record(catalog, source, meta, what=name)
     target = Path(dest)
     tmp = partial_path(target)
     digest = hashlib.sha256()
