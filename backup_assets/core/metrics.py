@@ -39,8 +39,9 @@ LABELS = ["source", "group", "tier"]
 class RepositoryCollector:
     """A prometheus_client collector over the catalog's repository (reads it at every collect())."""
 
-    def __init__(self, catalog: Catalog):
+    def __init__(self, catalog: Catalog, report: tuple | None = None):
         self.catalog = catalog
+        self.report = report  # (rows, forecast) of health.report already read by the caller, used once
 
     def describe(self):
         return []  # not known before the repository is read; keeps registration cheap
@@ -49,7 +50,8 @@ class RepositoryCollector:
         from . import health
 
         started = time.monotonic()
-        rows, forecast = health.report(self.catalog)
+        rows, forecast = self.report or health.report(self.catalog)
+        self.report = None
 
         def gauge(name: str, doc: str, labels=LABELS, unit: str = "") -> GaugeMetricFamily:
             return GaugeMetricFamily(PREFIX + name, doc, labels=labels, unit=unit)
@@ -136,9 +138,9 @@ def _timestamp(text) -> float | None:
         return None
 
 
-def registry(catalog: Catalog) -> CollectorRegistry:
+def registry(catalog: Catalog, report: tuple | None = None) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(RepositoryCollector(catalog))
+    reg.register(RepositoryCollector(catalog, report))
     return reg
 
 
@@ -151,11 +153,12 @@ def default_textfile(catalog: Catalog) -> Path:
     return catalog.resolve_path(catalog.metrics.textfile) if catalog.metrics.textfile else catalog.repository_root / "metrics" / "backup_assets.prom"
 
 
-def write_textfile(catalog: Catalog, path: Path | None = None) -> Path:
-    """For node_exporter's textfile collector: written to a temporary file and renamed (atomic)."""
+def write_textfile(catalog: Catalog, path: Path | None = None, *, report: tuple | None = None) -> Path:
+    """For node_exporter's textfile collector: written to a temporary file and renamed (atomic). `report` is
+    health.report's (rows, forecast) when the caller has read the repository already."""
     path = Path(path) if path else default_textfile(catalog)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_to_textfile(str(path), registry(catalog))
+    write_to_textfile(str(path), registry(catalog, report))
     return path
 
 

@@ -231,7 +231,7 @@ def build_health(catalog: Catalog) -> dg.AssetsDefinition:
         from ..core import metrics
 
         rows, forecast = health.report(catalog)
-        textfile = metrics.write_textfile(catalog)
+        textfile = metrics.write_textfile(catalog, report=(rows, forecast))  # the same read of the repository
         missed = [f"{r.source}/{r.group}/{r.tier}" for r in rows if not r.rpo_ok]
         if missed:
             context.log.warning(f"RPO not met: {', '.join(missed)}")
