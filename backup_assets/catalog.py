@@ -230,6 +230,28 @@ class RestoreSettings(_Model):
     allow_in_place_from_ui: bool = False
 
 
+class Pitr(_Model):
+    """The physical tier of a PostgreSQL server (issue 14): base backups as a daily asset, the WAL archive
+    (`wal-push`) between them, restore to any time in the window. One source per server enables it: a base
+    backup and the WAL are the whole cluster's."""
+    # a full base backup when the newest full one is this old; incremental ones in between where the server
+    # can take them (PostgreSQL 17+ with summarize_wal = on); incremental: false takes a full one every day
+    full_every_days: Annotated[int, Field(ge=1)] = 7
+    incremental: bool = True
+    # restore to any time in the last N days: the newest base backup older than that and everything after
+    # it are kept (with the incremental ones' chains and the WAL from the oldest kept one); older ones go
+    retention_days: Annotated[int, Field(ge=1)] = 14
+    # the pitr_drill check: restore to a random committed time in the window into a scratch cluster
+    drill: bool = True
+    # the OS user the scratch cluster runs as when backup-assets runs as root (PostgreSQL refuses root)
+    run_as: str | None = None
+
+    @field_validator("run_as")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        return value or None  # "${SERVER_USER:-}" left empty
+
+
 class Source(_Model):
     engine: Literal["postgres", "sqlite"]
     description: str | None = None
@@ -254,6 +276,8 @@ class Source(_Model):
     # point-in-time recovery (postgres): alert when the WAL archive's newest segment is older than this
     # (the recovery point objective; with archive_timeout = 60, 120 is a sensible value)
     wal_rpo_seconds: Annotated[int, Field(ge=1)] | None = None
+    # base backups as assets and their checks (needs archive_command = wal-push on the server)
+    pitr: Pitr | None = None
 
     @model_validator(mode="after")
     def _engine_fields(self) -> "Source":
@@ -279,7 +303,7 @@ class Source(_Model):
         else:
             if not self.path:
                 raise ValueError("a sqlite source needs 'path'")
-            for field in ("connection", "groups", "pg_bin_dir", "drill_server", "globals", "wal_rpo_seconds"):
+            for field in ("connection", "groups", "pg_bin_dir", "drill_server", "globals", "wal_rpo_seconds", "pitr"):
                 if getattr(self, field) is not None:
                     raise ValueError(f"'{field}' belongs to postgres sources")
             if self.prune:
@@ -485,6 +509,16 @@ class Catalog(_Model):
         for name in value:
             if not re.fullmatch(IDENT, name):
                 raise ValueError(f"bad source name {name!r}: letters, digits and _ only")
+        servers: dict[tuple, str] = {}
+        for name, src in value.items():
+            if src.pitr is None:
+                continue
+            server = (src.connection.host, src.connection.port)
+            if server in servers:
+                raise ValueError(f"sources {servers[server]!r} and {name!r} both enable pitr on "
+                                 f"{server[0]}:{server[1]}: a base backup and the WAL archive are the whole "
+                                 "server's, enable it on one source per server")
+            servers[server] = name
         return value
 
     # -- derived views ------------------------------------------------------------------------
@@ -519,6 +553,9 @@ class Catalog(_Model):
         src = self.sources[source]
         wanted = src.tiers if src.tiers is not None else list(TIER_NAMES)
         return [t for t in TIER_NAMES if t in wanted and self.tiers[t].enabled]
+
+    def pitr_sources(self) -> list[str]:
+        return [name for name, src in self.sources.items() if src.pitr is not None]
 
     def backup_targets(self) -> list[tuple[str, str, str]]:
         """Every (source, group, tier) that becomes a backup asset."""

@@ -198,9 +198,10 @@ def cmd_pitr_restore(args) -> int:
 def cmd_basebackup(args) -> int:
     from .core import pitr
 
-    meta = pitr.base_backup(_catalog(args), args.source, say=Reporter())
-    print(f"base backup {meta['artifact']} ({meta['size_bytes']} bytes), WAL from {meta['start_wal']}, "
-          f"finished {meta['finished_at']}")
+    meta = pitr.base_backup(_catalog(args), args.source, kind=args.kind, say=Reporter())
+    on = f" on {meta['parent']}" if meta.get("parent") else ""
+    print(f"{meta['kind']} base backup {meta['artifact']}{on} ({meta['size_bytes']} bytes), WAL from "
+          f"{meta['start_wal']}, finished {meta['finished_at']}")
     return 0
 
 
@@ -581,6 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("basebackup", help="a base backup for point-in-time recovery (pg_basebackup, needs the WAL "
                                           "archive)")
     p.add_argument("--source", required=True)
+    p.add_argument("--kind", choices=["auto", "full", "incremental"], default="auto",
+                   help="auto (default): incremental on the newest base backup where the server can take one "
+                        "(PostgreSQL 17+, summarize_wal = on) and the catalog's pitr settings allow, else full")
     p.set_defaults(func=cmd_basebackup)
 
     p = sub.add_parser("drill", help="the disaster-recovery drill: restore the newest backup of everything, compare")

@@ -56,6 +56,10 @@ def archiving(tmp_path, monkeypatch, request):
         key_file.chmod(0o644 if os.geteuid() == 0 else 0o600)
         monkeypatch.setenv("WAL_AGE_IDENTITY", str(key_file))
         catalog["encryption"] = {"recipients": [str(identity.to_public())], "identity_file_env": "WAL_AGE_IDENTITY"}
+    marker = request.node.get_closest_marker("pitr")
+    if marker is not None:  # the physical tier in the catalog (its drill runs scratch clusters as the server's user)
+        catalog["sources"]["app"]["pitr"] = {**({"run_as": SERVER_USER} if os.geteuid() == 0 else {}),
+                                             **marker.kwargs}
     path = root / "catalog.yaml"
     path.write_text(yaml.safe_dump(catalog))
     cluster.init()
@@ -68,7 +72,7 @@ def archiving(tmp_path, monkeypatch, request):
         _open_path_for(Path(sys.executable).resolve())  # the interpreter the archive command runs
     with open(cluster.data_dir / "postgresql.auto.conf", "a") as conf:
         conf.write(f"archive_mode = on\narchive_command = '{push_command(path)}'\nwal_level = replica\n"
-                   "track_commit_timestamp = on\n")
+                   "track_commit_timestamp = on\n" + ("summarize_wal = on\n" if request.param >= 17 else ""))
     cluster.start()
     yield cluster, path, repo / "wal" / "app"
     cluster.destroy()

@@ -19,8 +19,10 @@ import os
 import pwd
 import re
 import subprocess
+import shutil
 import sys
 import tarfile
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,62 +51,156 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def base_backup(catalog: Catalog, source: str, *, say=lambda _m: None) -> dict:
-    src = catalog.sources[source] if source in catalog.sources else None
+def _server_facts(ep, what: str) -> dict:
+    with postgres.connect(ep, what=what) as conn:
+        major = postgres.server_major(conn)
+        facts = {
+            "major": major, "version": postgres.server_version(conn),
+            "archive_mode": conn.execute("SELECT current_setting('archive_mode')").fetchone()[0],
+            "summarize_wal": conn.execute("SELECT current_setting('summarize_wal')").fetchone()[0]
+            if major >= 17 else "off",
+            "system_identifier": str(conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()[0]),
+            # recovery refuses to run with less than the source had (set on its command line, these would not be
+            # in the data directory): recorded and written into the recovered copy's settings
+            "limits": dict(conn.execute("SELECT name, setting FROM pg_settings WHERE name = ANY(%s)",
+                                        (list(RECOVERY_LIMITS),)).fetchall()),
+        }
+    return facts
+
+
+def _incremental_parent(catalog: Catalog, source: str, facts: dict, bases: list[dict], kind: str,
+                        now: dt.datetime) -> tuple[dict | None, str]:
+    """The base backup an incremental one would build on, or (None, why a full one is taken)."""
+    cfg = catalog.sources[source].pitr
+    if kind == "full":
+        return None, "a full base backup was asked for"
+    if kind == "auto" and (cfg is None or not cfg.incremental):
+        return None, "incremental base backups are off for this source"
+    if facts["major"] < 17:
+        return None, f"PostgreSQL {facts['major']} takes no incremental base backups (17 and newer do)"
+    if facts["summarize_wal"] != "on":
+        return None, "summarize_wal is off on the server (incremental base backups need it)"
+    same = [b for b in bases if b.get("system_identifier") == facts["system_identifier"] and b.get("manifest")]
+    if not same:
+        return None, "no earlier base backup of this server to build on"
+    parent = same[-1]
+    root = next((b for b in bases if b["artifact"] == parent.get("full", parent["artifact"])), None)
+    if root is None:
+        return None, f"the full base backup under {parent['artifact']} is gone"
+    every = cfg.full_every_days if cfg is not None else 7
+    if kind == "auto" and dt.datetime.fromisoformat(root["started_at"]) <= now - dt.timedelta(days=every) + \
+            dt.timedelta(hours=1):
+        return None, f"the newest full base backup ({root['artifact']}) is {every} or more days old"
+    return parent, f"incremental on {parent['artifact']}"
+
+
+def base_backup(catalog: Catalog, source: str, *, kind: str = "auto", partition: str | None = None,
+                say=lambda _m: None) -> dict:
+    """A base backup of the source's server: full, or incremental on the newest one (kind 'auto' decides
+    from the catalog's pitr settings and what the server can do; 'incremental' fails when it cannot)."""
+    if kind not in ("auto", "full", "incremental"):
+        raise BackupError(f"base backup kind {kind!r}: expected auto, full or incremental")
     folder = ensure_dir(base_dir(catalog, source))
     ep = endpoint_for(catalog, source)
-    with postgres.connect(ep, what=f"base backup of {source}: ") as conn:
-        major = postgres.server_major(conn)
-        version = postgres.server_version(conn)
-        archiving = conn.execute("SELECT current_setting('archive_mode')").fetchone()[0]
-        # recovery refuses to run with less than the source had (set on its command line, these would not be in
-        # the data directory): recorded and written into the recovered copy's settings
-        limits = dict(conn.execute("SELECT name, setting FROM pg_settings WHERE name = ANY(%s)",
-                                   (list(RECOVERY_LIMITS),)).fetchall())
-    if archiving == "off":
+    facts = _server_facts(ep, f"base backup of {source}: ")
+    if facts["archive_mode"] == "off":
         raise BackupError(f"{source}: archive_mode is off on {ep.host}:{ep.port}; a base backup restores to a time "
                           "only with the WAL archive (archive_command = 'backup-assets ... wal-push ...')")
-    tool, _ = postgres.find_tool("pg_basebackup", major, src.pg_bin_dir)
-    encryption = catalog.encryption_for(source)
     started = _now()
-    final = folder / f"base-{started.strftime('%Y%m%dT%H%M%S%fZ')}.tar.zst{'.age' if encryption else ''}"
-    say(f"{tool} -Ft -D - -X none --checkpoint=fast from {ep.host}:{ep.port}")
-    env = ep.child_env()
-    with ArtifactWriter(final, recipients=encryption.recipients if encryption else None) as writer:
-        proc = subprocess.Popen([str(tool), "-Ft", "-D", "-", "-X", "none", "--checkpoint=fast", "--no-password"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        writer.copy_from(proc.stdout)
-        err = proc.stderr.read().decode(errors="replace")
-        if proc.wait() != 0:
-            raise BackupError(f"pg_basebackup of {source} failed: {ep.scrub(err.strip().splitlines()[-1] if err.strip() else str(proc.returncode))}")
-        written = writer.commit()
+    parent, why = _incremental_parent(catalog, source, facts, base_backups(catalog, source), kind, started)
+    if parent is None and kind == "incremental":
+        raise BackupError(f"{source}: no incremental base backup possible: {why}")
+    say(f"{'incremental' if parent else 'full'} base backup of {source} ({why})")
+    try:
+        return _take(catalog, source, ep, facts, folder, parent, partition, say)
+    except BackupError as exc:
+        if parent is None or kind == "incremental":
+            raise
+        say(f"the incremental base backup failed ({exc}); taking a full one")
+        return _take(catalog, source, ep, facts, folder, None, partition, say)
+
+
+def _take(catalog: Catalog, source: str, ep, facts: dict, folder: Path, parent: dict | None,
+          partition: str | None, say) -> dict:
+    src = catalog.sources[source]
+    tool, _ = postgres.find_tool("pg_basebackup", facts["major"], src.pg_bin_dir)
+    encryption = catalog.encryption_for(source)
+    recipients = encryption.recipients if encryption else None
+    started = _now()
+    stamp = started.strftime('%Y%m%dT%H%M%S%fZ')
+    suffix = ".age" if encryption else ""
+    final = folder / f"base-{stamp}.tar.zst{suffix}"
+    args = [str(tool), "-Ft", "-D", "-", "-X", "none", "--checkpoint=fast", "--no-password"]
+    with tempfile.TemporaryDirectory(prefix="backup-assets-base-") as tmp:
+        if parent is not None:
+            # the reference backup's manifest, as the server checks the new backup against it
+            reference = Path(tmp) / "backup_manifest"
+            with open_decompressed(folder / parent["manifest"]["artifact"], parent["manifest"]["raw_size_bytes"],
+                                   identities_for_record(catalog, source, parent, what=parent["manifest"]["artifact"])
+                                   ) as reader, open(reference, "wb") as out:
+                while chunk := reader.read(1 << 20):
+                    out.write(chunk)
+            args.append(f"--incremental={reference}")
+        say(f"{' '.join(Path(a).name if i == 0 else a for i, a in enumerate(args))} from {ep.host}:{ep.port}")
+        with ArtifactWriter(final, recipients=recipients) as writer:
+            proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ep.child_env())
+            writer.copy_from(proc.stdout)
+            err = proc.stderr.read().decode(errors="replace")
+            if proc.wait() != 0:
+                lines = [line for line in err.strip().splitlines() if "skipping special file" not in line]
+                raise BackupError(f"pg_basebackup of {source} failed: "
+                                  f"{ep.scrub(lines[-1] if lines else str(proc.returncode))}")
+            written = writer.commit()
     finished = _now()
-    label = _backup_label(final, encryption, catalog)
+    try:
+        label, manifest = _read_back(final, catalog, source, encryption)
+        with ArtifactWriter(final.with_name(f"base-{stamp}.manifest.zst{suffix}"), recipients=recipients) as mw:
+            mw.write(manifest)
+            man = mw.commit()
+    except BaseException:
+        final.unlink(missing_ok=True)  # never left as a base backup without its description
+        raise
     meta = {
         "source": source, "artifact": final.name, "sha256": written.sha256, "size_bytes": written.size_bytes,
         "raw_size_bytes": written.raw_size_bytes, "started_at": started.isoformat(), "finished_at": finished.isoformat(),
+        "kind": "incremental" if parent else "full", "parent": parent["artifact"] if parent else None,
+        "full": parent.get("full", parent["artifact"]) if parent else final.name, "partition": partition,
         "start_wal": LABEL_WAL.search(label).group(1), "timeline": int(LABEL_TLI.search(label).group(1)),
-        "server_version": version, "server_major": major, "settings": limits, "encrypted": encryption is not None,
-        "identity_file_env": encryption.identity_file_env if encryption else None,
+        "manifest": {"artifact": man.path.name, "sha256": man.sha256, "size_bytes": man.size_bytes,
+                     "raw_size_bytes": man.raw_size_bytes},
+        "server_version": facts["version"], "server_major": facts["major"],
+        "system_identifier": facts["system_identifier"], "settings": facts["limits"],
+        "encrypted": encryption is not None, "identity_file_env": encryption.identity_file_env if encryption else None,
     }
     write_json_atomic(final.with_name(final.name + ".json"), meta)
     return meta
 
 
-def _backup_label(path: Path, encryption, catalog: Catalog) -> str:
+def _read_back(path: Path, catalog: Catalog, source: str, encryption) -> tuple[str, bytes]:
+    """The backup_label and backup_manifest of a written base backup, in one pass that also proves the
+    artifact decodes to its end."""
     ids = None
     if encryption is not None:
         from .crypto import Identities
 
         if not encryption.identity_file_env or not os.environ.get(encryption.identity_file_env):
-            raise BackupError(f"{path.name}: the backup_label is read back to record the start WAL: set "
-                              f"{encryption.identity_file_env or 'encryption.identity_file_env'}")
+            raise BackupError(f"{path.name}: the backup_label and manifest are read back to record the start WAL: "
+                              f"set {encryption.identity_file_env or 'encryption.identity_file_env'}")
         ids = Identities.load(encryption.identity_file_env)
+    label = manifest = None
     with open_decompressed(path, None, ids) as reader, tarfile.open(fileobj=reader, mode="r|") as tar:
         for member in tar:
-            if member.name in ("backup_label", "./backup_label"):
-                return tar.extractfile(member).read().decode()
-    raise BackupError(f"{path.name} holds no backup_label: not a base backup")
+            name = member.name.removeprefix("./")
+            if name == "backup_label":
+                label = tar.extractfile(member).read().decode()
+            elif name == "backup_manifest":
+                manifest = tar.extractfile(member).read()
+        while reader.read(1 << 20):  # to the end of the stream (tar padding), so every byte is proven
+            pass
+    if label is None or manifest is None:
+        raise BackupError(f"{path.name} holds no {'backup_label' if label is None else 'backup_manifest'}: "
+                          "not a base backup")
+    return label, manifest
 
 
 def base_backups(catalog: Catalog, source: str) -> list[dict]:
@@ -135,22 +231,92 @@ class Recovered:
     base: str
     target: str
     reached: str
+    chain: list[str]
+    bin_dir: Path
+    user: "pwd.struct_passwd | None" = None
+
+    def stop(self) -> None:
+        subprocess.run([str(self.bin_dir / "pg_ctl"), "-D", str(self.pgdata), "-m", "fast", "-w", "stop"],
+                       capture_output=True, env=_server_env(), user=self.user.pw_uid if self.user else None,
+                       group=self.user.pw_gid if self.user else None)
+
+
+def chain_of(bases: list[dict], base: dict) -> list[dict]:
+    """The full base backup and the incremental ones up to `base`, oldest first."""
+    by_name = {b["artifact"]: b for b in bases}
+    chain = [base]
+    while chain[0].get("parent"):
+        parent = by_name.get(chain[0]["parent"])
+        if parent is None:
+            raise BackupError(f"{base['artifact']} is incremental on {chain[0]['parent']}, which is gone or damaged: "
+                              "it cannot be restored; nothing was changed")
+        chain.insert(0, parent)
+    return chain
+
+
+def pick_base(bases: list[dict], source: str, to_time: dt.datetime | None) -> dict:
+    if not bases:
+        raise BackupError(f"no base backup of {source} (backup-assets basebackup --source {source})")
+    if to_time is None:
+        return bases[-1]
+    usable = [b for b in bases if dt.datetime.fromisoformat(b["finished_at"]) <= to_time]
+    if not usable:
+        raise BackupError(f"{to_time.isoformat()} is before the oldest base backup of {source} ended "
+                          f"({bases[0]['finished_at']}): no restore to that time is possible; nothing was changed")
+    return usable[-1]
+
+
+def _unpack(catalog: Catalog, source: str, meta: dict, dest: Path) -> None:
+    folder = base_dir(catalog, source)
+    identities = identities_for_record(catalog, source, meta, what=meta["artifact"])
+    with open_decompressed(folder / meta["artifact"], meta["raw_size_bytes"], identities) as reader, \
+            tarfile.open(fileobj=reader, mode="r|") as tar:
+        tar.extractall(dest, filter="tar")
+
+
+def materialize(catalog: Catalog, source: str, chain: list[dict], target_dir: Path, *, say=lambda _m: None) -> None:
+    """The data directory of the newest backup of `chain` in `target_dir` (empty): unpacked, and for an
+    incremental chain unpacked side by side and combined with pg_combinebackup (hard links where it can)."""
+    if len(chain) == 1:
+        say(f"unpacking {chain[0]['artifact']} (finished {chain[0]['finished_at']}) into {target_dir}")
+        _unpack(catalog, source, chain[0], target_dir)
+        return
+    src = catalog.sources[source]
+    tool, major = postgres.find_tool("pg_combinebackup", chain[-1]["server_major"], src.pg_bin_dir)
+    parts = Path(tempfile.mkdtemp(prefix=f".{target_dir.name}.parts-", dir=target_dir.parent))
+    try:
+        dirs = []
+        for i, meta in enumerate(chain):
+            say(f"unpacking {meta['artifact']} ({meta['kind']}, finished {meta['finished_at']})")
+            part = parts / f"{i:03d}"
+            part.mkdir(mode=0o700)
+            _unpack(catalog, source, meta, part)
+            dirs.append(str(part))
+        say(f"combining {len(chain)} base backups into {target_dir} (pg_combinebackup)")
+        target_dir.rmdir()  # pg_combinebackup creates it
+        done = subprocess.run([str(tool), *dirs, "-o", str(target_dir), *(["--link"] if major >= 18 else [])],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            shutil.rmtree(target_dir, ignore_errors=True)  # it was new and empty: leave it so
+            lines = done.stderr.strip().splitlines() or [str(done.returncode)]
+            raise BackupError(f"pg_combinebackup failed: {lines[-1]}")
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
+        ensure_dir(target_dir)
+
+
+def _server_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
 
 
 def restore_to_time(catalog: Catalog, source: str, pgdata: str, *, to_time: dt.datetime | None = None,
                     to_lsn: str | None = None, port: int, run_as: str | None = None, say=lambda _m: None,
-                    timeout_s: float = 600) -> Recovered:
+                    timeout_s: float = 600, local_trust: bool = False) -> Recovered:
+    """Build a new data directory from the base backup(s) and the WAL archive, recover it to the target and
+    leave it running on `port` (local_trust: the drill's scratch copy lets local socket connections in)."""
     bases = base_backups(catalog, source)
-    if not bases:
-        raise BackupError(f"no base backup of {source} (backup-assets basebackup --source {source})")
-    if to_time is not None:
-        usable = [b for b in bases if dt.datetime.fromisoformat(b["finished_at"]) <= to_time]
-        if not usable:
-            raise BackupError(f"{to_time.isoformat()} is before the oldest base backup of {source} ended "
-                              f"({bases[0]['finished_at']}): no restore to that time is possible; nothing was changed")
-        base = usable[-1]
-    else:
-        base = bases[-1]
+    base = pick_base(bases, source, to_time)
+    chain = chain_of(bases, base)
     target_dir = Path(pgdata).resolve()
     if target_dir.exists() and any(target_dir.iterdir()):
         raise BackupError(f"{target_dir} is not empty: restore into a new data directory; nothing was changed")
@@ -166,12 +332,8 @@ def restore_to_time(catalog: Catalog, source: str, pgdata: str, *, to_time: dt.d
     bin_dir = postgres.find_tool("pg_ctl", base["server_major"], src.pg_bin_dir)[0].parent
     ensure_dir(target_dir)
     target_dir.chmod(0o700)
-    folder = base_dir(catalog, source)
-    say(f"unpacking {base['artifact']} (finished {base['finished_at']}) into {target_dir}")
-    identities = identities_for_record(catalog, source, base, what=base["artifact"])
-    with open_decompressed(folder / base["artifact"], base["raw_size_bytes"], identities) as reader, \
-            tarfile.open(fileobj=reader, mode="r|") as tar:
-        tar.extractall(target_dir, filter="tar")
+    materialize(catalog, source, chain, target_dir, say=say)
+    target_dir.chmod(0o700)
     fetch = (f"{sys.executable} -m backup_assets.cli --catalog {catalog.catalog_path} wal-fetch --source {source} "
              "%f %p")
     settings = [f"restore_command = '{fetch}'", "archive_mode = off", "recovery_target_timeline = 'latest'",
@@ -184,6 +346,10 @@ def restore_to_time(catalog: Catalog, source: str, pgdata: str, *, to_time: dt.d
         settings.append(f"recovery_target_lsn = '{to_lsn}'")
     with open(target_dir / "postgresql.auto.conf", "a") as fh:
         fh.write("\n# backup_assets: point-in-time recovery\n" + "\n".join(settings) + "\n")
+    if local_trust:
+        hba = target_dir / "pg_hba.conf"
+        hba.write_text("local all all trust  # backup_assets drill: the socket is in the 0700 data directory\n"
+                       + (hba.read_text() if hba.exists() else ""))
     (target_dir / "recovery.signal").touch()
     for name in ("postmaster.pid", "postmaster.opts"):
         (target_dir / name).unlink(missing_ok=True)
@@ -193,10 +359,9 @@ def restore_to_time(catalog: Catalog, source: str, pgdata: str, *, to_time: dt.d
                 os.lchown(os.path.join(root, n), user.pw_uid, user.pw_gid)
         os.chown(target_dir, user.pw_uid, user.pw_gid)
     log = target_dir / "recovery.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     say(f"starting recovery on port {port} (log: {log})")
-    started = subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(target_dir), "-l", str(log), "start"], env=env,
-                             capture_output=True, text=True, user=user.pw_uid if user else None,
+    started = subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(target_dir), "-l", str(log), "start"],
+                             env=_server_env(), capture_output=True, text=True, user=user.pw_uid if user else None,
                              group=user.pw_gid if user else None)
     if started.returncode != 0:
         detail = (log.read_text(errors="replace") if log.exists() else "") or started.stderr or started.stdout
@@ -210,17 +375,297 @@ def restore_to_time(catalog: Catalog, source: str, pgdata: str, *, to_time: dt.d
             hint = ("; the archive holds no commit after the target yet (a time is reached at the first later commit):"
                     " restore with --latest, or after the next archived segment (archive_timeout)"
                     if "before configured recovery target" in text else "")
-            raise BackupError(f"recovery of {target_dir} failed: {_last_fatal(text)}{hint}")
+            raise BackupError(f"recovery of {target_dir} failed: {_last_fatal(text)}{hint} (its log: {log}; remove "
+                              f"{target_dir} before trying again)")
         if time.monotonic() > deadline:
             raise BackupError(f"recovery of {target_dir} did not finish in {timeout_s:g}s; see {log}")
-        time.sleep(0.3)
+        time.sleep(0.1)
     reached = "; ".join(line.split("LOG:", 1)[-1].strip() for line in text.splitlines()
                         if "recovery stopping" in line or "last completed transaction" in line) or "end of the archived WAL"
     target = to_time.isoformat() if to_time else (to_lsn or "latest")
-    return Recovered(target_dir, port, base["artifact"], target, reached)
+    return Recovered(target_dir, port, base["artifact"], target, reached, [b["artifact"] for b in chain], bin_dir, user)
 
 
 def _last_fatal(text: str) -> str:
     lines = [line for line in text.splitlines() if line.strip()]
     fatal = [line for line in lines if "FATAL" in line]
     return fatal[-1].split("FATAL:", 1)[-1].strip() if fatal else (lines[-1].strip() if lines else "see the log")
+
+
+# -- checks ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Check:
+    passed: bool
+    message: str
+    metadata: dict
+    warn: bool = False
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _scratch(prefix: str, user: "pwd.struct_passwd | None" = None) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    if user is not None:
+        os.chown(path, user.pw_uid, user.pw_gid)
+    return path
+
+
+def verify_base(catalog: Catalog, source: str, meta: dict) -> Check:
+    """pg_verifybackup of one base backup (unpacked into a scratch directory): every file in the manifest is
+    there with its size and checksum, nothing extra. Its WAL is the continuity check's business."""
+    src = catalog.sources[source]
+    tool, _ = postgres.find_tool("pg_verifybackup", meta["server_major"], src.pg_bin_dir)
+    scratch = _scratch("backup-assets-verify-")
+    started = time.monotonic()
+    try:
+        _unpack(catalog, source, meta, scratch)
+        done = subprocess.run([str(tool), "--no-parse-wal", "--quiet", str(scratch)], capture_output=True, text=True)
+    except BackupError as exc:
+        return Check(False, f"{meta['artifact']}: {exc}", {"artifact": meta["artifact"]})
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    md = {"artifact": meta["artifact"], "kind": meta.get("kind", "full"), "raw_size_bytes": meta["raw_size_bytes"],
+          "duration_s": round(time.monotonic() - started, 3)}
+    if done.returncode != 0:
+        problems = [line for line in (done.stderr + done.stdout).strip().splitlines() if line.strip()]
+        md["problems"] = problems[:20]
+        return Check(False, f"pg_verifybackup found {len(problems)} problem(s) in {meta['artifact']}: "
+                            f"{problems[0] if problems else done.returncode}", md)
+    return Check(True, f"pg_verifybackup: {meta['artifact']} matches its manifest", md)
+
+
+def wal_continuity(catalog: Catalog, source: str) -> Check:
+    from . import wal
+
+    bases = base_backups(catalog, source)
+    since = bases[0]["start_wal"] if bases else None
+    result = wal.verify(catalog, source, since=since)
+    md = {"segments": result.segments, "first": result.first, "last": result.last, "gaps": len(result.gaps),
+          "oldest_base_backup": bases[0]["artifact"] if bases else None}
+    if not bases:
+        return Check(False, f"no base backup of {source}: the WAL archive restores nothing on its own", md)
+    if result.segments == 0:
+        return Check(False, f"no WAL archived since {since} (is archive_command = wal-push set?)", md)
+    if since is not None and result.first != since:
+        return Check(False, f"the WAL archive starts at {result.first}, after the oldest base backup's start "
+                            f"{since}: that base backup cannot be recovered", md)
+    if result.gaps:
+        md["gap_list"] = [f"{a} .. {b}" for a, b in result.gaps[:20]]
+        return Check(False, f"{len(result.gaps)} gap(s) in the WAL archive, first after {result.gaps[0][0]} "
+                            f"(next archived: {result.gaps[0][1]})", md)
+    return Check(True, f"{result.segments} segments from {result.first} to {result.last}, no gaps", md)
+
+
+def recovery_point(catalog: Catalog, source: str, now: dt.datetime | None = None) -> Check:
+    """The age of the newest archived WAL: what a restore to --latest would lose at most now."""
+    from . import wal
+
+    now = now or _now()
+    rpo = catalog.sources[source].wal_rpo_seconds
+    newest = wal.verify(catalog, source).newest_pushed_at
+    if newest is None:
+        return Check(False, f"nothing archived for {source} yet", {"rpo_seconds": rpo}, warn=True)
+    age = (now - dt.datetime.fromisoformat(newest)).total_seconds()
+    md = {"newest_wal_at": newest, "recovery_point_age_s": round(age, 1), "rpo_seconds": rpo}
+    if rpo is not None and age > rpo:
+        return Check(False, f"the newest archived WAL is {age:.0f}s old, over the RPO of {rpo}s", md, warn=True)
+    return Check(True, f"the newest archived WAL is {age:.0f}s old" + (f" (RPO {rpo}s)" if rpo else ""), md)
+
+
+COMMIT = re.compile(r"tx:\s+(\d+),.*desc: COMMIT (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
+
+
+def _commits(catalog: Catalog, source: str, major: int, segment: str, scratch: Path) -> list[tuple[int, dt.datetime]]:
+    """(xid, commit time) of the commits recorded in one archived segment (pg_waldump)."""
+    from . import wal
+
+    src = catalog.sources[source]
+    tool, _ = postgres.find_tool("pg_waldump", major, src.pg_bin_dir)
+    wal.fetch(catalog, source, segment, str(scratch / segment))
+    try:
+        done = subprocess.run([str(tool), "--rmgr=Transaction", "--path", str(scratch), segment, segment],
+                              capture_output=True, text=True, env={**_server_env(), "TZ": "UTC"})
+    finally:
+        (scratch / segment).unlink(missing_ok=True)
+    found = []
+    for xid, stamp in COMMIT.findall(done.stdout):
+        found.append((int(xid), dt.datetime.fromisoformat(stamp).replace(tzinfo=dt.timezone.utc)))
+    return found
+
+
+def drill_target(catalog: Catalog, source: str, rng) -> tuple[dt.datetime, tuple, tuple] | None:
+    """A random time between two commits in the archive, after the oldest base backup ended: (target, the
+    commit before it, the commit after it). None when the window holds no two commits."""
+    from . import wal
+
+    bases = base_backups(catalog, source)
+    if not bases:
+        raise BackupError(f"no base backup of {source}")
+    oldest_end = dt.datetime.fromisoformat(bases[0]["finished_at"])
+    folder = wal.wal_dir(catalog, source)
+    names = sorted(p.name[:-5] for p in folder.glob("*.json") if wal.SEGMENT.match(p.name[:-5])
+                   and p.name[8:24] >= bases[0]["start_wal"][8:])
+    if not names:
+        return None
+    newest_tli = max(n[:8] for n in names)
+    names = [n for n in names if n[:8] == newest_tli]
+    start = rng.randrange(len(names))
+    scratch = _scratch("backup-assets-waldump-")
+    try:
+        for name in names[start:] + names[:start]:  # from a random segment on, until one has two commits to split
+            commits = [c for c in _commits(catalog, source, bases[-1]["server_major"], name, scratch)
+                       if c[1] > oldest_end]
+            pairs = [(a, b) for a, b in zip(commits, commits[1:]) if b[1] - a[1] > dt.timedelta(microseconds=2)]
+            if pairs:
+                before, after = rng.choice(pairs)
+                return before[1] + (after[1] - before[1]) * rng.uniform(0.1, 0.9), before, after
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return None
+
+
+def pitr_drill(catalog: Catalog, source: str, *, rng=None, say=lambda _m: None) -> Check:
+    """Restore to a random committed time in the window into a scratch cluster and prove it: recovery stopped
+    exactly between the commits around the target, the server starts and promotes, pg_amcheck is clean and
+    every table of every database can be read."""
+    import random
+
+    rng = rng or random.Random()
+    cfg = catalog.sources[source].pitr
+    picked = drill_target(catalog, source, rng)
+    if picked is None:
+        return Check(False, "no two commits after the oldest base backup in the archive: nothing to restore to "
+                            "(is anything written to the server, is archive_timeout set?)", {}, warn=True)
+    target, before, after = picked
+    scratch = _scratch("backup-assets-pitr-drill-")
+    user = pwd.getpwnam(cfg.run_as) if os.geteuid() == 0 and cfg and cfg.run_as else None
+    if user is not None:
+        os.chown(scratch, user.pw_uid, user.pw_gid)
+    pgdata = scratch / "pgdata"
+    started = time.monotonic()
+    recovered = None
+    md: dict = {"target": target.isoformat(), "commit_before": f"{before[0]} at {before[1].isoformat()}",
+                "commit_after": f"{after[0]} at {after[1].isoformat()}"}
+    try:
+        recovered = restore_to_time(catalog, source, str(pgdata), to_time=target, port=_free_port(),
+                                    run_as=cfg.run_as if cfg else None, say=say, local_trust=True)
+        md["rto_s"] = round(time.monotonic() - started, 3)
+        md["base_backups"] = recovered.chain
+        md["reached"] = recovered.reached
+        stop = re.search(r"recovery stopping before commit of transaction (\d+)", recovered.reached)
+        if stop is None or int(stop.group(1)) != after[0]:
+            return Check(False, f"recovery to {target.isoformat()} did not stop before transaction {after[0]} "
+                                f"(the first commit after the target): {recovered.reached}", md)
+        tables, rows, problems = _prove(catalog, source, recovered)
+        md.update({"tables_read": tables, "rows_read": rows, "amcheck": "clean" if not problems else problems[:10]})
+        if problems:
+            return Check(False, f"pg_amcheck found problems after recovery to {target.isoformat()}: {problems[0]}", md)
+        return Check(True, f"recovered to {target.isoformat()} (between transactions {before[0]} and {after[0]}) "
+                           f"from {len(recovered.chain)} base backup(s) in {md['rto_s']:.1f}s; pg_amcheck clean; "
+                           f"{tables} tables ({rows} rows) read", md)
+    except BackupError as exc:
+        return Check(False, f"restore to {target.isoformat()} failed: {exc}", md)
+    finally:
+        if recovered is not None:
+            recovered.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _prove(catalog: Catalog, source: str, recovered: Recovered) -> tuple[int, int, list[str]]:
+    import psycopg
+    from psycopg import sql
+
+    ep = endpoint_for(catalog, source)
+    host = str(recovered.pgdata)
+
+    def connect(dbname: str, user: str):
+        return psycopg.connect(host=host, port=recovered.port, user=user, dbname=dbname, autocommit=True,
+                               client_encoding="UTF8", application_name="backup_assets_drill")
+
+    with connect(ep.dbname, ep.user) as conn:
+        superuser = conn.execute("SELECT rolname FROM pg_roles WHERE oid = 10").fetchone()[0]
+        databases = [r[0] for r in conn.execute(
+            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1")]
+    tables = rows = 0
+    for dbname in databases:
+        with connect(dbname, superuser) as conn:
+            for schema, name in conn.execute(
+                    "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE c.relkind IN ('r', 'p', 'm') AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+                    "AND n.nspname NOT LIKE 'pg_toast%' AND NOT c.relispartition ORDER BY 1, 2").fetchall():
+                rows += conn.execute(sql.SQL("SELECT count(*) FROM {}.{}").format(
+                    sql.Identifier(schema), sql.Identifier(name))).fetchone()[0]
+                tables += 1
+    src = catalog.sources[source]
+    tool, _ = postgres.find_tool("pg_amcheck", recovered_major(recovered), src.pg_bin_dir)
+    done = subprocess.run([str(tool), "--all", "--install-missing", "--heapallindexed", "-h", host,
+                           "-p", str(recovered.port), "-U", superuser], capture_output=True, text=True,
+                          env=_server_env())
+    problems = [] if done.returncode == 0 else \
+        [line for line in (done.stdout + done.stderr).splitlines() if line.strip()] or [f"exit {done.returncode}"]
+    return tables, rows, problems
+
+
+def recovered_major(recovered: Recovered) -> int:
+    return int((recovered.pgdata / "PG_VERSION").read_text().strip())
+
+
+# -- retention ---------------------------------------------------------------------------------------------
+
+def prune_base(catalog: Catalog, source: str, *, dry_run: bool, now: dt.datetime | None = None) -> dict:
+    """Keep what restores to any time in the last `pitr.retention_days`: the newest base backup that ended
+    before that window and everything after it, the full and incremental backups those build on, and the WAL
+    from the oldest kept one's start on. Descriptions go first, so a half-pruned backup is never counted."""
+    from . import wal
+
+    now = now or _now()
+    cfg = catalog.sources[source].pitr
+    days = cfg.retention_days if cfg is not None else 14
+    bases = base_backups(catalog, source)
+    cutoff = now - dt.timedelta(days=days)
+    older = [b for b in bases if dt.datetime.fromisoformat(b["finished_at"]) <= cutoff]
+    anchor = older[-1] if older else (bases[0] if bases else None)
+    keep: dict[str, dict] = {}
+    if anchor is not None:
+        for b in bases[bases.index(anchor):]:
+            for member in chain_of(bases, b):
+                keep[member["artifact"]] = member
+    delete = [b for b in bases if b["artifact"] not in keep]
+    folder = base_dir(catalog, source)
+    freed = 0
+    for b in delete:
+        freed += b["size_bytes"] + (b["manifest"]["size_bytes"] if b.get("manifest") else 0)
+        if not dry_run:
+            (folder / f"{b['artifact']}.json").unlink(missing_ok=True)
+            if b.get("manifest"):
+                (folder / b["manifest"]["artifact"]).unlink(missing_ok=True)
+            (folder / b["artifact"]).unlink(missing_ok=True)
+    wal_deleted = 0
+    kept_sorted = sorted(keep.values(), key=lambda m: m["start_wal"][8:])
+    if kept_sorted:
+        first = kept_sorted[0]["start_wal"][8:]
+        wfolder = wal.wal_dir(catalog, source)
+        for meta_path in sorted(wfolder.glob("*.json")) if wfolder.is_dir() else []:
+            name = meta_path.name[:-5]
+            if name.endswith(".history") or not wal.ARCHIVABLE.match(name) or name[8:24] >= first:
+                continue
+            wal_deleted += 1
+            if not dry_run:
+                try:
+                    stored = json.loads(meta_path.read_text()).get("stored")
+                except ValueError:
+                    stored = None
+                meta_path.unlink(missing_ok=True)
+                for leftover in ([wfolder / stored] if stored else []) + [wfolder / f"{name}.zst",
+                                                                          wfolder / f"{name}.zst.age"]:
+                    leftover.unlink(missing_ok=True)
+    return {"retention_days": days, "base_backups_kept": len(keep), "base_backups_deleted": len(delete),
+            "deleted": [b["artifact"] for b in delete], "wal_files_deleted": wal_deleted, "bytes_freed": freed,
+            "oldest_restorable": (min(keep.values(), key=lambda m: m["finished_at"])["finished_at"] if keep else None)}

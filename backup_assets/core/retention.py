@@ -109,6 +109,10 @@ def prune(catalog: Catalog, *, dry_run: bool, storage=None, now: dt.datetime | N
     for where, repo in places:
         days = {t: catalog.retention_days(t, where) for t in catalog.tiers}
         report[where] = prune_repository(repo, days, dry_run=dry_run, now=now)
+    if catalog.pitr_sources():
+        from .pitr import prune_base
+
+        report["pitr"] = {s: prune_base(catalog, s, dry_run=dry_run, now=now) for s in catalog.pitr_sources()}
     if not dry_run:
         local.sweep()
     return report

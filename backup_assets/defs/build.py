@@ -10,6 +10,7 @@ from .checks import build_dr_drill
 from .replication import replica_key, s3_resource
 from .restore_job import build_restore_job
 from .hygiene import prune_run_history_job
+from .pitr import build_pitr
 from .retention import build_retention
 from .sensors import HEALTH_KEY, build_health, build_schedules, build_sensors
 from .tier_op import build_tier_assets
@@ -23,11 +24,12 @@ def build_definitions(catalog: Catalog) -> dg.Definitions:
     maintenance = dg.define_asset_job(
         "maintenance", selection=dg.AssetSelection.assets(*[a.key for a in retention_assets], HEALTH_KEY),
         description="Retention, application-table pruning and the backup-health report.")
-    jobs = [build_restore_job(catalog), *tiers, maintenance, prune_run_history_job]
+    pitr_assets, pitr_jobs, pitr_schedules = build_pitr(catalog)
+    jobs = [build_restore_job(catalog), *tiers, *pitr_jobs, maintenance, prune_run_history_job]
     return dg.Definitions(
-        assets=[*build_tier_assets(catalog), dr_drill, *retention_assets, build_health(catalog)],
+        assets=[*build_tier_assets(catalog), *pitr_assets, dr_drill, *retention_assets, build_health(catalog)],
         resources=resources,
-        schedules=[dr_drill_schedule, *build_schedules(catalog, tiers, maintenance)],
+        schedules=[dr_drill_schedule, *build_schedules(catalog, tiers, maintenance), *pitr_schedules],
         sensors=build_sensors(catalog),
         jobs=jobs,
     )

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from ..catalog import demo_env, demo_home
-from .cluster import LocalCluster, embedded_bin_dir
+from .cluster import LocalCluster, _ensure_server_user, _open_path_for, embedded_bin_dir
 from .seed import seed_miyabi, seed_miyabi_pg, seed_myloware
 from .services import (DEFAULT_S3_PORT, DEFAULT_WEBHOOK_PORT, S3_BUCKET, S3_KEY_ENV, S3_SECRET_ENV, WEBHOOK_SECRET_ENV, start_s3,
                        start_webhook, stop_services)
@@ -87,11 +87,49 @@ def demo_cluster(home: Path) -> LocalCluster:
     return LocalCluster(bin_dir, home / "pg", port, demo_password(home))
 
 
+def enable_archiving(cluster: LocalCluster, home: Path) -> None:
+    """The demo server archives its WAL through `backup-assets wal-push` (point-in-time recovery of myloware's
+    server): archive_mode on, archive_timeout 60 s, summarize_wal for incremental base backups. The archive
+    command runs as the server's user, so that user writes the WAL folder and reads the project."""
+    import shlex
+
+    from psycopg import sql
+
+    from ..catalog import DEMO_CATALOG
+
+    folder = home / "backups" / "wal" / "myloware"
+    folder.mkdir(parents=True, exist_ok=True)
+    user = _ensure_server_user()
+    if user is not None:
+        os.chown(folder, user.pw_uid, user.pw_gid)
+        _open_path_for(folder)
+        _open_path_for(Path(sys.executable).resolve())
+        _open_path_for(DEMO_CATALOG)
+    command = (f"BACKUP_ASSETS_DEMO_HOME={shlex.quote(str(home))} {shlex.quote(sys.executable)} -m backup_assets.cli "
+               f"--catalog {shlex.quote(str(DEMO_CATALOG))} wal-push --source myloware %p")
+    wanted = {"archive_mode": "on", "archive_command": command, "archive_timeout": "1min", "summarize_wal": "on",
+              "wal_level": "replica"}
+    with cluster.connect() as conn:
+        current = {name: conn.execute("SELECT current_setting(%s)", (name,)).fetchone()[0] for name in wanted}
+        if current == wanted:
+            return
+        for name, value in wanted.items():
+            conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
+        restart = current["archive_mode"] != "on" or current["wal_level"] != "replica"
+        if not restart:
+            conn.execute("SELECT pg_reload_conf()")
+    if restart:
+        print("the demo server archives its WAL now (point-in-time recovery): restarting it once")
+        cluster.stop()
+        cluster.start()
+
+
 def setup() -> Path:
     home = demo_home()
     home.mkdir(parents=True, exist_ok=True)
     cluster = demo_cluster(home)
     cluster.start()
+    enable_archiving(cluster, home)
     cluster.create_database("myloware")
     with cluster.connect("myloware") as conn:
         seeded = conn.execute("SELECT to_regclass('public.runs') IS NOT NULL").fetchone()[0]
@@ -116,7 +154,9 @@ def setup() -> Path:
             if name not in settings}
     s3_port = int(os.environ.get("BACKUP_ASSETS_DEMO_S3_PORT", DEFAULT_S3_PORT))
     webhook_port = int(os.environ.get("BACKUP_ASSETS_DEMO_WEBHOOK_PORT", DEFAULT_WEBHOOK_PORT))
-    write_settings(home, {"BACKUP_ASSETS_DEMO_PG_PORT": str(cluster.port), "BACKUP_ASSETS_DEMO_S3_PORT": str(s3_port),
+    server_user = _ensure_server_user()
+    write_settings(home, {"BACKUP_ASSETS_DEMO_SERVER_USER": server_user.pw_name if server_user else "",
+                          "BACKUP_ASSETS_DEMO_PG_PORT": str(cluster.port), "BACKUP_ASSETS_DEMO_S3_PORT": str(s3_port),
                           "BACKUP_ASSETS_DEMO_WEBHOOK_PORT": str(webhook_port), **made})
     for name, value in demo_env(home).items():
         os.environ.setdefault(name, value)
@@ -159,7 +199,9 @@ def backup() -> int:
     dagster_home()
     from ..cli import main
 
-    return main(["backup", "--tier", "daily"])
+    code = main(["backup", "--tier", "daily"])
+    # and a base backup of the server, so a restore to any time from now on works (point-in-time recovery)
+    return main(["basebackup", "--source", "myloware"]) or code
 
 
 def _children(pid: int) -> list[int]:

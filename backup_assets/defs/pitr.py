@@ -1,0 +1,147 @@
+"""The physical tier (issue 14) in Dagster: one `<source>/base_backup` asset per server that archives its WAL,
+partitioned by day (a full base backup every `pitr.full_every_days`, incremental ones between where the server
+can), with its checks evaluated in the same step:
+
+- base_verified: pg_verifybackup of the new base backup against its own manifest;
+- wal_continuity: every WAL segment from the oldest kept base backup's start to the newest one;
+- recovery_point: the age of the newest archived WAL against `wal_rpo_seconds` (a warning);
+- pitr_drill: a restore to a random committed time in the window into a scratch cluster, proven.
+
+Each check runs on its own too (select it in the UI): the WAL checks then look at the archive as it is now.
+"""
+
+
+import warnings
+
+import dagster as dg
+from dagster import AssetExecutionContext
+
+from ..catalog import Catalog
+from .checks import check_result
+from .partitions import partitions_for
+from .sensors import FAILED_ASSETS, freshness_policy
+
+BASE_BACKUPS_JOB = "base_backups"
+
+PITR_CHECKS = {
+    "base_verified": "pg_verifybackup: every file of the base backup is there with the size and checksum its "
+                     "manifest records, and nothing else.",
+    "wal_continuity": "Every WAL segment from the oldest kept base backup's start to the newest archived one is in "
+                      "the archive (no gaps, per timeline): every second of the window can be restored.",
+    "recovery_point": "Age of the newest archived WAL (what a restore to the latest point would lose now); warns "
+                      "over the source's wal_rpo_seconds.",
+    "pitr_drill": "Restores to a random time between two commits in the window into a scratch cluster: recovery "
+                  "must stop right before the first commit after the target, the server must promote, pg_amcheck "
+                  "must be clean and every table of every database must read. Records the RTO.",
+}
+
+
+def base_key(source: str) -> dg.AssetKey:
+    return dg.AssetKey([source, "base_backup"])
+
+
+def pitr_check_names(catalog: Catalog, source: str) -> list[str]:
+    names = ["base_verified", "wal_continuity", "recovery_point"]
+    return names + (["pitr_drill"] if catalog.sources[source].pitr.drill else [])
+
+
+def build_base_backup(catalog: Catalog, source: str, partitions) -> dg.AssetsDefinition:
+    src = catalog.sources[source]
+    cfg = src.pitr
+    key = base_key(source)
+    spec = dg.AssetSpec(
+        key=key, group_name=source, kinds={"postgres"}, owners=src.owners or None,
+        freshness_policy=freshness_policy("daily"),
+        tags={"backup_assets/tier": "physical", "backup_assets/source": source},
+        description=f"Base backup of the PostgreSQL server of {source} ({src.connection.host}:{src.connection.port}) "
+                    f"for point-in-time recovery: full every {cfg.full_every_days} days"
+                    f"{', incremental between (PostgreSQL 17+, summarize_wal = on)' if cfg.incremental else ''}; "
+                    f"with the WAL archive (wal-push) it restores to any time in the last {cfg.retention_days} days. "
+                    f"On disk: `{catalog.repository_root}/base/{source}/` (tar, zstd"
+                    f"{', age' if catalog.encryption_for(source) else ''}) and WAL in "
+                    f"`{catalog.repository_root}/wal/{source}/`.")
+    checks = [dg.AssetCheckSpec(name, asset=key, blocking=name != "recovery_point", partitions_def=partitions,
+                                description=PITR_CHECKS[name]) for name in pitr_check_names(catalog, source)]
+
+    @dg.multi_asset(name=f"{source}__base_backup", specs=[spec], check_specs=checks, partitions_def=partitions,
+                    can_subset=True, pool=src.pool_name(), backfill_policy=dg.BackfillPolicy.multi_run(1),
+                    description=f"The base backup of {source}'s server and its checks.")
+    def base_backup(context: AssetExecutionContext):
+        yield from run_base_backup(catalog, context, source)
+
+    return base_backup
+
+
+def run_base_backup(catalog: Catalog, context: AssetExecutionContext, source: str):
+    from ..core import BackupError, pitr
+
+    key = base_key(source)
+    meta = None
+    if key in context.selected_asset_keys:
+        try:
+            meta = pitr.base_backup(catalog, source, partition=context.partition_key, say=context.log.info)
+        except BackupError as exc:
+            context.log.error(f"{key.to_user_string()}: {exc}")
+            raise dg.Failure(description=str(exc), metadata={FAILED_ASSETS: dg.MetadataValue.json(
+                {key.to_user_string(): str(exc)})}) from None
+        yield dg.MaterializeResult(asset_key=key, metadata={
+            "artifact": dg.MetadataValue.text(meta["artifact"]),
+            "kind": dg.MetadataValue.text(meta["kind"]),
+            "parent": dg.MetadataValue.text(meta["parent"] or "-"),
+            "start_wal": dg.MetadataValue.text(meta["start_wal"]),
+            "timeline": dg.MetadataValue.int(meta["timeline"]),
+            "dagster/size_bytes": dg.MetadataValue.int(meta["size_bytes"]),
+            "raw_size_bytes": dg.MetadataValue.int(meta["raw_size_bytes"]),
+            "sha256": dg.MetadataValue.text(meta["sha256"]),
+            "server_version": dg.MetadataValue.text(meta["server_version"]),
+            "encrypted": dg.MetadataValue.bool(meta["encrypted"]),
+            "finished_at": dg.MetadataValue.text(meta["finished_at"]),
+        })
+    selected = {c.name for c in context.selected_asset_check_keys}
+    for name in [n for n in pitr_check_names(catalog, source) if n in selected]:  # cheap ones first
+        try:
+            if name == "base_verified":
+                bases = pitr.base_backups(catalog, source)
+                target = meta or next((b for b in reversed(bases) if b.get("partition") == context.partition_key),
+                                      bases[-1] if bases else None)
+                outcome = pitr.verify_base(catalog, source, target) if target else \
+                    pitr.Check(False, f"no base backup of {source} to verify", {})
+            elif name == "wal_continuity":
+                outcome = pitr.wal_continuity(catalog, source)
+            elif name == "recovery_point":
+                outcome = pitr.recovery_point(catalog, source)
+            else:
+                outcome = pitr.pitr_drill(catalog, source, say=context.log.info)
+        except BackupError as exc:
+            outcome = pitr.Check(False, str(exc), {})
+        (context.log.info if outcome.passed else context.log.error)(f"{name}: {outcome.message}")
+        result = check_result(outcome)
+        yield dg.AssetCheckResult(asset_key=key, check_name=name, passed=result.passed, severity=result.severity,
+                                  description=result.description, metadata=result.metadata)
+
+
+def build_pitr(catalog: Catalog) -> tuple[list[dg.AssetsDefinition], list, list]:
+    """(assets, jobs, schedules) of the physical tier; empty when no source enables pitr."""
+    sources = catalog.pitr_sources()
+    if not sources:
+        return [], [], []
+    partitions = partitions_for(catalog, "daily")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        assets = [build_base_backup(catalog, s, partitions) for s in sources]
+    job = dg.define_asset_job(
+        BASE_BACKUPS_JOB, selection=dg.AssetSelection.assets(*[base_key(s) for s in sources]),
+        description="Base backups of the servers that archive their WAL, with their checks (pg_verifybackup, WAL "
+                    "continuity, recovery point, the point-in-time drill).",
+        tags={"backup_assets/tier": "physical"},
+        executor_def=dg.multiprocess_executor.configured({"max_concurrent": len(sources)}))
+    daily = catalog.tiers["daily"]
+    # half an hour before the daily dumps, so the two do not compete for the servers
+    minute = (daily.hour * 60 + daily.minute - 30) % (24 * 60)
+    schedule = dg.build_schedule_from_partitioned_job(
+        job, name="base_backup_schedule", hour_of_day=minute // 60, minute_of_hour=minute % 60,
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description=f"Base backups daily at {minute // 60:02d}:{minute % 60:02d} "
+                    f"({catalog.tier_timezone('daily')}), half an hour before the daily dumps.")
+    return assets, [job], [schedule]
