@@ -245,6 +245,11 @@ class Pitr(_Model):
     drill: bool = True
     # the OS user the scratch cluster runs as when backup-assets runs as root (PostgreSQL refuses root)
     run_as: str | None = None
+    # with replication.s3: base backups and WAL are replicated by the base_backup_s3 asset (daily, after the base
+    # backup); wal_push_s3 also puts every segment on S3 before wal-push succeeds (an off-site recovery point of
+    # archive_timeout; the server's environment then needs the S3 credentials)
+    s3: bool = True
+    wal_push_s3: bool = False
 
     @field_validator("run_as")
     @classmethod

@@ -188,6 +188,12 @@ def cmd_pitr_restore(args) -> int:
     plan = (f"build a new data directory {args.pgdata} from {args.source}'s base backup and WAL archive, recover it "
             f"to {what} and start it on port {args.port}; the running server is not touched")
     _confirm(args, plan, args.pgdata)
+    if args.from_ == "s3":  # the base backups come back into the local repository; WAL one segment at a time
+        from .core.pitr_s3 import download_bases, replica_storage
+
+        if catalog.replication.s3 is None:
+            raise UsageError("--from s3: the catalog has no replication.s3 section")
+        download_bases(catalog, args.source, replica_storage(catalog), say=Reporter())
     result = pitr.restore_to_time(catalog, args.source, args.pgdata, to_time=target, to_lsn=args.to_lsn, port=args.port,
                                   run_as=args.run_as, say=Reporter())
     print(f"recovered {result.pgdata} from {result.base} to {result.target}: {result.reached}")
@@ -198,10 +204,16 @@ def cmd_pitr_restore(args) -> int:
 def cmd_basebackup(args) -> int:
     from .core import pitr
 
-    meta = pitr.base_backup(_catalog(args), args.source, kind=args.kind, say=Reporter())
+    catalog = _catalog(args)
+    meta = pitr.base_backup(catalog, args.source, kind=args.kind, say=Reporter())
     on = f" on {meta['parent']}" if meta.get("parent") else ""
     print(f"{meta['kind']} base backup {meta['artifact']}{on} ({meta['size_bytes']} bytes), WAL from "
           f"{meta['start_wal']}, finished {meta['finished_at']}")
+    cfg = catalog.sources[args.source].pitr
+    if catalog.replication.s3 is not None and (cfg is None or cfg.s3) and not args.local_only:
+        from .core.pitr_s3 import replica_storage, replicate
+
+        replicate(catalog, args.source, replica_storage(catalog), say=Reporter())
     return 0
 
 
@@ -585,6 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=["auto", "full", "incremental"], default="auto",
                    help="auto (default): incremental on the newest base backup where the server can take one "
                         "(PostgreSQL 17+, summarize_wal = on) and the catalog's pitr settings allow, else full")
+    p.add_argument("--local-only", action="store_true",
+                   help="do not replicate base backups and WAL to the catalog's S3 replica afterwards")
     p.set_defaults(func=cmd_basebackup)
 
     p = sub.add_parser("drill", help="the disaster-recovery drill: restore the newest backup of everything, compare")

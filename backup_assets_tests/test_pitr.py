@@ -165,8 +165,9 @@ def test_the_drill_proves_a_random_time_and_retention_keeps_exactly_the_window(a
                        dt.datetime.fromisoformat(second["finished_at"]) - dt.timedelta(hours=1))
 
 
+@pytest.mark.s3
 @pytest.mark.pitr
-def test_the_dagster_job_takes_the_base_backup_and_runs_every_check(archiving):
+def test_the_dagster_job_takes_the_base_backup_runs_every_check_and_replicates(archiving):
     import dagster as dg
 
     from backup_assets.defs.build import build_definitions
@@ -185,9 +186,52 @@ def test_the_dagster_job_takes_the_base_backup_and_runs_every_check(archiving):
         result = job.execute_in_process(partition_key=yesterday, instance=instance, raise_on_error=False)
         assert result.success
         checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
-        assert set(checks) == {"base_verified", "wal_continuity", "recovery_point", "pitr_drill"}
+        assert set(checks) == {"base_verified", "wal_continuity", "recovery_point", "pitr_drill", "replica_intact"}
         assert all(c.passed for c in checks.values()), {n: c.description for n, c in checks.items()}
         mats = result.asset_materializations_for_node("app__base_backup")
         assert mats[0].metadata["kind"].value == "incremental"  # on the earlier one (PostgreSQL 18, summarize_wal)
+        replica = {m.asset_key.to_user_string(): m for m in mats}["app/base_backup_s3"]
+        assert replica.metadata["base_backups"].value == 2 and replica.metadata["wal_files"].value > 0
     base = pitr.base_backups(catalog, "app")[-1]
     assert base["partition"] == yesterday and base["kind"] == "incremental"
+
+
+@pytest.mark.s3
+@pytest.mark.pitr(wal_push_s3=True)
+def test_base_backups_and_wal_on_s3_are_pruned_there_and_restore_when_the_local_copies_are_gone(
+        archiving, tmp_path, capsys):
+    import shutil
+
+    from backup_assets.core import pitr_s3
+    from backup_assets.core.retention import prune
+
+    cluster, catalog_path, folder = archiving
+    catalog = load_catalog(catalog_path)
+    storage = pitr_s3.replica_storage(catalog)
+    write_rows(cluster, 5, "before", pause=0)
+    assert cli(catalog_path, "basebackup", "--source", "app", "--kind", "full") == 0  # and replicates
+    write_rows(cluster, 10, "first window")
+    archive_now(cluster)
+    assert cli(catalog_path, "basebackup", "--source", "app", "--kind", "full") == 0
+    write_rows(cluster, 10, "second window")
+    archive_now(cluster)
+    # wal_push_s3: every segment was on S3 before PostgreSQL heard it was archived
+    local_wal = {p.name for p in folder.glob("*.json")}
+    on_s3 = {k.rsplit("/", 1)[-1] for k, _ in storage.list("wal/app/") if k.endswith(".json")}
+    assert local_wal and local_wal <= on_s3
+    assert pitr_s3.replica_intact(catalog, "app", storage).passed
+    bases = pitr.base_backups(catalog, "app")
+    later = dt.datetime.fromisoformat(bases[-1]["finished_at"]) + dt.timedelta(days=15)
+    report = prune(catalog, dry_run=False, now=later)["pitr"]["app"]
+    assert report["local"]["deleted"] == report["s3"]["deleted"] == [bases[0]["artifact"]]
+    assert report["s3"]["wal_files_deleted"] > 0
+    assert not [k for k, _ in storage.list("base/app/") if bases[0]["artifact"].split(".")[0] in k]
+    check = pitr_s3.replica_intact(catalog, "app", storage)
+    assert check.passed, check.message
+    # the local repository's base backups and WAL are lost: restore to the latest from S3 alone
+    shutil.rmtree(pitr.base_dir(catalog, "app"))
+    for p in list(folder.iterdir()):
+        p.unlink()
+    assert restored_ids(cluster, catalog_path, tmp_path, ["--latest", "--from", "s3"], capsys) == \
+        {i for i, _ in commits(cluster)}
+    assert [b["artifact"] for b in pitr.base_backups(catalog, "app")] == [bases[1]["artifact"]]

@@ -56,6 +56,10 @@ def archiving(tmp_path, monkeypatch, request):
         key_file.chmod(0o644 if os.geteuid() == 0 else 0o600)
         monkeypatch.setenv("WAL_AGE_IDENTITY", str(key_file))
         catalog["encryption"] = {"recipients": [str(identity.to_public())], "identity_file_env": "WAL_AGE_IDENTITY"}
+    if request.node.get_closest_marker("s3"):  # the catalog's S3 replica (moto's server)
+        from .conftest import s3_replication
+
+        catalog["replication"] = s3_replication(request.getfixturevalue("moto_s3"), request.getfixturevalue("bucket"))
     marker = request.node.get_closest_marker("pitr")
     if marker is not None:  # the physical tier in the catalog (its drill runs scratch clusters as the server's user)
         catalog["sources"]["app"]["pitr"] = {**({"run_as": SERVER_USER} if os.geteuid() == 0 else {}),

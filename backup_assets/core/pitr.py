@@ -619,16 +619,29 @@ def recovered_major(recovered: Recovered) -> int:
 
 # -- retention ---------------------------------------------------------------------------------------------
 
-def prune_base(catalog: Catalog, source: str, *, dry_run: bool, now: dt.datetime | None = None) -> dict:
+def prune_base(catalog: Catalog, source: str, *, dry_run: bool, now: dt.datetime | None = None,
+               storage=None) -> dict:
     """Keep what restores to any time in the last `pitr.retention_days`: the newest base backup that ended
     before that window and everything after it, the full and incremental backups those build on, and the WAL
-    from the oldest kept one's start on. Descriptions go first, so a half-pruned backup is never counted."""
+    from the oldest kept one's start on. Descriptions go first, so a half-pruned backup is never counted.
+    `storage`: the local repository (default) or the S3 replica, pruned alike from one listing each."""
     from . import wal
+    from .pitr_s3 import base_prefix, local_storage, wal_prefix
 
     now = now or _now()
+    storage = storage or local_storage(catalog)
     cfg = catalog.sources[source].pitr
     days = cfg.retention_days if cfg is not None else 14
-    bases = base_backups(catalog, source)
+    listed = dict(storage.list(base_prefix(source)))
+    bases = []
+    for key in sorted(k for k in listed if k.endswith(".json")):
+        try:
+            meta = json.loads(storage.get_bytes(key))
+        except ValueError:
+            continue
+        if listed.get(base_prefix(source) + meta["artifact"]) == meta["size_bytes"]:
+            bases.append(meta)
+    bases.sort(key=lambda m: m["finished_at"])
     cutoff = now - dt.timedelta(days=days)
     older = [b for b in bases if dt.datetime.fromisoformat(b["finished_at"]) <= cutoff]
     anchor = older[-1] if older else (bases[0] if bases else None)
@@ -638,34 +651,30 @@ def prune_base(catalog: Catalog, source: str, *, dry_run: bool, now: dt.datetime
             for member in chain_of(bases, b):
                 keep[member["artifact"]] = member
     delete = [b for b in bases if b["artifact"] not in keep]
-    folder = base_dir(catalog, source)
     freed = 0
     for b in delete:
         freed += b["size_bytes"] + (b["manifest"]["size_bytes"] if b.get("manifest") else 0)
         if not dry_run:
-            (folder / f"{b['artifact']}.json").unlink(missing_ok=True)
-            if b.get("manifest"):
-                (folder / b["manifest"]["artifact"]).unlink(missing_ok=True)
-            (folder / b["artifact"]).unlink(missing_ok=True)
+            storage.delete([f"{base_prefix(source)}{b['artifact']}.json"])
+            storage.delete([base_prefix(source) + name for name in
+                            [b["artifact"]] + ([b["manifest"]["artifact"]] if b.get("manifest") else [])])
     wal_deleted = 0
-    kept_sorted = sorted(keep.values(), key=lambda m: m["start_wal"][8:])
-    if kept_sorted:
-        first = kept_sorted[0]["start_wal"][8:]
-        wfolder = wal.wal_dir(catalog, source)
-        for meta_path in sorted(wfolder.glob("*.json")) if wfolder.is_dir() else []:
-            name = meta_path.name[:-5]
+    if keep:
+        first = min(m["start_wal"][8:] for m in keep.values())
+        listed_wal = dict(storage.list(wal_prefix(source)))
+        for key in sorted(listed_wal):
+            name = key[len(wal_prefix(source)):]
+            if not name.endswith(".json"):
+                continue
+            name = name[:-5]
             if name.endswith(".history") or not wal.ARCHIVABLE.match(name) or name[8:24] >= first:
                 continue
             wal_deleted += 1
+            freed += sum(listed_wal.get(f"{wal_prefix(source)}{name}{ext}", 0) for ext in (".zst", ".zst.age"))
             if not dry_run:
-                try:
-                    stored = json.loads(meta_path.read_text()).get("stored")
-                except ValueError:
-                    stored = None
-                meta_path.unlink(missing_ok=True)
-                for leftover in ([wfolder / stored] if stored else []) + [wfolder / f"{name}.zst",
-                                                                          wfolder / f"{name}.zst.age"]:
-                    leftover.unlink(missing_ok=True)
+                storage.delete([key])
+                storage.delete([f"{wal_prefix(source)}{name}{ext}" for ext in (".zst", ".zst.age")
+                                if f"{wal_prefix(source)}{name}{ext}" in listed_wal])
     return {"retention_days": days, "base_backups_kept": len(keep), "base_backups_deleted": len(delete),
             "deleted": [b["artifact"] for b in delete], "wal_files_deleted": wal_deleted, "bytes_freed": freed,
             "oldest_restorable": (min(keep.values(), key=lambda m: m["finished_at"])["finished_at"] if keep else None)}

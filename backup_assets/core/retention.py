@@ -109,10 +109,15 @@ def prune(catalog: Catalog, *, dry_run: bool, storage=None, now: dt.datetime | N
     for where, repo in places:
         days = {t: catalog.retention_days(t, where) for t in catalog.tiers}
         report[where] = prune_repository(repo, days, dry_run=dry_run, now=now)
-    if catalog.pitr_sources():
+    if catalog.pitr_sources():  # base backups and WAL, on disk and on the replica, each by the source's pitr days
         from .pitr import prune_base
 
-        report["pitr"] = {s: prune_base(catalog, s, dry_run=dry_run, now=now) for s in catalog.pitr_sources()}
+        report["pitr"] = {}
+        for source in catalog.pitr_sources():
+            report["pitr"][source] = {"local": prune_base(catalog, source, dry_run=dry_run, now=now)}
+            if len(places) > 1 and catalog.sources[source].pitr.s3:
+                report["pitr"][source]["s3"] = prune_base(catalog, source, dry_run=dry_run, now=now,
+                                                          storage=places[1][1].storage)
     if not dry_run:
         local.sweep()
     return report

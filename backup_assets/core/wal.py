@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def _meta_path(folder: Path, name: str) -> Path:
     return folder / f"{name}.json"
 
 
-def _read_meta(folder: Path, name: str) -> dict | None:
+def read_meta(folder: Path, name: str) -> dict | None:
     try:
         meta = json.loads(_meta_path(folder, name).read_text())
     except FileNotFoundError:
@@ -88,9 +89,10 @@ def push(catalog: Catalog, source: str, path: str) -> Pushed:
         raw_sha, raw_size = _hash_file(wal)
     except OSError as exc:
         raise BackupError(f"cannot read {wal}: {exc.strerror}") from None
-    meta = _read_meta(folder, name)
+    meta = read_meta(folder, name)
     if meta is not None:
         if meta["raw_sha256"] == raw_sha and meta["raw_size"] == raw_size:
+            _second_copy(catalog, source, folder, name, meta)  # a retry after the replica failed
             return Pushed(name, folder / meta["stored"], raw_size, already=True)
         raise BackupError(f"{name} is archived already with different content (archived sha256 "
                           f"{meta['raw_sha256'][:16]}…, this one {raw_sha[:16]}…): refusing to overwrite it; two "
@@ -106,13 +108,26 @@ def push(catalog: Catalog, source: str, path: str) -> Pushed:
             raise BackupError(f"{wal} changed while it was archived ({raw_size} then {writer.raw_size} bytes)")
         written = writer.commit()
     failpoints.point("wal.before_meta")
-    write_json_atomic(_meta_path(folder, name), {
+    meta = {
         "name": name, "stored": stored.name, "stored_size": written.size_bytes, "sha256": written.sha256,
         "raw_size": raw_size, "raw_sha256": raw_sha, "encrypted": encryption is not None,
         "identity_file_env": encryption.identity_file_env if encryption else None,
         "pushed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    })
+    }
+    write_json_atomic(_meta_path(folder, name), meta)
+    _second_copy(catalog, source, folder, name, meta)
     return Pushed(name, stored, raw_size, already=False)
+
+
+def _second_copy(catalog: Catalog, source: str, folder: Path, name: str, meta: dict) -> None:
+    """With pitr.wal_push_s3 the segment is on the S3 replica too before PostgreSQL hears it is archived
+    (a failure exits non-zero: PostgreSQL keeps the segment and retries; the local copy is kept as is)."""
+    cfg = catalog.sources[source].pitr
+    if cfg is None or not cfg.wal_push_s3 or catalog.replication.s3 is None:
+        return
+    from .pitr_s3 import push_wal, replica_storage
+
+    push_wal(catalog, source, folder, name, meta, replica_storage(catalog))
 
 
 def fetch(catalog: Catalog, source: str, name: str, dest: str) -> int:
@@ -121,9 +136,23 @@ def fetch(catalog: Catalog, source: str, name: str, dest: str) -> int:
     history file)."""
     folder = wal_dir(catalog, source)
     _check_name(name)
-    meta = _read_meta(folder, name)
+    meta = read_meta(folder, name)
+    stored = folder / meta["stored"] if meta is not None else None
+    scratch = None
+    if meta is None and catalog.replication.s3 is not None:  # the local archive is gone or behind: the replica
+        import tempfile
+
+        from .pitr_s3 import fetch_wal, replica_storage
+
+        scratch = Path(tempfile.mkdtemp(prefix="backup-assets-wal-"))
+        found = fetch_wal(catalog, source, name, replica_storage(catalog), scratch)
+        if found is not None:
+            stored, meta = found
     if meta is None:
-        raise BackupError(f"{name} is not in the WAL archive of {source} ({folder})")
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        where = f"{folder}" + (" nor on the S3 replica" if catalog.replication.s3 is not None else "")
+        raise BackupError(f"{name} is not in the WAL archive of {source} ({where})")
     from .crypto import identities_for_record
 
     identities = identities_for_record(catalog, source, meta, what=name)
@@ -131,7 +160,7 @@ def fetch(catalog: Catalog, source: str, name: str, dest: str) -> int:
     tmp = partial_path(target)
     digest = hashlib.sha256()
     try:
-        with open_decompressed(folder / meta["stored"], meta["raw_size"], identities) as reader, open(tmp, "wb") as out:
+        with open_decompressed(stored, meta["raw_size"], identities) as reader, open(tmp, "wb") as out:
             while chunk := reader.read(CHUNK):
                 digest.update(chunk)
                 out.write(chunk)
@@ -143,6 +172,8 @@ def fetch(catalog: Catalog, source: str, name: str, dest: str) -> int:
         fsync_dir(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     return meta["raw_size"]
 
 
@@ -176,7 +207,7 @@ def verify(catalog: Catalog, source: str, *, since: str | None = None) -> Contin
         for path in folder.glob("*.json"):
             name = path.name[:-5]
             if SEGMENT.match(name) and (since is None or name[8:] >= since[8:]):
-                meta = _read_meta(folder, name)
+                meta = read_meta(folder, name)
                 if meta is not None:
                     metas[name] = meta
     names = sorted(metas)

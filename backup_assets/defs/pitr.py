@@ -40,6 +40,14 @@ def base_key(source: str) -> dg.AssetKey:
     return dg.AssetKey([source, "base_backup"])
 
 
+def base_replica_key(source: str) -> dg.AssetKey:
+    return dg.AssetKey([source, "base_backup_s3"])
+
+
+def replicated(catalog: Catalog, source: str) -> bool:
+    return catalog.replication.s3 is not None and catalog.sources[source].pitr.s3
+
+
 def pitr_check_names(catalog: Catalog, source: str) -> list[str]:
     names = ["base_verified", "wal_continuity", "recovery_point"]
     return names + (["pitr_drill"] if catalog.sources[source].pitr.drill else [])
@@ -62,10 +70,26 @@ def build_base_backup(catalog: Catalog, source: str, partitions) -> dg.AssetsDef
                     f"`{catalog.repository_root}/wal/{source}/`.")
     checks = [dg.AssetCheckSpec(name, asset=key, blocking=name != "recovery_point", partitions_def=partitions,
                                 description=PITR_CHECKS[name]) for name in pitr_check_names(catalog, source)]
+    specs = [spec]
+    s3 = replicated(catalog, source)
+    if s3:
+        cfg3 = catalog.replication.s3
+        specs.append(dg.AssetSpec(
+            key=base_replica_key(source), group_name=source, kinds={"s3"}, deps=[key],
+            tags={"backup_assets/tier": "physical", "backup_assets/source": source},
+            description=f"The base backups and WAL archive of {source} on s3://{cfg3.bucket}/{cfg3.prefix}: every "
+                        "kept base backup and archived WAL file the replica lacks, each verified by its SHA-256, "
+                        "its JSON last."))
+        checks.append(dg.AssetCheckSpec(
+            "replica_intact", asset=base_replica_key(source), blocking=True, partitions_def=partitions,
+            description="Every kept base backup is on the replica with its size and SHA-256, and every WAL file "
+                        "from the oldest kept base backup on."))
 
-    @dg.multi_asset(name=f"{source}__base_backup", specs=[spec], check_specs=checks, partitions_def=partitions,
+    @dg.multi_asset(name=f"{source}__base_backup", specs=specs, check_specs=checks, partitions_def=partitions,
                     can_subset=True, pool=src.pool_name(), backfill_policy=dg.BackfillPolicy.multi_run(1),
-                    description=f"The base backup of {source}'s server and its checks.")
+                    required_resource_keys={"s3"} if s3 else set(),
+                    description=f"The base backup of {source}'s server and its checks"
+                                f"{', then its S3 replica' if s3 else ''}.")
     def base_backup(context: AssetExecutionContext):
         yield from run_base_backup(catalog, context, source)
 
@@ -114,10 +138,40 @@ def run_base_backup(catalog: Catalog, context: AssetExecutionContext, source: st
                 outcome = pitr.pitr_drill(catalog, source, say=context.log.info)
         except BackupError as exc:
             outcome = pitr.Check(False, str(exc), {})
-        (context.log.info if outcome.passed else context.log.error)(f"{name}: {outcome.message}")
-        result = check_result(outcome)
-        yield dg.AssetCheckResult(asset_key=key, check_name=name, passed=result.passed, severity=result.severity,
-                                  description=result.description, metadata=result.metadata)
+        yield _result(context, key, name, outcome)
+    if not replicated(catalog, source):
+        return
+    from ..core import pitr_s3
+
+    rkey = base_replica_key(source)
+    storage = pitr_s3.replica_storage(catalog)
+    if rkey in context.selected_asset_keys:
+        try:
+            report = pitr_s3.replicate(catalog, source, storage, say=context.log.info)
+        except BackupError as exc:
+            context.log.error(f"{rkey.to_user_string()}: {exc}")
+            raise dg.Failure(description=str(exc), metadata={FAILED_ASSETS: dg.MetadataValue.json(
+                {rkey.to_user_string(): str(exc)})}) from None
+        yield dg.MaterializeResult(asset_key=rkey, metadata={
+            "uri": dg.MetadataValue.text(report["uri"]),
+            "base_backups": dg.MetadataValue.int(report["base_backups"]),
+            "wal_files": dg.MetadataValue.int(report["wal_files"]),
+            "uploaded_files": dg.MetadataValue.int(report["uploaded_files"]),
+            "uploaded_bytes": dg.MetadataValue.int(report["uploaded_bytes"]),
+        })
+    if any(c.name == "replica_intact" for c in context.selected_asset_check_keys):
+        try:
+            outcome = pitr_s3.replica_intact(catalog, source, storage)
+        except BackupError as exc:
+            outcome = pitr.Check(False, str(exc), {})
+        yield _result(context, rkey, "replica_intact", outcome)
+
+
+def _result(context, key: dg.AssetKey, name: str, outcome) -> dg.AssetCheckResult:
+    (context.log.info if outcome.passed else context.log.error)(f"{name}: {outcome.message}")
+    result = check_result(outcome)
+    return dg.AssetCheckResult(asset_key=key, check_name=name, passed=result.passed, severity=result.severity,
+                               description=result.description, metadata=result.metadata)
 
 
 def build_pitr(catalog: Catalog) -> tuple[list[dg.AssetsDefinition], list, list]:
@@ -130,8 +184,9 @@ def build_pitr(catalog: Catalog) -> tuple[list[dg.AssetsDefinition], list, list]
         warnings.simplefilter("ignore", dg.BetaWarning)
         warnings.simplefilter("ignore", dg.PreviewWarning)
         assets = [build_base_backup(catalog, s, partitions) for s in sources]
+    keys = [base_key(s) for s in sources] + [base_replica_key(s) for s in sources if replicated(catalog, s)]
     job = dg.define_asset_job(
-        BASE_BACKUPS_JOB, selection=dg.AssetSelection.assets(*[base_key(s) for s in sources]),
+        BASE_BACKUPS_JOB, selection=dg.AssetSelection.assets(*keys),
         description="Base backups of the servers that archive their WAL, with their checks (pg_verifybackup, WAL "
                     "continuity, recovery point, the point-in-time drill).",
         tags={"backup_assets/tier": "physical"},
