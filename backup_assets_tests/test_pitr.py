@@ -89,6 +89,17 @@ def test_incremental_base_backups_combine_and_restore_exactly_inside_each_window
         expected = {i for i, ts in stamped if ts <= target}
         assert ids == expected, (k, sorted(ids ^ expected))
     assert restored_ids(cluster, catalog_path, tmp_path, ["--latest"], capsys) == {i for i, _ in stamped}
+    # the metrics: the newest base backup (its kind) and where the window starts
+    assert cli(catalog_path, "metrics") == 0
+    text = capsys.readouterr().out
+    newest = dt.datetime.fromisoformat(metas[2]["finished_at"]).timestamp()
+    start = dt.datetime.fromisoformat(metas[0]["finished_at"]).timestamp()
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values['backup_assets_base_backup_last_timestamp_seconds{kind="incremental",source="app"}'] == \
+        pytest.approx(newest)
+    assert values['backup_assets_pitr_window_start_timestamp_seconds{source="app"}'] == pytest.approx(start)
+    assert values['backup_assets_base_backup_count{source="app"}'] == 3
     # an incremental whose parent is gone cannot be restored: said, nothing built
     folder = pitr.base_dir(catalog, "app")
     (folder / f"{metas[1]['artifact']}.json").rename(folder / "parked.json")

@@ -13,7 +13,8 @@ durations in seconds, one label set per backup kind); ours are per source, group
     backup_assets_check_last_run_timestamp_seconds{check}
     backup_assets_drill_rto_seconds                       the last restore drill's recovery time
     backup_assets_wal_last_archived_timestamp_seconds, _wal_since_last_archived_seconds, _wal_segments,
-    _wal_gaps, _base_backup_count               per source with a WAL archive (point-in-time recovery)
+    _wal_gaps, _base_backup_count, _base_backup_last_timestamp_seconds{kind},
+    _pitr_window_start_timestamp_seconds        per source with a WAL archive (point-in-time recovery)
     backup_assets_repository_bytes, _disk_free_bytes, _disk_total_bytes
     backup_assets_exporter_scrape_duration_seconds
 
@@ -115,6 +116,9 @@ class RepositoryCollector:
         gaps = gauge("wal_gaps", "Missing WAL segments runs since the oldest base backup (0 when continuous).",
                      ["source"])
         bases = gauge("base_backup_count", "Base backups kept for point-in-time recovery.", ["source"])
+        newest = gauge("base_backup_last_timestamp_seconds", "When the newest base backup ended.", ["source", "kind"])
+        window = gauge("pitr_window_start_timestamp_seconds", "The earliest time a point-in-time restore can reach "
+                       "(the oldest kept base backup's end).", ["source"])
         now = time.time()
         for name, src in self.catalog.sources.items():
             if src.engine != "postgres" or not (self.catalog.repository_root / "wal" / name).is_dir():
@@ -124,11 +128,14 @@ class RepositoryCollector:
             segments.add_metric([name], result.segments)
             gaps.add_metric([name], len(result.gaps))
             bases.add_metric([name], len(kept))
+            if kept:
+                newest.add_metric([name, kept[-1].get("kind", "full")], _timestamp(kept[-1]["finished_at"]))
+                window.add_metric([name], _timestamp(kept[0]["finished_at"]))
             at = _timestamp(result.newest_pushed_at)
             if at is not None:
                 last.add_metric([name], at)
                 age.add_metric([name], max(0.0, now - at))
-        yield from (last, age, segments, gaps, bases)
+        yield from (last, age, segments, gaps, bases, newest, window)
 
 
 def _timestamp(text) -> float | None:
