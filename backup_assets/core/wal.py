@@ -130,7 +130,7 @@ def _second_copy(catalog: Catalog, source: str, folder: Path, name: str, meta: d
     push_wal(catalog, source, folder, name, meta, replica_storage(catalog))
 
 
-def fetch(catalog: Catalog, source: str, name: str, dest: str) -> int:
+def fetch(catalog: Catalog, source: str, name: str, dest: str, *, durable: bool = True) -> int:
     """Restore one archived WAL file to `dest` (the %p of restore_command); returns its size. A name that is
     not archived raises BackupError (PostgreSQL asks for files that may not exist, e.g. the next timeline's
     history file)."""
@@ -165,11 +165,13 @@ def fetch(catalog: Catalog, source: str, name: str, dest: str) -> int:
                 digest.update(chunk)
                 out.write(chunk)
             out.flush()
-            os.fsync(out.fileno())
+            if durable:
+                os.fsync(out.fileno())
         if digest.hexdigest() != meta["raw_sha256"]:
             raise BackupError(f"{name}: the archived copy does not match its checksum; not restored")
         os.replace(tmp, target)
-        fsync_dir(target.parent)
+        if durable:
+            fsync_dir(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
         if scratch is not None:
