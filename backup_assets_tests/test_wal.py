@@ -28,7 +28,7 @@ def cli(catalog_path, *args) -> int:
 
 
 def push_command(catalog_path: Path) -> str:
-    return f"{sys.executable} -m backup_assets.cli --catalog {catalog_path} wal-push --source app %p"
+    return f"{sys.executable} -m backup_assets --catalog {catalog_path} wal-push --source app %p"
 
 
 @pytest.fixture(params=[18])
@@ -375,3 +375,49 @@ def test_an_encrypted_base_backup_and_wal_restore_to_the_latest(archiving, tmp_p
             assert conn.execute("SELECT count(*) FROM secret_rows").fetchone()[0] == 500
     finally:
         LocalCluster(cluster.bin_dir, pgdata, port, cluster.password).stop()
+
+
+def test_the_fast_wal_path_follows_every_change_of_the_catalog_and_its_environment(tmp_path):
+    """`backup-assets wal-push` (what PostgreSQL runs per segment) caches the catalog's WAL facts: a changed file
+    or a changed variable it references is a different catalog; a broken one is one line and a non-zero exit."""
+    import tempfile
+
+    catalog_path = tmp_path / "catalog.yaml"
+    seg = tmp_path / "000000010000000000000007"
+    seg.write_bytes(os.urandom(1 << 16))
+
+    def run(root_env: str, *args) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "BACKUP_ASSETS_CATALOG"}
+        env["WAL_TEST_ROOT"] = root_env
+        return subprocess.run([sys.executable, "-m", "backup_assets", "--catalog", str(catalog_path), *args],
+                              capture_output=True, text=True, env=env)
+
+    catalog_path.write_text(yaml.safe_dump({"repository": {"root": "${WAL_TEST_ROOT}/one"}, "sources": {"app": {
+        "engine": "postgres", "groups": {"full": {}}, "connection": {"dbname": "x"}}}}))
+    for _ in range(2):  # the second run reads the cache
+        done = run(str(tmp_path / "a"), "wal-push", "--source", "app", str(seg))
+        assert done.returncode == 0, done.stderr
+    assert (tmp_path / "a" / "one" / "wal" / "app" / f"{seg.name}.json").exists()
+    cache = Path(tempfile.gettempdir()) / f"backup-assets-{os.getuid()}"
+    assert cache.stat().st_mode & 0o077 == 0 and list(cache.glob("wal-*.json"))
+    # another value of the variable: another repository
+    assert run(str(tmp_path / "b"), "wal-push", "--source", "app", str(seg)).returncode == 0
+    assert (tmp_path / "b" / "one" / "wal" / "app" / f"{seg.name}.json").exists()
+    # an edited catalog: followed at once
+    catalog_path.write_text(catalog_path.read_text().replace("/one", "/two"))
+    assert run(str(tmp_path / "a"), "wal-push", "--source", "app", str(seg)).returncode == 0
+    assert (tmp_path / "a" / "two" / "wal" / "app" / f"{seg.name}.json").exists()
+    # the segment comes back through the fast wal-fetch
+    back = run(str(tmp_path / "a"), "wal-fetch", "--source", "app", seg.name, str(tmp_path / "back"))
+    assert back.returncode == 0, back.stderr
+    assert (tmp_path / "back").read_bytes() == seg.read_bytes()
+    # a broken catalog: one line naming the file, non-zero (PostgreSQL keeps the segment and retries)
+    catalog_path.write_text("sources: [not, a, mapping")
+    broken = run(str(tmp_path / "a"), "wal-push", "--source", "app", str(seg))
+    assert broken.returncode == 1 and len(broken.stderr.strip().splitlines()) == 1
+    assert str(catalog_path) in broken.stderr and "not valid YAML" in broken.stderr
+    # an unknown source: said
+    catalog_path.write_text(yaml.safe_dump({"repository": {"root": str(tmp_path / "c")}, "sources": {"app": {
+        "engine": "postgres", "groups": {"full": {}}, "connection": {"dbname": "x"}}}}))
+    other = run("", "wal-push", "--source", "nope", str(seg))
+    assert other.returncode == 1 and "'nope' is not a postgres source" in other.stderr

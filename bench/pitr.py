@@ -121,7 +121,7 @@ def bench_pitr(work: Path, seconds: int = 45) -> dict:
         catalog.chmod(0o644)
         os.chown(repo, user.pw_uid, user.pw_gid)
         _open_path_for(Path(sys.executable).resolve())
-    push = f"{sys.executable} -m backup_assets.cli --catalog {catalog} wal-push --source bench %p"
+    push = f"{sys.executable} -m backup_assets --catalog {catalog} wal-push --source bench %p"
     with open(c.data_dir / "postgresql.auto.conf", "a") as conf:
         conf.write(f"archive_mode = on\narchive_command = '{push}'\narchive_timeout = 60\n")
     c.start()

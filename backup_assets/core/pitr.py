@@ -364,7 +364,7 @@ def restore_to_time(catalog: Catalog, source: str, pgdata: str, *, to_time: dt.d
     script.write_text(
         "#!/bin/sh\n# backup_assets point-in-time recovery: restore_command %f %p\n"
         f'if [ -f "{spool}/$1" ]; then exec mv -f "{spool}/$1" "$2"; fi\n'
-        f"exec {shlex.quote(sys.executable)} -m backup_assets.cli --catalog {shlex.quote(str(catalog.catalog_path))} "
+        f"exec {shlex.quote(sys.executable)} -m backup_assets --catalog {shlex.quote(str(catalog.catalog_path))} "
         f'wal-fetch --source {source} "$1" "$2"\n')
     script.chmod(0o700)
     settings = [f"restore_command = '{script} %f %p'", "archive_mode = off", "recovery_target_timeline = 'latest'",

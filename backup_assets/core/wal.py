@@ -23,9 +23,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..catalog import Catalog
+from typing import TYPE_CHECKING
+
 from . import BackupError, failpoints
 from .artifact import ArtifactWriter, ensure_dir, fsync_dir, open_decompressed, partial_path, write_json_atomic
+
+if TYPE_CHECKING:
+    from ..catalog import Catalog
 
 SEGMENT = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})$")
 # segments, timeline history files, backup history files, a promoted standby's last partial segment

@@ -105,7 +105,7 @@ def enable_archiving(cluster: LocalCluster, home: Path) -> None:
         _open_path_for(folder)
         _open_path_for(Path(sys.executable).resolve())
         _open_path_for(DEMO_CATALOG)
-    command = (f"BACKUP_ASSETS_DEMO_HOME={shlex.quote(str(home))} {shlex.quote(sys.executable)} -m backup_assets.cli "
+    command = (f"BACKUP_ASSETS_DEMO_HOME={shlex.quote(str(home))} {shlex.quote(sys.executable)} -m backup_assets "
                f"--catalog {shlex.quote(str(DEMO_CATALOG))} wal-push --source myloware %p")
     wanted = {"archive_mode": "on", "archive_command": command, "archive_timeout": "1min", "summarize_wal": "on",
               "wal_level": "replica"}
