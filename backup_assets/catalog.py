@@ -22,11 +22,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .core.names import NameError_, TableName
 
-TIER_NAMES = ("daily", "weekly", "monthly")
+TIER_NAMES = ("hourly", "daily", "weekly", "monthly")
+# tiers a source has when it lists none: hourly is opt-in per source (`tiers: [hourly, daily, ...]`)
+DEFAULT_TIERS = ("daily", "weekly", "monthly")
 GLOBALS_GROUP = "globals"
 IDENT = r"^[A-Za-z_][A-Za-z0-9_]*$"
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
-DEFAULT_RETENTION = {"daily": 7, "weekly": 28, "monthly": 180}
+# the hourly tier runs at this minute past every hour (the minute of its `time`) unless set
+HOURLY_TIME = "00:15"
+DEFAULT_RETENTION = {"hourly": 2, "daily": 7, "weekly": 28, "monthly": 180}
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -477,7 +481,7 @@ class Catalog(_Model):
     metrics: Metrics = Metrics()
     # backup-health: how old the newest good backup of a tier may be (recovery point objective)
     rpo_hours: dict[Literal[TIER_NAMES], Annotated[float, Field(gt=0)]] = {  # type: ignore[valid-type]
-        "daily": 26, "weekly": 7 * 24 + 2, "monthly": 31 * 24 + 2}
+        "hourly": 2, "daily": 26, "weekly": 7 * 24 + 2, "monthly": 31 * 24 + 2}
     # set by the loader, not by the file
     catalog_path: str | None = None
 
@@ -500,10 +504,13 @@ class Catalog(_Model):
                 raise ValueError(f"unknown tier {name!r} (expected one of {', '.join(TIER_NAMES)})")
             cfg = dict(cfg or {})
             cfg.setdefault("retention_days", DEFAULT_RETENTION[name])
-            cfg.setdefault("drill", name != "daily")
+            cfg.setdefault("drill", name in ("weekly", "monthly"))
+            if name == "hourly":
+                cfg.setdefault("time", HOURLY_TIME)
             merged[name] = cfg
         for name in TIER_NAMES:
-            merged.setdefault(name, {"retention_days": DEFAULT_RETENTION[name], "drill": name != "daily"})
+            merged.setdefault(name, {"retention_days": DEFAULT_RETENTION[name], "drill": name in ("weekly", "monthly"),
+                                     **({"time": HOURLY_TIME} if name == "hourly" else {})})
         return merged
 
     @field_validator("sources")
@@ -556,7 +563,7 @@ class Catalog(_Model):
 
     def source_tiers(self, source: str) -> list[str]:
         src = self.sources[source]
-        wanted = src.tiers if src.tiers is not None else list(TIER_NAMES)
+        wanted = src.tiers if src.tiers is not None else list(DEFAULT_TIERS)
         return [t for t in TIER_NAMES if t in wanted and self.tiers[t].enabled]
 
     def pitr_sources(self) -> list[str]:

@@ -22,7 +22,7 @@ from backup_assets.core import pitr, wal
 from backup_assets.core.artifact import ArtifactWriter, open_decompressed
 from backup_assets.demo.cluster import LocalCluster, free_port
 
-from .test_wal import SERVER_USER, archiving, cli, wait_archived_through  # noqa: F401 (the fixture)
+from .test_wal import SERVER_USER, cli, wait_archived_through
 
 
 def write_rows(cluster, n: int, note: str, pause: float = 0.02) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pwd
 import subprocess
 import sys
 import time
@@ -18,68 +17,13 @@ import yaml
 from backup_assets.catalog import load_catalog
 from backup_assets.cli import main
 from backup_assets.core import failpoints, wal
-from backup_assets.demo.cluster import LocalCluster, _open_path_for, debian_bin_dir, embedded_bin_dir, free_port
+from backup_assets.demo.cluster import LocalCluster, free_port
 
-SERVER_USER = "backup_assets_pg"
+from .conftest import WAL_SERVER_USER as SERVER_USER
 
 
 def cli(catalog_path, *args) -> int:
     return main(["--catalog", str(catalog_path), *args])
-
-
-def push_command(catalog_path: Path) -> str:
-    return f"{sys.executable} -m backup_assets --catalog {catalog_path} wal-push --source app %p"
-
-
-@pytest.fixture(params=[18])
-def archiving(tmp_path, monkeypatch, request):
-    """A PostgreSQL 18 server whose archive_command is `backup-assets wal-push` into a repository that the
-    server's own user writes (as in production: the archive command runs as the server's user)."""
-    root = tmp_path / "shared"
-    root.mkdir()
-    repo = root / "backups"
-    repo.mkdir()
-    bin_dir = embedded_bin_dir() if request.param == 18 else debian_bin_dir(request.param)
-    assert bin_dir is not None, f"PostgreSQL {request.param} is not installed"
-    cluster = LocalCluster(bin_dir, tmp_path / "pg", free_port(), "wal-" + os.urandom(6).hex())
-    catalog = {"repository": {"root": str(repo)}, "start_date": "2026-11-01",
-               "sources": {"app": {"engine": "postgres", "groups": {"full": {}}, "connection": {
-                   "host": cluster.host, "port": cluster.port, "dbname": "postgres", "user": "postgres",
-                   "password_env": "WAL_TEST_PG_PASSWORD"}}}}
-    monkeypatch.setenv("WAL_TEST_PG_PASSWORD", cluster.password)
-    if request.node.get_closest_marker("encrypted"):  # age: the server's user reads the identity (restore_command)
-        import pyrage
-
-        identity = pyrage.x25519.Identity.generate()
-        key_file = root / "age.key"
-        key_file.write_text(str(identity) + "\n")
-        key_file.chmod(0o644 if os.geteuid() == 0 else 0o600)
-        monkeypatch.setenv("WAL_AGE_IDENTITY", str(key_file))
-        catalog["encryption"] = {"recipients": [str(identity.to_public())], "identity_file_env": "WAL_AGE_IDENTITY"}
-    if request.node.get_closest_marker("s3"):  # the catalog's S3 replica (moto's server)
-        from .conftest import s3_replication
-
-        catalog["replication"] = s3_replication(request.getfixturevalue("moto_s3"), request.getfixturevalue("bucket"))
-    marker = request.node.get_closest_marker("pitr")
-    if marker is not None:  # the physical tier in the catalog (its drill runs scratch clusters as the server's user)
-        catalog["sources"]["app"]["pitr"] = {**({"run_as": SERVER_USER} if os.geteuid() == 0 else {}),
-                                             **marker.kwargs}
-    path = root / "catalog.yaml"
-    path.write_text(yaml.safe_dump(catalog))
-    cluster.init()
-    if os.geteuid() == 0:  # the server runs as its own user: it must reach the catalog and write the repository
-        user = pwd.getpwnam(SERVER_USER)
-        _open_path_for(repo)
-        root.chmod(0o755)
-        path.chmod(0o644)
-        os.chown(repo, user.pw_uid, user.pw_gid)
-        _open_path_for(Path(sys.executable).resolve())  # the interpreter the archive command runs
-    with open(cluster.data_dir / "postgresql.auto.conf", "a") as conf:
-        conf.write(f"archive_mode = on\narchive_command = '{push_command(path)}'\nwal_level = replica\n"
-                   "track_commit_timestamp = on\n" + ("summarize_wal = on\n" if request.param >= 17 else ""))
-    cluster.start()
-    yield cluster, path, repo / "wal" / "app"
-    cluster.destroy()
 
 
 def archived(cluster, count: int, timeout: float = 60) -> None:

@@ -41,7 +41,7 @@ def asset_key_path(source: str, group: str, tier: str) -> str:
 def window(tier: str, partition: str) -> tuple[dt.date, dt.date]:
     """[first, last] day covered by a partition of a tier."""
     start = dt.date.fromisoformat(partition[:10])
-    if tier == "daily":
+    if tier in ("hourly", "daily"):
         return start, start
     if tier == "weekly":
         return start, start + dt.timedelta(days=6)
@@ -66,7 +66,7 @@ def run_backup(catalog: Catalog, source: str, group: str, tier: str, partition: 
         raise BackupError(f"{source}/{group}/{tier} is not in the catalog")
     repo = repository_for(catalog)
     repo.sweep()
-    if tier != "daily" and "daily" in catalog.source_tiers(source):
+    if tier in ("weekly", "monthly") and "daily" in catalog.source_tiers(source):
         day = boundary_day(tier, partition)
         daily = repo.latest(source, group, "daily", day)
         if daily is not None and _artifact_looks_complete(daily):

@@ -33,10 +33,10 @@ from .owner import Owner, age_of
 from .storage import Storage
 from .storage.local import SCRATCH, LocalStorage
 
-TIERS = ("daily", "weekly", "monthly")
+TIERS = ("hourly", "daily", "weekly", "monthly")
 STAMP = "%Y%m%dT%H%M%S%fZ"
 ARTIFACT_NAME = re.compile(r"^(?P<source>[A-Za-z_][A-Za-z0-9_]*)-(?P<group>[A-Za-z_][A-Za-z0-9_]*)-"
-                           r"(?P<partition>\d{4}-\d{2}-\d{2})-(?P<stamp>\d{8}T\d{12}Z)\.(?P<ext>dump|db|json)\.zst"
+                           r"(?P<partition>\d{4}-\d{2}-\d{2}(?:T\d{2})?)-(?P<stamp>\d{8}T\d{12}Z)\.(?P<ext>dump|db|json)\.zst"
                            r"(?P<age>\.age)?$")
 CHECKS_SUFFIX = ".checks.json"
 
@@ -191,7 +191,7 @@ class LocalRepository(Repository):
 
     def manifests(self) -> Iterator[Path]:
         for engine in EXTENSIONS:
-            for tier in ("daily", "weekly", "monthly"):
+            for tier in TIERS:
                 folder = self.folder(engine, tier)
                 if folder.is_dir():
                     for path in sorted(folder.iterdir()):
@@ -274,7 +274,7 @@ class LocalRepository(Repository):
         write): never a backup, reported and swept."""
         found = []
         for engine in EXTENSIONS:
-            for tier in ("daily", "weekly", "monthly"):
+            for tier in TIERS:
                 folder = self.folder(engine, tier)
                 if not folder.is_dir():
                     continue

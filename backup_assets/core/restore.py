@@ -140,7 +140,7 @@ def choose_backup(catalog: Catalog, *, source: str, group: str, tier: str | None
     if group not in catalog.sources[source].group_names():
         raise BackupError(f"source {source!r} has no group {group!r}")
     repo = repository_for(catalog)
-    tiers = [tier] if tier else ["daily", "weekly", "monthly"]
+    tiers = [tier] if tier else ["daily", "weekly", "monthly", "hourly"]
     if partition:
         for t in tiers:
             try:

@@ -11,7 +11,9 @@ KIND = {"postgres": "postgres", "sqlite": "sqlite"}
 
 def upstream_tier(catalog: Catalog, source: str, tier: str) -> str | None:
     """daily → weekly → monthly, skipping tiers the source does not have."""
-    tiers = catalog.source_tiers(source)
+    tiers = [t for t in catalog.source_tiers(source) if t != "hourly"]  # hourly copies stand on their own
+    if tier not in tiers:
+        return None
     earlier = [t for t in tiers[: tiers.index(tier)]]
     return earlier[-1] if earlier else None
 
@@ -45,7 +47,7 @@ def backup_spec(catalog: Catalog, source: str, group: str, tier: str) -> dg.Asse
     if upstream is not None:
         deps.append(dg.AssetDep(backup_key(source, group, upstream), partition_mapping=dg.TimeWindowPartitionMapping()))
     promoted = " Promoted from the daily backup of the last day of its window (a hard link, no second dump)." if (
-        tier != "daily" and "daily" in catalog.source_tiers(source)) else ""
+        tier in ("weekly", "monthly") and "daily" in catalog.source_tiers(source)) else ""
     description = (
         f"{tier.capitalize()} {src.engine} backup of {source} ({group}: {what}). On disk: one file per "
         f"backup in `{catalog.repository_root}/{src.engine}/{tier}/`, named "

@@ -6,6 +6,8 @@ import dagster as dg
 
 from ..catalog import WEEKDAYS, Catalog
 
+HOURLY_FMT = "%Y-%m-%dT%H"
+
 # dagster counts weekdays from Sunday = 0
 DAGSTER_WEEKDAY = {day: (i + 1) % 7 for i, day in enumerate(WEEKDAYS)}
 
@@ -13,6 +15,9 @@ DAGSTER_WEEKDAY = {day: (i + 1) % 7 for i, day in enumerate(WEEKDAYS)}
 def partitions_for(catalog: Catalog, tier: str) -> dg.TimeWindowPartitionsDefinition:
     start = catalog.start_date.isoformat()
     tz = catalog.tier_timezone(tier)
+    if tier == "hourly":
+        # keys like 2026-12-02T03 (no colon: they are part of file and object names)
+        return dg.HourlyPartitionsDefinition(start_date=f"{start}T00", fmt=HOURLY_FMT, timezone=tz)
     if tier == "daily":
         return dg.DailyPartitionsDefinition(start_date=start, timezone=tz)
     if tier == "weekly":

@@ -17,6 +17,7 @@ from .partitions import DAGSTER_WEEKDAY
 
 # freshness per tier: (warn after, fail after)
 FRESHNESS = {
+    "hourly": (dt.timedelta(hours=2), dt.timedelta(hours=3)),
     "daily": (dt.timedelta(hours=26), dt.timedelta(hours=30)),
     "weekly": (dt.timedelta(days=7, hours=2), dt.timedelta(days=7, hours=6)),
     "monthly": (dt.timedelta(days=31, hours=2), dt.timedelta(days=32)),
@@ -258,6 +259,12 @@ def build_schedules(catalog: Catalog, tier_jobs: list, maintenance_job) -> list:
         if job is None:
             continue
         extra = {}
+        if tier == "hourly":
+            schedules.append(dg.build_schedule_from_partitioned_job(
+                job, name="hourly_backup_schedule", minute_of_hour=cfg.minute,
+                default_status=dg.DefaultScheduleStatus.RUNNING,
+                description=f"Hourly backups at {cfg.minute:02d} past every hour, the hour that just ended."))
+            continue
         if tier == "weekly":
             extra["day_of_week"] = DAGSTER_WEEKDAY[cfg.day_of_week]
         if tier == "monthly":
