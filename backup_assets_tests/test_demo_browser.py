@@ -157,8 +157,13 @@ def test_the_ui_shows_lineage_partitions_checks_and_running_automation(demo, bro
     assert text.count("Succeeded") >= 4, text
     browser.save_screenshot(str(shots / "checks.png"))
 
+    # the physical tier of the demo's server: its base backup asset with the point-in-time checks
+    visit(browser, f"{base}/assets/myloware/base_backup?view=checks", "base_verified", "wal_continuity",
+          "recovery_point", "pitr_drill")
+
     names = ["daily_backup_schedule", "weekly_backup_schedule", "monthly_backup_schedule", "maintenance_schedule",
-             "dr_drill_schedule", "run_failure_alerts", "check_failure_alerts", "freshness_alerts", "disk_space_alerts"]
+             "dr_drill_schedule", "base_backup_schedule", "hourly_backup_schedule", "run_failure_alerts",
+             "check_failure_alerts", "freshness_alerts", "disk_space_alerts"]
     visit(browser, f"{base}/automation", *names)
     toggles = [b for b in browser.find_elements(By.CSS_SELECTOR, "input[type=checkbox]") if b.is_selected()]
     assert len(toggles) == len(names), f"{len(toggles)} of {len(names)} schedules and sensors are running"
