@@ -155,6 +155,12 @@ def test_the_drill_proves_a_random_time_and_retention_keeps_exactly_the_window(a
         assert f"recovery stopping before commit of transaction {after_xid}" in drill.metadata["reached"]
         assert drill.metadata["amcheck"] == "clean" and drill.metadata["tables_read"] >= 1
     assert not list(tmp_path.glob("backup-assets-pitr-drill-*"))
+    if os.geteuid() == 0:  # as root without pitr.run_as: said, nothing started
+        src = catalog.sources["app"]
+        bare = catalog.model_copy(update={"sources": {"app": src.model_copy(update={
+            "pitr": src.pitr.model_copy(update={"run_as": None})})}})
+        refused = pitr.pitr_drill(bare, "app", rng=random.Random(3))
+        assert not refused.passed and "set sources.app.pitr.run_as" in refused.message
     assert pitr.wal_continuity(catalog, "app").passed
     # retention: once the window (14 days) starts after the second base backup ended, the first one and the WAL
     # before the second's start go; restoring to the latest still works, and the continuity check still passes

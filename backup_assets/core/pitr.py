@@ -635,6 +635,9 @@ def pitr_drill(catalog: Catalog, source: str, *, rng=None, say=lambda _m: None) 
         return Check(False, "no two commits after the oldest base backup in the archive: nothing to restore to "
                             "(is anything written to the server, is archive_timeout set?)", {}, warn=True)
     target, before, after = picked
+    if os.geteuid() == 0 and not (cfg and cfg.run_as):
+        return Check(False, f"the drill's scratch cluster cannot run as root: set sources.{source}.pitr.run_as to the "
+                            "server's OS user (e.g. postgres)", md_target(target, before, after))
     scratch = _scratch("backup-assets-pitr-drill-")
     user = pwd.getpwnam(cfg.run_as) if os.geteuid() == 0 and cfg and cfg.run_as else None
     if user is not None:
@@ -642,8 +645,7 @@ def pitr_drill(catalog: Catalog, source: str, *, rng=None, say=lambda _m: None) 
     pgdata = scratch / "pgdata"
     started = time.monotonic()
     recovered = None
-    md: dict = {"target": target.isoformat(), "commit_before": f"{before[0]} at {before[1].isoformat()}",
-                "commit_after": f"{after[0]} at {after[1].isoformat()}"}
+    md = md_target(target, before, after)
     try:
         recovered = restore_to_time(catalog, source, str(pgdata), to_time=target, port=_free_port(),
                                     run_as=cfg.run_as if cfg else None, say=say, local_trust=True)
@@ -667,6 +669,11 @@ def pitr_drill(catalog: Catalog, source: str, *, rng=None, say=lambda _m: None) 
         if recovered is not None:
             recovered.stop()
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def md_target(target: dt.datetime, before: tuple, after: tuple) -> dict:
+    return {"target": target.isoformat(), "commit_before": f"{before[0]} at {before[1].isoformat()}",
+            "commit_after": f"{after[0]} at {after[1].isoformat()}"}
 
 
 def _prove(catalog: Catalog, source: str, recovered: Recovered) -> tuple[int, int, list[str]]:
