@@ -165,11 +165,20 @@ def test_the_drill_proves_a_random_time_and_retention_keeps_exactly_the_window(a
     # retention: once the window (14 days) starts after the second base backup ended, the first one and the WAL
     # before the second's start go; restoring to the latest still works, and the continuity check still passes
     later = dt.datetime.fromisoformat(second["finished_at"]) + dt.timedelta(days=14, minutes=1)
+    # the files of a base backup killed before its JSON: never counted; gone once a day old, not before
+    folder_b = pitr.base_dir(catalog, "app")
+    old_orphan = folder_b / "base-20261101T000000000000Z.tar.zst"
+    new_orphan = folder_b / f"base-{(later - dt.timedelta(hours=1)).strftime('%Y%m%dT%H%M%S%fZ')}.manifest.zst"
+    for orphan in (old_orphan, new_orphan):
+        orphan.write_bytes(b"partial")
     dry = pitr.prune_base(catalog, "app", dry_run=True, now=later)
+    assert dry["orphans_deleted"] == 1 and old_orphan.exists()
     assert dry["deleted"] == [first["artifact"]] and dry["wal_files_deleted"] > 0
     assert len(pitr.base_backups(catalog, "app")) == 2
     report = pitr.prune_base(catalog, "app", dry_run=False, now=later)
     assert report == dry
+    assert not old_orphan.exists() and new_orphan.exists()
+    new_orphan.unlink()
     assert [b["artifact"] for b in pitr.base_backups(catalog, "app")] == [second["artifact"]]
     assert not list(pitr.base_dir(catalog, "app").glob(first["artifact"].split(".")[0] + "*"))
     left = wal.verify(catalog, "app")

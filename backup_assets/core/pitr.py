@@ -750,6 +750,14 @@ def prune_base(catalog: Catalog, source: str, *, dry_run: bool, now: dt.datetime
                 keep[member["artifact"]] = member
     delete = [b for b in bases if b["artifact"] not in keep]
     freed = 0
+    # files of a base backup killed before its JSON was written (never counted): gone once a day old
+    described = {_stamp(k[len(base_prefix(source)):]) for k in listed if k.endswith(".json")}
+    orphans = [k for k in listed if not k.endswith(".json") and _stamp(k[len(base_prefix(source)):]) not in described
+               and _stamp_age(k[len(base_prefix(source)):], now) > dt.timedelta(days=1)]
+    for key in orphans:
+        freed += listed[key]
+    if orphans and not dry_run:
+        storage.delete(orphans)
     for b in delete:
         freed += b["size_bytes"] + (b["manifest"]["size_bytes"] if b.get("manifest") else 0)
         if not dry_run:
@@ -774,5 +782,20 @@ def prune_base(catalog: Catalog, source: str, *, dry_run: bool, now: dt.datetime
                 storage.delete([f"{wal_prefix(source)}{name}{ext}" for ext in (".zst", ".zst.age")
                                 if f"{wal_prefix(source)}{name}{ext}" in listed_wal])
     return {"retention_days": days, "base_backups_kept": len(keep), "base_backups_deleted": len(delete),
+            "orphans_deleted": len(orphans),
             "deleted": [b["artifact"] for b in delete], "wal_files_deleted": wal_deleted, "bytes_freed": freed,
             "oldest_restorable": (min(keep.values(), key=lambda m: m["finished_at"])["finished_at"] if keep else None)}
+
+
+def _stamp(name: str) -> str | None:
+    match = re.match(r"base-(\d{8}T\d{12}Z)\.", name)
+    return match.group(1) if match else None
+
+
+def _stamp_age(name: str, now: dt.datetime) -> dt.timedelta:
+    """How old a base backup file is by the time in its name (base-20261202T154218078907Z...); a name that is not
+    ours is never old enough to delete."""
+    stamp = _stamp(name)
+    if stamp is None:
+        return dt.timedelta(0)
+    return now - dt.datetime.strptime(stamp, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=dt.timezone.utc)
