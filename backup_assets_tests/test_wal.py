@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -365,3 +366,21 @@ def test_the_fast_wal_path_follows_every_change_of_the_catalog_and_its_environme
         "engine": "postgres", "groups": {"full": {}}, "connection": {"dbname": "x"}}}}))
     other = run("", "wal-push", "--source", "nope", str(seg))
     assert other.returncode == 1 and "'nope' is not a postgres source" in other.stderr
+
+
+def test_wal_fetch_says_when_the_replica_cannot_be_reached_rather_than_calling_the_segment_missing(tmp_path, capsys,
+                                                                                                     monkeypatch):
+    """A segment missing locally is looked for on the S3 replica; an unreachable replica is an error of its own
+    (PostgreSQL retries), never reported as the end of the archive."""
+    monkeypatch.setenv("WAL_S3_KEY", "k")
+    monkeypatch.setenv("WAL_S3_SECRET", "s")
+    catalog_path = tmp_path / "catalog.yaml"
+    catalog_path.write_text(yaml.safe_dump({"repository": {"root": str(tmp_path / "repo")}, "sources": {"app": {
+        "engine": "postgres", "groups": {"full": {}}, "connection": {"dbname": "x"}}},
+        "replication": {"s3": {"bucket": "b", "endpoint_url": f"http://127.0.0.1:{free_port()}", "region": "us-east-1",
+                               "access_key_id_env": "WAL_S3_KEY", "secret_access_key_env": "WAL_S3_SECRET"}}}))
+    assert cli(catalog_path, "wal-fetch", "--source", "app", "000000010000000000000009", str(tmp_path / "x")) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not in the WAL archive" not in err and "127.0.0.1" in err, err
+    assert not (tmp_path / "x").exists()
+    assert not list(Path(tempfile.gettempdir()).glob("backup-assets-wal-*"))

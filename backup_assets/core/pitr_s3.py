@@ -157,10 +157,10 @@ def fetch_wal(catalog: Catalog, source: str, name: str, storage, scratch: Path) 
     """An archived WAL file from the replica: (its stored file downloaded into `scratch`, its JSON), or None."""
     from .artifact import sha256_file
 
-    try:
-        meta = json.loads(storage.get_bytes(f"{wal_prefix(source)}{name}.json"))
-    except BackupError:
+    key = f"{wal_prefix(source)}{name}.json"
+    if storage.head(key) is None:  # not there (an unreachable replica raises instead: not a missing segment)
         return None
+    meta = json.loads(storage.get_bytes(key))
     path = scratch / meta["stored"]
     storage.get_file(wal_prefix(source) + meta["stored"], path)
     if path.stat().st_size != meta["stored_size"] or sha256_file(path) != meta["sha256"]:

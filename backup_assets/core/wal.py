@@ -143,27 +143,25 @@ def fetch(catalog: Catalog, source: str, name: str, dest: str, *, durable: bool 
     meta = read_meta(folder, name)
     stored = folder / meta["stored"] if meta is not None else None
     scratch = None
-    if meta is None and catalog.replication.s3 is not None:  # the local archive is gone or behind: the replica
-        import tempfile
-
-        from .pitr_s3 import fetch_wal, replica_storage
-
-        scratch = Path(tempfile.mkdtemp(prefix="backup-assets-wal-"))
-        found = fetch_wal(catalog, source, name, replica_storage(catalog), scratch)
-        if found is not None:
-            stored, meta = found
-    if meta is None:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
-        where = f"{folder}" + (" nor on the S3 replica" if catalog.replication.s3 is not None else "")
-        raise BackupError(f"{name} is not in the WAL archive of {source} ({where})")
-    from .crypto import identities_for_record
-
-    identities = identities_for_record(catalog, source, meta, what=name)
     target = Path(dest)
     tmp = partial_path(target)
-    digest = hashlib.sha256()
     try:
+        if meta is None and catalog.replication.s3 is not None:  # the local archive is gone or behind: the replica
+            import tempfile
+
+            from .pitr_s3 import fetch_wal, replica_storage
+
+            scratch = Path(tempfile.mkdtemp(prefix="backup-assets-wal-"))
+            found = fetch_wal(catalog, source, name, replica_storage(catalog), scratch)
+            if found is not None:
+                stored, meta = found
+        if meta is None:
+            where = f"{folder}" + (" nor on the S3 replica" if catalog.replication.s3 is not None else "")
+            raise BackupError(f"{name} is not in the WAL archive of {source} ({where})")
+        from .crypto import identities_for_record
+
+        identities = identities_for_record(catalog, source, meta, what=name)
+        digest = hashlib.sha256()
         with open_decompressed(stored, meta["raw_size"], identities) as reader, open(tmp, "wb") as out:
             while chunk := reader.read(CHUNK):
                 digest.update(chunk)
