@@ -12,7 +12,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .catalog import CatalogError, catalog_from_env, load_catalog
+from .catalog import TIER_NAMES, CatalogError, catalog_from_env, load_catalog
 from .core import BackupError
 from .core.partition_keys import BadPartition, validate
 from .core.secrets import scrub
@@ -546,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list backups in the repository")
     p.add_argument("--source")
     p.add_argument("--group")
-    p.add_argument("--tier", choices=["hourly", "daily", "weekly", "monthly"])
+    p.add_argument("--tier", choices=TIER_NAMES)
     p.add_argument("--partition")
     p.add_argument("--json", action="store_true")
     p.add_argument("--local-only", action="store_true", help="do not list S3")
@@ -559,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--file", help="an artifact in the repository")
         p.add_argument("--source")
         p.add_argument("--group")
-        p.add_argument("--tier", choices=["hourly", "daily", "weekly", "monthly"])
+        p.add_argument("--tier", choices=TIER_NAMES)
         p.add_argument("--partition", help="partition key (default: the newest backup that verifies)")
 
     p = sub.add_parser("verify", help="check a backup: checksum, readability, optionally a restore drill")
@@ -633,7 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--identity-file-env", help="variable that will name the new identity file (recorded in manifests)")
     p.add_argument("--source")
     p.add_argument("--group")
-    p.add_argument("--tier", choices=["hourly", "daily", "weekly", "monthly"])
+    p.add_argument("--tier", choices=TIER_NAMES)
     p.add_argument("--older-than-days", type=float)
     p.add_argument("--local-only", action="store_true", help="leave the S3 copies as they are")
     p.add_argument("--apply", action="store_true")
@@ -685,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_metrics_serve)
 
     p = sub.add_parser("backup", help="back up now through Dagster (default: the newest complete partition)")
-    p.add_argument("--tier", default="daily", choices=["hourly", "daily", "weekly", "monthly"])
+    p.add_argument("--tier", default="daily", choices=TIER_NAMES)
     p.add_argument("--partition", nargs="+", help="partition key(s), e.g. 2026-11-18 2026-11-19 (a backfill: one "
                                                  "run each; default: the newest complete one)")
     p.add_argument("--select", nargs="*", help="source or source/group names")

@@ -28,12 +28,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..catalog import Catalog
+from ..catalog import Catalog, Pitr
 from . import BackupError
-from .artifact import ArtifactWriter, ensure_dir, open_decompressed, write_json_atomic
+from .artifact import ArtifactWriter, decompress_to, ensure_dir, open_decompressed, write_json_atomic
 from .crypto import identities_for_record
 from .backup import endpoint_for
 from .engines import postgres
+from .verify import Outcome
 
 LABEL_WAL = re.compile(r"START WAL LOCATION: \S+ \(file ([0-9A-F]{24})\)")
 LABEL_TLI = re.compile(r"START TIMELINE: (\d+)")
@@ -72,10 +73,10 @@ def _server_facts(ep, what: str) -> dict:
 def _incremental_parent(catalog: Catalog, source: str, facts: dict, bases: list[dict], kind: str,
                         now: dt.datetime) -> tuple[dict | None, str]:
     """The base backup an incremental one would build on, or (None, why a full one is taken)."""
-    cfg = catalog.sources[source].pitr
+    cfg = catalog.sources[source].pitr or Pitr()
     if kind == "full":
         return None, "a full base backup was asked for"
-    if kind == "auto" and (cfg is None or not cfg.incremental):
+    if kind == "auto" and (catalog.sources[source].pitr is None or not cfg.incremental):
         return None, "incremental base backups are off for this source"
     if facts["major"] < 17:
         return None, f"PostgreSQL {facts['major']} takes no incremental base backups (17 and newer do)"
@@ -88,7 +89,8 @@ def _incremental_parent(catalog: Catalog, source: str, facts: dict, bases: list[
     root = next((b for b in bases if b["artifact"] == parent.get("full", parent["artifact"])), None)
     if root is None:
         return None, f"the full base backup under {parent['artifact']} is gone"
-    every = cfg.full_every_days if cfg is not None else 7
+    every = cfg.full_every_days
+    # an hour's slack: a daily schedule's run a few minutes earlier than a week ago still counts a week
     if kind == "auto" and dt.datetime.fromisoformat(root["started_at"]) <= now - dt.timedelta(days=every) + \
             dt.timedelta(hours=1):
         return None, f"the newest full base backup ({root['artifact']}) is {every} or more days old"
@@ -136,11 +138,9 @@ def _take(catalog: Catalog, source: str, ep, facts: dict, folder: Path, parent: 
         if parent is not None:
             # the reference backup's manifest, as the server checks the new backup against it
             reference = Path(tmp) / "backup_manifest"
-            with open_decompressed(folder / parent["manifest"]["artifact"], parent["manifest"]["raw_size_bytes"],
-                                   identities_for_record(catalog, source, parent, what=parent["manifest"]["artifact"])
-                                   ) as reader, open(reference, "wb") as out:
-                while chunk := reader.read(1 << 20):
-                    out.write(chunk)
+            decompress_to(folder / parent["manifest"]["artifact"], reference,
+                          expected_size=parent["manifest"]["raw_size_bytes"],
+                          identities=identities_for_record(catalog, source, parent, what=parent["manifest"]["artifact"]))
             args.append(f"--incremental={reference}")
         say(f"{' '.join(Path(a).name if i == 0 else a for i, a in enumerate(args))} from {ep.host}:{ep.port}")
         with ArtifactWriter(final, recipients=recipients) as writer:
@@ -204,13 +204,26 @@ def _read_back(path: Path, catalog: Catalog, source: str, encryption) -> tuple[s
     return label, manifest
 
 
-def base_backups(catalog: Catalog, source: str) -> list[dict]:
-    folder = base_dir(catalog, source)
+def base_backups(catalog: Catalog, source: str, storage=None) -> list[dict]:
+    """The complete base backups of a source (a JSON whose artifact and manifest are there with their sizes),
+    oldest first: in the local repository, or in `storage` (the S3 replica)."""
+    from .pitr_s3 import base_prefix, local_storage
+
+    base_dir(catalog, source)  # a postgres source of the catalog
+    storage = storage or local_storage(catalog)
+    return _complete_bases(storage, base_prefix(source), dict(storage.list(base_prefix(source))))
+
+
+def _complete_bases(storage, prefix: str, listed: dict[str, int]) -> list[dict]:
     found = []
-    for path in sorted(folder.glob("base-*.json")) if folder.is_dir() else []:
-        meta = json.loads(path.read_text())
-        artifact = folder / meta["artifact"]
-        if artifact.is_file() and artifact.stat().st_size == meta["size_bytes"]:
+    for key in sorted(k for k in listed if k.endswith(".json")):
+        try:
+            meta = json.loads(storage.get_bytes(key))
+        except ValueError:
+            continue  # a damaged description: not a usable base backup (wal-verify and the checks say so)
+        manifest = meta.get("manifest")
+        if key == f"{prefix}{meta.get('artifact')}.json" and listed.get(prefix + meta["artifact"]) == meta["size_bytes"] and \
+                (not manifest or listed.get(prefix + manifest["artifact"]) == manifest["size_bytes"]):
             found.append(meta)
     return sorted(found, key=lambda m: m["finished_at"])
 
@@ -485,14 +498,6 @@ def _last_fatal(text: str) -> str:
 
 # -- checks ------------------------------------------------------------------------------------------------
 
-@dataclass
-class Check:
-    passed: bool
-    message: str
-    metadata: dict
-    warn: bool = False
-
-
 def _free_port() -> int:
     import socket
 
@@ -508,7 +513,7 @@ def _scratch(prefix: str, user: "pwd.struct_passwd | None" = None) -> Path:
     return path
 
 
-def verify_base(catalog: Catalog, source: str, meta: dict) -> Check:
+def verify_base(catalog: Catalog, source: str, meta: dict) -> Outcome:
     """pg_verifybackup of one base backup (unpacked into a scratch directory): every file in the manifest is
     there with its size and checksum, nothing extra. Its WAL is the continuity check's business."""
     src = catalog.sources[source]
@@ -519,7 +524,7 @@ def verify_base(catalog: Catalog, source: str, meta: dict) -> Check:
         _unpack(catalog, source, meta, scratch)
         done = subprocess.run([str(tool), "--no-parse-wal", "--quiet", str(scratch)], capture_output=True, text=True)
     except BackupError as exc:
-        return Check(False, f"{meta['artifact']}: {exc}", {"artifact": meta["artifact"]})
+        return Outcome(False, f"{meta['artifact']}: {exc}", {"artifact": meta["artifact"]})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     md = {"artifact": meta["artifact"], "kind": meta.get("kind", "full"), "raw_size_bytes": meta["raw_size_bytes"],
@@ -527,47 +532,51 @@ def verify_base(catalog: Catalog, source: str, meta: dict) -> Check:
     if done.returncode != 0:
         problems = [line for line in (done.stderr + done.stdout).strip().splitlines() if line.strip()]
         md["problems"] = problems[:20]
-        return Check(False, f"pg_verifybackup found {len(problems)} problem(s) in {meta['artifact']}: "
+        return Outcome(False, f"pg_verifybackup found {len(problems)} problem(s) in {meta['artifact']}: "
                             f"{problems[0] if problems else done.returncode}", md)
-    return Check(True, f"pg_verifybackup: {meta['artifact']} matches its manifest", md)
+    return Outcome(True, f"pg_verifybackup: {meta['artifact']} matches its manifest", md)
 
 
-def wal_continuity(catalog: Catalog, source: str) -> Check:
+def archive_state(catalog: Catalog, source: str):
+    """The WAL archive from the oldest kept base backup's start on (one read of its descriptions), with that
+    base backup list: what wal_continuity and recovery_point look at."""
     from . import wal
 
     bases = base_backups(catalog, source)
+    return bases, wal.verify(catalog, source, since=bases[0]["start_wal"] if bases else None)
+
+
+def wal_continuity(catalog: Catalog, source: str, state=None) -> Outcome:
+    bases, result = state or archive_state(catalog, source)
     since = bases[0]["start_wal"] if bases else None
-    result = wal.verify(catalog, source, since=since)
     md = {"segments": result.segments, "first": result.first, "last": result.last, "gaps": len(result.gaps),
           "oldest_base_backup": bases[0]["artifact"] if bases else None}
     if not bases:
-        return Check(False, f"no base backup of {source}: the WAL archive restores nothing on its own", md)
+        return Outcome(False, f"no base backup of {source}: the WAL archive restores nothing on its own", md)
     if result.segments == 0:
-        return Check(False, f"no WAL archived since {since} (is archive_command = wal-push set?)", md)
+        return Outcome(False, f"no WAL archived since {since} (is archive_command = wal-push set?)", md)
     if since is not None and result.first != since:
-        return Check(False, f"the WAL archive starts at {result.first}, after the oldest base backup's start "
+        return Outcome(False, f"the WAL archive starts at {result.first}, after the oldest base backup's start "
                             f"{since}: that base backup cannot be recovered", md)
     if result.gaps:
         md["gap_list"] = [f"{a} .. {b}" for a, b in result.gaps[:20]]
-        return Check(False, f"{len(result.gaps)} gap(s) in the WAL archive, first after {result.gaps[0][0]} "
+        return Outcome(False, f"{len(result.gaps)} gap(s) in the WAL archive, first after {result.gaps[0][0]} "
                             f"(next archived: {result.gaps[0][1]})", md)
-    return Check(True, f"{result.segments} segments from {result.first} to {result.last}, no gaps", md)
+    return Outcome(True, f"{result.segments} segments from {result.first} to {result.last}, no gaps", md)
 
 
-def recovery_point(catalog: Catalog, source: str, now: dt.datetime | None = None) -> Check:
+def recovery_point(catalog: Catalog, source: str, now: dt.datetime | None = None, state=None) -> Outcome:
     """The age of the newest archived WAL: what a restore to --latest would lose at most now."""
-    from . import wal
-
     now = now or _now()
     rpo = catalog.sources[source].wal_rpo_seconds
-    newest = wal.verify(catalog, source).newest_pushed_at
+    newest = (state or archive_state(catalog, source))[1].newest_pushed_at
     if newest is None:
-        return Check(False, f"nothing archived for {source} yet", {"rpo_seconds": rpo}, warn=True)
+        return Outcome(False, f"nothing archived for {source} yet", {"rpo_seconds": rpo}, warn=True)
     age = (now - dt.datetime.fromisoformat(newest)).total_seconds()
     md = {"newest_wal_at": newest, "recovery_point_age_s": round(age, 1), "rpo_seconds": rpo}
     if rpo is not None and age > rpo:
-        return Check(False, f"the newest archived WAL is {age:.0f}s old, over the RPO of {rpo}s", md, warn=True)
-    return Check(True, f"the newest archived WAL is {age:.0f}s old" + (f" (RPO {rpo}s)" if rpo else ""), md)
+        return Outcome(False, f"the newest archived WAL is {age:.0f}s old, over the RPO of {rpo}s", md, warn=True)
+    return Outcome(True, f"the newest archived WAL is {age:.0f}s old" + (f" (RPO {rpo}s)" if rpo else ""), md)
 
 
 COMMIT = re.compile(r"tx:\s+(\d+),.*desc: COMMIT (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
@@ -622,7 +631,7 @@ def drill_target(catalog: Catalog, source: str, rng) -> tuple[dt.datetime, tuple
     return None
 
 
-def pitr_drill(catalog: Catalog, source: str, *, rng=None, say=lambda _m: None) -> Check:
+def pitr_drill(catalog: Catalog, source: str, *, rng=None, say=lambda _m: None) -> Outcome:
     """Restore to a random committed time in the window into a scratch cluster and prove it: recovery stopped
     exactly between the commits around the target, the server starts and promotes, pg_amcheck is clean and
     every table of every database can be read."""
@@ -632,16 +641,14 @@ def pitr_drill(catalog: Catalog, source: str, *, rng=None, say=lambda _m: None) 
     cfg = catalog.sources[source].pitr
     picked = drill_target(catalog, source, rng)
     if picked is None:
-        return Check(False, "no two commits after the oldest base backup in the archive: nothing to restore to "
+        return Outcome(False, "no two commits after the oldest base backup in the archive: nothing to restore to "
                             "(is anything written to the server, is archive_timeout set?)", {}, warn=True)
     target, before, after = picked
     if os.geteuid() == 0 and not (cfg and cfg.run_as):
-        return Check(False, f"the drill's scratch cluster cannot run as root: set sources.{source}.pitr.run_as to the "
+        return Outcome(False, f"the drill's scratch cluster cannot run as root: set sources.{source}.pitr.run_as to the "
                             "server's OS user (e.g. postgres)", md_target(target, before, after))
-    scratch = _scratch("backup-assets-pitr-drill-")
-    user = pwd.getpwnam(cfg.run_as) if os.geteuid() == 0 and cfg and cfg.run_as else None
-    if user is not None:
-        os.chown(scratch, user.pw_uid, user.pw_gid)
+    user = pwd.getpwnam(cfg.run_as) if os.geteuid() == 0 else None
+    scratch = _scratch("backup-assets-pitr-drill-", user)
     pgdata = scratch / "pgdata"
     started = time.monotonic()
     recovered = None
@@ -654,17 +661,17 @@ def pitr_drill(catalog: Catalog, source: str, *, rng=None, say=lambda _m: None) 
         md["reached"] = recovered.reached
         stop = re.search(r"recovery stopping before commit of transaction (\d+)", recovered.reached)
         if stop is None or int(stop.group(1)) != after[0]:
-            return Check(False, f"recovery to {target.isoformat()} did not stop before transaction {after[0]} "
+            return Outcome(False, f"recovery to {target.isoformat()} did not stop before transaction {after[0]} "
                                 f"(the first commit after the target): {recovered.reached}", md)
         tables, rows, problems = _prove(catalog, source, recovered)
         md.update({"tables_read": tables, "rows_read": rows, "amcheck": "clean" if not problems else problems[:10]})
         if problems:
-            return Check(False, f"pg_amcheck found problems after recovery to {target.isoformat()}: {problems[0]}", md)
-        return Check(True, f"recovered to {target.isoformat()} (between transactions {before[0]} and {after[0]}) "
+            return Outcome(False, f"pg_amcheck found problems after recovery to {target.isoformat()}: {problems[0]}", md)
+        return Outcome(True, f"recovered to {target.isoformat()} (between transactions {before[0]} and {after[0]}) "
                            f"from {len(recovered.chain)} base backup(s) in {md['rto_s']:.1f}s; pg_amcheck clean; "
                            f"{tables} tables ({rows} rows) read", md)
     except BackupError as exc:
-        return Check(False, f"restore to {target.isoformat()} failed: {exc}", md)
+        return Outcome(False, f"restore to {target.isoformat()} failed: {exc}", md)
     finally:
         if recovered is not None:
             recovered.stop()
@@ -728,18 +735,9 @@ def prune_base(catalog: Catalog, source: str, *, dry_run: bool, now: dt.datetime
 
     now = now or _now()
     storage = storage or local_storage(catalog)
-    cfg = catalog.sources[source].pitr
-    days = cfg.retention_days if cfg is not None else 14
+    days = (catalog.sources[source].pitr or Pitr()).retention_days
     listed = dict(storage.list(base_prefix(source)))
-    bases = []
-    for key in sorted(k for k in listed if k.endswith(".json")):
-        try:
-            meta = json.loads(storage.get_bytes(key))
-        except ValueError:
-            continue
-        if listed.get(base_prefix(source) + meta["artifact"]) == meta["size_bytes"]:
-            bases.append(meta)
-    bases.sort(key=lambda m: m["finished_at"])
+    bases = _complete_bases(storage, base_prefix(source), listed)
     cutoff = now - dt.timedelta(days=days)
     older = [b for b in bases if dt.datetime.fromisoformat(b["finished_at"]) <= cutoff]
     anchor = older[-1] if older else (bases[0] if bases else None)

@@ -89,6 +89,7 @@ def replica_intact(catalog: Catalog, source: str, storage):
     """Every kept base backup (artifact, manifest, JSON) is on the replica with its size and SHA-256, and every
     WAL file from the oldest kept base backup's start with its size (each was verified on upload)."""
     from . import pitr, wal
+    from .verify import Outcome
 
     bases = pitr.base_backups(catalog, source)
     present = dict(storage.list(base_prefix(source))) | dict(storage.list(wal_prefix(source)))
@@ -118,8 +119,8 @@ def replica_intact(catalog: Catalog, source: str, storage):
             problems.append(f"WAL {name} is missing or differs")
     md = {"base_backups": len(bases), "wal_files": checked, "problems": problems[:20]}
     if problems:
-        return pitr.Check(False, f"{len(problems)} problem(s) on {storage.uri(base_prefix(source))}: {problems[0]}", md)
-    return pitr.Check(True, f"{len(bases)} base backups and {checked} WAL files on the replica match", md)
+        return Outcome(False, f"{len(problems)} problem(s) on {storage.uri(base_prefix(source))}: {problems[0]}", md)
+    return Outcome(True, f"{len(bases)} base backups and {checked} WAL files on the replica match", md)
 
 
 def download_bases(catalog: Catalog, source: str, storage, *, say=lambda _m: None) -> int:
@@ -131,10 +132,7 @@ def download_bases(catalog: Catalog, source: str, storage, *, say=lambda _m: Non
     folder = ensure_dir(pitr.base_dir(catalog, source))
     local = {m["artifact"] for m in pitr.base_backups(catalog, source)}
     fetched = 0
-    for key, _size in list(storage.list(base_prefix(source))):
-        if not key.endswith(".json"):
-            continue
-        meta = json.loads(storage.get_bytes(key))
+    for meta in pitr.base_backups(catalog, source, storage):
         if meta["artifact"] in local:
             continue
         for name, size, sha in _files_of_base(meta):
@@ -148,7 +146,7 @@ def download_bases(catalog: Catalog, source: str, storage, *, say=lambda _m: Non
             finally:
                 tmp.unlink(missing_ok=True)
         write_json_atomic(folder / f"{meta['artifact']}.json", meta)
-        say(f"fetched {meta['artifact']} from {storage.uri(key)}")
+        say(f"fetched {meta['artifact']} from {storage.uri(base_prefix(source) + meta['artifact'])}")
         fetched += 1
     return fetched
 

@@ -31,6 +31,13 @@ def check_result(outcome) -> dg.AssetCheckResult:
     )
 
 
+def keyed_check_result(key: dg.AssetKey, name: str, outcome) -> dg.AssetCheckResult:
+    """The result of check `name` of asset `key`, for an op that evaluates checks of several assets."""
+    result = check_result(outcome)
+    return dg.AssetCheckResult(asset_key=key, check_name=name, passed=result.passed, severity=result.severity,
+                               description=result.description, metadata=result.metadata)
+
+
 DR_DRILL_KEY = dg.AssetKey(["operations", "dr_drill"])
 
 

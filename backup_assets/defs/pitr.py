@@ -17,7 +17,7 @@ import dagster as dg
 from dagster import AssetExecutionContext
 
 from ..catalog import Catalog
-from .checks import check_result
+from .checks import keyed_check_result
 from .partitions import partitions_for
 from .sensors import FAILED_ASSETS, freshness_policy
 
@@ -98,6 +98,7 @@ def build_base_backup(catalog: Catalog, source: str, partitions) -> dg.AssetsDef
 
 def run_base_backup(catalog: Catalog, context: AssetExecutionContext, source: str):
     from ..core import BackupError, pitr
+    from ..core.verify import Outcome
 
     key = base_key(source)
     meta = None
@@ -120,6 +121,7 @@ def run_base_backup(catalog: Catalog, context: AssetExecutionContext, source: st
             "finished_at": dg.MetadataValue.text(meta["finished_at"]),
         })
     selected = {c.name for c in context.selected_asset_check_keys}
+    state = None
     for name in [n for n in pitr_check_names(catalog, source) if n in selected]:  # cheap ones first
         try:
             if name == "base_verified":
@@ -127,16 +129,17 @@ def run_base_backup(catalog: Catalog, context: AssetExecutionContext, source: st
                 target = meta or next((b for b in reversed(bases) if b.get("partition") == context.partition_key),
                                       bases[-1] if bases else None)
                 outcome = pitr.verify_base(catalog, source, target) if target else \
-                    pitr.Check(False, f"no base backup of {source} to verify", {})
-            elif name == "wal_continuity":
-                outcome = pitr.wal_continuity(catalog, source)
-            elif name == "recovery_point":
-                outcome = pitr.recovery_point(catalog, source)
+                    Outcome(False, f"no base backup of {source} to verify", {})
+            elif name in ("wal_continuity", "recovery_point"):
+                state = state or pitr.archive_state(catalog, source)  # one read of the archive for both
+                outcome = (pitr.wal_continuity if name == "wal_continuity" else pitr.recovery_point)(
+                    catalog, source, state=state)
             else:
                 outcome = pitr.pitr_drill(catalog, source, say=context.log.info)
         except BackupError as exc:
-            outcome = pitr.Check(False, str(exc), {})
-        yield _result(context, key, name, outcome)
+            outcome = Outcome(False, str(exc), {})
+        (context.log.info if outcome.passed else context.log.error)(f"{name}: {outcome.message}")
+        yield keyed_check_result(key, name, outcome)
     if not replicated(catalog, source):
         return
     from ..core import pitr_s3
@@ -159,8 +162,9 @@ def run_base_backup(catalog: Catalog, context: AssetExecutionContext, source: st
         try:
             outcome = pitr_s3.replica_intact(catalog, source, storage)
         except BackupError as exc:
-            outcome = pitr.Check(False, str(exc), {})
-        yield _result(context, rkey, "replica_intact", outcome)
+            outcome = Outcome(False, str(exc), {})
+        (context.log.info if outcome.passed else context.log.error)(f"replica_intact: {outcome.message}")
+        yield keyed_check_result(rkey, "replica_intact", outcome)
 
 
 def _failure(context, key: dg.AssetKey, exc: Exception) -> dg.Failure:
@@ -168,13 +172,6 @@ def _failure(context, key: dg.AssetKey, exc: Exception) -> dg.Failure:
     context.log.error(f"{key.to_user_string()}: {exc}")
     return dg.Failure(description=str(exc), metadata={FAILED_ASSETS: dg.MetadataValue.json(
         {key.to_user_string(): str(exc)})})
-
-
-def _result(context, key: dg.AssetKey, name: str, outcome) -> dg.AssetCheckResult:
-    (context.log.info if outcome.passed else context.log.error)(f"{name}: {outcome.message}")
-    result = check_result(outcome)
-    return dg.AssetCheckResult(asset_key=key, check_name=name, passed=result.passed, severity=result.severity,
-                               description=result.description, metadata=result.metadata)
 
 
 def build_pitr(catalog: Catalog) -> tuple[list[dg.AssetsDefinition], list, list]:

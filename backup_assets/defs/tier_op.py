@@ -24,7 +24,7 @@ from dagster import AssetExecutionContext
 
 from ..catalog import Catalog
 from .assets import backup_key, backup_metadata, backup_spec
-from .checks import check_result
+from .checks import keyed_check_result
 from .partitions import partitions_for
 from .replication import _storage, replica_key, replica_spec
 from .sensors import FAILED_ASSETS
@@ -161,7 +161,7 @@ def _follow_up(catalog: Catalog, source: str, group: str, tier: str, partition: 
             if backup is not None:
                 verification.record(backup, name, outcome.passed, outcome.message, outcome.metadata)
             logs.append(("info" if outcome.passed else "error", f"{name}: {outcome.message}"))
-            events.append(_check(key, name, outcome))
+            events.append(keyed_check_result(key, name, outcome))
     if s3 is not None and rkey in selected:
         try:
             backup = backup or find_backup(catalog, source, group, tier, partition)
@@ -183,14 +183,8 @@ def _follow_up(catalog: Catalog, source: str, group: str, tier: str, partition: 
             outcome = replica_intact(catalog, backup, _storage(catalog, s3))
         except BackupError as exc:
             outcome = Outcome(False, str(exc))
-        events.append(_check(rkey, "replica_intact", outcome))
+        events.append(keyed_check_result(rkey, "replica_intact", outcome))
     return events, logs, failed
-
-
-def _check(key: dg.AssetKey, name: str, outcome) -> dg.AssetCheckResult:
-    result = check_result(outcome)
-    return dg.AssetCheckResult(asset_key=key, check_name=name, passed=result.passed, severity=result.severity,
-                               description=result.description, metadata=result.metadata)
 
 
 def tier_ops(catalog: Catalog) -> dict[tuple[str, str], list[tuple[str, str]]]:

@@ -34,10 +34,12 @@ class LocalStorage:
     # -- reads -----------------------------------------------------------------------------
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
         """Complete files under `prefix`, sorted; scratch folders and partial files are not listed."""
-        if not self.root.is_dir():
+        # only the folder the prefix names is walked (the WAL archive is not walked to list base backups)
+        start = self.local_path(prefix.rsplit("/", 1)[0]) if "/" in prefix else self.root
+        if not start.is_dir():
             return
         found = []
-        for dirpath, dirs, files in os.walk(self.root):
+        for dirpath, dirs, files in os.walk(start):
             rel = Path(dirpath).relative_to(self.root)
             if rel.parts[:1] == (SCRATCH,):
                 dirs[:] = []
