@@ -466,6 +466,9 @@ class Replication(_Model):
     s3: S3Replication | None = None
 
 
+AUTO_STREAM_CPUS = 4
+
+
 class Catalog(_Model):
     repository: Repository
     timezone: str = "UTC"
@@ -473,6 +476,10 @@ class Catalog(_Model):
     tiers: dict[str, TierConfig] = Field(default_factory=dict, validate_default=True)
     sources: dict[str, Source]
     size_anomaly_threshold: Annotated[float, Field(gt=0)] = 0.5
+    # read a PostgreSQL dump's checks from its stream while it is written (a process beside the
+    # dump) instead of reading the artifact again afterwards; "auto": when this machine has at
+    # least AUTO_STREAM_CPUS cores (on fewer, the dump itself needs them and afterwards is faster)
+    checks_while_writing: Literal["auto"] | bool = "auto"
     dr_drill: DrDrillConfig = DrDrillConfig()
     replication: Replication = Replication()
     alerts: Alerts = Alerts()

@@ -9,7 +9,12 @@ of its leaf partitions), and which entries a group restore needs.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +24,7 @@ import zstandard
 
 from . import BackupError
 from .artifact import CHUNK, open_decompressed
-from .engines.pgarchive import Archive, ArchiveFormatError, CopyFingerprint, TocEntry, combine, read_archive
+from .engines.pgarchive import Archive, ArchiveFormatError, ArchiveHeader, CopyFingerprint, TocEntry, combine, read_archive
 from .manifest import Manifest
 from .names import TableName
 
@@ -47,21 +52,26 @@ class ArchiveScan:
 
 class _Tee:
     """A readable stream over the decoded artifact that also copies what it reads to a file
-    and/or a process's stdin (the latter may stop reading early: pg_restore --list does)."""
+    and/or a process's stdin (the latter may stop reading early: pg_restore --list does), and
+    keeps what it read until `head_done` is set (the archive's header and TOC)."""
 
     def __init__(self, reader, out: BinaryIO | None, pipe: BinaryIO | None,
-                 on_progress: Callable[[int], None] | None):
+                 on_progress: Callable[[int], None] | None, *, keep_head: bool = False):
         self._reader = reader
         self._out = out
         self._pipe = pipe
         self._on_progress = on_progress
         self._last = time.monotonic()
         self.decoded = 0
+        self.head = bytearray() if keep_head else None
+        self.head_done = False
 
     def read(self, size: int = CHUNK) -> bytes:
         data = self._reader.read(max(size, CHUNK))
         if data:
             self.decoded += len(data)
+            if self.head is not None and not self.head_done:
+                self.head += data
             if self._out is not None:
                 self._out.write(data)
             if self._pipe is not None:
@@ -75,26 +85,56 @@ class _Tee:
         return data
 
 
+class _Blocks:
+    """The data blocks of an archive being read: a row count and fingerprint per TOC entry."""
+
+    def __init__(self) -> None:
+        self.per_entry: dict[tuple[str, str], CopyFingerprint] = {}
+
+    def on_data(self, entry: TocEntry):
+        fp = CopyFingerprint()
+        self.per_entry[(entry.namespace or "", entry.tag)] = fp
+        return fp.feed
+
+    def finish(self) -> None:
+        for fp in self.per_entry.values():
+            fp.finish()
+
+    def scan(self, archive: Archive, manifest: Manifest, decoded: int, seconds: float) -> ArchiveScan:
+        blocks = {k: (fp.rows, fp.hex) for k, fp in self.per_entry.items()}
+        return _tables(archive, blocks, manifest, decoded, seconds)
+
+
+def _tables(archive: Archive, blocks: dict[tuple[str, str], tuple[int, str]], manifest: Manifest, decoded: int,
+            seconds: float) -> ArchiveScan:
+    """What the manifest's tables hold in the archive (a partitioned table: its partitions), from
+    the rows and fingerprint of each data block (by schema and name)."""
+    result = ArchiveScan(archive, decoded_bytes=decoded, seconds=round(seconds, 3))
+    for key in manifest.row_counts:
+        table = TableName.parse(key)
+        parts = manifest.partitions.get(key)
+        members = [TableName.parse(p) for p in parts] if parts is not None else [table]
+        found = [blocks.get((m.schema, m.name)) for m in members]
+        if all(f is not None for f in found):
+            result.tables[key] = TableContent(sum(f[0] for f in found), combine([f[1] for f in found]))
+    return result
+
+
 def scan(artifact: Path, manifest: Manifest, *, copy_to: Path | None = None, pipe: BinaryIO | None = None,
          on_progress: Callable[[int], None] | None = None, identities=None, sha256=None) -> ArchiveScan:
     """Read the whole artifact once. Raises BackupError naming the artifact when it does not
     decode, is not a readable archive, or ends early. Given a hashlib object as `sha256`, the
     artifact's bytes are hashed into it in the same pass."""
     started = time.monotonic()
-    per_entry: dict[tuple[str, str], CopyFingerprint] = {}
-
-    def on_data(entry: TocEntry):
-        fp = CopyFingerprint()
-        per_entry[(entry.namespace or "", entry.tag)] = fp
-        return fp.feed
-
+    blocks = _Blocks()
     out = os.fdopen(os.open(copy_to, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") if copy_to is not None else None
     try:
         with open_decompressed(artifact, manifest.raw_size_bytes, identities, sha256) as reader:
             tee = _Tee(reader, out, pipe, on_progress)
-            archive = read_archive(tee, on_data)
+            archive = read_archive(tee, blocks.on_data)
             while tee.read(CHUNK):  # anything after the last block still has to decode (and is counted)
                 pass
+        blocks.finish()
     except zstandard.ZstdError as exc:
         raise BackupError(f"{artifact}: the zstd stream cannot be decoded: {exc}") from None
     except ArchiveFormatError as exc:
@@ -102,20 +142,181 @@ def scan(artifact: Path, manifest: Manifest, *, copy_to: Path | None = None, pip
     finally:
         if out is not None:
             out.close()
-    for fp in per_entry.values():
+    return blocks.scan(archive, manifest, tee.decoded, time.monotonic() - started)
+
+
+class StreamCheck:
+    """The checks of a PostgreSQL backup, read from its zstd stream while it is being written.
+
+    `ArtifactWriter(tap=...)` hands it every compressed byte it writes to the file (before the
+    file's own SHA-256). A child process (`python -m backup_assets.core.archive_scan`, so that
+    its work never holds this process's GIL while the dump is being copied) decodes them (zstd
+    verifies its frame checksum), reads the archive by structure, fingerprints every table's rows,
+    keeps the header and TOC for `pg_restore --list`, and for a drill writes the plain archive.
+    Afterwards the artifact on disk only has to be hashed to prove it holds exactly the bytes
+    that were read: the dump is not read a second time. Nothing here decides whether the backup
+    is kept; that is the checks' business (`verify.evaluate(..., stream=...)`).
+    """
+
+    def __init__(self, folder: Path, *, copy: bool = False, cleanup: Callable[[], None] | None = None):
+        self.folder = folder
+        self.copy_to = folder / "archive.dump" if copy else None
+        self._cleanup = cleanup
+        self._proc: subprocess.Popen | None = None  # started by the first write
+        self._err = None
+        self._finished = False
+        self.error: str | None = None
+        self.archive: Archive | None = None
+        self.artifact: Path | None = None  # set by the writer on commit
+        self.decoded_bytes = 0
+        self.head = b""
+        self.seconds = 0.0
+        self._started = 0.0
+        self._blocks: dict[tuple[str, str], tuple[int, str]] = {}
+
+    # -- the writer's side
+    def write(self, data) -> None:
+        if self._proc is None:
+            self._start()
+        if self._proc.stdin is not None:
+            try:
+                self._proc.stdin.write(data)
+            except (BrokenPipeError, OSError):  # the reader stopped (it says why at the end)
+                self._close_stdin()
+
+    def _start(self) -> None:
+        import sys
+
+        self._started = time.monotonic()
+        self._err = tempfile.TemporaryFile(dir=self.folder)
+        args = [sys.executable, "-m", __name__, str(self.folder / "head")]
+        if self.copy_to is not None:
+            args.append(str(self.copy_to))
+        self._proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,
+                                      bufsize=CHUNK)
+        try:  # a deeper pipe: the dump and the reader do not wait on each other for every megabyte
+            import fcntl
+
+            fcntl.fcntl(self._proc.stdin.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 8 * CHUNK)
+        except OSError:
+            pass
+
+    def _close_stdin(self) -> None:
+        stdin, self._proc.stdin = self._proc.stdin, None
         try:
-            fp.finish()
-        except ArchiveFormatError as exc:
-            raise BackupError(f"{artifact}: {exc}") from None
-    result = ArchiveScan(archive, decoded_bytes=tee.decoded, seconds=round(time.monotonic() - started, 3))
-    for key in manifest.row_counts:
-        table = TableName.parse(key)
-        parts = manifest.partitions.get(key)
-        members = [TableName.parse(p) for p in parts] if parts is not None else [table]
-        found = [per_entry.get((m.schema, m.name)) for m in members]
-        if all(f is not None for f in found):
-            result.tables[key] = TableContent(sum(f.rows for f in found), combine([f.hex for f in found]))
-    return result
+            stdin.close()
+        except (BrokenPipeError, OSError):
+            pass
+
+    def finish(self, artifact: Path) -> None:
+        """The stream is complete (the writer committed `artifact`): collect what was read."""
+        self.artifact = artifact
+        self._end()
+
+    def abort(self) -> None:
+        """The writer gave up: stop reading and remove the plain copy."""
+        if self._proc is not None and not self._finished:
+            self._proc.kill()
+        self._end()
+        self.discard()
+
+    def _end(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if self._proc is None:
+            return
+        if self._proc.stdin is not None:
+            self._close_stdin()
+        out = self._proc.stdout.read()
+        rc = self._proc.wait()
+        self.seconds = time.monotonic() - self._started
+        try:
+            got = json.loads(out)
+        except ValueError:
+            self._err.seek(0)
+            why = self._err.read().decode(errors="replace").strip().splitlines()
+            self.error = f"the stream reader ended with exit code {rc}: {why[-1] if why else 'no output'}"
+            return
+        finally:
+            self._err.close()
+        self.error = got.get("error")
+        self.decoded_bytes = got.get("decoded", 0)
+        if self.error is None:
+            self.archive = archive_from_json(got["archive"])
+            self._blocks = {(ns, tag): (rows, fp) for ns, tag, rows, fp in got["blocks"]}
+            self.head = (self.folder / "head").read_bytes()
+
+    # -- afterwards
+    def result(self, manifest: Manifest) -> ArchiveScan | None:
+        """The scan of the archive for `manifest` (None when it could not be read: see `error`)."""
+        if self.error is not None or self.archive is None:
+            return None
+        if self.decoded_bytes != manifest.raw_size_bytes:
+            self.error = (f"the zstd stream decodes to {self.decoded_bytes} bytes, the manifest says "
+                          f"{manifest.raw_size_bytes}")
+            return None
+        return _tables(self.archive, self._blocks, manifest, self.decoded_bytes, self.seconds)
+
+    def discard(self) -> None:
+        if self.copy_to is not None:
+            self.copy_to.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Done with it: the reading ended, the plain copy and the scratch folder removed."""
+        if not self._finished:
+            self.abort()
+        self.discard()
+        if self._cleanup is not None:
+            self._cleanup()
+            self._cleanup = None
+
+
+def archive_to_json(archive: Archive) -> dict:
+    return {"header": dataclasses.asdict(archive.header),
+            "entries": [dataclasses.asdict(e) for e in archive.entries]}
+
+
+def archive_from_json(data: dict) -> Archive:
+    h = data["header"]
+    header = ArchiveHeader(**{**h, "version": tuple(h["version"])})
+    return Archive(header, [TocEntry(**{**e, "deps": tuple(e["deps"])}) for e in data["entries"]])
+
+
+def _read_stream(head_to: Path, copy_to: Path | None) -> dict:
+    """The child's side of StreamCheck: the zstd stream on stdin, read as `scan` reads a file."""
+    source = sys.stdin.buffer
+    out = os.fdopen(os.open(copy_to, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") if copy_to else None
+    blocks = _Blocks()
+    tee = None
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(source, read_size=CHUNK, read_across_frames=True)
+        tee = _Tee(reader, out, None, None, keep_head=True)
+
+        def toc_read(_archive) -> None:
+            tee.head_done = True
+
+        archive = read_archive(tee, blocks.on_data, on_toc=toc_read)
+        while tee.read(CHUNK):
+            pass
+        blocks.finish()
+    except zstandard.ZstdError as exc:
+        return {"error": f"the zstd stream cannot be decoded: {exc}", "decoded": tee.decoded if tee else 0}
+    except ArchiveFormatError as exc:
+        return {"error": str(exc), "decoded": tee.decoded}
+    except OSError as exc:
+        return {"error": f"writing the plain archive to {copy_to} failed: {exc.strerror or exc}",
+                "decoded": tee.decoded if tee else 0}
+    finally:
+        if out is not None:
+            out.close()
+        while source.read(CHUNK):  # the writer never waits on a reader that stopped
+            pass
+    fd = os.open(head_to, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(tee.head)
+    return {"decoded": tee.decoded, "archive": archive_to_json(archive),
+            "blocks": [[ns, tag, fp.rows, fp.hex] for (ns, tag), fp in blocks.per_entry.items()]}
 
 
 def archive_problems(scan_: ArchiveScan, manifest: Manifest) -> list[str]:
@@ -204,3 +405,8 @@ def write_list_file(entries: list[TocEntry], path: Path) -> Path:
 def roles_needed(archive: Archive, entries: list[TocEntry] | None = None) -> set[str]:
     """The roles that own what will be restored (each entry's owner field)."""
     return {e.owner for e in (entries if entries is not None else archive.entries) if e.owner}
+
+
+if __name__ == "__main__":  # StreamCheck's reader: head file [plain copy]
+    _result = _read_stream(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None)
+    sys.stdout.write(json.dumps(_result))

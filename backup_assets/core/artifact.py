@@ -85,6 +85,22 @@ class _HashingSink:
         self._fh.flush()
 
 
+class _Tap:
+    """Passes the compressed stream on and hands a copy of every piece to `tap.write`."""
+
+    def __init__(self, inner, tap):
+        self._inner = inner
+        self._tap = tap
+
+    def write(self, data) -> int:
+        self._inner.write(data)
+        self._tap.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self._inner.flush()
+
+
 @dataclass
 class WrittenArtifact:
     path: Path
@@ -97,11 +113,15 @@ class ArtifactWriter:
     """Compress a byte stream into `final` atomically. Use as a context manager.
 
     Feed it with `write()` or `copy_from()`, then `commit()`; leaving the block without a
-    commit (an exception, a kill) removes the partial file.
+    commit (an exception, a kill) removes the partial file. A `tap` (archive_scan.StreamCheck)
+    is handed the zstd stream as it is written (before encryption), told `finish(final)` once
+    the artifact is in place, or `abort()` when it never will be.
     """
 
-    def __init__(self, final: Path, *, level: int = 3, threads: int = 0, recipients: list[str] | None = None):
+    def __init__(self, final: Path, *, level: int = 3, threads: int = 0, recipients: list[str] | None = None,
+                 tap=None):
         self.final = final
+        self.tap = tap
         self.recipients = recipients or None
         self._enc = None
         self.level = level
@@ -123,6 +143,8 @@ class ArtifactWriter:
             from .crypto import EncryptingWriter
 
             self._enc = inner = EncryptingWriter(self._sink, self.recipients)
+        if self.tap is not None:
+            inner = _Tap(inner, self.tap)
         cctx = zstandard.ZstdCompressor(level=self.level, threads=self.threads, write_checksum=True)
         self._zw = cctx.stream_writer(inner, closefd=False, write_size=CHUNK)
         return self
@@ -152,10 +174,14 @@ class ArtifactWriter:
         fsync_dir(self.final.parent)
         failpoints.point("artifact.renamed")
         self.result = WrittenArtifact(self.final, self._sink.size, self.raw_size, self._sink.sha256.hexdigest())
+        if self.tap is not None:
+            self.tap.finish(self.final)
         return self.result
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.result is None:
+            if self.tap is not None:
+                self.tap.abort()
             try:
                 if self._enc is not None:
                     try:

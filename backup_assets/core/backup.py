@@ -59,8 +59,10 @@ def _now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def run_backup(catalog: Catalog, source: str, group: str, tier: str, partition: str, *, log=None) -> Manifest:
-    """Back up one partition; returns its manifest once artifact and manifest are on disk."""
+def run_backup(catalog: Catalog, source: str, group: str, tier: str, partition: str, *, log=None,
+               stream=None) -> Manifest:
+    """Back up one partition; returns its manifest once artifact and manifest are on disk. A
+    `stream` (verify.stream_check) reads a dump as it is written, for its checks."""
     say = log or (lambda _msg: None)
     if (source, group, tier) not in catalog.backup_targets():
         raise BackupError(f"{source}/{group}/{tier} is not in the catalog")
@@ -73,7 +75,7 @@ def run_backup(catalog: Catalog, source: str, group: str, tier: str, partition: 
             say(f"promoting daily backup {daily.manifest.artifact} of {day} to {tier} {partition}")
             return promote(repo, daily, tier, partition)
         say(f"no daily backup of {day} to promote: dumping {source}/{group} for {tier} {partition}")
-    return dump(catalog, source, group, tier, partition, say=say)
+    return dump(catalog, source, group, tier, partition, say=say, stream=stream)
 
 
 def _artifact_looks_complete(backup: StoredBackup) -> bool:
@@ -83,7 +85,8 @@ def _artifact_looks_complete(backup: StoredBackup) -> bool:
         return False
 
 
-def dump(catalog: Catalog, source: str, group: str, tier: str, partition: str, *, say=lambda _msg: None) -> Manifest:
+def dump(catalog: Catalog, source: str, group: str, tier: str, partition: str, *, say=lambda _msg: None,
+         stream=None) -> Manifest:
     src = catalog.sources[source]
     repo = repository_for(catalog)
     what = f"source '{source}' group '{group}': "
@@ -92,7 +95,10 @@ def dump(catalog: Catalog, source: str, group: str, tier: str, partition: str, *
     level = 3
     started = time.monotonic()
     try:
-        with ArtifactWriter(final, level=level, recipients=encryption.recipients if encryption else None) as writer:
+        # the checks read the zstd stream of a plain PostgreSQL dump as it is written (verify.stream_check)
+        tap = stream if src.engine == "postgres" and group != roles.GROUP and encryption is None else None
+        with ArtifactWriter(final, level=level, recipients=encryption.recipients if encryption else None,
+                            tap=tap) as writer:
             if src.engine == "postgres" and group == roles.GROUP:
                 ep = endpoint_for(catalog, source)
                 with postgres.connect(ep, what=what) as conn:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import re
 import subprocess
 import tempfile
@@ -21,9 +22,9 @@ from typing import Any
 import psycopg
 import zstandard
 
-from ..catalog import Catalog
+from ..catalog import AUTO_STREAM_CPUS, Catalog
 from . import BackupError, archive_scan, crypto, failpoints, hooks, roles
-from .artifact import decompress_to, scan_artifact
+from .artifact import decompress_to, scan_artifact, sha256_file
 from .backup import repository_for
 from .engines import postgres, sqlite
 from .manifest import MANIFEST_SUFFIX, Manifest, read_manifest
@@ -163,14 +164,19 @@ def _readable_pass(catalog: Catalog, backup: StoredBackup, *, copy_to: Path | No
         if rc != 0:
             return Outcome(False, f"{path}: {tool.name} --list cannot read the archive: "
                                   f"{err.read().decode(errors='replace').strip()[-500:]}"), result
+    return _readable_outcome(backup, result), result
+
+
+def _readable_outcome(backup: StoredBackup, result: archive_scan.ArchiveScan) -> Outcome:
+    m, path = backup.manifest, backup.artifact_path
     problems = archive_scan.archive_problems(result, m)
     meta = {"toc_entries": len(result.archive.entries), "tables": len(m.row_counts),
             "rows": sum(t.rows for t in result.tables.values()), "scan_s": result.seconds,
             "fingerprints": result.fingerprints()}
     if problems:
-        return Outcome(False, f"{path}: {'; '.join(problems[:8])}", meta), result
+        return Outcome(False, f"{path}: {'; '.join(problems[:8])}", meta)
     return Outcome(True, f"{path.name}: all {len(m.row_counts)} table(s) of the manifest are in the archive with "
-                         f"their data and exact row counts; every data block read", meta), result
+                         f"their data and exact row counts; every data block read", meta)
 
 
 def dump_major(m: Manifest) -> int:
@@ -454,11 +460,34 @@ def _sqlite_drill(catalog: Catalog, backup: StoredBackup) -> Outcome:
 CHECK_NAMES = ("artifact_intact", "archive_readable", "size_anomaly", "restore_drill")
 
 
-def evaluate(catalog: Catalog, backup: StoredBackup, names, *, jobs: int = 2) -> dict[str, Outcome]:
+def stream_check(catalog: Catalog, source: str, group: str, names) -> archive_scan.StreamCheck | None:
+    """A StreamCheck to hand to the backup about to be written (`run_backup(stream=...)`), when
+    its checks can be read from the stream as it is written (the catalog's `checks_while_writing`):
+    a PostgreSQL dump (not the roles),
+    not encrypted, with artifact_intact and archive_readable among `names`; with restore_drill,
+    the plain archive for pg_restore is written at the same time. Its scratch folder goes with
+    `close()`. None when the checks read the artifact afterwards instead."""
+    src = catalog.sources.get(source)
+    names = set(names)
+    wanted = catalog.checks_while_writing
+    if wanted == "auto":
+        wanted = (os.cpu_count() or 1) >= AUTO_STREAM_CPUS
+    if (not wanted or src is None or src.engine != "postgres" or group == roles.GROUP
+            or catalog.encryption_for(source) is not None or not {"artifact_intact", "archive_readable"} <= names):
+        return None
+    stack = contextlib.ExitStack()
+    folder = stack.enter_context(repository_for(catalog).scratch("check"))
+    return archive_scan.StreamCheck(folder, copy="restore_drill" in names, cleanup=stack.close)
+
+
+def evaluate(catalog: Catalog, backup: StoredBackup, names, *, jobs: int = 2,
+             stream: archive_scan.StreamCheck | None = None) -> dict[str, Outcome]:
     """The outcomes of the named checks. For a PostgreSQL archive, intact and readable come from
     one pass over the artifact (SHA-256, decryption, decoding, the archive's structure and
     fingerprints, pg_restore --list), and a drill restores from the plain copy written by that
-    same pass: the artifact is read once, not once per check."""
+    same pass: the artifact is read once, not once per check. Given the `stream` that read the
+    backup while it was written (`stream_check`), that pass is not needed: the file on disk is
+    only hashed, to prove it holds exactly the bytes that were read."""
     names = list(dict.fromkeys(names))
     unknown = [n for n in names if n not in CHECK_NAMES]
     if unknown:
@@ -466,8 +495,11 @@ def evaluate(catalog: Catalog, backup: StoredBackup, names, *, jobs: int = 2) ->
     m = backup.manifest
     ids = crypto.identities_if_any(catalog, m, artifact=str(backup.artifact_path))
     out: dict[str, Outcome] = {}
-    if (m.engine == "postgres" and m.format != roles.FORMAT and {"artifact_intact", "archive_readable"} <= set(names)
-            and (ids is not None or not m.encryption)):
+    if (stream is not None and stream.artifact == backup.artifact_path and m.engine == "postgres"
+            and m.format != roles.FORMAT and {"artifact_intact", "archive_readable"} <= set(names)):
+        out.update(_postgres_from_stream(catalog, backup, stream, drill="restore_drill" in names, jobs=jobs))
+    if (not out and m.engine == "postgres" and m.format != roles.FORMAT
+            and {"artifact_intact", "archive_readable"} <= set(names) and (ids is not None or not m.encryption)):
         out.update(_postgres_in_one_pass(catalog, backup, ids, drill="restore_drill" in names, jobs=jobs))
     single = {
         "artifact_intact": lambda: artifact_intact(backup, ids),
@@ -519,6 +551,51 @@ def _postgres_in_one_pass(catalog: Catalog, backup: StoredBackup, ids, *, drill:
             else:
                 why = out["artifact_intact"].message if not out["artifact_intact"].passed else readable.message
                 out["restore_drill"] = Outcome(False, f"restore drill not attempted: {why}")
+    return out
+
+
+def _postgres_from_stream(catalog: Catalog, backup: StoredBackup, stream: archive_scan.StreamCheck, *, drill: bool,
+                          jobs: int) -> dict[str, Outcome]:
+    """intact, readable (and the drill) of a backup whose stream was read as it was written. Any
+    doubt (the stream did not read, the file on disk is not what was written) returns nothing, and
+    the checks read the artifact itself, which says exactly what is wrong."""
+    m, path = backup.manifest, backup.artifact_path
+    scanned = stream.result(m)
+    if scanned is None:
+        return {}
+    try:
+        if path.stat().st_size != m.size_bytes or sha256_file(path) != m.sha256:
+            return {}
+    except OSError:
+        return {}
+    out = {"artifact_intact": Outcome(
+        True, f"{path.name}: {m.size_human}, sha256 verified on disk; the zstd stream decoded to its end "
+              "(frame checksum verified) as it was written", {"sha256": m.sha256, "size_bytes": m.size_bytes,
+                                                               "decoded_bytes": scanned.decoded_bytes,
+                                                               "read_while_written": True})}
+    src = catalog.sources.get(m.source)
+    try:
+        tool, _ = postgres.find_tool("pg_restore", dump_major(m), src.pg_bin_dir if src else None)
+    except BackupError as exc:
+        out["archive_readable"] = Outcome(False, f"{path}: {exc}" if str(path) not in str(exc) else str(exc))
+    else:
+        listed = subprocess.run([str(tool), "--list"], input=stream.head, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        if listed.returncode != 0:
+            out["archive_readable"] = Outcome(False, f"{path}: {tool.name} --list cannot read the archive: "
+                                                     f"{listed.stderr.decode(errors='replace').strip()[-500:]}")
+        else:
+            out["archive_readable"] = _readable_outcome(backup, scanned)
+    if drill:
+        if stream.copy_to is None or not stream.copy_to.exists():
+            out["restore_drill"] = restore_drill(catalog, backup, jobs=jobs)
+        elif not out["archive_readable"].passed:
+            out["restore_drill"] = Outcome(False, f"restore drill not attempted: {out['archive_readable'].message}")
+        else:
+            try:
+                out["restore_drill"] = _postgres_drill(catalog, backup, jobs=jobs, prepared=(scanned, stream.copy_to))
+            except BackupError as exc:
+                out["restore_drill"] = Outcome(False, str(exc))
     return out
 
 

@@ -101,7 +101,7 @@ def run_tier(catalog: Catalog, context: AssetExecutionContext, tier: str, target
     # the core is imported when a backup runs, not by every process that loads the definitions
     from ..core import BackupError
     from ..core.backup import repository_for, run_backup
-    from ..core.verify import find_backup
+    from ..core.verify import find_backup, stream_check
 
     selected = context.selected_asset_keys
     checks = context.selected_asset_check_keys
@@ -121,28 +121,45 @@ def run_tier(catalog: Catalog, context: AssetExecutionContext, tier: str, target
         for source, group in targets:
             yield from finished(wait=False)
             key = backup_key(source, group, tier)
-            backup = None
+            backup = stream = None
             if key in selected:
+                # the backup's checks read its stream while it is written, where they can
+                stream = stream_check(catalog, source, group, [c.name for c in checks if c.asset_key == key])
                 try:
-                    run_backup(catalog, source, group, tier, partition, log=context.log.info)
+                    run_backup(catalog, source, group, tier, partition, log=context.log.info, stream=stream)
                     backup = find_backup(catalog, source, group, tier, partition)
-                except BackupError as exc:
+                except BaseException as exc:
+                    if stream is not None:
+                        stream.close()
+                    if not isinstance(exc, BackupError):
+                        raise
                     context.log.error(f"{key.to_user_string()}: {exc}")
                     failed[key.to_user_string()] = str(exc)
                     continue  # its checks and replica have nothing to look at
                 path = repository_for(catalog).folder(catalog.sources[source].engine, tier) / backup.manifest.artifact
                 yield dg.MaterializeResult(asset_key=key, metadata=backup_metadata(backup.manifest, str(path)))
             pending.append(follow_ups.submit(_follow_up, catalog, source, group, tier, partition, backup,
-                                             selected, checks, s3))
+                                             selected, checks, s3, stream))
         yield from finished(wait=True)
     if failed:
         raise dg.Failure(description="; ".join(f"{k}: {v}" for k, v in failed.items()),
                          metadata={FAILED_ASSETS: dg.MetadataValue.json(failed)})
 
 
-def _follow_up(catalog: Catalog, source: str, group: str, tier: str, partition: str, backup, selected, checks, s3):
-    """A backup's checks, then its replica and the replica's check. Returns (events, log lines, failures);
-    logs are written by the op's thread."""
+def _follow_up(catalog: Catalog, source: str, group: str, tier: str, partition: str, backup, selected, checks, s3,
+               stream=None):
+    """A backup's checks (from the `stream` that read it while it was written, when there is one),
+    then its replica and the replica's check. Returns (events, log lines, failures); logs are
+    written by the op's thread."""
+    try:
+        return _follow_up_steps(catalog, source, group, tier, partition, backup, selected, checks, s3, stream)
+    finally:
+        if stream is not None:
+            stream.close()
+
+
+def _follow_up_steps(catalog: Catalog, source: str, group: str, tier: str, partition: str, backup, selected, checks,
+                     s3, stream):
     from ..core import BackupError, verification
     from ..core.replica import replica_intact, replicate
     from ..core.verify import Outcome, evaluate, find_backup
@@ -154,7 +171,7 @@ def _follow_up(catalog: Catalog, source: str, group: str, tier: str, partition: 
     if names:
         try:
             backup = backup or find_backup(catalog, source, group, tier, partition)
-            outcomes = evaluate(catalog, backup, names)
+            outcomes = evaluate(catalog, backup, names, stream=stream)
         except BackupError as exc:
             outcomes = {n: Outcome(False, str(exc)) for n in names}
         for name, outcome in outcomes.items():

@@ -200,10 +200,11 @@ DataSink = Callable[[TocEntry], Callable[[bytes], object] | None]
 
 
 def read_archive(stream: BinaryIO, on_data: DataSink | None = None,
-                 on_end: Callable[[TocEntry], None] | None = None) -> Archive:
-    """Read header, TOC and every data block. For each data block, `on_data(entry)` may return a
-    function that receives the block's bytes in pieces (None: skip them, still read);
-    `on_end(entry)` is called when a block is complete."""
+                 on_end: Callable[[TocEntry], None] | None = None,
+                 on_toc: Callable[[Archive], None] | None = None) -> Archive:
+    """Read header, TOC and every data block. `on_toc(archive)` is called once the TOC is read;
+    for each data block, `on_data(entry)` may return a function that receives the block's bytes
+    in pieces (None: skip them, still read); `on_end(entry)` is called when a block is complete."""
     r = _Reader(stream)
     header = _read_header(r)
     if header.compression not in (0, -1):
@@ -211,6 +212,8 @@ def read_archive(stream: BinaryIO, on_data: DataSink | None = None,
                                  "backup_assets writes --compress=0 archives")
     entries = _read_toc(r, header)
     archive = Archive(header, entries)
+    if on_toc is not None:
+        on_toc(archive)
     seen: set[int] = set()
     while not r.at_end():
         kind = r.byte()

@@ -1,0 +1,154 @@
+"""Checks read from the dump's stream while it is written (catalog `checks_while_writing`).
+
+The stream's verdicts must be exactly those of reading the artifact afterwards, on hostile
+schemas; a file changed after it was written, a stream that does not decode, a dump that fails
+midway must never be trusted, and nothing may be left behind.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import zstandard
+
+from backup_assets.core import archive_scan, roles
+from backup_assets.core.artifact import ArtifactWriter
+from backup_assets.core.backup import run_backup
+from backup_assets.core.verify import evaluate, find_backup, stream_check
+
+from .conftest import pg_source
+from .test_checks import check_evaluations, run_with_checks
+from .test_schema_zoo import GROUPS, zoo18  # noqa: F401 (a fixture)
+
+P = "2026-11-20"
+NAMES = ["artifact_intact", "archive_readable", "size_anomaly", "restore_drill"]
+
+
+def _leftovers(catalog) -> list[str]:
+    scratch = catalog.repository_root / ".tmp"
+    return sorted(p.name for p in scratch.iterdir()) if scratch.is_dir() else []
+
+
+def test_checks_read_while_writing_equal_a_second_read_on_the_zoo(pg18, zoo18, write_catalog):  # noqa: F811
+    catalog = write_catalog({"zoo": pg_source(pg18, zoo18, groups=GROUPS)}, tiers={"daily": {"drill": True}},
+                            checks_while_writing=True)
+    for group in GROUPS:
+        result = run_with_checks(catalog, f"zoo/{group}/daily")
+        evals = check_evaluations(result)
+        assert result.success, {k: e.description for k, e in evals.items()}
+        assert all(e.passed for e in evals.values()), {k: e.description for k, e in evals.items()}
+        assert str(evals["artifact_intact"].metadata["read_while_written"].value) == "True"
+        assert "as it was written" in evals["artifact_intact"].description
+        drill = evals["restore_drill"].metadata
+        assert drill["archive_fingerprints"].value == drill["restored_fingerprints"].value
+        # the artifact read again afterwards says exactly the same about its content
+        again = evaluate(catalog, find_backup(catalog, "zoo", group, "daily", P), NAMES[:2])
+        assert all(o.passed for o in again.values())
+        assert "read_while_written" not in again["artifact_intact"].metadata
+        streamed = evals["archive_readable"].metadata
+        assert streamed["fingerprints"].value == again["archive_readable"].metadata["fingerprints"]
+        assert streamed["toc_entries"].value == again["archive_readable"].metadata["toc_entries"]
+    assert _leftovers(catalog) == []
+    with pg18.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM pg_database WHERE datname LIKE 'drill%'").fetchone()[0] == 0
+
+
+@pytest.fixture
+def stream_catalog(pg18, myloware_db, write_catalog):
+    return write_catalog({"myloware": pg_source(pg18, myloware_db)}, checks_while_writing=True)
+
+
+def test_a_file_changed_after_it_was_written_is_read_again_and_fails(stream_catalog):
+    catalog = stream_catalog
+    stream = stream_check(catalog, "myloware", "core", NAMES)
+    assert stream is not None and stream.copy_to is not None
+    try:
+        run_backup(catalog, "myloware", "core", "daily", P, stream=stream)
+        backup = find_backup(catalog, "myloware", "core", "daily", P)
+        assert stream.artifact == backup.artifact_path and stream.copy_to.exists()
+        data = bytearray(backup.artifact_path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        backup.artifact_path.write_bytes(bytes(data))
+        out = evaluate(catalog, backup, NAMES[:3], stream=stream)
+    finally:
+        stream.close()
+    assert not out["artifact_intact"].passed
+    assert "differs from the manifest's" in out["artifact_intact"].message
+    assert backup.artifact_path.name in out["artifact_intact"].message
+    assert not out["archive_readable"].passed
+    assert not stream.copy_to.exists() and _leftovers(catalog) == []
+
+
+def test_a_stream_that_does_not_decode_or_parse_is_never_trusted(stream_catalog, tmp_path):
+    catalog = stream_catalog
+    run_backup(catalog, "myloware", "kb", "daily", P)
+    backup = find_backup(catalog, "myloware", "kb", "daily", P)
+    plain = zstandard.ZstdDecompressor().decompressobj().decompress(backup.artifact_path.read_bytes())
+    cases = {
+        "not zstd": b"this is not a zstd stream" * 1000,
+        "archive cut in a data block": zstandard.ZstdCompressor().compress(plain[: len(plain) * 2 // 3]),
+        "zstd frame cut short": zstandard.ZstdCompressor().compress(plain)[:-50],
+    }
+    for what, data in cases.items():
+        folder = tmp_path / what.replace(" ", "_")
+        folder.mkdir()
+        check = archive_scan.StreamCheck(folder, copy=True)
+        for i in range(0, len(data), 65536):
+            check.write(data[i:i + 65536])
+        check.finish(backup.artifact_path)
+        assert check.result(backup.manifest) is None, what
+        assert check.error, what
+        check.close()
+        assert not (folder / "archive.dump").exists(), what
+    # and given to the checks, such a stream is ignored: the artifact itself is read
+    folder = tmp_path / "ignored"
+    folder.mkdir()
+    check = archive_scan.StreamCheck(folder)
+    check.write(cases["not zstd"])
+    check.finish(backup.artifact_path)
+    out = evaluate(catalog, backup, NAMES[:2], stream=check)
+    check.close()
+    assert all(o.passed for o in out.values()), out
+    assert "read_while_written" not in out["artifact_intact"].metadata
+
+
+def test_a_writer_that_fails_stops_the_reader_and_leaves_nothing(stream_catalog, tmp_path):
+    catalog = stream_catalog
+    stream = stream_check(catalog, "myloware", "full", NAMES)
+    final = tmp_path / "out" / "x.dump.zst"
+    with pytest.raises(RuntimeError, match="pg_dump died"):
+        with ArtifactWriter(final, tap=stream) as writer:
+            for _ in range(8):  # enough that zstd has handed compressed bytes on
+                writer.write(os.urandom(4 << 20))
+            raise RuntimeError("pg_dump died")
+    assert stream._proc is not None and stream._proc.poll() is not None  # the reader is gone
+    assert stream.artifact is None and stream.result(None) is None
+    stream.close()
+    assert not final.exists() and _leftovers(catalog) == []
+
+
+def test_which_backups_are_read_while_written(pg18, myloware_db, write_catalog, monkeypatch, tmp_path):
+    key = tmp_path / "age.key"
+    import pyrage
+
+    ident = pyrage.x25519.Identity.generate()
+    key.write_text(f"{ident}\n")
+    source = pg_source(pg18, myloware_db, globals=True)
+    encrypted = {**source, "encryption": {"recipients": [str(ident.to_public())]}}
+    catalog = write_catalog({"myloware": source, "secret": encrypted}, checks_while_writing="auto")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert stream_check(catalog, "myloware", "full", NAMES) is None  # two cores: the dump needs them
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    made = stream_check(catalog, "myloware", "full", NAMES)
+    assert made is not None and made.copy_to is not None
+    made.close()
+    made = stream_check(catalog, "myloware", "full", NAMES[:3])  # no drill: no plain copy
+    assert made is not None and made.copy_to is None
+    made.close()
+    assert stream_check(catalog, "myloware", roles.GROUP, NAMES) is None
+    assert stream_check(catalog, "secret", "full", NAMES) is None  # encrypted: read afterwards, decrypted
+    assert stream_check(catalog, "myloware", "full", ["size_anomaly"]) is None
+    off = write_catalog({"myloware": source}, checks_while_writing=False)
+    assert stream_check(off, "myloware", "full", NAMES) is None
+    assert _leftovers(catalog) == []
