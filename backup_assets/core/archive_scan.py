@@ -24,7 +24,8 @@ import zstandard
 
 from . import BackupError
 from .artifact import CHUNK, open_decompressed
-from .engines.pgarchive import Archive, ArchiveFormatError, ArchiveHeader, CopyFingerprint, TocEntry, combine, read_archive
+from .engines.pgarchive import (Archive, ArchiveFormatError, ArchiveHeader, CopyFingerprint, TocEntry, combine,
+                               read_archive)
 from .manifest import Manifest
 from .names import TableName
 
@@ -185,8 +186,6 @@ class StreamCheck:
                 self._close_stdin()
 
     def _start(self) -> None:
-        import sys
-
         self._started = time.monotonic()
         self._err = tempfile.TemporaryFile(dir=self.folder)
         args = [sys.executable, "-m", __name__, str(self.folder / "head")]

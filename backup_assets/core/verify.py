@@ -162,9 +162,13 @@ def _readable_pass(catalog: Catalog, backup: StoredBackup, *, copy_to: Path | No
         rc = proc.wait()
         err.seek(0)
         if rc != 0:
-            return Outcome(False, f"{path}: {tool.name} --list cannot read the archive: "
-                                  f"{err.read().decode(errors='replace').strip()[-500:]}"), result
+            return _unlisted(path, tool, err.read()), result
     return _readable_outcome(backup, result), result
+
+
+def _unlisted(path: Path, tool: Path, stderr: bytes) -> Outcome:
+    return Outcome(False, f"{path}: {tool.name} --list cannot read the archive: "
+                          f"{stderr.decode(errors='replace').strip()[-500:]}")
 
 
 def _readable_outcome(backup: StoredBackup, result: archive_scan.ArchiveScan) -> Outcome:
@@ -463,10 +467,10 @@ CHECK_NAMES = ("artifact_intact", "archive_readable", "size_anomaly", "restore_d
 def stream_check(catalog: Catalog, source: str, group: str, names) -> archive_scan.StreamCheck | None:
     """A StreamCheck to hand to the backup about to be written (`run_backup(stream=...)`), when
     its checks can be read from the stream as it is written (the catalog's `checks_while_writing`):
-    a PostgreSQL dump (not the roles),
-    not encrypted, with artifact_intact and archive_readable among `names`; with restore_drill,
-    the plain archive for pg_restore is written at the same time. Its scratch folder goes with
-    `close()`. None when the checks read the artifact afterwards instead."""
+    a PostgreSQL dump (not the roles), not encrypted, with artifact_intact and archive_readable
+    among `names`; with restore_drill, the plain archive for pg_restore is written at the same
+    time. Its scratch folder goes with `close()`. None when the checks read the artifact
+    afterwards instead."""
     src = catalog.sources.get(source)
     names = set(names)
     wanted = catalog.checks_while_writing
@@ -581,11 +585,8 @@ def _postgres_from_stream(catalog: Catalog, backup: StoredBackup, stream: archiv
     else:
         listed = subprocess.run([str(tool), "--list"], input=stream.head, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
-        if listed.returncode != 0:
-            out["archive_readable"] = Outcome(False, f"{path}: {tool.name} --list cannot read the archive: "
-                                                     f"{listed.stderr.decode(errors='replace').strip()[-500:]}")
-        else:
-            out["archive_readable"] = _readable_outcome(backup, scanned)
+        out["archive_readable"] = (_unlisted(path, tool, listed.stderr) if listed.returncode != 0
+                                   else _readable_outcome(backup, scanned))
     if drill:
         if stream.copy_to is None or not stream.copy_to.exists():
             out["restore_drill"] = restore_drill(catalog, backup, jobs=jobs)
