@@ -152,3 +152,29 @@ def test_which_backups_are_read_while_written(pg18, myloware_db, write_catalog, 
     off = write_catalog({"myloware": source}, checks_while_writing=False)
     assert stream_check(off, "myloware", "full", NAMES) is None
     assert _leftovers(catalog) == []
+
+
+def test_a_servers_tier_run_reads_each_dump_while_writing_and_the_roles_afterwards(pg18, myloware_db, write_catalog):
+    """The tier op pipelines the backups of a server (the next dumps while the last one's checks
+    run): every dump gets its own reader and scratch, and all of them are gone at the end."""
+    import dagster as dg
+
+    from backup_assets.defs.build import build_definitions
+
+    catalog = write_catalog({"myloware": pg_source(pg18, myloware_db, globals=True)},
+                            tiers={"daily": {"drill": True}}, checks_while_writing=True)
+    with dg.instance_for_test() as instance:
+        result = build_definitions(catalog).resolve_job_def("daily_backups").execute_in_process(
+            partition_key=P, instance=instance)
+    assert result.success
+    by = {(e.asset_key.to_user_string(), e.check_name): e for e in result.get_asset_check_evaluations()}
+    assert all(e.passed for e in by.values()), {k: e.description for k, e in by.items() if not e.passed}
+    for group in ("full", "core", "kb"):
+        intact = by[(f"myloware/{group}_daily", "artifact_intact")]
+        assert str(intact.metadata["read_while_written"].value) == "True", group
+        drill = by[(f"myloware/{group}_daily", "restore_drill")].metadata
+        assert drill["archive_fingerprints"].value == drill["restored_fingerprints"].value
+    assert "read_while_written" not in by[(f"myloware/{roles.GROUP}_daily", "artifact_intact")].metadata
+    assert _leftovers(catalog) == []
+    with pg18.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM pg_database WHERE datname LIKE 'drill%'").fetchone()[0] == 0
