@@ -249,47 +249,33 @@ class _CheckedReader:
         return data
 
 
-class _ReadAhead:
-    """Decodes ahead in a thread while the caller works on what came before: zstd releases the
-    GIL, so on two cores decoding and the caller's parsing overlap instead of taking turns. Errors
-    of the decoder (a damaged or truncated stream) are raised by `read`, where they would have
-    been; a caller that stops early releases the thread on `close`."""
+class ChunkQueue:
+    """Chunks handed from one thread to another through a bounded queue and read back as a
+    stream: `put` waits while the queue is full for as long as `waiting()` says the other side
+    is still there (BrokenPipeError when it is not); `read` serves the chunks' bytes, ends at a
+    None or b"" item, and raises an exception item where the stream would have failed; `drain`
+    unblocks a writer after the reader failed."""
 
-    def __init__(self, reader: _CheckedReader, depth: int = 4):
+    def __init__(self, depth: int = 8):
         import queue
-        import threading
 
-        self._reader = reader
         self._q: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
         self._buf = b""
         self._pos = 0
         self._done = False
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
 
-    @property
-    def decoded(self) -> int:
-        return self._reader.decoded
-
-    def _run(self) -> None:
+    def put(self, item, waiting: Callable[[], bool], *, poll_s: float = 0.5) -> None:
         import queue
 
-        while not self._stop.is_set():
+        while True:
             try:
-                item = self._reader.read(CHUNK)
-            except BaseException as exc:  # handed to the reader of this stream
-                item = exc
-            while not self._stop.is_set():
-                try:
-                    self._q.put(item, timeout=0.2)
-                    break
-                except queue.Full:
-                    continue
-            if not isinstance(item, bytes) or not item:
+                self._q.put(item, timeout=poll_s)
                 return
+            except queue.Full:
+                if not waiting():
+                    raise BrokenPipeError("the other side of the chunk queue stopped") from None
 
-    def read(self, size: int = CHUNK) -> bytes:
+    def read(self, size: int = -1) -> bytes:
         while self._pos >= len(self._buf):
             if self._done:
                 return b""
@@ -305,6 +291,51 @@ class _ReadAhead:
         out = self._buf[self._pos:end]
         self._pos += len(out)
         return out
+
+    def drain(self) -> None:
+        import queue
+
+        try:
+            while True:
+                self._q.get_nowait()
+        except queue.Empty:
+            pass
+
+
+class _ReadAhead:
+    """Decodes ahead in a thread while the caller works on what came before: zstd releases the
+    GIL, so on two cores decoding and the caller's parsing overlap instead of taking turns. Errors
+    of the decoder (a damaged or truncated stream) are raised by `read`, where they would have
+    been; a caller that stops early releases the thread on `close`."""
+
+    def __init__(self, reader: _CheckedReader, depth: int = 4):
+        import threading
+
+        self._reader = reader
+        self._chunks = ChunkQueue(depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @property
+    def decoded(self) -> int:
+        return self._reader.decoded
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = self._reader.read(CHUNK)
+            except BaseException as exc:  # handed to the reader of this stream
+                item = exc
+            try:
+                self._chunks.put(item, lambda: not self._stop.is_set(), poll_s=0.2)
+            except BrokenPipeError:  # the caller closed the stream
+                return
+            if not isinstance(item, bytes) or not item:
+                return
+
+    def read(self, size: int = CHUNK) -> bytes:
+        return self._chunks.read(size)
 
     def close(self) -> None:
         self._stop.set()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import BinaryIO
 import pyrage
 
 from . import BackupError
+from .artifact import ChunkQueue
 
 MAGIC = b"age-encryption.org/v1\n"
 SUFFIX = ".age"
@@ -109,54 +109,14 @@ class Identities:
         return cls(env, tuple(keys), frozenset(public))
 
 
-class _ChunkQueue:
-    """Hands written chunks to the encrypting thread without a kernel pipe: pyrage reads in
-    8 KiB pieces, which through a pipe cost a system call and a copy each."""
-
-    def __init__(self, depth: int = 8):
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
-        self._buf = b""
-        self._pos = 0
-        self._eof = False
-
-    def put(self, item, alive) -> None:
-        while True:
-            try:
-                self._q.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                if not alive():
-                    raise BrokenPipeError("the encrypting thread stopped") from None
-
-    def read(self, size: int = -1) -> bytes:
-        while self._pos >= len(self._buf):
-            if self._eof:
-                return b""
-            item = self._q.get()
-            if item is None:
-                self._eof = True
-                return b""
-            self._buf, self._pos = item, 0
-        end = len(self._buf) if size is None or size < 0 else self._pos + size
-        out = self._buf[self._pos:end]
-        self._pos += len(out)
-        return out
-
-    def drain(self) -> None:
-        """Unblock a writer after the reader failed."""
-        try:
-            while True:
-                self._q.get_nowait()
-        except queue.Empty:
-            pass
-
-
 class EncryptingWriter:
-    """A writable stream that encrypts to `sink` (age format) as it goes."""
+    """A writable stream that encrypts to `sink` (age format) as it goes, in a thread fed through
+    a ChunkQueue rather than a kernel pipe: pyrage reads in 8 KiB pieces, which through a pipe
+    cost a system call and a copy each."""
 
     def __init__(self, sink, recipients: list[str]):
         self._recipients = [parse_recipient(r) for r in recipients]
-        self._chunks = _ChunkQueue()
+        self._chunks = ChunkQueue()
         self._closed = False
         self._error: list[BaseException] = []
 
@@ -173,6 +133,8 @@ class EncryptingWriter:
     def write(self, data) -> int:
         if self._error:
             self._raise()
+        if not data:  # an empty chunk would end the stream
+            return 0
         try:
             self._chunks.put(bytes(data), self._thread.is_alive)
         except BrokenPipeError:
