@@ -177,7 +177,8 @@ def _follow_up_steps(catalog: Catalog, source: str, group: str, tier: str, parti
         for name, outcome in outcomes.items():
             if backup is not None:
                 verification.record(backup, name, outcome.passed, outcome.message, outcome.metadata)
-            logs.append(("info" if outcome.passed else "error", f"{name}: {outcome.message}"))
+            if not outcome.passed:  # a passed check shows in the run's log as its evaluation, same words
+                logs.append(("warning" if outcome.warn else "error", f"{name}: {outcome.message}"))
             events.append(keyed_check_result(key, name, outcome))
     if s3 is not None and rkey in selected:
         try:
