@@ -28,13 +28,21 @@ def read_status(backup: StoredBackup) -> dict[str, dict]:
 
 
 def record(backup: StoredBackup, check: str, passed: bool, message: str, metadata: dict | None = None) -> None:
+    record_outcomes(backup, {check: (passed, message, metadata)})
+
+
+def record_outcomes(backup: StoredBackup, outcomes: dict[str, tuple[bool, str, dict | None]]) -> None:
+    """Record the outcomes of several checks of a backup ({check: (passed, message, metadata)})
+    in one write of its `.checks.json`."""
     status = read_status(backup)
-    status[check] = {
-        "passed": passed,
-        "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "message": message,
-        **({"rto_s": metadata["rto_s"]} if metadata and "rto_s" in metadata else {}),
-    }
+    at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    for check, (passed, message, metadata) in outcomes.items():
+        status[check] = {
+            "passed": passed,
+            "at": at,
+            "message": message,
+            **({"rto_s": metadata["rto_s"]} if metadata and "rto_s" in metadata else {}),
+        }
     write_json_atomic(checks_path(backup), status)
 
 

@@ -174,9 +174,9 @@ def _follow_up_steps(catalog: Catalog, source: str, group: str, tier: str, parti
             outcomes = evaluate(catalog, backup, names, stream=stream)
         except BackupError as exc:
             outcomes = {n: Outcome(False, str(exc)) for n in names}
+        if backup is not None:  # one write of the backup's .checks.json for all of them
+            verification.record_outcomes(backup, {n: (o.passed, o.message, o.metadata) for n, o in outcomes.items()})
         for name, outcome in outcomes.items():
-            if backup is not None:
-                verification.record(backup, name, outcome.passed, outcome.message, outcome.metadata)
             if not outcome.passed:  # a passed check shows in the run's log as its evaluation, same words
                 logs.append(("warning" if outcome.warn else "error", f"{name}: {outcome.message}"))
             events.append(keyed_check_result(key, name, outcome))
