@@ -8,6 +8,7 @@ midway must never be trusted, and nothing may be left behind.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import zstandard
@@ -178,3 +179,45 @@ def test_a_servers_tier_run_reads_each_dump_while_writing_and_the_roles_afterwar
     assert _leftovers(catalog) == []
     with pg18.connect() as conn:
         assert conn.execute("SELECT count(*) FROM pg_database WHERE datname LIKE 'drill%'").fetchone()[0] == 0
+
+
+def _readers() -> list[int]:
+    """Stream readers still running (their command line names the module)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"backup_assets.core.archive_scan" in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_backup_killed_while_its_stream_is_read_never_counts_and_leaves_nothing(pg18, myloware_db, write_catalog):
+    import subprocess
+    import sys
+    import time
+
+    from backup_assets.cli import main
+    from backup_assets.core.failpoints import ENV as FAILPOINTS
+    from backup_assets.core.repository import LocalRepository
+
+    catalog = write_catalog({"myloware": pg_source(pg18, myloware_db)}, checks_while_writing=True)
+    before = set(_readers())
+    code = ("import sys; from backup_assets.catalog import load_catalog; from backup_assets.core.backup import run_backup; "
+            "from backup_assets.core.verify import stream_check; c = load_catalog(sys.argv[1]); "
+            "s = stream_check(c, 'myloware', 'full', ['artifact_intact', 'archive_readable', 'restore_drill']); "
+            "assert s is not None; run_backup(c, 'myloware', 'full', 'daily', sys.argv[2], stream=s)")
+    proc = subprocess.run([sys.executable, "-c", code, catalog.catalog_path, P], capture_output=True,
+                          env=dict(os.environ, **{FAILPOINTS: "artifact.before_rename"}), timeout=120)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    deadline = time.monotonic() + 30
+    while set(_readers()) - before and time.monotonic() < deadline:  # the reader sees the end of its input and ends
+        time.sleep(0.2)
+    assert not set(_readers()) - before
+    repo = LocalRepository(catalog.repository_root)
+    assert repo.latest("myloware", "full", "daily", P) is None
+    assert _leftovers(catalog)  # the dead backup's scratch (and its plain copy) ...
+    assert main(["--catalog", catalog.catalog_path, "list"]) == 0
+    assert _leftovers(catalog) == []  # ... go with the next operation
+    assert not [p for p in catalog.repository_root.rglob("*") if ".partial-" in p.name]
