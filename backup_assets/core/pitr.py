@@ -439,10 +439,8 @@ class _Prefetcher:
         from . import wal
 
         self.catalog, self.source, self.spool, self.user = catalog, source, spool, user
-        folder = wal.wal_dir(catalog, source)
         start = base["start_wal"]
-        self.names = sorted(p.name[:-5] for p in folder.glob("*.json")
-                            if wal.SEGMENT.match(p.name[:-5]) and p.name[:8] == start[:8] and p.name[8:24] >= start[8:])
+        self.names = wal.segment_names(catalog, source, since=start, timeline=start[:8])
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name="wal-prefetch", daemon=True)
         if user is not None:
@@ -609,9 +607,7 @@ def drill_target(catalog: Catalog, source: str, rng) -> tuple[dt.datetime, tuple
     if not bases:
         raise BackupError(f"no base backup of {source}")
     oldest_end = dt.datetime.fromisoformat(bases[0]["finished_at"])
-    folder = wal.wal_dir(catalog, source)
-    names = sorted(p.name[:-5] for p in folder.glob("*.json") if wal.SEGMENT.match(p.name[:-5])
-                   and p.name[8:24] >= bases[0]["start_wal"][8:])
+    names = wal.segment_names(catalog, source, since=bases[0]["start_wal"])
     if not names:
         return None
     newest_tli = max(n[:8] for n in names)

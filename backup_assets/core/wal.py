@@ -202,18 +202,27 @@ def _next(name: str, per_log: int) -> str:
     return f"{tli:08X}{log:08X}{seg:08X}"
 
 
+def segment_names(catalog: Catalog, source: str, *, since: str | None = None,
+                  timeline: str | None = None) -> list[str]:
+    """The archived segments of a source (by their JSON descriptions), in order: from `since`'s
+    position in the WAL on (a segment name; any timeline), and only on `timeline` when given."""
+    folder = wal_dir(catalog, source)
+    if not folder.is_dir():
+        return []
+    return sorted(name for name in (p.name[:-5] for p in folder.glob("*.json"))
+                  if SEGMENT.match(name) and (since is None or name[8:] >= since[8:])
+                  and (timeline is None or name[:8] == timeline))
+
+
 def verify(catalog: Catalog, source: str, *, since: str | None = None) -> Continuity:
     """Every segment from the oldest archived one (or `since`) to the newest is there, per timeline
     (a later timeline continues from its switch point, so each timeline is checked on its own)."""
     folder = wal_dir(catalog, source)
     metas = {}
-    if folder.is_dir():
-        for path in folder.glob("*.json"):
-            name = path.name[:-5]
-            if SEGMENT.match(name) and (since is None or name[8:] >= since[8:]):
-                meta = read_meta(folder, name)
-                if meta is not None:
-                    metas[name] = meta
+    for name in segment_names(catalog, source, since=since):
+        meta = read_meta(folder, name)
+        if meta is not None:
+            metas[name] = meta
     names = sorted(metas)
     gaps: list[tuple[str, str]] = []
     for tli in sorted({n[:8] for n in names}):
