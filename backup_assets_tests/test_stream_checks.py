@@ -137,10 +137,21 @@ def test_which_backups_are_read_while_written(pg18, myloware_db, write_catalog, 
     key.write_text(f"{ident}\n")
     source = pg_source(pg18, myloware_db, globals=True)
     encrypted = {**source, "encryption": {"recipients": [str(ident.to_public())]}}
+    encrypted["encryption"]["identity_file_env"] = "BA_STREAM_TEST_IDENTITY"
+    monkeypatch.delenv("BA_STREAM_TEST_IDENTITY", raising=False)
     catalog = write_catalog({"myloware": source, "secret": encrypted}, checks_while_writing="auto")
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert stream_check(catalog, "myloware", "full", NAMES) is None  # two cores: the dump needs them
+    # ... but an encrypted backup on a host without its private key can only be read as it is written
+    made = stream_check(catalog, "secret", "full", NAMES)
+    assert made is not None and made.inner_sha256 is not None
+    made.close()
+    monkeypatch.setenv("BA_STREAM_TEST_IDENTITY", str(key))
+    assert stream_check(catalog, "secret", "full", NAMES) is None  # with it, afterwards, decrypted
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    made = stream_check(catalog, "secret", "full", NAMES)
+    assert made is not None and made.inner_sha256 is not None
+    made.close()
     made = stream_check(catalog, "myloware", "full", NAMES)
     assert made is not None and made.copy_to is not None
     made.close()
@@ -148,7 +159,6 @@ def test_which_backups_are_read_while_written(pg18, myloware_db, write_catalog, 
     assert made is not None and made.copy_to is None
     made.close()
     assert stream_check(catalog, "myloware", roles.GROUP, NAMES) is None
-    assert stream_check(catalog, "secret", "full", NAMES) is None  # encrypted: read afterwards, decrypted
     assert stream_check(catalog, "myloware", "full", ["size_anomaly"]) is None
     off = write_catalog({"myloware": source}, checks_while_writing=False)
     assert stream_check(off, "myloware", "full", NAMES) is None
@@ -221,3 +231,52 @@ def test_a_backup_killed_while_its_stream_is_read_never_counts_and_leaves_nothin
     assert main(["--catalog", catalog.catalog_path, "list"]) == 0
     assert _leftovers(catalog) == []  # ... go with the next operation
     assert not [p for p in catalog.repository_root.rglob("*") if ".partial-" in p.name]
+
+
+def test_an_encrypted_backup_is_checked_and_drilled_on_a_host_without_its_private_key(pg18, myloware_db, write_catalog,
+                                                                                     monkeypatch, tmp_path):
+    """Backup hosts need only public keys: read before encryption, the archive is still proven
+    whole and the drill still runs; with the key, the ciphertext is proven to decrypt to it."""
+    import pyrage
+
+    ident = pyrage.x25519.Identity.generate()
+    key = tmp_path / "age.key"
+    key.write_text(f"{ident}\n")
+    monkeypatch.delenv("BA_STREAM_TEST_IDENTITY", raising=False)
+    source = pg_source(pg18, myloware_db, encryption={"recipients": [str(ident.to_public())],
+                                                      "identity_file_env": "BA_STREAM_TEST_IDENTITY"})
+    catalog = write_catalog({"myloware": source}, tiers={"daily": {"drill": True}})  # checks_while_writing: auto
+    result = run_with_checks(catalog, "myloware/core/daily")
+    evals = check_evaluations(result)
+    assert result.success and all(e.passed for e in evals.values()), {k: e.description for k, e in evals.items()}
+    intact = evals["artifact_intact"]
+    assert "not decrypted: no identity here" in intact.description
+    assert str(intact.metadata["decrypted"].value) == "False"
+    drill = evals["restore_drill"].metadata
+    assert drill["archive_fingerprints"].value == drill["restored_fingerprints"].value
+    backup = find_backup(catalog, "myloware", "core", "daily", P)
+    assert backup.artifact_path.name.endswith(".age")
+    # where the key is, the stored ciphertext holds exactly what was read while it was written
+    monkeypatch.setenv("BA_STREAM_TEST_IDENTITY", str(key))
+    again = evaluate(catalog, backup, NAMES[:2])
+    assert all(o.passed for o in again.values()), again
+    assert again["archive_readable"].metadata["fingerprints"] == evals["archive_readable"].metadata["fingerprints"].value
+    # and read while written with the key at hand, the decryption itself is proven
+    keyed = write_catalog({"myloware": source}, checks_while_writing=True)
+    stream = stream_check(keyed, "myloware", "kb", NAMES[:3])
+    try:
+        run_backup(keyed, "myloware", "kb", "daily", P, stream=stream)
+        kb = find_backup(keyed, "myloware", "kb", "daily", P)
+        out = evaluate(keyed, kb, NAMES[:3], stream=stream)
+        assert all(o.passed for o in out.values()), out
+        assert out["artifact_intact"].metadata["decrypted"] is True
+        assert "decrypts to exactly the zstd stream" in out["artifact_intact"].message
+        # a ciphertext that no longer decrypts to it is read again, and the reading says why
+        data = bytearray(kb.artifact_path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        kb.artifact_path.write_bytes(bytes(data))
+        bad = evaluate(keyed, kb, NAMES[:3], stream=stream)
+        assert not bad["artifact_intact"].passed and "differs from the manifest's" in bad["artifact_intact"].message
+    finally:
+        stream.close()
+    assert _leftovers(catalog) == []

@@ -10,6 +10,7 @@ of its leaf partitions), and which entries a group restore needs.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -150,7 +151,8 @@ class StreamCheck:
     """The checks of a PostgreSQL backup, read from its zstd stream while it is being written.
 
     `ArtifactWriter(tap=...)` hands it every compressed byte it writes to the file (before the
-    file's own SHA-256). A child process (`python -m backup_assets.core.archive_scan`, so that
+    file's own SHA-256, and before age encrypts it: the archive is read on a backup host that has
+    no private key). A child process (`python -m backup_assets.core.archive_scan`, so that
     its work never holds this process's GIL while the dump is being copied) decodes them (zstd
     verifies its frame checksum), reads the archive by structure, fingerprints every table's rows,
     keeps the header and TOC for `pg_restore --list`, and for a drill writes the plain archive.
@@ -159,9 +161,12 @@ class StreamCheck:
     is kept; that is the checks' business (`verify.evaluate(..., stream=...)`).
     """
 
-    def __init__(self, folder: Path, *, copy: bool = False, cleanup: Callable[[], None] | None = None):
+    def __init__(self, folder: Path, *, copy: bool = False, encrypted: bool = False,
+                 cleanup: Callable[[], None] | None = None):
         self.folder = folder
         self.copy_to = folder / "archive.dump" if copy else None
+        # the zstd stream as it went into age: what the ciphertext must decrypt to
+        self.inner_sha256 = hashlib.sha256() if encrypted else None
         self._cleanup = cleanup
         self._proc: subprocess.Popen | None = None  # started by the first write
         self._err = None
@@ -179,6 +184,8 @@ class StreamCheck:
     def write(self, data) -> None:
         if self._proc is None:
             self._start()
+        if self.inner_sha256 is not None:
+            self.inner_sha256.update(data)
         if self._proc.stdin is not None:
             try:
                 self._proc.stdin.write(data)

@@ -95,8 +95,9 @@ def dump(catalog: Catalog, source: str, group: str, tier: str, partition: str, *
     level = 3
     started = time.monotonic()
     try:
-        # the checks read the zstd stream of a plain PostgreSQL dump as it is written (verify.stream_check)
-        tap = stream if src.engine == "postgres" and group != roles.GROUP and encryption is None else None
+        # the checks read the zstd stream of a PostgreSQL dump as it is written, before it is
+        # encrypted (verify.stream_check)
+        tap = stream if src.engine == "postgres" and group != roles.GROUP else None
         with ArtifactWriter(final, level=level, recipients=encryption.recipients if encryption else None,
                             tap=tap) as writer:
             if src.engine == "postgres" and group == roles.GROUP:

@@ -466,22 +466,33 @@ CHECK_NAMES = ("artifact_intact", "archive_readable", "size_anomaly", "restore_d
 
 def stream_check(catalog: Catalog, source: str, group: str, names) -> archive_scan.StreamCheck | None:
     """A StreamCheck to hand to the backup about to be written (`run_backup(stream=...)`), when
-    its checks can be read from the stream as it is written (the catalog's `checks_while_writing`):
-    a PostgreSQL dump (not the roles), not encrypted, with artifact_intact and archive_readable
-    among `names`; with restore_drill, the plain archive for pg_restore is written at the same
-    time. Its scratch folder goes with `close()`. None when the checks read the artifact
-    afterwards instead."""
+    its checks can be read from the stream as it is written (the catalog's `checks_while_writing`;
+    `auto`: with enough cores, or for an encrypted backup when the identity is not at hand): a
+    PostgreSQL dump (not the roles), with artifact_intact and archive_readable among `names`; with
+    restore_drill, the plain archive for pg_restore is written at the same time. Its scratch
+    folder goes with `close()`. None when the checks read the artifact afterwards instead."""
     src = catalog.sources.get(source)
     names = set(names)
-    wanted = catalog.checks_while_writing
-    if wanted == "auto":
-        wanted = (os.cpu_count() or 1) >= AUTO_STREAM_CPUS
-    if (not wanted or src is None or src.engine != "postgres" or group == roles.GROUP
-            or catalog.encryption_for(source) is not None or not {"artifact_intact", "archive_readable"} <= names):
+    if (catalog.checks_while_writing is False or src is None or src.engine != "postgres" or group == roles.GROUP
+            or not {"artifact_intact", "archive_readable"} <= names):
         return None
+    encryption = catalog.encryption_for(source)
+    if catalog.checks_while_writing == "auto" and (os.cpu_count() or 1) < AUTO_STREAM_CPUS:
+        # afterwards is as fast here, but an encrypted backup can only be read afterwards with the
+        # private key, which a backup host need not have: then it is read while it is written
+        if encryption is None or _identity_file(encryption) is not None:
+            return None
     stack = contextlib.ExitStack()
     folder = stack.enter_context(repository_for(catalog).scratch("check"))
-    return archive_scan.StreamCheck(folder, copy="restore_drill" in names, cleanup=stack.close)
+    return archive_scan.StreamCheck(folder, copy="restore_drill" in names, encrypted=encryption is not None,
+                                    cleanup=stack.close)
+
+
+def _identity_file(encryption) -> Path | None:
+    """The identity file the catalog names for a source, when it is there to be read."""
+    env = encryption.identity_file_env
+    path = os.environ.get(env) if env else None
+    return Path(path) if path and os.access(path, os.R_OK) else None
 
 
 def evaluate(catalog: Catalog, backup: StoredBackup, names, *, jobs: int = 2,
@@ -572,11 +583,22 @@ def _postgres_from_stream(catalog: Catalog, backup: StoredBackup, stream: archiv
             return {}
     except OSError:
         return {}
-    out = {"artifact_intact": Outcome(
-        True, f"{path.name}: {m.size_human}, sha256 verified on disk; the zstd stream decoded to its end "
-              "(frame checksum verified) as it was written", {"sha256": m.sha256, "size_bytes": m.size_bytes,
-                                                               "decoded_bytes": scanned.decoded_bytes,
-                                                               "read_while_written": True})}
+    meta = {"sha256": m.sha256, "size_bytes": m.size_bytes, "decoded_bytes": scanned.decoded_bytes,
+            "read_while_written": True}
+    how = "sha256 verified on disk; the zstd stream decoded to its end (frame checksum verified) as it was written"
+    if m.encryption:
+        ids = crypto.identities_if_any(catalog, m, artifact=str(path))
+        if ids is None:
+            how = ("sha256 of the encrypted artifact verified on disk; the zstd stream inside decoded to its end "
+                   "(frame checksum verified) as it was written, before encryption (not decrypted: no identity here)")
+            meta["decrypted"] = False
+        elif stream.inner_sha256 is None or _decrypted_sha256(path, ids) != stream.inner_sha256.hexdigest():
+            return {}
+        else:
+            how = ("sha256 verified on disk; it decrypts to exactly the zstd stream that was decoded to its end "
+                   "(frame checksum verified) as it was written")
+            meta["decrypted"] = True
+    out = {"artifact_intact": Outcome(True, f"{path.name}: {m.size_human}, {how}", meta)}
     src = catalog.sources.get(m.source)
     try:
         tool, _ = postgres.find_tool("pg_restore", dump_major(m), src.pg_bin_dir if src else None)
@@ -598,6 +620,22 @@ def _postgres_from_stream(catalog: Catalog, backup: StoredBackup, stream: archiv
             except BackupError as exc:
                 out["restore_drill"] = Outcome(False, str(exc))
     return out
+
+
+def _decrypted_sha256(path: Path, ids) -> str | None:
+    """The SHA-256 of what an encrypted artifact decrypts to (None when it does not decrypt)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            reader = crypto.DecryptingReader(fh, ids, what=str(path))
+            try:
+                while chunk := reader.read(1 << 20):
+                    digest.update(chunk)
+            finally:
+                reader.close()
+    except (BackupError, OSError):
+        return None
+    return digest.hexdigest()
 
 
 # -- size anomaly -------------------------------------------------------------------------------
