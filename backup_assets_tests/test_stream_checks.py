@@ -158,14 +158,16 @@ def test_which_backups_are_read_while_written(pg18, myloware_db, write_catalog, 
     made = stream_check(catalog, "myloware", "full", NAMES[:3])  # no drill: no plain copy
     assert made is not None and made.copy_to is None
     made.close()
-    assert stream_check(catalog, "myloware", roles.GROUP, NAMES) is None
+    made = stream_check(catalog, "myloware", roles.GROUP, NAMES)  # the roles' JSON: decoded, not an archive
+    assert made is not None and made.plain and made.copy_to is not None
+    made.close()
     assert stream_check(catalog, "myloware", "full", ["size_anomaly"]) is None
     off = write_catalog({"myloware": source}, checks_while_writing=False)
     assert stream_check(off, "myloware", "full", NAMES) is None
     assert _leftovers(catalog) == []
 
 
-def test_a_servers_tier_run_reads_each_dump_while_writing_and_the_roles_afterwards(pg18, myloware_db, write_catalog):
+def test_a_servers_tier_run_reads_each_dump_while_writing_and_the_roles_too(pg18, myloware_db, write_catalog):
     """The tier op pipelines the backups of a server (the next dumps while the last one's checks
     run): every dump gets its own reader and scratch, and all of them are gone at the end."""
     import dagster as dg
@@ -185,7 +187,8 @@ def test_a_servers_tier_run_reads_each_dump_while_writing_and_the_roles_afterwar
         assert str(intact.metadata["read_while_written"].value) == "True", group
         drill = by[(f"myloware/{group}_daily", "restore_drill")].metadata
         assert drill["archive_fingerprints"].value == drill["restored_fingerprints"].value
-    assert "read_while_written" not in by[(f"myloware/{roles.GROUP}_daily", "artifact_intact")].metadata
+    assert str(by[(f"myloware/{roles.GROUP}_daily", "artifact_intact")].metadata["read_while_written"].value) == "True"
+    assert by[(f"myloware/{roles.GROUP}_daily", "restore_drill")].passed
     assert _leftovers(catalog) == []
     with pg18.connect() as conn:
         assert conn.execute("SELECT count(*) FROM pg_database WHERE datname LIKE 'drill%'").fetchone()[0] == 0
@@ -279,4 +282,36 @@ def test_an_encrypted_backup_is_checked_and_drilled_on_a_host_without_its_privat
         assert not bad["artifact_intact"].passed and "differs from the manifest's" in bad["artifact_intact"].message
     finally:
         stream.close()
+    assert _leftovers(catalog) == []
+
+
+def test_encrypted_sqlite_and_roles_backups_are_checked_without_the_private_key(pg18, myloware_db, miyabi_db,
+                                                                               write_catalog, monkeypatch, tmp_path):
+    import pyrage
+
+    ident = pyrage.x25519.Identity.generate()
+    (tmp_path / "age.key").write_text(f"{ident}\n")
+    monkeypatch.delenv("BA_STREAM_TEST_IDENTITY", raising=False)
+    encryption = {"recipients": [str(ident.to_public())], "identity_file_env": "BA_STREAM_TEST_IDENTITY"}
+    catalog = write_catalog({"myloware": pg_source(pg18, myloware_db, globals=True, groups={"core": {
+                                 "tables": ["runs", "artifacts"]}}),
+                             "miyabi": {"engine": "sqlite", "path": str(miyabi_db)}},
+                            tiers={"daily": {"drill": True}}, encryption=encryption)
+    for key in ("miyabi/full/daily", f"myloware/{roles.GROUP}/daily"):
+        result = run_with_checks(catalog, key)
+        evals = check_evaluations(result)
+        assert result.success and all(e.passed for e in evals.values()), {k: e.description for k, e in evals.items()}
+        assert "not decrypted: no identity here" in evals["artifact_intact"].description, key
+        assert evals["restore_drill"].metadata["rto_s"].value >= 0
+    assert "integrity_check ok" in check_evaluations(run_with_checks(catalog, "miyabi/full/daily"))[
+        "archive_readable"].description
+    # without the stream (checks_while_writing false) the same backups cannot be read here
+    off = write_catalog({"miyabi": {"engine": "sqlite", "path": str(miyabi_db)}}, encryption=encryption,
+                        checks_while_writing=False)
+    evals = check_evaluations(run_with_checks(off, "miyabi/full/daily"))
+    assert not evals["archive_readable"].passed and "BA_STREAM_TEST_IDENTITY" in evals["archive_readable"].description
+    # with the key, the stored encrypted SQLite backups also pass when read afterwards
+    monkeypatch.setenv("BA_STREAM_TEST_IDENTITY", str(tmp_path / "age.key"))
+    lite = find_backup(catalog, "miyabi", "full", "daily", P)
+    assert all(o.passed for o in evaluate(catalog, lite, NAMES).values())
     assert _leftovers(catalog) == []

@@ -161,10 +161,12 @@ class StreamCheck:
     is kept; that is the checks' business (`verify.evaluate(..., stream=...)`).
     """
 
-    def __init__(self, folder: Path, *, copy: bool = False, encrypted: bool = False,
+    def __init__(self, folder: Path, *, copy: bool = False, encrypted: bool = False, plain: bool = False,
                  cleanup: Callable[[], None] | None = None):
         self.folder = folder
-        self.copy_to = folder / "archive.dump" if copy else None
+        # plain: not an archive (a SQLite file, the roles' JSON): only decoded, always into the copy
+        self.plain = plain
+        self.copy_to = folder / ("artifact.plain" if plain else "archive.dump") if copy or plain else None
         # the zstd stream as it went into age: what the ciphertext must decrypt to
         self.inner_sha256 = hashlib.sha256() if encrypted else None
         self._cleanup = cleanup
@@ -195,7 +197,7 @@ class StreamCheck:
     def _start(self) -> None:
         self._started = time.monotonic()
         self._err = tempfile.TemporaryFile(dir=self.folder)
-        args = [sys.executable, "-m", __name__, str(self.folder / "head")]
+        args = [sys.executable, "-m", __name__, "plain" if self.plain else "archive", str(self.folder / "head")]
         if self.copy_to is not None:
             args.append(str(self.copy_to))
         self._proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,
@@ -248,19 +250,25 @@ class StreamCheck:
             self._err.close()
         self.error = got.get("error")
         self.decoded_bytes = got.get("decoded", 0)
-        if self.error is None:
+        if self.error is None and not self.plain:
             self.archive = archive_from_json(got["archive"])
             self._blocks = {(ns, tag): (rows, fp) for ns, tag, rows, fp in got["blocks"]}
             self.head = (self.folder / "head").read_bytes()
 
     # -- afterwards
-    def result(self, manifest: Manifest) -> ArchiveScan | None:
-        """The scan of the archive for `manifest` (None when it could not be read: see `error`)."""
-        if self.error is not None or self.archive is None:
-            return None
+    def decoded(self, manifest: Manifest) -> bool:
+        """The stream was read to its end and decoded to the size the manifest records."""
+        if self.error is not None or self._proc is None or self.artifact is None:
+            return False
         if self.decoded_bytes != manifest.raw_size_bytes:
             self.error = (f"the zstd stream decodes to {self.decoded_bytes} bytes, the manifest says "
                           f"{manifest.raw_size_bytes}")
+            return False
+        return True
+
+    def result(self, manifest: Manifest) -> ArchiveScan | None:
+        """The scan of the archive for `manifest` (None when it could not be read: see `error`)."""
+        if self.plain or not self.decoded(manifest) or self.archive is None:
             return None
         return _tables(self.archive, self._blocks, manifest, self.decoded_bytes, self.seconds)
 
@@ -287,6 +295,26 @@ def archive_from_json(data: dict) -> Archive:
     h = data["header"]
     header = ArchiveHeader(**{**h, "version": tuple(h["version"])})
     return Archive(header, [TocEntry(**{**e, "deps": tuple(e["deps"])}) for e in data["entries"]])
+
+
+def _decode_stream(copy_to: Path) -> dict:
+    """The child's side of a plain StreamCheck: the zstd stream on stdin decoded into `copy_to`."""
+    source = sys.stdin.buffer
+    decoded = 0
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(source, read_size=CHUNK, read_across_frames=True)
+        with os.fdopen(os.open(copy_to, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+            while chunk := reader.read(CHUNK):
+                decoded += len(chunk)
+                out.write(chunk)
+    except zstandard.ZstdError as exc:
+        return {"error": f"the zstd stream cannot be decoded: {exc}", "decoded": decoded}
+    except OSError as exc:
+        return {"error": f"writing the decoded copy to {copy_to} failed: {exc.strerror or exc}", "decoded": decoded}
+    finally:
+        while source.read(CHUNK):
+            pass
+    return {"decoded": decoded}
 
 
 def _read_stream(head_to: Path, copy_to: Path | None) -> dict:
@@ -413,6 +441,9 @@ def roles_needed(archive: Archive, entries: list[TocEntry] | None = None) -> set
     return {e.owner for e in (entries if entries is not None else archive.entries) if e.owner}
 
 
-if __name__ == "__main__":  # StreamCheck's reader: head file [plain copy]
-    _result = _read_stream(Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None)
+if __name__ == "__main__":  # StreamCheck's reader: archive|plain head-file [copy]
+    if sys.argv[1] == "plain":
+        _result = _decode_stream(Path(sys.argv[3]))
+    else:
+        _result = _read_stream(Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None)
     sys.stdout.write(json.dumps(_result))

@@ -95,11 +95,9 @@ def dump(catalog: Catalog, source: str, group: str, tier: str, partition: str, *
     level = 3
     started = time.monotonic()
     try:
-        # the checks read the zstd stream of a PostgreSQL dump as it is written, before it is
-        # encrypted (verify.stream_check)
-        tap = stream if src.engine == "postgres" and group != roles.GROUP else None
+        # the checks read the zstd stream as it is written, before it is encrypted (verify.stream_check)
         with ArtifactWriter(final, level=level, recipients=encryption.recipients if encryption else None,
-                            tap=tap) as writer:
+                            tap=stream) as writer:
             if src.engine == "postgres" and group == roles.GROUP:
                 ep = endpoint_for(catalog, source)
                 with postgres.connect(ep, what=what) as conn:

@@ -107,12 +107,7 @@ def archive_readable(catalog: Catalog, backup: StoredBackup) -> Outcome:
             saved = roles.load(path, m, crypto.identities_for(catalog, m, artifact=str(path)))
         except (BackupError, zstandard.ZstdError) as exc:
             return Outcome(False, f"{path}: {exc}")
-        if saved.role_names() != sorted(m.roles):
-            return Outcome(False, f"{path}: holds roles {', '.join(saved.role_names())}, the manifest lists "
-                                  f"{', '.join(sorted(m.roles))}")
-        return Outcome(True, f"{path.name}: {len(saved.roles)} role(s), {len(saved.memberships)} membership(s), "
-                             f"{len(saved.database_grants)} database grant(s)",
-                       {"roles": len(saved.roles), "passwords_included": saved.passwords_included})
+        return _roles_readable(backup, saved)
     if m.engine == "postgres":
         return _postgres_readable(catalog, backup)
     with repository_for(catalog).scratch("check") as tmp:
@@ -120,10 +115,29 @@ def archive_readable(catalog: Catalog, backup: StoredBackup) -> Outcome:
         try:
             decompress_to(path, copy, expected_size=m.raw_size_bytes,
                           identities=crypto.identities_for(catalog, m, artifact=str(path)))
-            counts = sqlite.check_copy(copy, m.tables)
         except (BackupError, zstandard.ZstdError) as exc:
             return Outcome(False, f"{path}: {exc}")
-        return Outcome(True, f"{path.name}: integrity_check ok, {len(counts)} table(s)", {"tables": len(counts)})
+        return _sqlite_readable(backup, copy)
+
+
+def _roles_readable(backup: StoredBackup, saved: roles.Globals) -> Outcome:
+    m, path = backup.manifest, backup.artifact_path
+    if saved.role_names() != sorted(m.roles):
+        return Outcome(False, f"{path}: holds roles {', '.join(saved.role_names())}, the manifest lists "
+                              f"{', '.join(sorted(m.roles))}")
+    return Outcome(True, f"{path.name}: {len(saved.roles)} role(s), {len(saved.memberships)} membership(s), "
+                         f"{len(saved.database_grants)} database grant(s)",
+                   {"roles": len(saved.roles), "passwords_included": saved.passwords_included})
+
+
+def _sqlite_readable(backup: StoredBackup, copy: Path) -> Outcome:
+    """integrity_check and every table of the manifest, on a decoded copy of the artifact."""
+    m, path = backup.manifest, backup.artifact_path
+    try:
+        counts = sqlite.check_copy(copy, m.tables)
+    except BackupError as exc:
+        return Outcome(False, f"{path}: {exc}")
+    return Outcome(True, f"{path.name}: integrity_check ok, {len(counts)} table(s)", {"tables": len(counts)})
 
 
 def _postgres_readable(catalog: Catalog, backup: StoredBackup) -> Outcome:
@@ -253,13 +267,14 @@ def restore_drill(catalog: Catalog, backup: StoredBackup, *, jobs: int = 2) -> O
     return _postgres_drill(catalog, backup, jobs=jobs)
 
 
-def _roles_drill(catalog: Catalog, backup: StoredBackup) -> Outcome:
+def _roles_drill(catalog: Catalog, backup: StoredBackup, saved: roles.Globals | None = None) -> Outcome:
     """Create the saved roles the drill server lacks, with their memberships, in a transaction
     that is rolled back: the statements are proven valid and the server is left as it was."""
     m, path = backup.manifest, backup.artifact_path
     started = time.monotonic()
     try:
-        saved = roles.load(path, m, crypto.identities_for(catalog, m, artifact=str(path)))
+        if saved is None:
+            saved = roles.load(path, m, crypto.identities_for(catalog, m, artifact=str(path)))
         ep = drill_endpoint(catalog, m.source)
         with postgres.connect(ep, what=f"restore drill of {m.source}/{m.group}: ") as conn:
             tried = roles.drill(conn, saved)
@@ -432,14 +447,18 @@ def drill_verify_hook(catalog: Catalog, backup: StoredBackup, target: str, *, en
     return [r.as_dict() for r in runs], problem
 
 
-def _sqlite_drill(catalog: Catalog, backup: StoredBackup) -> Outcome:
+def _sqlite_drill(catalog: Catalog, backup: StoredBackup, decoded: Path | None = None) -> Outcome:
+    """Restore into a temporary file (or use the copy a stream decoded, `decoded`) and compare."""
     m, path = backup.manifest, backup.artifact_path
     started = time.monotonic()
     with repository_for(catalog).scratch("drill") as tmp:
         copy = tmp / "drill.db"
         try:
-            decompress_to(path, copy, expected_size=m.raw_size_bytes,
-                          identities=crypto.identities_for(catalog, m, artifact=str(path)))
+            if decoded is not None:
+                os.replace(decoded, copy)  # the drill's copy may be changed by a verify hook: it is the last user
+            else:
+                decompress_to(path, copy, expected_size=m.raw_size_bytes,
+                              identities=crypto.identities_for(catalog, m, artifact=str(path)))
             problems_found = sqlite.integrity_problems(copy)
             if problems_found:
                 return Outcome(False, f"{path}: integrity_check failed after restore: {'; '.join(problems_found[:5])}")
@@ -467,13 +486,14 @@ CHECK_NAMES = ("artifact_intact", "archive_readable", "size_anomaly", "restore_d
 def stream_check(catalog: Catalog, source: str, group: str, names) -> archive_scan.StreamCheck | None:
     """A StreamCheck to hand to the backup about to be written (`run_backup(stream=...)`), when
     its checks can be read from the stream as it is written (the catalog's `checks_while_writing`;
-    `auto`: with enough cores, or for an encrypted backup when the identity is not at hand): a
-    PostgreSQL dump (not the roles), with artifact_intact and archive_readable among `names`; with
-    restore_drill, the plain archive for pg_restore is written at the same time. Its scratch
+    `auto`: with enough cores, or for an encrypted backup when the identity is not at hand), with
+    artifact_intact and archive_readable among `names`. A PostgreSQL dump is read by structure
+    (with restore_drill, the plain archive for pg_restore is written at the same time); a SQLite
+    copy or the roles' JSON is decoded into a scratch file that the checks then read. Its scratch
     folder goes with `close()`. None when the checks read the artifact afterwards instead."""
     src = catalog.sources.get(source)
     names = set(names)
-    if (catalog.checks_while_writing is False or src is None or src.engine != "postgres" or group == roles.GROUP
+    if (catalog.checks_while_writing is False or src is None
             or not {"artifact_intact", "archive_readable"} <= names):
         return None
     encryption = catalog.encryption_for(source)
@@ -485,7 +505,7 @@ def stream_check(catalog: Catalog, source: str, group: str, names) -> archive_sc
     stack = contextlib.ExitStack()
     folder = stack.enter_context(repository_for(catalog).scratch("check"))
     return archive_scan.StreamCheck(folder, copy="restore_drill" in names, encrypted=encryption is not None,
-                                    cleanup=stack.close)
+                                    plain=src.engine == "sqlite" or group == roles.GROUP, cleanup=stack.close)
 
 
 def _identity_file(encryption) -> Path | None:
@@ -510,9 +530,10 @@ def evaluate(catalog: Catalog, backup: StoredBackup, names, *, jobs: int = 2,
     m = backup.manifest
     ids = crypto.identities_if_any(catalog, m, artifact=str(backup.artifact_path))
     out: dict[str, Outcome] = {}
-    if (stream is not None and stream.artifact == backup.artifact_path and m.engine == "postgres"
-            and m.format != roles.FORMAT and {"artifact_intact", "archive_readable"} <= set(names)):
-        out.update(_postgres_from_stream(catalog, backup, stream, drill="restore_drill" in names, jobs=jobs))
+    if (stream is not None and stream.artifact == backup.artifact_path
+            and {"artifact_intact", "archive_readable"} <= set(names)):
+        read = _plain_from_stream if stream.plain else _postgres_from_stream
+        out.update(read(catalog, backup, stream, drill="restore_drill" in names, jobs=jobs))
     if (not out and m.engine == "postgres" and m.format != roles.FORMAT
             and {"artifact_intact", "archive_readable"} <= set(names) and (ids is not None or not m.encryption)):
         out.update(_postgres_in_one_pass(catalog, backup, ids, drill="restore_drill" in names, jobs=jobs))
@@ -576,29 +597,10 @@ def _postgres_from_stream(catalog: Catalog, backup: StoredBackup, stream: archiv
     the checks read the artifact itself, which says exactly what is wrong."""
     m, path = backup.manifest, backup.artifact_path
     scanned = stream.result(m)
-    if scanned is None:
+    intact = _intact_from_stream(catalog, backup, stream) if scanned is not None else None
+    if intact is None:
         return {}
-    try:
-        if path.stat().st_size != m.size_bytes or sha256_file(path) != m.sha256:
-            return {}
-    except OSError:
-        return {}
-    meta = {"sha256": m.sha256, "size_bytes": m.size_bytes, "decoded_bytes": scanned.decoded_bytes,
-            "read_while_written": True}
-    how = "sha256 verified on disk; the zstd stream decoded to its end (frame checksum verified) as it was written"
-    if m.encryption:
-        ids = crypto.identities_if_any(catalog, m, artifact=str(path))
-        if ids is None:
-            how = ("sha256 of the encrypted artifact verified on disk; the zstd stream inside decoded to its end "
-                   "(frame checksum verified) as it was written, before encryption (not decrypted: no identity here)")
-            meta["decrypted"] = False
-        elif stream.inner_sha256 is None or _decrypted_sha256(path, ids) != stream.inner_sha256.hexdigest():
-            return {}
-        else:
-            how = ("sha256 verified on disk; it decrypts to exactly the zstd stream that was decoded to its end "
-                   "(frame checksum verified) as it was written")
-            meta["decrypted"] = True
-    out = {"artifact_intact": Outcome(True, f"{path.name}: {m.size_human}, {how}", meta)}
+    out = {"artifact_intact": intact}
     src = catalog.sources.get(m.source)
     try:
         tool, _ = postgres.find_tool("pg_restore", dump_major(m), src.pg_bin_dir if src else None)
@@ -619,6 +621,62 @@ def _postgres_from_stream(catalog: Catalog, backup: StoredBackup, stream: archiv
                 out["restore_drill"] = _postgres_drill(catalog, backup, jobs=jobs, prepared=(scanned, stream.copy_to))
             except BackupError as exc:
                 out["restore_drill"] = Outcome(False, str(exc))
+    return out
+
+
+def _intact_from_stream(catalog: Catalog, backup: StoredBackup, stream: archive_scan.StreamCheck) -> Outcome | None:
+    """artifact_intact of a backup whose zstd stream decoded to its end while it was written: the
+    file on disk is exactly what was written (and, encrypted, decrypts to exactly what was read
+    when the identity is at hand). None on any doubt: the artifact is then read again."""
+    m, path = backup.manifest, backup.artifact_path
+    try:
+        if path.stat().st_size != m.size_bytes or sha256_file(path) != m.sha256:
+            return None
+    except OSError:
+        return None
+    meta = {"sha256": m.sha256, "size_bytes": m.size_bytes, "decoded_bytes": stream.decoded_bytes,
+            "read_while_written": True}
+    how = "sha256 verified on disk; the zstd stream decoded to its end (frame checksum verified) as it was written"
+    if m.encryption:
+        ids = crypto.identities_if_any(catalog, m, artifact=str(path))
+        if ids is None:
+            how = ("sha256 of the encrypted artifact verified on disk; the zstd stream inside decoded to its end "
+                   "(frame checksum verified) as it was written, before encryption (not decrypted: no identity here)")
+            meta["decrypted"] = False
+        elif stream.inner_sha256 is None or _decrypted_sha256(path, ids) != stream.inner_sha256.hexdigest():
+            return None
+        else:
+            how = ("sha256 verified on disk; it decrypts to exactly the zstd stream that was decoded to its end "
+                   "(frame checksum verified) as it was written")
+            meta["decrypted"] = True
+    return Outcome(True, f"{path.name}: {m.size_human}, {how}", meta)
+
+
+def _plain_from_stream(catalog: Catalog, backup: StoredBackup, stream: archive_scan.StreamCheck, *, drill: bool,
+                       jobs: int) -> dict[str, Outcome]:
+    """intact, readable (and the drill) of a SQLite copy or a roles backup whose stream was decoded
+    into a scratch file while it was written; any doubt reads the artifact again instead."""
+    m = backup.manifest
+    copy = stream.copy_to
+    intact = _intact_from_stream(catalog, backup, stream) if stream.decoded(m) and copy and copy.exists() else None
+    if intact is None:
+        return {}
+    out = {"artifact_intact": intact}
+    if m.format == roles.FORMAT:
+        try:
+            saved = roles.Globals.from_bytes(copy.read_bytes(), where=str(backup.artifact_path))
+        except BackupError as exc:  # it names the artifact
+            out["archive_readable"] = Outcome(False, str(exc))
+        else:
+            out["archive_readable"] = _roles_readable(backup, saved)
+            if drill and out["archive_readable"].passed:
+                out["restore_drill"] = _roles_drill(catalog, backup, saved)
+    else:
+        out["archive_readable"] = _sqlite_readable(backup, copy)
+        if drill and out["archive_readable"].passed:
+            out["restore_drill"] = _sqlite_drill(catalog, backup, decoded=copy)
+    if drill and "restore_drill" not in out:
+        out["restore_drill"] = Outcome(False, f"restore drill not attempted: {out['archive_readable'].message}")
     return out
 
 
