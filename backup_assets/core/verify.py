@@ -503,7 +503,10 @@ def stream_check(catalog: Catalog, source: str, group: str, names) -> archive_sc
         if encryption is None or _identity_file(encryption) is not None:
             return None
     stack = contextlib.ExitStack()
-    folder = stack.enter_context(repository_for(catalog).scratch("check"))
+    try:
+        folder = stack.enter_context(repository_for(catalog).scratch("check"))
+    except OSError:  # no scratch folder (a full disk, say): the checks read the artifact afterwards
+        return None
     return archive_scan.StreamCheck(folder, copy="restore_drill" in names, encrypted=encryption is not None,
                                     plain=src.engine == "sqlite" or group == roles.GROUP, cleanup=stack.close)
 
