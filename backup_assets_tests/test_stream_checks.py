@@ -315,3 +315,17 @@ def test_encrypted_sqlite_and_roles_backups_are_checked_without_the_private_key(
     lite = find_backup(catalog, "miyabi", "full", "daily", P)
     assert all(o.passed for o in evaluate(catalog, lite, NAMES).values())
     assert _leftovers(catalog) == []
+
+
+def test_a_reader_that_cannot_start_never_harms_the_backup(tmp_path):
+    gone = tmp_path / "no such folder"
+    check = archive_scan.StreamCheck(gone, copy=True)
+    final = tmp_path / "out" / "x.dump.zst"
+    with ArtifactWriter(final, tap=check) as writer:
+        for _ in range(8):
+            writer.write(os.urandom(4 << 20))
+        written = writer.commit()
+    assert final.exists() and written.raw_size_bytes == 32 << 20
+    assert check.artifact == final and "could not start" in check.error
+    assert check.result(None) is None
+    check.close()

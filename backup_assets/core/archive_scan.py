@@ -184,11 +184,14 @@ class StreamCheck:
 
     # -- the writer's side
     def write(self, data) -> None:
-        if self._proc is None:
-            self._start()
+        if self._proc is None and self.error is None:
+            try:
+                self._start()
+            except OSError as exc:  # never the backup's problem: its checks read the artifact afterwards
+                self.error = f"the stream reader could not start: {exc.strerror or exc}"
         if self.inner_sha256 is not None:
             self.inner_sha256.update(data)
-        if self._proc.stdin is not None:
+        if self._proc is not None and self._proc.stdin is not None:
             try:
                 self._proc.stdin.write(data)
             except (BrokenPipeError, OSError):  # the reader stopped (it says why at the end)
