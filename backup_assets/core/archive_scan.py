@@ -220,9 +220,13 @@ class StreamCheck:
             pass
 
     def finish(self, artifact: Path) -> None:
-        """The stream is complete (the writer committed `artifact`): collect what was read."""
+        """The stream is complete (the writer committed `artifact`): collect what was read. Never
+        raises: the artifact is in place by now, and a reader's trouble is not the backup's."""
         self.artifact = artifact
-        self._end()
+        try:
+            self._end()
+        except Exception as exc:  # noqa: BLE001 (reported through `error`, read by the checks)
+            self.archive, self.error = None, f"the stream reader failed: {exc}"
 
     def abort(self) -> None:
         """The writer gave up: stop reading and remove the plain copy."""
@@ -251,12 +255,15 @@ class StreamCheck:
             return
         finally:
             self._err.close()
-        self.error = got.get("error")
-        self.decoded_bytes = got.get("decoded", 0)
-        if self.error is None and not self.plain:
-            self.archive = archive_from_json(got["archive"])
-            self._blocks = {(ns, tag): (rows, fp) for ns, tag, rows, fp in got["blocks"]}
-            self.head = (self.folder / "head").read_bytes()
+        try:  # whatever goes wrong here is the checks' to report (they read the artifact), never the backup's
+            self.error = got.get("error")
+            self.decoded_bytes = got.get("decoded", 0)
+            if self.error is None and not self.plain:
+                self.archive = archive_from_json(got["archive"])
+                self._blocks = {(ns, tag): (rows, fp) for ns, tag, rows, fp in got["blocks"]}
+                self.head = (self.folder / "head").read_bytes()
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            self.archive, self.error = None, f"the stream reader's result cannot be read: {exc}"
 
     # -- afterwards
     def decoded(self, manifest: Manifest) -> bool:
