@@ -148,14 +148,16 @@ def scan(artifact: Path, manifest: Manifest, *, copy_to: Path | None = None, pip
 
 
 class StreamCheck:
-    """The checks of a PostgreSQL backup, read from its zstd stream while it is being written.
+    """The checks of a backup, read from its zstd stream while it is being written.
 
     `ArtifactWriter(tap=...)` hands it every compressed byte it writes to the file (before the
     file's own SHA-256, and before age encrypts it: the archive is read on a backup host that has
     no private key). A child process (`python -m backup_assets.core.archive_scan`, so that
     its work never holds this process's GIL while the dump is being copied) decodes them (zstd
-    verifies its frame checksum), reads the archive by structure, fingerprints every table's rows,
-    keeps the header and TOC for `pg_restore --list`, and for a drill writes the plain archive.
+    verifies its frame checksum); of a PostgreSQL dump it reads the archive by structure,
+    fingerprints every table's rows, keeps the header and TOC for `pg_restore --list`, and for a
+    drill writes the plain archive; a `plain` stream (a SQLite copy, the roles' JSON) it decodes
+    into a scratch file for the checks to read.
     Afterwards the artifact on disk only has to be hashed to prove it holds exactly the bytes
     that were read: the dump is not read a second time. Nothing here decides whether the backup
     is kept; that is the checks' business (`verify.evaluate(..., stream=...)`).
