@@ -73,10 +73,11 @@ def _server_facts(ep, what: str) -> dict:
 def _incremental_parent(catalog: Catalog, source: str, facts: dict, bases: list[dict], kind: str,
                         now: dt.datetime) -> tuple[dict | None, str]:
     """The base backup an incremental one would build on, or (None, why a full one is taken)."""
-    cfg = catalog.sources[source].pitr or Pitr()
+    configured = catalog.sources[source].pitr
+    cfg = configured or Pitr()
     if kind == "full":
         return None, "a full base backup was asked for"
-    if kind == "auto" and (catalog.sources[source].pitr is None or not cfg.incremental):
+    if kind == "auto" and (configured is None or not cfg.incremental):
         return None, "incremental base backups are off for this source"
     if facts["major"] < 17:
         return None, f"PostgreSQL {facts['major']} takes no incremental base backups (17 and newer do)"
@@ -642,13 +643,13 @@ def pitr_drill(catalog: Catalog, source: str, *, rng=None, say=lambda _m: None) 
     target, before, after = picked
     if os.geteuid() == 0 and not (cfg and cfg.run_as):
         return Outcome(False, f"the drill's scratch cluster cannot run as root: set sources.{source}.pitr.run_as to the "
-                            "server's OS user (e.g. postgres)", md_target(target, before, after))
+                            "server's OS user (e.g. postgres)", _md_target(target, before, after))
     user = pwd.getpwnam(cfg.run_as) if os.geteuid() == 0 else None
     scratch = _scratch("backup-assets-pitr-drill-", user)
     pgdata = scratch / "pgdata"
     started = time.monotonic()
     recovered = None
-    md = md_target(target, before, after)
+    md = _md_target(target, before, after)
     try:
         recovered = restore_to_time(catalog, source, str(pgdata), to_time=target, port=_free_port(),
                                     run_as=cfg.run_as if cfg else None, say=say, local_trust=True)
@@ -674,7 +675,7 @@ def pitr_drill(catalog: Catalog, source: str, *, rng=None, say=lambda _m: None) 
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def md_target(target: dt.datetime, before: tuple, after: tuple) -> dict:
+def _md_target(target: dt.datetime, before: tuple, after: tuple) -> dict:
     return {"target": target.isoformat(), "commit_before": f"{before[0]} at {before[1].isoformat()}",
             "commit_after": f"{after[0]} at {after[1].isoformat()}"}
 

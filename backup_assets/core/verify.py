@@ -153,13 +153,12 @@ def _readable_pass(catalog: Catalog, backup: StoredBackup, *, copy_to: Path | No
     """`_postgres_readable`, also handing back the scan (None when the archive could not be read)
     and, when asked, a plain copy of the archive and the artifact's SHA-256 from the same pass."""
     m, path = backup.manifest, backup.artifact_path
-    src = catalog.sources.get(m.source)
     try:
-        tool, _ = postgres.find_tool("pg_restore", dump_major(m), src.pg_bin_dir if src else None)
+        tool = _pg_restore_for(catalog, m)
         if identities is None:
             identities = crypto.identities_for(catalog, m, artifact=str(path))
     except BackupError as exc:
-        return Outcome(False, f"{path}: {exc}" if str(path) not in str(exc) else str(exc)), None
+        return Outcome(False, _naming(path, exc)), None
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen([str(tool), "--list"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
         try:
@@ -178,6 +177,18 @@ def _readable_pass(catalog: Catalog, backup: StoredBackup, *, copy_to: Path | No
         if rc != 0:
             return _unlisted(path, tool, err.read()), result
     return _readable_outcome(backup, result), result
+
+
+def _pg_restore_for(catalog: Catalog, m: Manifest, *, at_most: int | None = None) -> Path:
+    """The pg_restore that reads what the manifest's pg_dump wrote (the source's bin dir first),
+    at most of the target server's major version when one is given."""
+    src = catalog.sources.get(m.source)
+    return postgres.find_tool("pg_restore", dump_major(m), src.pg_bin_dir if src else None, at_most=at_most)[0]
+
+
+def _naming(path: Path, exc: Exception) -> str:
+    """An error's text, naming the artifact once."""
+    return str(exc) if str(path) in str(exc) else f"{path}: {exc}"
 
 
 def _unlisted(path: Path, tool: Path, stderr: bytes) -> Outcome:
@@ -426,9 +437,7 @@ def pg_restore_archive(catalog: Catalog, backup: StoredBackup, target: postgres.
                        entries: list | None, jobs: int, target_major: int, no_owner: bool = False,
                        what: str = "") -> None:
     """pg_restore of a decoded archive: all of it, or the given TOC entries (a --use-list file)."""
-    src = catalog.sources.get(backup.manifest.source)
-    tool, _ = postgres.find_tool("pg_restore", dump_major(backup.manifest), src.pg_bin_dir if src else None,
-                                 at_most=target_major)
+    tool = _pg_restore_for(catalog, backup.manifest, at_most=target_major)
     list_file = archive_scan.write_list_file(entries, raw.with_suffix(".list")) if entries is not None else None
     postgres.pg_restore(target, raw, tool=tool, jobs=jobs, use_list=list_file, no_owner=no_owner, what=what)
 
@@ -500,7 +509,7 @@ def stream_check(catalog: Catalog, source: str, group: str, names) -> archive_sc
     if catalog.checks_while_writing == "auto" and (os.cpu_count() or 1) < AUTO_STREAM_CPUS:
         # afterwards is as fast here, but an encrypted backup can only be read afterwards with the
         # private key, which a backup host need not have: then it is read while it is written
-        if encryption is None or _identity_file(encryption) is not None:
+        if encryption is None or _identity_at_hand(encryption):
             return None
     stack = contextlib.ExitStack()
     try:
@@ -511,11 +520,15 @@ def stream_check(catalog: Catalog, source: str, group: str, names) -> archive_sc
                                     plain=src.engine == "sqlite" or group == roles.GROUP, cleanup=stack.close)
 
 
-def _identity_file(encryption) -> Path | None:
-    """The identity file the catalog names for a source, when it is there to be read."""
-    env = encryption.identity_file_env
-    path = os.environ.get(env) if env else None
-    return Path(path) if path and os.access(path, os.R_OK) else None
+def _identity_at_hand(encryption) -> bool:
+    """The identity file the catalog names for a source is there and holds usable keys."""
+    if not encryption.identity_file_env:
+        return False
+    try:
+        crypto.Identities.load(encryption.identity_file_env)
+    except BackupError:
+        return False
+    return True
 
 
 def evaluate(catalog: Catalog, backup: StoredBackup, names, *, jobs: int = 2,
@@ -582,15 +595,22 @@ def _postgres_in_one_pass(catalog: Catalog, backup: StoredBackup, ids, *, drill:
                 True, f"{path.name}: {m.size_human}, sha256 and {'age and ' if m.encryption else ''}zstd stream verified",
                 {"sha256": m.sha256, "size_bytes": size, "decoded_bytes": scanned.decoded_bytes})
         if drill:
-            if scanned is not None and out["artifact_intact"].passed:
-                try:
-                    out["restore_drill"] = _postgres_drill(catalog, backup, jobs=jobs, prepared=(scanned, raw))
-                except BackupError as exc:  # e.g. the drill server cannot be reached
-                    out["restore_drill"] = Outcome(False, str(exc))
-            else:
-                why = out["artifact_intact"].message if not out["artifact_intact"].passed else readable.message
-                out["restore_drill"] = Outcome(False, f"restore drill not attempted: {why}")
+            out["restore_drill"] = _drill_after_pass(catalog, backup, scanned, raw, out, jobs=jobs)
     return out
+
+
+def _drill_after_pass(catalog: Catalog, backup: StoredBackup, scanned: archive_scan.ArchiveScan | None, raw: Path,
+                      out: dict[str, Outcome], *, jobs: int) -> Outcome:
+    """The drill of a PostgreSQL backup from a pass that decoded it (its scan, the plain copy `raw`),
+    attempted when that pass read the archive and found the artifact intact."""
+    intact, readable = out["artifact_intact"], out["archive_readable"]
+    if scanned is None or not intact.passed:
+        why = intact.message if not intact.passed else readable.message
+        return Outcome(False, f"restore drill not attempted: {why}")
+    try:
+        return _postgres_drill(catalog, backup, jobs=jobs, prepared=(scanned, raw))
+    except BackupError as exc:  # e.g. the drill server cannot be reached
+        return Outcome(False, str(exc))
 
 
 def _postgres_from_stream(catalog: Catalog, backup: StoredBackup, stream: archive_scan.StreamCheck, *, drill: bool,
@@ -604,26 +624,19 @@ def _postgres_from_stream(catalog: Catalog, backup: StoredBackup, stream: archiv
     if intact is None:
         return {}
     out = {"artifact_intact": intact}
-    src = catalog.sources.get(m.source)
     try:
-        tool, _ = postgres.find_tool("pg_restore", dump_major(m), src.pg_bin_dir if src else None)
+        tool = _pg_restore_for(catalog, m)
     except BackupError as exc:
-        out["archive_readable"] = Outcome(False, f"{path}: {exc}" if str(path) not in str(exc) else str(exc))
+        out["archive_readable"] = Outcome(False, _naming(path, exc))
     else:
         listed = subprocess.run([str(tool), "--list"], input=stream.head, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
         out["archive_readable"] = (_unlisted(path, tool, listed.stderr) if listed.returncode != 0
                                    else _readable_outcome(backup, scanned))
     if drill:
-        if stream.copy_to is None or not stream.copy_to.exists():
-            out["restore_drill"] = restore_drill(catalog, backup, jobs=jobs)
-        elif not out["archive_readable"].passed:
-            out["restore_drill"] = Outcome(False, f"restore drill not attempted: {out['archive_readable'].message}")
-        else:
-            try:
-                out["restore_drill"] = _postgres_drill(catalog, backup, jobs=jobs, prepared=(scanned, stream.copy_to))
-            except BackupError as exc:
-                out["restore_drill"] = Outcome(False, str(exc))
+        out["restore_drill"] = (_drill_after_pass(catalog, backup, scanned, stream.copy_to, out, jobs=jobs)
+                                if stream.copy_to is not None and stream.copy_to.exists()
+                                else restore_drill(catalog, backup, jobs=jobs))
     return out
 
 

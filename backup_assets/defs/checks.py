@@ -22,20 +22,21 @@ def metadata_of(outcome) -> dict:
     return md
 
 
-def check_result(outcome) -> dg.AssetCheckResult:
+def keyed_check_result(key: dg.AssetKey, name: str, outcome) -> dg.AssetCheckResult:
+    """The result of check `name` of asset `key` (ops evaluate the checks of several assets)."""
     return dg.AssetCheckResult(
-        passed=outcome.passed,
+        asset_key=key, check_name=name, passed=outcome.passed,
         severity=dg.AssetCheckSeverity.WARN if outcome.warn else dg.AssetCheckSeverity.ERROR,
-        description=outcome.message,
-        metadata=metadata_of(outcome),
+        description=outcome.message, metadata=metadata_of(outcome),
     )
 
 
-def keyed_check_result(key: dg.AssetKey, name: str, outcome) -> dg.AssetCheckResult:
-    """The result of check `name` of asset `key`, for an op that evaluates checks of several assets."""
-    result = check_result(outcome)
-    return dg.AssetCheckResult(asset_key=key, check_name=name, passed=result.passed, severity=result.severity,
-                               description=result.description, metadata=result.metadata)
+def failure_line(name: str, outcome) -> tuple[str, str] | None:
+    """A failed check's (log level, line) for the run's log; None for a passed one, which is in the
+    log already as its evaluation, in the same words."""
+    if outcome.passed:
+        return None
+    return ("warning" if outcome.warn else "error", f"{name}: {outcome.message}")
 
 
 DR_DRILL_KEY = dg.AssetKey(["operations", "dr_drill"])

@@ -17,7 +17,7 @@ import dagster as dg
 from dagster import AssetExecutionContext
 
 from ..catalog import Catalog
-from .checks import keyed_check_result
+from .checks import failure_line, keyed_check_result
 from .partitions import partitions_for
 from .sensors import FAILED_ASSETS, freshness_policy
 
@@ -138,7 +138,8 @@ def run_base_backup(catalog: Catalog, context: AssetExecutionContext, source: st
                 outcome = pitr.pitr_drill(catalog, source, say=context.log.info)
         except BackupError as exc:
             outcome = Outcome(False, str(exc), {})
-        (context.log.info if outcome.passed else context.log.error)(f"{name}: {outcome.message}")
+        if line := failure_line(name, outcome):
+            getattr(context.log, line[0])(line[1])
         yield keyed_check_result(key, name, outcome)
     if not replicated(catalog, source):
         return
@@ -163,7 +164,8 @@ def run_base_backup(catalog: Catalog, context: AssetExecutionContext, source: st
             outcome = pitr_s3.replica_intact(catalog, source, storage)
         except BackupError as exc:
             outcome = Outcome(False, str(exc), {})
-        (context.log.info if outcome.passed else context.log.error)(f"replica_intact: {outcome.message}")
+        if line := failure_line("replica_intact", outcome):
+            getattr(context.log, line[0])(line[1])
         yield keyed_check_result(rkey, "replica_intact", outcome)
 
 

@@ -24,7 +24,7 @@ from dagster import AssetExecutionContext
 
 from ..catalog import Catalog
 from .assets import backup_key, backup_metadata, backup_spec
-from .checks import keyed_check_result
+from .checks import failure_line, keyed_check_result
 from .partitions import partitions_for
 from .replication import _storage, replica_key, replica_spec
 from .sensors import FAILED_ASSETS
@@ -177,8 +177,8 @@ def _follow_up_steps(catalog: Catalog, source: str, group: str, tier: str, parti
         if backup is not None:  # one write of the backup's .checks.json for all of them
             verification.record_outcomes(backup, {n: (o.passed, o.message, o.metadata) for n, o in outcomes.items()})
         for name, outcome in outcomes.items():
-            if not outcome.passed:  # a passed check shows in the run's log as its evaluation, same words
-                logs.append(("warning" if outcome.warn else "error", f"{name}: {outcome.message}"))
+            if line := failure_line(name, outcome):
+                logs.append(line)
             events.append(keyed_check_result(key, name, outcome))
     if s3 is not None and rkey in selected:
         try:
