@@ -308,7 +308,11 @@ PLAIN_OUTPUT_TYPES = set(VECTOR_TYPES) | {"uuid", "oid", "inet", "cidr", "macadd
 def _copy_line_sql(columns: list[tuple[str, bool]]) -> sql.Composable:
     """SQL for a row's COPY text line: each column's text output, escaped as COPY TO does
     (backslash, \\b \\f \\n \\r \\t \\v) unless its type never needs it, NULL as \\N,
-    joined by tabs."""
+    joined by tabs.
+
+    NULL is tested with num_nulls(), which asks whether the datum itself is NULL: `col IS NULL` is
+    also true for a composite whose fields are all NULL (SQL's row semantics), which COPY writes as
+    `(,)`, never as \\N."""
     parts = []
     for col, plain in columns:
         # concat() prints through the type's output function, as COPY does (a cast to text
@@ -317,7 +321,7 @@ def _copy_line_sql(columns: list[tuple[str, bool]]) -> sql.Composable:
         for raw, escaped in () if plain else (("\\", "\\\\"), ("\b", "\\b"), ("\f", "\\f"), ("\n", "\\n"),
                              ("\r", "\\r"), ("\t", "\\t"), ("\v", "\\v")):
             value = sql.SQL("replace({}, {}, {})").format(value, sql.Literal(raw), sql.Literal(escaped))
-        parts.append(sql.SQL("CASE WHEN {} IS NULL THEN {} ELSE {} END").format(
+        parts.append(sql.SQL("CASE WHEN num_nulls({}) = 1 THEN {} ELSE {} END").format(
             sql.Identifier(col), sql.Literal("\\N"), value))
     if not parts:
         return sql.Literal("")
