@@ -25,8 +25,8 @@ import zstandard
 
 from . import BackupError
 from .artifact import CHUNK, open_decompressed
-from .engines.pgarchive import (Archive, ArchiveFormatError, ArchiveHeader, CopyFingerprint, TocEntry, combine,
-                               read_archive)
+from .engines.pgarchive import (Archive, ArchiveFormatError, ArchiveHeader, CopyFingerprint, LargeObjectFingerprint,
+                               TocEntry, combine, read_archive)
 from .manifest import Manifest
 from .names import TableName
 
@@ -47,6 +47,8 @@ class ArchiveScan:
     tables: dict[str, TableContent] = field(default_factory=dict)
     decoded_bytes: int = 0
     seconds: float = 0.0
+    # (count, bytes, fingerprint) of the archive's large objects
+    large_objects: tuple[int, int, str] = (0, 0, "0000000000000000")
 
     def fingerprints(self) -> dict[str, dict]:
         return {k: v.to_json() for k, v in sorted(self.tables.items())}
@@ -92,6 +94,7 @@ class _Blocks:
 
     def __init__(self) -> None:
         self.per_entry: dict[tuple[str, str], CopyFingerprint] = {}
+        self.large_objects = LargeObjectFingerprint()
 
     def on_data(self, entry: TocEntry):
         fp = CopyFingerprint()
@@ -102,9 +105,19 @@ class _Blocks:
         for fp in self.per_entry.values():
             fp.finish()
 
+    def as_blocks(self) -> dict[tuple[str, str], tuple[int, str]]:
+        """(rows, fingerprint) per data block, and the large objects under LARGE_OBJECTS as
+        (count, "<bytes>:<fingerprint>")."""
+        lo = self.large_objects
+        return {**{k: (fp.rows, fp.hex) for k, fp in self.per_entry.items()},
+                LARGE_OBJECTS: (lo.count, f"{lo.bytes}:{lo.hex}")}
+
     def scan(self, archive: Archive, manifest: Manifest, decoded: int, seconds: float) -> ArchiveScan:
-        blocks = {k: (fp.rows, fp.hex) for k, fp in self.per_entry.items()}
-        return _tables(archive, blocks, manifest, decoded, seconds)
+        return _tables(archive, self.as_blocks(), manifest, decoded, seconds)
+
+
+# the key of the large objects among the data blocks (no table has an empty schema name)
+LARGE_OBJECTS = ("", "\x00large objects")
 
 
 def _tables(archive: Archive, blocks: dict[tuple[str, str], tuple[int, str]], manifest: Manifest, decoded: int,
@@ -112,6 +125,10 @@ def _tables(archive: Archive, blocks: dict[tuple[str, str], tuple[int, str]], ma
     """What the manifest's tables hold in the archive (a partitioned table: its partitions), from
     the rows and fingerprint of each data block (by schema and name)."""
     result = ArchiveScan(archive, decoded_bytes=decoded, seconds=round(seconds, 3))
+    if LARGE_OBJECTS in blocks:
+        count, text = blocks[LARGE_OBJECTS]
+        size, _, fp = text.partition(":")
+        result.large_objects = (count, int(size), fp)
     for key in manifest.row_counts:
         table = TableName.parse(key)
         parts = manifest.partitions.get(key)
@@ -133,7 +150,7 @@ def scan(artifact: Path, manifest: Manifest, *, copy_to: Path | None = None, pip
     try:
         with open_decompressed(artifact, manifest.raw_size_bytes, identities, sha256) as reader:
             tee = _Tee(reader, out, pipe, on_progress)
-            archive = read_archive(tee, blocks.on_data)
+            archive = read_archive(tee, blocks.on_data, blobs=blocks.large_objects)
             while tee.read(CHUNK):  # anything after the last block still has to decode (and is counted)
                 pass
         blocks.finish()
@@ -342,7 +359,7 @@ def _read_stream(head_to: Path, copy_to: Path | None) -> dict:
         def toc_read(_archive) -> None:
             tee.head_done = True
 
-        archive = read_archive(tee, blocks.on_data, on_toc=toc_read)
+        archive = read_archive(tee, blocks.on_data, on_toc=toc_read, blobs=blocks.large_objects)
         while tee.read(CHUNK):
             pass
         blocks.finish()
@@ -362,7 +379,7 @@ def _read_stream(head_to: Path, copy_to: Path | None) -> dict:
     with os.fdopen(fd, "wb") as fh:
         fh.write(tee.head)
     return {"decoded": tee.decoded, "archive": archive_to_json(archive),
-            "blocks": [[ns, tag, fp.rows, fp.hex] for (ns, tag), fp in blocks.per_entry.items()]}
+            "blocks": [[ns, tag, rows, fp] for (ns, tag), (rows, fp) in blocks.as_blocks().items()]}
 
 
 def archive_problems(scan_: ArchiveScan, manifest: Manifest) -> list[str]:
@@ -430,16 +447,47 @@ def group_entries(archive: Archive, tables: list[TableName], partitions: dict[st
 
     for dump_id in start:
         pull(dump_id)
+    attached = _relations_of(archive)
+    chosen = {e.dump_id for e in archive.entries if e.dump_id in selected and e.desc in RELATION_KINDS}
     changed = True
     while changed:
         changed = False
         for entry in archive.entries:
             if entry.dump_id in selected or entry.desc in NEVER or entry.desc in RELATION_KINDS or not entry.deps:
                 continue
+            rels = attached[entry.dump_id]
             if all(d in selected for d in entry.deps):
                 selected.add(entry.dump_id)
                 changed = True
+            elif rels and rels <= chosen:
+                # hangs on selected tables only (a trigger, a policy, a default, a check): it comes with what
+                # else it needs, e.g. a trigger's function that nothing else selects
+                pull(entry.dump_id)
+                changed = True
     return [e for e in archive.entries if e.dump_id in selected]
+
+
+def _relations_of(archive: Archive) -> dict[int, frozenset[int]]:
+    """For every entry, the relations (tables, views, ...) it hangs on, through its dependencies: a
+    relation hangs on itself; a function or a type that no relation underlies hangs on none."""
+    memo: dict[int, frozenset[int]] = {}
+
+    def rels(dump_id: int, seen: frozenset[int] = frozenset()) -> frozenset[int]:
+        if dump_id in memo:
+            return memo[dump_id]
+        entry = archive.by_id.get(dump_id)
+        if entry is None or dump_id in seen:
+            return frozenset()
+        if entry.desc in RELATION_KINDS:
+            result = frozenset({dump_id})
+        else:
+            result = frozenset().union(*(rels(d, seen | {dump_id}) for d in entry.deps)) if entry.deps else frozenset()
+        memo[dump_id] = result
+        return result
+
+    for e in archive.entries:
+        rels(e.dump_id)
+    return memo
 
 
 def write_list_file(entries: list[TocEntry], path: Path) -> Path:

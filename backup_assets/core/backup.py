@@ -131,6 +131,7 @@ def dump(catalog: Catalog, source: str, group: str, tier: str, partition: str, *
                     scratch = tmp / "copy.db"
                     create_private(scratch)
                     snapshot_at = _now_iso()
+                    settings = sqlite.file_settings_or_none(db_path) or {}
                     sqlite.online_copy(db_path, scratch, what=what)
                     # check the copy while it is being compressed; nothing is committed unless it passes
                     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -141,7 +142,7 @@ def dump(catalog: Catalog, source: str, group: str, tier: str, partition: str, *
                     idx = sqlite.indexes(scratch)
                 details = dict(
                     database=str(db_path), host=None, port=None, format="sqlite",
-                    tables=sorted(counts), row_counts=counts, indexes=idx, snapshot_at=snapshot_at,
+                    tables=sorted(counts), row_counts=counts, indexes=idx, snapshot_at=snapshot_at, file_settings=settings,
                     server_version=f"SQLite {sqlite.sqlite_version()}", tool_version="sqlite3 online backup API",
                 )
             written = writer.commit()

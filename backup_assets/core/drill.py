@@ -33,7 +33,7 @@ def newest_backups(catalog: Catalog) -> dict[tuple[str, str], StoredBackup | Non
     return newest
 
 
-def run_dr_drill(catalog: Catalog, *, sources: list[str] | None = None, jobs: int = 2, log=None) -> list[DrillResult]:
+def run_dr_drill(catalog: Catalog, *, sources: list[str] | None = None, jobs: int | None = None, log=None) -> list[DrillResult]:
     say = log or (lambda _m: None)
     results = []
     for (source, group), backup in newest_backups(catalog).items():

@@ -61,6 +61,9 @@ class Manifest:
     owners: dict[str, str] = field(default_factory=dict)
     # the roles backup (format roles-json): role names only, never their passwords
     roles: list[str] = field(default_factory=list)
+    # SQLite: the store's file settings (journal mode, page size, auto_vacuum, user_version, application_id,
+    # encoding), given back to a restored copy and compared by the drill
+    file_settings: dict[str, Any] = field(default_factory=dict)
     # age encryption: {"format": "age", "recipients": [{type, fingerprint, recipient}],
     # "identity_file_env": NAME}; None when the artifact is plain zstd
     encryption: dict | None = None

@@ -28,6 +28,7 @@ from psycopg import sql
 
 from ..catalog import Catalog
 from . import BackupError, archive_scan, crypto, failpoints, hooks, roles
+from .schema_compare import database_properties
 from .artifact import decompress_to, human_size, open_decompressed, partial_path
 from .backup import endpoint_for, repository_for
 from .engines import postgres, sqlite
@@ -263,7 +264,7 @@ def restore_plan(catalog: Catalog, backup: StoredBackup, *, target_db: str | Non
 
 
 def restore_postgres(catalog: Catalog, backup: StoredBackup, *, target_db: str | None = None,
-                     tables: list[str] | None = None, jobs: int = 2, safety_copy: bool = True,
+                     tables: list[str] | None = None, jobs: int | None = None, safety_copy: bool = True,
                      terminate_connections: bool = False, create_roles: bool = True, say=quiet) -> RestoreResult:
     m = backup.manifest
     if m.engine != "postgres":
@@ -370,7 +371,7 @@ def _restore_roles(catalog: Catalog, backup: StoredBackup, ep: postgres.Endpoint
 
 
 def _restore_whole(catalog: Catalog, backup: StoredBackup, admin, ep: postgres.Endpoint, target: str, *,
-                   jobs: int, safety_copy: bool, terminate: bool, create_roles: bool, say) -> RestoreResult:
+                   jobs: int | None, safety_copy: bool, terminate: bool, create_roles: bool, say) -> RestoreResult:
     m = backup.manifest
     stamp = _stamp()
     exists = postgres.database_exists(admin, target)
@@ -404,10 +405,15 @@ def _restore_whole(catalog: Catalog, backup: StoredBackup, admin, ep: postgres.E
             saved = saved_globals(catalog, m.source, say)
             created_roles = ensure_roles(admin, archive_scan.roles_needed(scanned.archive, entries), saved,
                                          create=create_roles, say=say)
+            jobs = catalog.restore.jobs if jobs is None else jobs
             say(f"pg_restore --jobs={jobs} into {temp}")
             failpoints.point("restore.temp")
-            pg_restore_archive(catalog, backup, ep.with_db(temp), raw, entries=entries, jobs=jobs,
-                               target_major=target_major, what=f"restore of {backup.artifact_path.name}: ")
+            temp_comment = postgres.marker(RESTORE_MARK, target=target)
+            retried = pg_restore_archive(catalog, backup, ep.with_db(temp), raw, entries=entries, jobs=jobs,
+                                         target_major=target_major, what=f"restore of {backup.artifact_path.name}: ",
+                                         reset=lambda: postgres.recreate_database(admin, temp, comment=temp_comment))
+            if retried:
+                say(retried)
         wanted_tables = [TableName.parse(t) for t in m.row_counts]
         with postgres.connect(ep.with_db(temp)) as conn:
             facts = postgres.table_facts(conn, wanted_tables)
@@ -417,8 +423,14 @@ def _restore_whole(catalog: Catalog, backup: StoredBackup, admin, ep: postgres.E
         if problems:
             raise BackupError(f"restored copy differs from the backup, target left unchanged: {'; '.join(problems[:5])}")
         safety = _free_safety_name(admin, target) if exists else None
+        props = database_properties(scanned.archive, m.database) if m.whole_database else None
+        if props is not None:
+            for problem in props.apply(admin, temp):
+                say(f"database property not restored: {problem}")
+        # the database's own comment as the backup holds it (none: none); what restored it is in the result
         restored_comment = sql.SQL("COMMENT ON DATABASE {} IS {}").format(
-            sql.Identifier(target), sql.Literal(f"restored by backup_assets from {m.artifact} at {stamp}"))
+            sql.Identifier(target), sql.Literal(props.comment if props is not None else
+                                                f"restored by backup_assets from {m.artifact} at {stamp}"))
         if exists:
             _swap(admin, target, temp, safety, restored_comment, terminate=terminate)
             swapped = True
@@ -428,8 +440,9 @@ def _restore_whole(catalog: Catalog, backup: StoredBackup, admin, ep: postgres.E
                 admin.execute(restored_comment)
             swapped = True
         if saved is not None and m.whole_database:
-            roles.apply_database_grants(admin, saved, target)
-            for problem in roles.apply_settings(admin, saved, source_db=m.database, target_db=target,
+            # the archive holds the database's own privileges and settings exactly (REVOKEs too); the roles
+            # backup adds the settings of the roles this restore created
+            for problem in roles.apply_settings(admin, saved, source_db=m.database, target_db=None,
                                                 roles=set(created_roles)):
                 say(f"setting not restored: {problem}")
         if safety and not safety_copy:
@@ -439,7 +452,8 @@ def _restore_whole(catalog: Catalog, backup: StoredBackup, admin, ep: postgres.E
         if not swapped:
             postgres.drop_database(admin, temp)
     return RestoreResult(target, facts.row_counts, m.row_counts, [], safety, 0.0, m.artifact,
-                         extra={"created_roles": created_roles, "fingerprints": {k: v[1] for k, v in restored.items()}})
+                         extra={"created_roles": created_roles, "fingerprints": {k: v[1] for k, v in restored.items()},
+                                **({"pg_restore_retried_serially": retried} if retried else {})})
 
 
 def _free_safety_name(admin, target: str) -> str:
@@ -555,6 +569,19 @@ def _owned_sequences(conn, table: TableName) -> list[tuple[TableName, str]]:
         """, (postgres._regclass(table),)).fetchall()]
 
 
+def _not_valid_constraints(conn, tables: list[TableName]) -> list[tuple[TableName, str, str]]:
+    """(table, name, definition) of the CHECK and NOT NULL constraints defined on the tables themselves
+    (not inherited: those go with their parent's) that are NOT VALID: old rows may violate them."""
+    found = []
+    for table in tables:
+        for name, definition in conn.execute(
+                "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = %s::regclass "
+                "AND contype IN ('c', 'n') AND NOT convalidated AND coninhcount = 0 ORDER BY conname",
+                (postgres._regclass(table),)).fetchall():
+            found.append((table, name, definition))
+    return found
+
+
 class _TableLoader:
     """Streams the archive's data blocks of the chosen tables into COPY, in the caller's
     transaction, fingerprinting exactly what it loads."""
@@ -572,8 +599,10 @@ class _TableLoader:
         if table is None:
             return None
         columns = postgres.copy_columns(self.conn, table)
+        # a table without columns has rows all the same (empty lines); COPY takes no empty column list
         statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
-            table.ident(), sql.SQL(", ").join(sql.Identifier(c) for c in columns))
+            table.ident(), sql.SQL(", ").join(sql.Identifier(c) for c in columns)) if columns else \
+            sql.SQL("COPY {} FROM STDIN").format(table.ident())
         self._copy_cm = self.conn.cursor().copy(statement)
         self._copy = self._copy_cm.__enter__()
         self._fp = self.loaded[table] = CopyFingerprint()
@@ -628,11 +657,18 @@ def _restore_tables(catalog: Catalog, backup: StoredBackup, ep: postgres.Endpoin
                 sql.Identifier(safety_schema),
                 sql.Literal(postgres.marker(postgres.SAFETY_MARK, tables=[str(t) for t in tables], artifact=m.artifact))))
         for table in tables:
-            conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table.ident()))
+            # an inheritance parent's rows are its own (ONLY): its children keep theirs, with their own columns;
+            # a partitioned table has no rows of its own and is replaced with all its partitions
+            only = sql.SQL("") if postgres.relkind(conn, table) == "p" else sql.SQL("ONLY ")
+            conn.execute(sql.SQL("LOCK TABLE {}{} IN ACCESS EXCLUSIVE MODE").format(only, table.ident()))
             if safety_schema:
-                conn.execute(sql.SQL("CREATE TABLE {} AS TABLE {}").format(
-                    sql.Identifier(safety_schema, safety_table_name(table)), table.ident()))
-            conn.execute(sql.SQL("DELETE FROM {}").format(table.ident()))
+                conn.execute(sql.SQL("CREATE TABLE {} AS SELECT * FROM {}{}").format(
+                    sql.Identifier(safety_schema, safety_table_name(table)), only, table.ident()))
+            conn.execute(sql.SQL("DELETE FROM {}{}").format(only, table.ident()))
+        # rows kept under a NOT VALID constraint may violate it: load without it, then add it back NOT VALID
+        not_valid = _not_valid_constraints(conn, list(dict.fromkeys([*tables, *members.values()])))
+        for table, name, _definition in not_valid:
+            conn.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(table.ident(), sql.Identifier(name)))
         say(f"loading {', '.join(map(str, tables))} in one transaction")
         with open_decompressed(backup.artifact_path, m.raw_size_bytes,
                                crypto.identities_for(catalog, m, artifact=str(backup.artifact_path))) as reader:
@@ -640,6 +676,9 @@ def _restore_tables(catalog: Catalog, backup: StoredBackup, ep: postgres.Endpoin
         not_loaded = [str(t) for t in members.values() if t not in loader.loaded]
         if not_loaded:
             raise BackupError(f"the archive has no data block for {', '.join(not_loaded)}; nothing was changed")
+        for table, name, definition in not_valid:
+            conn.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
+                table.ident(), sql.Identifier(name), sql.SQL(definition)))
         for table in tables:
             for sequence, column in _owned_sequences(conn, table):
                 # never move a sequence backwards: ids handed out since the backup stay unused
@@ -731,6 +770,7 @@ def _restore_sqlite_file(catalog: Catalog, backup: StoredBackup, target: Path, *
             raise BackupError(f"restored copy fails integrity_check, {target} left unchanged: {'; '.join(problems_found[:3])}")
         counts = sqlite.row_counts(tmp)
         problems = compare_with_manifest(m, counts, {}, sqlite.indexes(tmp))
+        problems += sqlite.apply_file_settings(tmp, m.file_settings)
         if problems:
             raise BackupError(f"restored copy differs from the manifest, {target} left unchanged: {'; '.join(problems[:5])}")
         os.chmod(tmp, 0o600)

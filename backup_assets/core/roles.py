@@ -125,21 +125,6 @@ def create_missing(conn: psycopg.Connection, saved: Globals, wanted: set[str] | 
     return created
 
 
-def apply_database_grants(conn: psycopg.Connection, saved: Globals, dbname: str) -> int:
-    """Re-grant the saved database-level privileges on `dbname` (to roles that exist)."""
-    have = {r[0] for r in conn.execute("SELECT rolname FROM pg_roles").fetchall()} | {"PUBLIC"}
-    done = 0
-    for g in saved.database_grants:
-        if g["grantee"] not in have or g["privilege"] not in ("CREATE", "CONNECT", "TEMPORARY"):
-            continue
-        grantee = sql.SQL("PUBLIC") if g["grantee"] == "PUBLIC" else sql.Identifier(g["grantee"])
-        conn.execute(sql.SQL("GRANT {} ON DATABASE {} TO {}{}").format(
-            sql.SQL(g["privilege"]), sql.Identifier(dbname), grantee,
-            sql.SQL(" WITH GRANT OPTION" if g.get("grantable") else "")))
-        done += 1
-    return done
-
-
 def apply_settings(conn: psycopg.Connection, saved: Globals, *, source_db: str, target_db: str | None,
                    roles: set[str]) -> list[str]:
     """Re-apply saved settings: the database's own (onto `target_db`), and those of the roles in

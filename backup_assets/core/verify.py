@@ -9,6 +9,7 @@ drill killed midway leaves a database marked as a drill, which the next drill re
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import re
@@ -23,7 +24,7 @@ import psycopg
 import zstandard
 
 from ..catalog import AUTO_STREAM_CPUS, Catalog
-from . import BackupError, archive_scan, crypto, failpoints, hooks, roles
+from . import BackupError, archive_scan, crypto, failpoints, hooks, roles, schema_compare
 from .artifact import decompress_to, scan_artifact, sha256_file
 from .backup import repository_for
 from .engines import postgres, sqlite
@@ -268,7 +269,7 @@ def drill_name(source: str, group: str, partition: str, n: int = 1) -> str:
     return postgres.owned_name(f"{base[:30]}_{n}")
 
 
-def restore_drill(catalog: Catalog, backup: StoredBackup, *, jobs: int = 2) -> Outcome:
+def restore_drill(catalog: Catalog, backup: StoredBackup, *, jobs: int | None = None) -> Outcome:
     m = backup.manifest
     repository_for(catalog).sweep()
     if m.format == roles.FORMAT:
@@ -299,7 +300,7 @@ def _roles_drill(catalog: Catalog, backup: StoredBackup, saved: roles.Globals | 
                                                           "roles_created_and_rolled_back": tried})
 
 
-def _postgres_drill(catalog: Catalog, backup: StoredBackup, *, jobs: int, prepared=None) -> Outcome:
+def _postgres_drill(catalog: Catalog, backup: StoredBackup, *, jobs: int | None, prepared=None) -> Outcome:
     try:
         return _postgres_drill_steps(catalog, backup, jobs=jobs, prepared=prepared)
     except psycopg.Error as exc:  # e.g. the drill server went away: a failed drill, said in one line
@@ -322,7 +323,7 @@ def _drop_scratch(admin, ep: postgres.Endpoint, name: str) -> None:
         pass
 
 
-def _postgres_drill_steps(catalog: Catalog, backup: StoredBackup, *, jobs: int, prepared=None) -> Outcome:
+def _postgres_drill_steps(catalog: Catalog, backup: StoredBackup, *, jobs: int | None, prepared=None) -> Outcome:
     """The drill; `prepared` is (scan, plain archive) from a pass that already read the artifact."""
     m, path = backup.manifest, backup.artifact_path
     src = catalog.sources.get(m.source)
@@ -371,9 +372,14 @@ def _postgres_drill_steps(catalog: Catalog, backup: StoredBackup, *, jobs: int, 
                     archive.archive, [TableName.parse(t) for t in m.tables], m.partitions)
                 missing = postgres.missing_roles(admin, archive_scan.roles_needed(archive.archive, entries))
                 t1 = time.monotonic()
-                pg_restore_archive(catalog, backup, target, raw, entries=entries, jobs=jobs, target_major=target_major,
-                                   no_owner=bool(missing), what=f"restore drill of {path.name}: ")
+                comment = postgres.marker(DRILL_MARK, name=name)
+                retried = pg_restore_archive(
+                    catalog, backup, target, raw, entries=entries, jobs=jobs, target_major=target_major,
+                    no_owner=bool(missing), what=f"restore drill of {path.name}: ",
+                    reset=lambda: postgres.recreate_database(admin, name, comment=comment))
                 restore_s = time.monotonic() - t1
+                schema = prove_schema(catalog, backup, archive, raw, entries, target, target_major=target_major,
+                                      no_owner=bool(missing))
             with postgres.connect(target) as conn:
                 wanted = [TableName.parse(t) for t in m.row_counts]
                 facts = postgres.table_facts(conn, wanted)
@@ -382,8 +388,10 @@ def _postgres_drill_steps(catalog: Catalog, backup: StoredBackup, *, jobs: int, 
             rto = time.monotonic() - started
             problems = compare_with_manifest(m, facts.row_counts, facts.vectors, facts.indexes, exts)
             problems += compare_content(archive.tables, restored)
+            problems += schema.problems
             hook_runs, hook_problem = drill_verify_hook(catalog, backup, name, endpoint=target)
             problems += [hook_problem] if hook_problem else []
+            problems += _database_properties_problems(admin, archive, m, name)
         finally:
             _drop_scratch(admin, ep, name)
     meta = {
@@ -395,13 +403,58 @@ def _postgres_drill_steps(catalog: Catalog, backup: StoredBackup, *, jobs: int, 
         "restored_fingerprints": {k: {"rows": r, "fingerprint": f} for k, (r, f) in sorted(restored.items())},
         "owners_restored": not missing, "missing_roles": missing,
         **({"verify_hook": hook_runs} if hook_runs else {}),
+        **({"pg_restore_retried_serially": retried} if retried else {}),
+        "objects": schema.kinds, "objects_compared": "definitions" if schema.exact else "presence only (another major)",
+        "large_objects": schema.large_objects, "schema_differences": len(schema.problems),
     }
     if problems:
-        return Outcome(False, f"{path}: restore differs from the archive or manifest: {'; '.join(problems[:8])}", meta)
+        return Outcome(False, f"{path}: restore differs from the archive or manifest: {'; '.join(problems[:8])}"
+                              f"{f' (and {len(problems) - 8} more)' if len(problems) > 8 else ''}", meta)
     note = f" (roles {', '.join(missing)} are missing on {ep.host}:{ep.port}: restored without owners)" if missing else ""
+    if retried:
+        note += "; the parallel pg_restore failed and a serial one succeeded"
     return Outcome(True, f"{path.name}: restored into {name} in {rto:.1f}s, {len(facts.row_counts)} table(s) and "
                          f"{sum(facts.row_counts.values())} rows match the manifest, content fingerprints match "
-                         f"the archive{note}", meta)
+                         f"the archive, {sum(schema.kinds.values())} object(s) match its definitions"
+                         f"{'' if schema.exact else ' (presence only: another major version)'}{note}", meta)
+
+
+def prove_schema(catalog: Catalog, backup: StoredBackup, scanned: archive_scan.ArchiveScan, raw: Path,
+                 entries: list | None, target: postgres.Endpoint, *, target_major: int,
+                 no_owner: bool) -> schema_compare.Comparison:
+    """The restored database `target` against the archive's definitions (see schema_compare) and its large
+    objects (when the restored entries hold them)."""
+    m = backup.manifest
+    src = catalog.sources.get(m.source)
+    pg_dump, pg_dump_major = postgres.find_tool("pg_dump", target_major, src.pg_bin_dir if src else None)
+    result = schema_compare.compare(scanned.archive, raw, entries, target,
+                                    pg_restore=_pg_restore_for(catalog, m, at_most=target_major),
+                                    pg_dump=pg_dump, pg_dump_major=pg_dump_major, no_owner=no_owner)
+    chosen = scanned.archive.entries if entries is None else entries
+    if any(e.desc == "BLOBS" for e in chosen):
+        with postgres.connect(target) as conn:
+            got = schema_compare.large_objects(conn)
+        want = tuple(scanned.large_objects)
+        result.large_objects = {"count": got[0], "bytes": got[1]}
+        if got[:2] != want[:2]:
+            result.problems.append(f"large objects: {got[0]} ({got[1]} bytes) after the restore, the archive holds "
+                                   f"{want[0]} ({want[1]} bytes)")
+        elif got[2] != want[2]:
+            result.problems.append(f"large objects differ in content from the archive's (fingerprint {got[2]}, "
+                                   f"archive {want[2]})")
+    return result
+
+
+def _database_properties_problems(admin, scanned: archive_scan.ArchiveScan, m: Manifest, name: str) -> list[str]:
+    """The database's own privileges and settings (which a whole restore applies) must apply to the drill's
+    copy: proven by applying them (as a superuser only: a grantor's own grants need its authorization)."""
+    if not m.whole_database or not admin.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]:
+        return []
+    props = schema_compare.database_properties(scanned.archive, m.database)
+    if props is None:
+        return []
+    props = dataclasses.replace(props, owner=None)  # the scratch database keeps its owner: it drops it
+    return [f"database privilege or setting does not apply: {p}" for p in props.apply(admin, name)]
 
 
 def compare_content(archive: dict, restored: dict[str, tuple[int, str]]) -> list[str]:
@@ -434,12 +487,25 @@ def server_major_of(m: Manifest) -> int | None:
 
 
 def pg_restore_archive(catalog: Catalog, backup: StoredBackup, target: postgres.Endpoint, raw: Path, *,
-                       entries: list | None, jobs: int, target_major: int, no_owner: bool = False,
-                       what: str = "") -> None:
-    """pg_restore of a decoded archive: all of it, or the given TOC entries (a --use-list file)."""
+                       entries: list | None, jobs: int | None, target_major: int, no_owner: bool = False,
+                       what: str = "", reset=None) -> str | None:
+    """pg_restore of a decoded archive: all of it, or the given TOC entries (a --use-list file), with
+    `jobs` parallel jobs (None: the catalog's restore.jobs). A parallel restore that fails is tried once
+    more serially into a fresh target (`reset` empties it) before the failure counts: PostgreSQL races on
+    some schemas (two ATTACH PARTITIONs of one partitioned index on two levels). Returns what happened then
+    (for the log and the metadata), None when the first try succeeded."""
     tool = _pg_restore_for(catalog, backup.manifest, at_most=target_major)
     list_file = archive_scan.write_list_file(entries, raw.with_suffix(".list")) if entries is not None else None
-    postgres.pg_restore(target, raw, tool=tool, jobs=jobs, use_list=list_file, no_owner=no_owner, what=what)
+    jobs = catalog.restore.jobs if jobs is None else max(1, jobs)
+    try:
+        postgres.pg_restore(target, raw, tool=tool, jobs=jobs, use_list=list_file, no_owner=no_owner, what=what)
+        return None
+    except BackupError as exc:
+        if jobs <= 1 or reset is None:
+            raise
+        reset()
+        postgres.pg_restore(target, raw, tool=tool, jobs=1, use_list=list_file, no_owner=no_owner, what=what)
+        return f"pg_restore --jobs={jobs} failed ({exc}); a serial pg_restore (--jobs=1) into a fresh database succeeded"
 
 
 def drill_verify_hook(catalog: Catalog, backup: StoredBackup, target: str, *, endpoint=None) -> tuple[list, str | None]:
@@ -473,13 +539,14 @@ def _sqlite_drill(catalog: Catalog, backup: StoredBackup, decoded: Path | None =
                 return Outcome(False, f"{path}: integrity_check failed after restore: {'; '.join(problems_found[:5])}")
             counts = sqlite.row_counts(copy)
             idx = sqlite.indexes(copy)
+            setting_problems = sqlite.apply_file_settings(copy, m.file_settings)
             hook_runs, hook_problem = drill_verify_hook(catalog, backup, str(copy))
         except (zstandard.ZstdError, BackupError, OSError) as exc:
             return Outcome(False, f"{path}: restore drill failed: {exc}")
         except Exception as exc:  # sqlite3.DatabaseError and friends
             return Outcome(False, f"{path}: restored copy is not a usable SQLite database: {exc}")
     rto = time.monotonic() - started
-    problems = compare_with_manifest(m, counts, {}, idx) + ([hook_problem] if hook_problem else [])
+    problems = compare_with_manifest(m, counts, {}, idx) + setting_problems + ([hook_problem] if hook_problem else [])
     meta = {"rto_s": round(rto, 3), "row_counts": counts, "tables": len(counts), "rows": sum(counts.values()),
             **({"verify_hook": hook_runs} if hook_runs else {})}
     if problems:
@@ -531,7 +598,7 @@ def _identity_at_hand(encryption) -> bool:
     return True
 
 
-def evaluate(catalog: Catalog, backup: StoredBackup, names, *, jobs: int = 2,
+def evaluate(catalog: Catalog, backup: StoredBackup, names, *, jobs: int | None = None,
              stream: archive_scan.StreamCheck | None = None) -> dict[str, Outcome]:
     """The outcomes of the named checks. For a PostgreSQL archive, intact and readable come from
     one pass over the artifact (SHA-256, decryption, decoding, the archive's structure and
@@ -568,7 +635,7 @@ def evaluate(catalog: Catalog, backup: StoredBackup, names, *, jobs: int = 2,
     return {n: out[n] for n in names}
 
 
-def _postgres_in_one_pass(catalog: Catalog, backup: StoredBackup, ids, *, drill: bool, jobs: int) -> dict[str, Outcome]:
+def _postgres_in_one_pass(catalog: Catalog, backup: StoredBackup, ids, *, drill: bool, jobs: int | None) -> dict[str, Outcome]:
     m, path = backup.manifest, backup.artifact_path
     try:
         size = path.stat().st_size
@@ -600,7 +667,7 @@ def _postgres_in_one_pass(catalog: Catalog, backup: StoredBackup, ids, *, drill:
 
 
 def _drill_after_pass(catalog: Catalog, backup: StoredBackup, scanned: archive_scan.ArchiveScan | None, raw: Path,
-                      out: dict[str, Outcome], *, jobs: int) -> Outcome:
+                      out: dict[str, Outcome], *, jobs: int | None) -> Outcome:
     """The drill of a PostgreSQL backup from a pass that decoded it (its scan, the plain copy `raw`),
     attempted when that pass read the archive and found the artifact intact."""
     intact, readable = out["artifact_intact"], out["archive_readable"]

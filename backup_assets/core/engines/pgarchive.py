@@ -42,6 +42,21 @@ class TocEntry:
     section: str
     deps: tuple[int, ...]
     relkind: str | None = None
+    # the SQL of the entries about the database itself (kept for those only: see DATABASE_LEVEL)
+    defn: str | None = None
+
+    @property
+    def database_level(self) -> bool:
+        return is_database_level(self.desc, self.tag)
+
+
+# entries about the database itself, which pg_restore applies only with --create: its owner and
+# properties (settings, connection limit), its comment, security labels and privileges
+DATABASE_LEVEL = {"DATABASE", "DATABASE PROPERTIES"}
+
+
+def is_database_level(desc: str, tag: str) -> bool:
+    return desc in DATABASE_LEVEL or (desc in ("COMMENT", "ACL", "SECURITY LABEL") and tag.startswith("DATABASE "))
 
 
 
@@ -175,7 +190,9 @@ def _read_toc(r: _Reader, header: ArchiveHeader) -> list[TocEntry]:
         tag = r.str_() or ""
         desc = r.str_() or ""
         section = SECTION_NAMES.get(r.int_(), "none")
-        r.str_()  # definition
+        defn = r.str_()
+        if not is_database_level(desc, tag):
+            defn = None
         r.str_()  # drop statement
         r.str_()  # COPY statement
         namespace = r.str_()
@@ -192,7 +209,7 @@ def _read_toc(r: _Reader, header: ArchiveHeader) -> list[TocEntry]:
             deps.append(int(dep))
         r.offset_()  # data position: not set when pg_dump wrote to a pipe
         entries.append(TocEntry(dump_id, had_dumper, desc, namespace or None, tag, owner or None, section,
-                                tuple(deps), relkind))
+                                tuple(deps), relkind, defn))
     return entries
 
 
@@ -201,7 +218,8 @@ DataSink = Callable[[TocEntry], Callable[[bytes], object] | None]
 
 def read_archive(stream: BinaryIO, on_data: DataSink | None = None,
                  on_end: Callable[[TocEntry], None] | None = None,
-                 on_toc: Callable[[Archive], None] | None = None) -> Archive:
+                 on_toc: Callable[[Archive], None] | None = None,
+                 blobs: "LargeObjectFingerprint | None" = None) -> Archive:
     """Read header, TOC and every data block. `on_toc(archive)` is called once the TOC is read;
     for each data block, `on_data(entry)` may return a function that receives the block's bytes
     in pieces (None: skip them, still read); `on_end(entry)` is called when a block is complete."""
@@ -227,8 +245,12 @@ def read_archive(stream: BinaryIO, on_data: DataSink | None = None,
         seen.add(dump_id)
         sink = on_data(entry) if (on_data and kind == BLK_DATA) else None
         if kind == BLK_BLOBS:  # large objects: each is an oid and its chunks, up to a zero oid
-            while r.int_() != 0:
-                _read_chunks(r, None)
+            while (oid := r.int_()) != 0:
+                if blobs is not None:
+                    blobs.start(oid)
+                _read_chunks(r, blobs.feed if blobs is not None else None)
+                if blobs is not None:
+                    blobs.end()
         else:
             _read_chunks(r, sink)
         if on_end is not None and kind == BLK_DATA:
@@ -355,3 +377,32 @@ class CopyFingerprint:
 def combine(fingerprints: list[str]) -> str:
     """The fingerprint of a table whose rows are spread over several (partitions)."""
     return f"{sum(int(f, 16) for f in fingerprints) & MASK64:016x}"
+
+
+class LargeObjectFingerprint:
+    """Count, bytes and an order-free fingerprint of large objects: the sum, modulo 2**64, of the first
+    8 bytes of MD5("<oid>:<MD5 hex of its content>") per object; `schema_compare.large_objects` computes
+    the same over a restored database."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.bytes = 0
+        self.total = 0
+        self._md5 = None
+        self._oid: int | None = None
+
+    def start(self, oid: int) -> None:
+        self._oid, self._md5 = oid & 0xFFFFFFFF, hashlib.md5()  # pg_dump writes an oid as a signed int
+
+    def feed(self, data: bytes) -> None:
+        self._md5.update(data)
+        self.bytes += len(data)
+
+    def end(self) -> None:
+        digest = hashlib.md5(f"{self._oid}:{self._md5.hexdigest()}".encode()).digest()
+        self.total = (self.total + struct.unpack(">Q", digest[:8])[0]) & MASK64
+        self.count += 1
+
+    @property
+    def hex(self) -> str:
+        return f"{self.total:016x}"

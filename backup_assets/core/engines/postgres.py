@@ -538,6 +538,12 @@ def create_database(conn: psycopg.Connection, name: str, *, comment: str | None 
         conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(comment)))
 
 
+def recreate_database(conn: psycopg.Connection, name: str, *, comment: str | None = None) -> None:
+    """Drop a scratch database and create it again, empty (a restore tried again from the start)."""
+    drop_database(conn, name)
+    create_database(conn, name, comment=comment)
+
+
 def drop_database(conn: psycopg.Connection, name: str) -> None:
     conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 

@@ -40,6 +40,60 @@ def online_copy(source: Path, dest: Path, *, what: str = "") -> None:
         raise BackupError(f"{what}cannot copy SQLite file {source}: {exc}") from None
 
 
+# what a store's header says about it, beside its tables: an application may rely on each (WAL mode for
+# concurrent readers, user_version for its schema migrations, application_id to recognise its file)
+FILE_SETTINGS = ("journal_mode", "page_size", "auto_vacuum", "user_version", "application_id", "encoding")
+
+
+def file_settings(path: Path) -> dict:
+    """The store's file settings. journal_mode says "wal" or the rollback mode a new connection gets
+    (only WAL is kept in the file: "delete", "truncate" and "persist" are per connection)."""
+    conn = open_readonly(path)
+    try:
+        conn.execute("PRAGMA busy_timeout = %d" % BUSY_TIMEOUT_MS)
+        return {name: conn.execute(f"PRAGMA {name}").fetchone()[0] for name in FILE_SETTINGS}
+    finally:
+        conn.close()
+
+
+def file_settings_or_none(path: Path) -> dict | None:
+    """file_settings, or None for a file that is missing or unreadable (the copy then says what is wrong)."""
+    try:
+        return file_settings(path) if path.is_file() else None
+    except sqlite3.DatabaseError:
+        return None
+
+
+def _kept(settings: dict) -> dict:
+    """The settings a file keeps (journal mode: WAL or not)."""
+    return {k: (v == "wal" if k == "journal_mode" else v) for k, v in settings.items() if k in FILE_SETTINGS}
+
+
+def apply_file_settings(path: Path, settings: dict) -> list[str]:
+    """Give a restored copy the store's settings (online_copy leaves the artifact in rollback-journal
+    mode so it is one self-contained file); returns the settings that still differ, one line each."""
+    if settings:
+        conn = sqlite3.connect(path)
+        try:
+            if settings.get("journal_mode") == "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            for name in ("user_version", "application_id"):
+                if name in settings:
+                    conn.execute(f"PRAGMA {name} = {int(settings[name])}")
+            conn.commit()
+        finally:
+            conn.close()
+    return settings_differences(path, settings)
+
+
+def settings_differences(path: Path, settings: dict) -> list[str]:
+    if not settings:
+        return []
+    want, got = _kept(settings), _kept(file_settings(path))
+    return [f"SQLite {k} is {got.get(k)!r} after the restore, the store had {want[k]!r}"
+            for k in sorted(want) if got.get(k) != want[k]]
+
+
 def remove_with_sidecars(path: Path) -> None:
     for suffix in ("", "-wal", "-shm", "-journal"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
