@@ -136,7 +136,7 @@ def content(conn) -> dict[str, str]:
            ORDER BY 1, 2""").fetchall()
     for schema, name in rows:
         texts = sorted(r[0] for r in conn.execute(
-            sql.SQL("SELECT t::text FROM ONLY {} t").format(sql.Identifier(schema, name))).fetchall())
+            sql.SQL("SELECT coalesce(t::text, '\\N') FROM ONLY {} t").format(sql.Identifier(schema, name))).fetchall())
         out[f"{schema}.{name}"] = hashlib.md5("\n".join(texts).encode()).hexdigest() + f":{len(texts)}"
     return out
 

@@ -37,7 +37,7 @@ from .names import NameError_, TableName
 from .repository import StoredBackup
 from .verification import is_verified, read_status
 from .verify import (artifact_intact, compare_content, compare_with_manifest, find_backup, pg_restore_archive,
-                     version_problem)
+                     prove_schema, version_problem)
 
 RESTORE_MARK = "backup_assets restore in progress"
 SWAP_MARK = "backup_assets restore swapping"
@@ -414,14 +414,19 @@ def _restore_whole(catalog: Catalog, backup: StoredBackup, admin, ep: postgres.E
                                          reset=lambda: postgres.recreate_database(admin, temp, comment=temp_comment))
             if retried:
                 say(retried)
+            # every definition, privilege and large object, as the drill compares them, before anything is swapped
+            schema = prove_schema(catalog, backup, scanned, raw, entries, ep.with_db(temp), target_major=target_major,
+                                  no_owner=False)
         wanted_tables = [TableName.parse(t) for t in m.row_counts]
         with postgres.connect(ep.with_db(temp)) as conn:
             facts = postgres.table_facts(conn, wanted_tables)
         restored = postgres.fingerprints(ep.with_db(temp), [t for t in wanted_tables if str(t) in facts.row_counts])
         problems = compare_with_manifest(m, facts.row_counts, facts.vectors, facts.indexes)
         problems += compare_content(scanned.tables, restored)
+        problems += schema.problems
         if problems:
-            raise BackupError(f"restored copy differs from the backup, target left unchanged: {'; '.join(problems[:5])}")
+            raise BackupError(f"restored copy differs from the backup, target left unchanged: {'; '.join(problems[:5])}"
+                              f"{f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''}")
         safety = _free_safety_name(admin, target) if exists else None
         props = database_properties(scanned.archive, m.database) if m.whole_database else None
         if props is not None:
@@ -453,6 +458,7 @@ def _restore_whole(catalog: Catalog, backup: StoredBackup, admin, ep: postgres.E
             postgres.drop_database(admin, temp)
     return RestoreResult(target, facts.row_counts, m.row_counts, [], safety, 0.0, m.artifact,
                          extra={"created_roles": created_roles, "fingerprints": {k: v[1] for k, v in restored.items()},
+                                "objects": schema.kinds,
                                 **({"pg_restore_retried_serially": retried} if retried else {})})
 
 

@@ -30,6 +30,7 @@ from .engines.pgarchive import Archive, TocEntry
 
 # entries whose content is compared elsewhere: table rows (fingerprints) and large objects (large_objects)
 ROWS_AND_LARGE_OBJECTS = {"TABLE DATA", "BLOBS", "BLOB", "BLOB METADATA", "LARGE OBJECT"}
+# (their metadata, creation, owner and comment, is compared with the restored catalog: see compare_large_object_metadata)
 HEADER = re.compile(r"^-- (?:Data for )?Name: (?P<name>.*); Type: (?P<type>.*?); Schema: (?P<schema>.*?); "
                     r"Owner: (?P<owner>.*?)(?:; Tablespace: .*)?$")
 # pg_dump emits these only when they change from one entry to the next: their value belongs to each entry
@@ -93,9 +94,31 @@ def parse_objects(text: str) -> Counter:
     return blocks
 
 
+def _large_object_metadata(blocks: Counter) -> tuple[Counter, dict[int, dict]]:
+    """Split the blocks about large objects (their creation, owner, comment and privileges) from the others:
+    `pg_dump --no-blobs` of a restored database leaves them out, so they are compared with the catalog."""
+    rest, found = Counter(), {}
+    for (obj, body), n in blocks.items():
+        if obj.type in LARGE_OBJECT_TYPES or obj.name.startswith("LARGE OBJECT "):
+            text = "\n".join(body)
+            for oid in re.findall(r"lo_create\('(\d+)'\)", text):
+                found.setdefault(int(oid), {"owner": None, "comment": None})
+            for oid, owner in re.findall(r"^ALTER LARGE OBJECT (\d+) OWNER TO (.+);$", text, re.M):
+                found.setdefault(int(oid), {"owner": None, "comment": None})["owner"] = owner
+            for oid, comment in re.findall(r"^COMMENT ON LARGE OBJECT (\d+) IS '((?:[^']|'')*)';$", text, re.M | re.S):
+                found.setdefault(int(oid), {"owner": None, "comment": None})["comment"] = comment.replace("''", "'")
+        else:
+            rest[(obj, body)] += n
+    return rest, found
+
+
+LARGE_OBJECT_TYPES = {"BLOB", "BLOB METADATA", "LARGE OBJECT"}
+
+
 def compare_texts(archive_text: str, restored_text: str, *, exact: bool) -> list[str]:
     """One line per object that is missing, extra or different in the restored database."""
     want, got = parse_objects(archive_text), parse_objects(restored_text)
+    want, _ = _large_object_metadata(want)
     if not exact:
         want = Counter({(o, ()): n for (o, _b), n in want.items()})
         got = Counter({(o, ()): n for (o, _b), n in got.items()})
@@ -139,7 +162,7 @@ def compare(archive: Archive, raw: Path, entries: list[TocEntry] | None, target:
     match = re.match(r"(\d+)", dump_version)
     exact = bool(match) and int(match.group(1)) == pg_dump_major
     result = Comparison(kinds=kinds_of(chosen), exact=exact)
-    shown = [e for e in chosen if e.desc not in ROWS_AND_LARGE_OBJECTS]
+    shown = [e for e in chosen if e.desc not in ROWS_AND_LARGE_OBJECTS or e.desc in LARGE_OBJECT_TYPES]
     owner_flags = ["--no-owner", "--no-privileges"] if no_owner else []
     with tempfile.TemporaryDirectory(prefix="schema-compare-") as tmp:
         listing = Path(tmp) / "entries.list"
@@ -152,7 +175,31 @@ def compare(archive: Archive, raw: Path, entries: list[TocEntry] | None, target:
     restored_text = _run([str(pg_dump), "--no-password", "--no-blobs", *owner_flags, *patterns,
                           f"--dbname={target.dbname}"], target, f"dumping the restored database {target.dbname}")
     result.problems = compare_texts(archive_text, restored_text, exact=exact)
+    _, wanted_los = _large_object_metadata(parse_objects(archive_text))
+    if wanted_los:
+        with postgres.connect(target) as conn:
+            restored_los = {oid: {"owner": owner, "comment": comment} for oid, owner, comment in conn.execute(
+                "SELECT oid::bigint, quote_ident(pg_get_userbyid(lomowner)), obj_description(oid, 'pg_largeobject') "
+                "FROM pg_largeobject_metadata").fetchall()}
+        result.problems += compare_large_object_metadata(wanted_los, restored_los, owners=not no_owner)
     return result
+
+
+def compare_large_object_metadata(want: dict[int, dict], got: dict[int, dict], *, owners: bool) -> list[str]:
+    """Large objects by oid: each exists, with its owner and comment (their privileges are not compared)."""
+    problems = []
+    for oid in sorted(want):
+        if oid not in got:
+            problems.append(f"LARGE OBJECT {oid} is missing after the restore")
+            continue
+        if want[oid]["comment"] != got[oid]["comment"]:
+            problems.append(f"COMMENT LARGE OBJECT {oid} differs after the restore: the archive says "
+                            f"{want[oid]['comment']!r}, the restored database {got[oid]['comment']!r}")
+        if owners and want[oid]["owner"] is not None and want[oid]["owner"] != got[oid]["owner"]:
+            problems.append(f"LARGE OBJECT {oid} is owned by {got[oid]['owner']} after the restore, "
+                            f"the archive says {want[oid]['owner']}")
+    problems += [f"LARGE OBJECT {oid} exists after the restore but not in the archive" for oid in sorted(set(got) - set(want))]
+    return problems
 
 
 def large_objects(conn) -> tuple[int, int, str]:

@@ -202,7 +202,8 @@ def _readable_outcome(backup: StoredBackup, result: archive_scan.ArchiveScan) ->
     problems = archive_scan.archive_problems(result, m)
     meta = {"toc_entries": len(result.archive.entries), "tables": len(m.row_counts),
             "rows": sum(t.rows for t in result.tables.values()), "scan_s": result.seconds,
-            "fingerprints": result.fingerprints()}
+            "fingerprints": result.fingerprints(), "objects": schema_compare.kinds_of(result.archive.entries),
+            "large_objects": {"count": result.large_objects[0], "bytes": result.large_objects[1]}}
     if problems:
         return Outcome(False, f"{path}: {'; '.join(problems[:8])}", meta)
     return Outcome(True, f"{path.name}: all {len(m.row_counts)} table(s) of the manifest are in the archive with "
