@@ -307,6 +307,8 @@ def _postgres_drill(catalog: Catalog, backup: StoredBackup, *, jobs: int | None,
     except psycopg.Error as exc:  # e.g. the drill server went away: a failed drill, said in one line
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return Outcome(False, f"{backup.artifact_path}: restore drill failed: {scrub(text)}")
+    except BackupError as exc:  # e.g. a role that may not create the scratch database
+        return Outcome(False, f"{backup.artifact_path}: restore drill failed: {exc}")
 
 
 def _drop_scratch(admin, ep: postgres.Endpoint, name: str) -> None:
@@ -372,15 +374,17 @@ def _postgres_drill_steps(catalog: Catalog, backup: StoredBackup, *, jobs: int |
                 entries = None if m.whole_database else archive_scan.group_entries(
                     archive.archive, [TableName.parse(t) for t in m.tables], m.partitions)
                 missing = postgres.missing_roles(admin, archive_scan.roles_needed(archive.archive, entries))
+                # a role that is not a superuser cannot give objects to other roles: it restores without owners
+                superuser = admin.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
                 t1 = time.monotonic()
                 comment = postgres.marker(DRILL_MARK, name=name)
                 retried = pg_restore_archive(
                     catalog, backup, target, raw, entries=entries, jobs=jobs, target_major=target_major,
-                    no_owner=bool(missing), what=f"restore drill of {path.name}: ",
+                    no_owner=bool(missing) or not superuser, what=f"restore drill of {path.name}: ",
                     reset=lambda: postgres.recreate_database(admin, name, comment=comment))
                 restore_s = time.monotonic() - t1
                 schema = prove_schema(catalog, backup, archive, raw, entries, target, target_major=target_major,
-                                      no_owner=bool(missing))
+                                      no_owner=bool(missing) or not superuser)
             with postgres.connect(target) as conn:
                 wanted = [TableName.parse(t) for t in m.row_counts]
                 facts = postgres.table_facts(conn, wanted)
@@ -402,7 +406,7 @@ def _postgres_drill_steps(catalog: Catalog, backup: StoredBackup, *, jobs: int |
         "leftovers_dropped": cleaned,
         "archive_fingerprints": archive.fingerprints(),
         "restored_fingerprints": {k: {"rows": r, "fingerprint": f} for k, (r, f) in sorted(restored.items())},
-        "owners_restored": not missing, "missing_roles": missing,
+        "owners_restored": not missing and superuser, "missing_roles": missing,
         **({"verify_hook": hook_runs} if hook_runs else {}),
         **({"pg_restore_retried_serially": retried} if retried else {}),
         "objects": schema.kinds, "objects_compared": "definitions" if schema.exact else "presence only (another major)",
@@ -412,6 +416,8 @@ def _postgres_drill_steps(catalog: Catalog, backup: StoredBackup, *, jobs: int |
         return Outcome(False, f"{path}: restore differs from the archive or manifest: {'; '.join(problems[:8])}"
                               f"{f' (and {len(problems) - 8} more)' if len(problems) > 8 else ''}", meta)
     note = f" (roles {', '.join(missing)} are missing on {ep.host}:{ep.port}: restored without owners)" if missing else ""
+    if not superuser and not missing:
+        note = f" (the drill's role is not a superuser on {ep.host}:{ep.port}: restored without owners and privileges)"
     if retried:
         note += "; the parallel pg_restore failed and a serial one succeeded"
     return Outcome(True, f"{path.name}: restored into {name} in {rto:.1f}s, {len(facts.row_counts)} table(s) and "

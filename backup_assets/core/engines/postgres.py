@@ -469,6 +469,9 @@ def dump(ep: Endpoint, tables: list[str] | None, write: Callable[[BinaryIO], Non
                     members.update(leaf_partitions(conn, table))
             args += [f"--exclude-table-data={t.pattern()}" for t in all_tables_with_data(conn)
                      if t not in members and t.schema not in excluded]
+        problem = role_cannot_dump(conn, None if tables is None else members)
+        if problem:
+            raise BackupError(f"{what}{problem}")
         version = server_version(conn)
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env={**ep.child_env(), "PGOPTIONS": output_options()})
@@ -517,6 +520,39 @@ def dump(ep: Endpoint, tables: list[str] | None, write: Callable[[BinaryIO], Non
         conn.close()
 
 
+def role_cannot_dump(conn: psycopg.Connection, tables: set[TableName] | None) -> str | None:
+    """Why the connected role cannot dump this database (None: it can), named before pg_dump starts: a
+    role that is not a superuser reads a table under row-level security only with BYPASSRLS (pg_dump turns
+    row_security off and fails rather than dump a filtered table), and large objects only with SELECT on
+    each (or the server's lo_compat_privileges)."""
+    user, superuser, bypass = conn.execute(
+        "SELECT rolname, rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user").fetchone()
+    if superuser:
+        return None
+    if not bypass:
+        guarded = [TableName(s, t) for s, t in conn.execute(
+            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.relkind IN ('r', 'p') AND c.relrowsecurity "
+            "AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE')) "
+            "AND n.nspname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2").fetchall()]
+        guarded = [t for t in guarded if tables is None or t in tables]
+        if guarded:
+            return (f"role {user} cannot dump {', '.join(map(str, guarded[:5]))}{' ...' if len(guarded) > 5 else ''}: "
+                    "row-level security applies to it and it lacks BYPASSRLS (ALTER ROLE ... BYPASSRLS, or back up "
+                    "as the tables' owner without FORCE ROW LEVEL SECURITY)")
+    # a group's archive holds the large objects too (pg_dump includes them unless it dumps named tables only)
+    if conn.execute("SELECT current_setting('lo_compat_privileges')").fetchone()[0] != "on":
+        unreadable = [r[0] for r in conn.execute(
+            "SELECT m.oid FROM pg_largeobject_metadata m WHERE NOT pg_has_role(m.lomowner, 'USAGE') AND NOT EXISTS "
+            "(SELECT 1 FROM aclexplode(m.lomacl) a WHERE a.privilege_type = 'SELECT' "
+            "AND (a.grantee = 0 OR pg_has_role(a.grantee, 'USAGE'))) ORDER BY 1 LIMIT 6").fetchall()]
+        if unreadable:
+            return (f"role {user} cannot read large object(s) {', '.join(map(str, unreadable[:5]))}"
+                    f"{' ...' if len(unreadable) > 5 else ''}: grant it SELECT on them (GRANT SELECT ON LARGE OBJECT "
+                    "...), or set lo_compat_privileges, or back up as their owner")
+    return None
+
+
 def _quoted(ident: str) -> str:
     """An exact pg_dump pattern for one name (double-quoted: no character is a wildcard)."""
     return '"' + ident.replace('"', '""') + '"'
@@ -533,7 +569,13 @@ def database_exists(conn: psycopg.Connection, name: str) -> bool:
 
 
 def create_database(conn: psycopg.Connection, name: str, *, comment: str | None = None) -> None:
-    conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    except psycopg.errors.InsufficientPrivilege:
+        user = conn.execute("SELECT current_user").fetchone()[0]
+        raise BackupError(f"role {user} on {conn.info.host}:{conn.info.port} may not create databases (the drill's and "
+                          "a restore's scratch database): grant it CREATEDB, or name a drill_server in the catalog "
+                          "whose user may") from None
     if comment:
         conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(comment)))
 
