@@ -509,6 +509,13 @@ def main(argv=None) -> int:
             (work / "pitr").mkdir()
             results["pitr"] = pr = bench_pitr(work / "pitr")
             report_pitr(pr)
+            print("== PostgreSQL's regression database: backup with checks and drill against pg_dump -Fc", flush=True)
+            from bench.regression import bench_regression, report as report_regression
+
+            (work / "regression").mkdir()
+            os.chmod(work, 0o755)  # the throwaway PostgreSQL 15 server's user traverses it
+            results["regression"] = rg = bench_regression(work / "regression")
+            report_regression(rg)
         for size in ([] if args.only_s3 or not args.sizes else args.sizes.split(",")):
             print(f"== PostgreSQL {size}", flush=True)
             results["postgres"][size] = bench_postgres(c, size, args.fresh, work)

@@ -1,0 +1,83 @@
+"""PostgreSQL's regression database: a backup with its checks and drill against `pg_dump -Fc`.
+
+A small database (a few MB) with every kind of object: the fixed costs dominate (catalog reads, the drill's
+scratch database, pg_restore, the definitions compared object by object). Prints the ratio; needs the
+cached regression database (`.ci/run` builds it; see backup_assets_tests/regression.py).
+
+    python -m bench.regression
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+
+def bench_regression(work: Path, repeat: int = 2) -> dict:
+    from backup_assets.catalog import load_catalog
+    from backup_assets.core.backup import run_backup
+    from backup_assets.core.repository import LocalRepository
+    from backup_assets.core.verify import evaluate
+    from backup_assets.demo.cluster import LocalCluster, debian_bin_dir, free_port
+    from backup_assets_tests import regression
+
+    if not regression.available():
+        return {"skipped": f"the regression database is not built ({regression.DUMP})"}
+    cluster = LocalCluster(debian_bin_dir(15), work / "pg15", free_port(), "bench-" + secrets.token_hex(6))
+    cluster.start()
+    try:
+        regression.load(cluster, "regression")
+        os.environ["BENCH_REGRESSION_PASSWORD"] = cluster.password
+        path = work / "catalog.yaml"
+        path.write_text(yaml.safe_dump({"repository": {"root": str(work / "repo")}, "start_date": "2026-01-01",
+                                        "checks_while_writing": False, "sources": {"reg": {
+                                            "engine": "postgres", "groups": {"full": {}}, "globals": False,
+                                            "connection": {"host": cluster.host, "port": cluster.port,
+                                                           "dbname": "regression", "user": cluster.superuser,
+                                                           "password_env": "BENCH_REGRESSION_PASSWORD"}}}}))
+        catalog = load_catalog(path)
+        env = {**os.environ, "PGPASSWORD": cluster.password}
+        raw, ours = [], []
+        for i in range(repeat):
+            with tempfile.NamedTemporaryFile(dir=work) as out:
+                t = time.monotonic()
+                subprocess.run([str(cluster.bin_dir / "pg_dump"), "-Fc", f"--host={cluster.host}",
+                                f"--port={cluster.port}", f"--username={cluster.superuser}", f"--file={out.name}",
+                                "regression"], env=env, check=True)
+                raw.append(time.monotonic() - t)
+            t = time.monotonic()
+            run_backup(catalog, "reg", "full", "daily", f"2026-11-{10 + i}")
+            backup = LocalRepository(catalog.repository_root).latest("reg", "full", "daily", f"2026-11-{10 + i}")
+            outcomes = evaluate(catalog, backup, ("artifact_intact", "archive_readable", "restore_drill"))
+            ours.append(time.monotonic() - t)
+            failed = {k: o.message for k, o in outcomes.items() if not o.passed}
+            if failed:
+                raise SystemExit(f"bench.regression: checks failed: {failed}")
+        drill = outcomes["restore_drill"].metadata
+        return {"pg_dump_fc_s": round(min(raw), 3), "backup_checks_drill_s": round(min(ours), 3),
+                "ratio": round(min(ours) / min(raw), 2), "objects": sum(drill["objects"].values()),
+                "tables": drill["tables"], "rto_s": drill["rto_s"]}
+    finally:
+        cluster.destroy()
+
+
+def report(r: dict) -> None:
+    if "skipped" in r:
+        print(f"  skipped: {r['skipped']}")
+        return
+    print(f"  pg_dump -Fc {r['pg_dump_fc_s']:.2f}s; backup + artifact_intact + archive_readable + restore_drill "
+          f"{r['backup_checks_drill_s']:.2f}s -> ratio {r['ratio']:.1f} ({r['objects']} objects, {r['tables']} tables "
+          f"compared; a small database: fixed costs dominate)")
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory(prefix="bench_regression_") as tmp:
+        work = Path(tmp)
+        os.chmod(work, 0o755)
+        report(bench_regression(work))
