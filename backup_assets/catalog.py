@@ -232,6 +232,8 @@ class RestoreSettings(_Model):
     # the `restore` job (launchpad, schedules) may replace a source's own database or file only when this is set;
     # restores into another database or file stay available. The CLI asks for confirmation instead.
     allow_in_place_from_ui: bool = False
+    # the `restore` job may restore without keeping the replaced data (safety_copy: false) only when this is set
+    allow_no_safety_copy_from_ui: bool = False
     # parallel pg_restore jobs of restores and drills (the CLI's --jobs and the job's config override it); a
     # parallel restore that fails is tried once more serially (PostgreSQL itself races on some schemas)
     jobs: Annotated[int, Field(ge=1, le=64)] = 2

@@ -209,7 +209,7 @@ def test_the_restore_job_refuses_in_place_restores_unless_the_catalog_opts_in(pg
                                     instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
     assert not result.success
     message = [e for e in result.all_events if e.is_step_failure][0].event_specific_data.error.message
-    assert "refusing to replace source myloware's own database" in message
+    assert "its own database in the catalog" in message and "refusing to replace database" in message
     assert "restore.allow_in_place_from_ui: true" in message and catalog.catalog_path in message
     assert count(pg18, myloware_db, "runs") == 250
     # naming the source's own database explicitly is the same thing

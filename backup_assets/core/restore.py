@@ -43,6 +43,49 @@ RESTORE_MARK = "backup_assets restore in progress"
 SWAP_MARK = "backup_assets restore swapping"
 
 
+def real_path(path: str | Path) -> str:
+    """A file's path with every symlink and `..` resolved, also for a file that does not exist yet (its
+    folder's real path): how a target is matched against the catalog's files."""
+    return os.path.realpath(os.path.expanduser(str(path)))
+
+
+def _addresses(host: str | None) -> frozenset[str]:
+    """The addresses a host name stands for (a socket path or an unresolvable name stands for itself)."""
+    import socket
+
+    if not host or host.startswith("/"):
+        return frozenset({host or "/"})
+    try:
+        return frozenset(info[4][0] for info in socket.getaddrinfo(host, None)) | {host}
+    except OSError:
+        return frozenset({host})
+
+
+@dataclass
+class CatalogTargets:
+    """What the catalog's sources hold: their databases (server and name) and files (real paths)."""
+    databases: list[tuple[frozenset[str], int, str, str]]  # (addresses, port, dbname, source)
+    files: dict[str, str]  # real path -> source
+
+    def database_owner(self, host: str | None, port: int, dbname: str) -> str | None:
+        addresses = _addresses(host)
+        return next((source for addrs, p, name, source in self.databases
+                     if p == port and name == dbname and addrs & addresses), None)
+
+    def file_owner(self, path: str | Path) -> str | None:
+        return self.files.get(real_path(path))
+
+
+def catalog_targets(catalog: Catalog) -> CatalogTargets:
+    databases, files = [], {}
+    for name, src in catalog.sources.items():
+        if src.engine == "postgres":
+            databases.append((_addresses(src.connection.host), src.connection.port, src.connection.dbname, name))
+        else:
+            files[real_path(catalog.resolve_path(src.path))] = name
+    return CatalogTargets(databases, files)
+
+
 def quiet(message: str, progress: bool = False) -> None:
     """The default reporter: says nothing. The CLI passes one that prints."""
 
@@ -745,14 +788,14 @@ def restore_sqlite(catalog: Catalog, backup: StoredBackup, *, target_file: str |
     if target_file is None:
         if src is None or src.engine != "sqlite":
             raise BackupError(f"source {m.source!r} is not a sqlite source in the catalog: name the target file")
-        target = catalog.resolve_path(src.path)
+        target = Path(real_path(catalog.resolve_path(src.path)))
     else:
-        target = Path(target_file).resolve()
+        target = Path(real_path(target_file))
     if not target.parent.is_dir():
         raise BackupError(f"target folder {target.parent} does not exist")
     repository_for(catalog).sweep()
     verify_before_restore(backup)
-    own = src is not None and src.engine == "sqlite" and catalog.resolve_path(src.path) == target
+    own = src is not None and src.engine == "sqlite" and real_path(catalog.resolve_path(src.path)) == real_path(target)
     around = _Hooks(catalog, backup, target=str(target), in_place=own, say=say)
     around.before()
     started = time.monotonic()

@@ -24,29 +24,37 @@ class RestoreConfig(dg.Config):
 
 
 def in_place_refusal(catalog: Catalog, manifest, config: RestoreConfig) -> str | None:
-    """Open-source Dagster's webserver has no login: unless the catalog opts in, a run of this job may not
-    replace a source's own database or file (the CLI may, after its confirmation)."""
+    """Open-source Dagster's webserver has no login, so the catalog decides what a run of this job may
+    destroy: unless it opts in, the job may not replace **any** catalog source's database (same server and
+    name) or file (compared by real path: a symlinked folder or `..` is the same file), nor restore without a
+    safety copy. The CLI may, after its confirmation."""
+    from ..core import roles
+    from ..core.restore import catalog_targets
+
+    if not config.safety_copy and not catalog.restore.allow_no_safety_copy_from_ui:
+        return (f"refusing safety_copy: false from the restore job: set restore.allow_no_safety_copy_from_ui: true in "
+                f"the catalog ({catalog.catalog_path or 'catalog'}) to allow it, or use `backup-assets restore "
+                "--no-safety-copy` on the command line")
     if catalog.restore.allow_in_place_from_ui:
         return None
-    from ..core import roles
-
     src = catalog.sources.get(manifest.source)
     if src is None or manifest.format == roles.FORMAT:  # roles are only added, never replaced
         return None
     if src.engine == "postgres":
-        in_place = (config.target_database or src.connection.dbname) == src.connection.dbname
-        what = f"database {src.connection.dbname}"
-        other = "target_database (another database)"
+        target = config.target_database or src.connection.dbname
+        owner = catalog_targets(catalog).database_owner(src.connection.host, src.connection.port, target)
+        what, other = f"database {target}", "target_database (a database no catalog source backs up)"
     else:
-        own = catalog.resolve_path(src.path)
-        in_place = config.target_file is None or Path(config.target_file).resolve() == own
-        what = f"file {own}"
-        other = "target_file (another file)"
-    if not in_place:
+        target = str(catalog.resolve_path(src.path)) if config.target_file is None else config.target_file
+        owner = catalog_targets(catalog).file_owner(target)
+        what, other = f"file {target}", "target_file (a file no catalog source backs up)"
+    if owner is None:
         return None
-    return (f"refusing to replace source {manifest.source}'s own {what} from the restore job: set "
-            f"restore.allow_in_place_from_ui: true in the catalog ({catalog.catalog_path or 'catalog'}) to allow it, "
-            f"restore into {other}, or use `backup-assets restore` on the command line")
+    whose = "its own" if owner == manifest.source else f"source {owner}'s"
+    return (f"refusing to replace {what}, {whose} {'database' if src.engine == 'postgres' else 'file'} in the "
+            f"catalog, from the restore job: set restore.allow_in_place_from_ui: true in the catalog "
+            f"({catalog.catalog_path or 'catalog'}) to allow it, restore into {other}, or use `backup-assets "
+            "restore` on the command line")
 
 
 def build_restore_job(catalog: Catalog) -> dg.JobDefinition:
