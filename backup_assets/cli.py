@@ -306,8 +306,28 @@ def cmd_runs_prune(args) -> int:
 
     from .defs.hygiene import prune_runs
 
-    report = prune_runs(_instance(), older_than_days=args.older_than_days, dry_run=not args.apply)
+    report = prune_runs(_instance(), older_than_days=args.older_than_days, dry_run=not args.apply,
+                        include_restores=args.include_restores)
     print(json.dumps({k: v for k, v in report.items() if k != "run_ids"}, indent=2))
+    return 0
+
+
+def cmd_restores(args) -> int:
+    """The restore log (<repository>/restores.jsonl), newest last."""
+    from .core import audit
+
+    catalog = _catalog(args)
+    entries = audit.read(catalog.repository_root)[-args.limit:] if args.limit else audit.read(catalog.repository_root)
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    print(f"{'WHEN':25} {'BY':28} {'EVENT':9} {'OUTCOME':8} {'SOURCE':12} {'TARGET':40} BACKUP")
+    for e in entries:
+        who = f"{e.get('user', '?')}@{e.get('host', '?')}" if e.get("via") == "cli" else f"run {str(e.get('run_id'))[:8]}"
+        print(f"{e.get('at', ''):25} {who[:28]:28} {e.get('event', ''):9} {e.get('outcome', '-'):8} "
+              f"{e.get('source', ''):12} {str(e.get('target', ''))[:40]:40} {e.get('artifact', '')}"
+              + (f"  tables: {', '.join(e['tables'])}" if e.get("tables") else "")
+              + (f"  error: {e['error']}" if e.get("error") else ""))
     return 0
 
 
@@ -625,7 +645,14 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(a dry run unless --apply)")
     r.add_argument("--older-than-days", type=int, default=90)
     r.add_argument("--apply", action="store_true")
+    r.add_argument("--include-restores", action="store_true",
+                   help="delete old restore runs too (kept by default; restores.jsonl keeps their record either way)")
     r.set_defaults(func=cmd_runs_prune)
+
+    p = sub.add_parser("restores", help="the restore log: every restore, who started it, from where, and how it ended")
+    p.add_argument("--limit", type=int, default=50, help="the newest N entries (0: all)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_restores)
 
     p = sub.add_parser("rekey", help="re-encrypt existing backups to new recipients (local and S3; a dry run "
                                      "unless --apply)")

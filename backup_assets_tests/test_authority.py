@@ -8,6 +8,7 @@ symlinked path as in place too, so its hooks run.
 
 from __future__ import annotations
 
+import datetime as dt
 import sqlite3
 
 import dagster as dg
@@ -91,3 +92,40 @@ def test_the_cli_sees_a_restore_through_a_symlinked_path_as_in_place(write_catal
                  "--target-file", str(real / "a.db"), "--confirm"]) == 0
     assert marker.exists()  # in place: the hook that stops the application ran
     assert (tmp_path / "link").is_symlink() and _rows(tmp_path / "link" / "a.db") == 3
+
+
+def test_every_restore_is_in_the_restore_log_and_run_pruning_keeps_restore_runs(write_catalog, tmp_path, capsys):
+    import json
+    import socket
+
+    from backup_assets.defs.hygiene import prune_runs
+
+    _store(tmp_path / "a.db", 3)
+    catalog = write_catalog({"a": {"engine": "sqlite", "path": str(tmp_path / "a.db"), "tables": ["t"]}})
+    run_backup(catalog, "a", "full", "daily", P)
+    assert main(["--catalog", catalog.catalog_path, "restore", "--source", "a", "--group", "full", "--confirm"]) == 0
+    instance = dg.DagsterInstance.ephemeral()
+    job = build_definitions(catalog).resolve_job_def("restore")
+    for config in ({"source": "a", "group": "full", "target_file": str(tmp_path / "copy.db"), "confirm": True},
+                   {"source": "a", "group": "full", "confirm": True}):  # the second: its own file, refused
+        job.execute_in_process(run_config={"ops": {"restore_backup": {"config": config}}}, instance=instance,
+                               raise_on_error=False)
+    capsys.readouterr()
+    assert main(["--catalog", catalog.catalog_path, "restores", "--json"]) == 0
+    log = json.loads(capsys.readouterr().out)
+    assert [(e["via"], e["event"], e.get("outcome")) for e in log] == [
+        ("cli", "started", None), ("cli", "finished", "ok"),
+        ("dagster", "started", None), ("dagster", "finished", "ok"), ("dagster", "refused", "refused")]
+    assert log[0]["host"] == socket.gethostname() and log[0]["target"] == f"file {tmp_path / 'a.db'}"
+    assert log[1]["safety_copy_kept"].startswith(str(tmp_path / "a.db.before-restore-"))
+    runs = {r.run_id for r in instance.get_runs()}
+    assert {e["run_id"] for e in log if e["via"] == "dagster"} == runs
+    # pruning everything (older than 0 days) keeps the restore runs unless asked
+    tomorrow = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)
+    report = prune_runs(instance, older_than_days=0, dry_run=False, now=tomorrow)
+    assert report["deleted"] == 0 and report["kept_restore_runs"] == 2
+    assert {r.run_id for r in instance.get_runs()} == runs
+    report = prune_runs(instance, older_than_days=0, dry_run=False, include_restores=True, now=tomorrow)
+    assert report["deleted"] == 2 and not instance.get_runs()
+    assert main(["--catalog", catalog.catalog_path, "restores"]) == 0
+    assert "refused" in capsys.readouterr().out  # the log outlives the runs

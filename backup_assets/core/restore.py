@@ -27,7 +27,7 @@ import zstandard
 from psycopg import sql
 
 from ..catalog import Catalog
-from . import BackupError, archive_scan, crypto, failpoints, hooks, roles
+from . import BackupError, archive_scan, audit, crypto, failpoints, hooks, roles
 from .schema_compare import database_properties
 from .artifact import decompress_to, human_size, open_decompressed, partial_path
 from .backup import endpoint_for, repository_for
@@ -308,7 +308,9 @@ def restore_plan(catalog: Catalog, backup: StoredBackup, *, target_db: str | Non
 
 def restore_postgres(catalog: Catalog, backup: StoredBackup, *, target_db: str | None = None,
                      tables: list[str] | None = None, jobs: int | None = None, safety_copy: bool = True,
-                     terminate_connections: bool = False, create_roles: bool = True, say=quiet) -> RestoreResult:
+                     terminate_connections: bool = False, create_roles: bool = True, say=quiet,
+                     origin: dict | None = None) -> RestoreResult:
+    """`origin`: who restores, for the restore log (default: this process's user and host, as the CLI)."""
     m = backup.manifest
     if m.engine != "postgres":
         raise BackupError(f"{backup.artifact_path.name} is a {m.engine} backup, not a PostgreSQL one")
@@ -333,6 +335,40 @@ def restore_postgres(catalog: Catalog, backup: StoredBackup, *, target_db: str |
     repository_for(catalog).sweep()
     verify_before_restore(backup)
     ep = endpoint_for(catalog, m.source, target)
+    return _audited(catalog, backup, origin, say=say, target=f"database {target} on {ep.host}:{ep.port}",
+                    tables=[str(t) for t in wanted], safety_copy=safety_copy,
+                    action=lambda: _restore_postgres(catalog, backup, ep, src, target, wanted, jobs=jobs,
+                                                     safety_copy=safety_copy, terminate=terminate_connections,
+                                                     create_roles=create_roles, say=say))
+
+
+def _audited(catalog: Catalog, backup: StoredBackup, origin: dict | None, *, say, target: str, tables: list[str],
+             safety_copy: bool, action) -> RestoreResult:
+    """Run a restore between its two lines in the restore log: nothing is touched unless its start is recorded."""
+    m = backup.manifest
+    log = audit.RestoreAudit(repository_for(catalog).root, origin, source=m.source, group=m.group, tier=m.tier,
+                             partition=m.partition, artifact=m.artifact, target=target, tables=tables,
+                             safety_copy=safety_copy)
+    log.start()
+    try:
+        result = action()
+    except BaseException as exc:
+        warning = log.end(outcome="failed", error=str(exc) or type(exc).__name__)
+        if warning:
+            say(warning)
+        raise
+    problem = "; ".join(result.problems) or result.hook_problem
+    warning = log.end(outcome="failed" if problem else "ok", error=problem or None,
+                      safety_copy_kept=result.safety_copy, duration_s=result.duration_s)
+    if warning:
+        say(warning)
+    return result
+
+
+def _restore_postgres(catalog: Catalog, backup: StoredBackup, ep: postgres.Endpoint, src, target: str,
+                      wanted: list[TableName], *, jobs: int | None, safety_copy: bool, terminate: bool,
+                      create_roles: bool, say) -> RestoreResult:
+    m = backup.manifest
     started = time.monotonic()
     if m.format == roles.FORMAT:
         return _restore_roles(catalog, backup, ep, say=say, started=started)
@@ -350,7 +386,7 @@ def restore_postgres(catalog: Catalog, backup: StoredBackup, *, target_db: str |
                     result = _restore_tables(catalog, backup, ep, wanted, safety_copy=safety_copy, say=say)
                 else:
                     result = _restore_whole(catalog, backup, admin, ep, target, jobs=jobs, safety_copy=safety_copy,
-                                            terminate=terminate_connections, create_roles=create_roles, say=say)
+                                            terminate=terminate, create_roles=create_roles, say=say)
             except psycopg.Error as exc:
                 detail = ep.scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
                 raise BackupError(f"restore of {backup.artifact_path.name} into {target} failed: {detail}") from None
@@ -780,7 +816,7 @@ def _decompress(catalog: Catalog, backup: StoredBackup, dest: Path, say) -> None
 
 
 def restore_sqlite(catalog: Catalog, backup: StoredBackup, *, target_file: str | None = None,
-                   safety_copy: bool = True, say=quiet) -> RestoreResult:
+                   safety_copy: bool = True, say=quiet, origin: dict | None = None) -> RestoreResult:
     m = backup.manifest
     if m.engine != "sqlite":
         raise BackupError(f"{backup.artifact_path.name} is a {m.engine} backup and cannot be restored onto a SQLite file")
@@ -796,15 +832,20 @@ def restore_sqlite(catalog: Catalog, backup: StoredBackup, *, target_file: str |
     repository_for(catalog).sweep()
     verify_before_restore(backup)
     own = src is not None and src.engine == "sqlite" and real_path(catalog.resolve_path(src.path)) == real_path(target)
-    around = _Hooks(catalog, backup, target=str(target), in_place=own, say=say)
-    around.before()
-    started = time.monotonic()
-    try:
-        result = _restore_sqlite_file(catalog, backup, target, safety_copy=safety_copy, say=say)
-    except BackupError as exc:
-        raise around.after_failure(exc) from None
-    result.duration_s = round(time.monotonic() - started, 3)
-    return around.after(result)
+
+    def run() -> RestoreResult:
+        around = _Hooks(catalog, backup, target=str(target), in_place=own, say=say)
+        around.before()
+        started = time.monotonic()
+        try:
+            result = _restore_sqlite_file(catalog, backup, target, safety_copy=safety_copy, say=say)
+        except BackupError as exc:
+            raise around.after_failure(exc) from None
+        result.duration_s = round(time.monotonic() - started, 3)
+        return around.after(result)
+
+    return _audited(catalog, backup, origin, say=say, target=f"file {target}", tables=[], safety_copy=safety_copy,
+                    action=run)
 
 
 def _restore_sqlite_file(catalog: Catalog, backup: StoredBackup, target: Path, *, safety_copy: bool,

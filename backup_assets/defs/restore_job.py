@@ -60,7 +60,7 @@ def in_place_refusal(catalog: Catalog, manifest, config: RestoreConfig) -> str |
 def build_restore_job(catalog: Catalog) -> dg.JobDefinition:
     @dg.op(name="restore_backup", tags={"backup_assets/kind": "restore"})
     def restore_backup(context: OpExecutionContext, config: RestoreConfig) -> dg.Output:
-        from ..core import BackupError
+        from ..core import BackupError, audit
         from ..core.restore import choose_backup, restore_plan, restore_postgres, restore_sqlite
 
         def say(message: str, progress: bool = False) -> None:
@@ -74,6 +74,15 @@ def build_restore_job(catalog: Catalog) -> dg.JobDefinition:
                                 target_file=config.target_file, safety_copy=config.safety_copy)
             refusal = in_place_refusal(catalog, backup.manifest, config)
             if refusal:
+                m = backup.manifest
+                try:  # an attempt the catalog refused is part of the record too
+                    audit.record(catalog.repository_root, {
+                        **audit.run_origin(context.run_id), "source": m.source, "group": m.group, "tier": m.tier,
+                        "partition": m.partition, "artifact": m.artifact, "event": "refused", "outcome": "refused",
+                        "target": config.target_database or config.target_file or "(the source's own)",
+                        "tables": config.tables, "safety_copy": config.safety_copy, "error": refusal})
+                except BackupError as exc:
+                    context.log.warning(str(exc))
                 raise dg.Failure(description=refusal)
             if not config.confirm:
                 raise dg.Failure(description=f"refusing without confirm: true. This run would {plan}.")
@@ -83,12 +92,13 @@ def build_restore_job(catalog: Catalog) -> dg.JobDefinition:
                     raise BackupError("target_file is for SQLite sources")
                 result = restore_postgres(catalog, backup, target_db=config.target_database, tables=config.tables or None,
                                           jobs=config.jobs, safety_copy=config.safety_copy,
-                                          terminate_connections=config.terminate_connections, say=say)
+                                          terminate_connections=config.terminate_connections, say=say,
+                                          origin=audit.run_origin(context.run_id))
             else:
                 if config.target_database or config.tables:
                     raise BackupError("target_database and tables are for PostgreSQL sources")
                 result = restore_sqlite(catalog, backup, target_file=config.target_file,
-                                        safety_copy=config.safety_copy, say=say)
+                                        safety_copy=config.safety_copy, say=say, origin=audit.run_origin(context.run_id))
         except BackupError as exc:
             raise dg.Failure(description=str(exc)) from None
         metadata = {
