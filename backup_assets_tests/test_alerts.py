@@ -187,3 +187,31 @@ def test_catalog_rejects_inline_alert_secrets(tmp_path):
     with pytest.raises(CatalogError, match=r"alerts\.email: 'password' is not allowed"):
         parse_catalog({"repository": {"root": "/x"}, "sources": {"m": {"engine": "sqlite", "path": "/m.db"}},
                        "alerts": {"email": {"host": "h", "sender": "a@b", "recipients": ["c@d"], "password": "pw"}}})
+
+
+def test_a_failed_restore_run_alerts_naming_source_target_and_error_once_per_target(miyabi_db, write_catalog,
+                                                                                   smtp_sink, http_sink):
+    from backup_assets.core.backup import run_backup
+
+    catalog = write_catalog({"miyabi": {"engine": "sqlite", "path": str(miyabi_db)}},
+                            alerts=alert_config(smtp_sink, http_sink))
+    run_backup(catalog, "miyabi", "full", "daily", "2026-11-20")
+    defs = build_definitions(catalog)
+    job, sensor = defs.resolve_job_def("restore"), defs.resolve_sensor_def("run_failure_alerts")
+
+    def refused(config: dict) -> None:
+        with dg.instance_for_test() as instance:
+            result = job.execute_in_process(run_config={"ops": {"restore_backup": {"config": config}}},
+                                            instance=instance, raise_on_error=False)
+            assert not result.success
+            sensor(_failure_context(instance, result.run_id))
+
+    refused({"source": "miyabi", "group": "full", "confirm": True})  # its own file: refused by the catalog
+    refused({"source": "miyabi", "group": "full", "target_file": str(miyabi_db.parent / "copy.db")})  # no confirm
+    refused({"source": "miyabi", "group": "full", "confirm": True})  # the same refusal again: within the window
+    hooks = [json.loads(r["body"]) for r in http_sink.requests if r["path"] == "/hooks/backup"]
+    assert len(hooks) == 2, hooks
+    assert hooks[0]["source"] == "miyabi" and "miyabi's own database or file" in hooks[0]["title"]
+    assert "refusing to replace file" in hooks[0]["error"]
+    assert f"restore into {miyabi_db.parent / 'copy.db'} failed" in hooks[1]["title"]
+    assert "refusing without confirm: true" in hooks[1]["error"]

@@ -69,6 +69,21 @@ def run_partition(tags) -> str | None:
     return None
 
 
+def restore_alert(run, step_failures, run_message: str | None, url: str) -> Alert:
+    """A failed restore run, named: its source, group, partition and target, the step's own error, and one
+    alert per source and target (not one for every restore run)."""
+    config = ((run.run_config or {}).get("ops", {}).get("restore_backup", {}) or {}).get("config", {}) or {}
+    source = config.get("source")
+    target = config.get("target_database") or config.get("target_file") or f"{source}'s own database or file"
+    errors = [root_cause(e.event_specific_data.error) for e in step_failures
+              if e.event_specific_data is not None and e.event_specific_data.error is not None]
+    tables = f" (tables {', '.join(config['tables'])})" if config.get("tables") else ""
+    return Alert(what=f"restore into {target}{tables} failed", error=(errors[0] if errors else run_message or
+                                                                     "run failed")[:2000],
+                 source=source, group=config.get("group"), tier=config.get("tier"), partition=config.get("partition"),
+                 run_url=url, cause=f"restore:{target}", asset=f"restore:{source}")
+
+
 def run_url(catalog: Catalog, run_id: str) -> str:
     return f"{catalog.alerts.dagster_url.rstrip('/')}/runs/{run_id}"
 
@@ -119,6 +134,10 @@ def build_sensors(catalog: Catalog) -> list:
             error = context.failure_event.message or "run failed"
             for key in run.asset_selection or []:
                 failed_keys[key] = error
+        if not failed_keys and run.job_name == "restore":
+            _notify(context, notifier, restore_alert(run, context.get_step_failure_events(),
+                                                     context.failure_event.message, url))
+            return
         if not failed_keys:
             _notify(context, notifier, Alert(what=f"job {run.job_name} failed", partition=partition, run_url=url,
                                              error=context.failure_event.message or "run failed",
