@@ -261,3 +261,58 @@ def test_base_backups_and_wal_on_s3_are_pruned_there_and_restore_when_the_local_
     assert restored_ids(cluster, catalog_path, tmp_path, ["--latest", "--from", "s3"], capsys) == \
         {i for i, _ in commits(cluster)}
     assert [b["artifact"] for b in pitr.base_backups(catalog, "app")] == [bases[1]["artifact"]]
+
+
+@pytest.mark.pitr(incremental=False)
+def test_restore_to_an_lsn_starts_from_the_base_backup_before_it(archiving, tmp_path, capsys):
+    """An LSN between two base backups restores from the older one (it used to start from the newest and fail
+    after building the data directory); an LSN before the oldest is refused before anything is built."""
+    cluster, catalog_path, _ = archiving
+    catalog = load_catalog(catalog_path)
+    with cluster.connect() as conn:
+        early = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+    write_rows(cluster, 5, "before the first base backup", pause=0)
+    first = pitr.base_backup(catalog, "app")
+    write_rows(cluster, 10, "between", pause=0)
+    with cluster.connect() as conn:
+        between = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+        ids_then = {r[0] for r in conn.execute('SELECT id FROM "Stamped rows"')}
+    write_rows(cluster, 10, "after", pause=0)
+    second = pitr.base_backup(catalog, "app")
+    write_rows(cluster, 3, "after the second", pause=0)
+    archive_now(cluster)
+    assert first["end_lsn"] and pitr.lsn_value(first["end_lsn"]) <= pitr.lsn_value(between) < pitr.lsn_value(
+        second["end_lsn"])
+    bases = pitr.base_backups(catalog, "app")
+    chosen = pitr.pick_base(bases, "app", None, to_lsn=str(between),
+                            end_lsn=lambda b: pitr.base_end_lsn(catalog, "app", b))
+    assert chosen["artifact"] == first["artifact"]
+    assert restored_ids(cluster, catalog_path, tmp_path, ["--to-lsn", str(between)], capsys) == ids_then
+    # before the oldest base backup is consistent: refused, nothing built
+    pgdata = tmp_path / "never"
+    user = ["--run-as", SERVER_USER] if os.geteuid() == 0 else []
+    assert cli(catalog_path, "restore", "--source", "app", "--to-lsn", str(early), "--pgdata", str(pgdata),
+               "--port", str(free_port()), "--confirm", *user) == 1
+    err = capsys.readouterr().err
+    assert f"WAL location {early} is before every base backup of app is consistent" in err, err
+    assert not pgdata.exists()
+    # a base backup described before the end LSN was kept there: read from its stored backup_manifest
+    assert pitr.base_end_lsn(catalog, "app", {k: v for k, v in first.items() if k != "end_lsn"}) == \
+        pitr.lsn_value(first["end_lsn"])
+
+
+@pytest.mark.pitr(incremental=False)
+def test_a_failed_point_in_time_restore_removes_what_it_built(archiving, tmp_path, capsys, monkeypatch):
+    cluster, catalog_path, _ = archiving
+    catalog = load_catalog(catalog_path)
+    write_rows(cluster, 3, "row", pause=0)
+    pitr.base_backup(catalog, "app")
+    monkeypatch.setattr(pitr, "_wait_recovered", lambda *a, **k: (_ for _ in ()).throw(
+        pitr.BackupError("recovery did not finish within 1s")))
+    pgdata = tmp_path / "built"
+    pgdata.mkdir()
+    with pytest.raises(pitr.BackupError, match=f"recovery did not finish within 1s; what the restore built in {pgdata} "
+                                               "was removed"):
+        pitr.restore_to_time(catalog, "app", str(pgdata), port=free_port(),
+                             run_as=SERVER_USER if os.geteuid() == 0 else None)
+    assert pgdata.is_dir() and not any(pgdata.iterdir())  # the folder it was given, empty again

@@ -168,6 +168,7 @@ def _take(catalog: Catalog, source: str, ep, facts: dict, folder: Path, parent: 
         "kind": "incremental" if parent else "full", "parent": parent["artifact"] if parent else None,
         "full": parent.get("full", parent["artifact"]) if parent else final.name, "partition": partition,
         "start_wal": LABEL_WAL.search(label).group(1), "timeline": int(LABEL_TLI.search(label).group(1)),
+        "end_lsn": _manifest_end_lsn(manifest),
         "manifest": {"artifact": man.path.name, "sha256": man.sha256, "size_bytes": man.size_bytes,
                      "raw_size_bytes": man.raw_size_bytes},
         "server_version": facts["version"], "server_major": facts["major"],
@@ -269,9 +270,56 @@ def chain_of(bases: list[dict], base: dict) -> list[dict]:
     return chain
 
 
-def pick_base(bases: list[dict], source: str, to_time: dt.datetime | None) -> dict:
+def lsn_value(text: str) -> int:
+    """A WAL location ('16/B374D848') as a number; BackupError naming it when it is not one."""
+    match = re.fullmatch(r"\s*([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})\s*", text or "")
+    if not match:
+        raise BackupError(f"{text!r} is not a WAL location (like 0/3000028)")
+    return (int(match.group(1), 16) << 32) | int(match.group(2), 16)
+
+
+def _manifest_end_lsn(manifest: bytes) -> str | None:
+    """Where a base backup is consistent: the end of its WAL range in pg_basebackup's backup_manifest."""
+    try:
+        ranges = json.loads(manifest).get("WAL-Ranges") or []
+        return ranges[-1]["End-LSN"] if ranges else None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def base_end_lsn(catalog: Catalog, source: str, base: dict) -> int | None:
+    """The base backup's end LSN: from its description, or (described before it was kept there) from its
+    stored backup_manifest."""
+    if base.get("end_lsn"):
+        return lsn_value(base["end_lsn"])
+    try:
+        with tempfile.TemporaryDirectory(prefix="backup-assets-lsn-") as tmp:
+            path = Path(tmp) / "backup_manifest"
+            decompress_to(base_dir(catalog, source) / base["manifest"]["artifact"], path,
+                          expected_size=base["manifest"]["raw_size_bytes"],
+                          identities=identities_for_record(catalog, source, base, what=base["manifest"]["artifact"]))
+            end = _manifest_end_lsn(path.read_bytes())
+    except (BackupError, OSError, KeyError):
+        return None
+    return lsn_value(end) if end else None
+
+
+def pick_base(bases: list[dict], source: str, to_time: dt.datetime | None, *, to_lsn: str | None = None,
+              end_lsn=None) -> dict:
+    """The base backup a restore starts from: the newest that is consistent before the target (ended before
+    the time; its end LSN at or before the LSN; `end_lsn(base)` tells it), the newest for the latest."""
     if not bases:
         raise BackupError(f"no base backup of {source} (backup-assets basebackup --source {source})")
+    if to_lsn is not None:
+        target = lsn_value(to_lsn)
+        ends = [(b, end_lsn(b)) for b in bases]
+        usable = [b for b, end in ends if end is not None and end <= target]
+        if not usable:
+            known = [(b, e) for b, e in ends if e is not None]
+            oldest = f" (the oldest, {known[0][0]['artifact']}, is consistent from {_lsn_text(known[0][1])})" if known else ""
+            raise BackupError(f"WAL location {to_lsn} is before every base backup of {source} is consistent{oldest}: "
+                              "no restore to it is possible; nothing was changed")
+        return usable[-1]
     if to_time is None:
         return bases[-1]
     usable = [b for b in bases if dt.datetime.fromisoformat(b["finished_at"]) <= to_time]
@@ -279,6 +327,10 @@ def pick_base(bases: list[dict], source: str, to_time: dt.datetime | None) -> di
         raise BackupError(f"{to_time.isoformat()} is before the oldest base backup of {source} ended "
                           f"({bases[0]['finished_at']}): no restore to that time is possible; nothing was changed")
     return usable[-1]
+
+
+def _lsn_text(value: int) -> str:
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
 
 
 def _unpack(catalog: Catalog, source: str, meta: dict, dest: Path) -> None:
@@ -351,11 +403,40 @@ def restore_to_time(catalog: Catalog, source: str, pgdata: str, *, to_time: dt.d
     """Build a new data directory from the base backup(s) and the WAL archive, recover it to the target and
     leave it running on `port` (local_trust: the drill's scratch copy lets local socket connections in)."""
     bases = base_backups(catalog, source)
-    base = pick_base(bases, source, to_time)
+    base = pick_base(bases, source, to_time, to_lsn=to_lsn, end_lsn=lambda b: base_end_lsn(catalog, source, b))
     chain = chain_of(bases, base)
     target_dir = Path(pgdata).resolve()
     if target_dir.exists() and any(target_dir.iterdir()):
         raise BackupError(f"{target_dir} is not empty: restore into a new data directory; nothing was changed")
+    existed = target_dir.exists()
+    try:
+        return _recover(catalog, source, base, chain, target_dir, to_time=to_time, to_lsn=to_lsn, port=port,
+                        run_as=run_as, say=say, timeout_s=timeout_s, local_trust=local_trust)
+    except BaseException as exc:
+        # what this restore built is of no use: the server (if it started) stopped, the folder emptied
+        _discard(target_dir, keep_folder=existed)
+        if isinstance(exc, BackupError):
+            raise BackupError(f"{exc}; what the restore built in {target_dir} was removed") from None
+        raise
+
+
+def _discard(target_dir: Path, *, keep_folder: bool) -> None:
+    if (target_dir / "postmaster.pid").exists():
+        for bin_dir in {p.parent for p, _m in postgres.installed_tools("pg_ctl")}:
+            owner = target_dir.stat().st_uid
+            subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(target_dir), "-m", "immediate", "-w", "stop"],
+                           capture_output=True, env=_server_env(), user=owner if os.geteuid() == 0 else None)
+            if not (target_dir / "postmaster.pid").exists():
+                break
+    if keep_folder:
+        for child in list(target_dir.iterdir()) if target_dir.exists() else []:
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(target_dir, ignore_errors=True)
+
+
+def _recover(catalog: Catalog, source: str, base: dict, chain: list[dict], target_dir: Path, *,
+             to_time, to_lsn, port: int, run_as, say, timeout_s: float, local_trust: bool) -> Recovered:
     user = None
     if os.geteuid() == 0:
         if not run_as:
