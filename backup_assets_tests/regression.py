@@ -104,6 +104,18 @@ def load(cluster, dbname: str) -> None:
     """Create the suite's roles on `cluster` and restore the cached regression database as `dbname`."""
     from psycopg import sql
 
+    load_roles(cluster)
+    with cluster.connect() as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(dbname)))
+    env = {**os.environ, "PGPASSWORD": cluster.password}
+    subprocess.run([str(cluster.bin_dir / "pg_restore"), "--exit-on-error", "--no-password", f"--host={cluster.host}",
+                    f"--port={cluster.port}", f"--username={cluster.superuser}", f"--dbname={dbname}", "--jobs=1",
+                    str(DUMP)], env=env, check=True, capture_output=True)
+
+
+def load_roles(cluster) -> None:
+    """The suite's roles and memberships on `cluster` (existing roles are left as they are)."""
     with cluster.connect() as conn:
         for line in ROLES.read_text().splitlines():
             if line.startswith("CREATE ROLE "):
@@ -118,12 +130,6 @@ def load(cluster, dbname: str) -> None:
                     conn.execute(line)
                 except Exception:  # a membership already there
                     pass
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(dbname)))
-    env = {**os.environ, "PGPASSWORD": cluster.password}
-    subprocess.run([str(cluster.bin_dir / "pg_restore"), "--exit-on-error", "--no-password", f"--host={cluster.host}",
-                    f"--port={cluster.port}", f"--username={cluster.superuser}", f"--dbname={dbname}", "--jobs=1",
-                    str(DUMP)], env=env, check=True, capture_output=True)
 
 
 if __name__ == "__main__":
