@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 from .catalog import TIER_NAMES, CatalogError, catalog_from_env, load_catalog
@@ -244,13 +245,25 @@ def cmd_restore(args) -> int:
         catalog.sources[m.source].connection.dbname if m.engine == "postgres" else str(catalog.resolve_path(catalog.sources[m.source].path)))
     _confirm(args, plan, target)
     say(f"restoring {backup.artifact_path}")
-    if m.engine == "postgres":
-        result = restore_postgres(catalog, backup, target_db=args.target_db, tables=tables or None, jobs=args.jobs,
-                                  safety_copy=not args.no_safety_copy,
-                                  terminate_connections=args.terminate_connections,
-                                  create_roles=not args.no_create_roles, say=say)
-    else:
-        result = restore_sqlite(catalog, backup, target_file=args.target_file, safety_copy=not args.no_safety_copy, say=say)
+    from .core.alerts import Alert
+
+    failed_alert = Alert(what=f"restore into {target}{' (tables ' + ', '.join(tables) + ')' if tables else ''} failed",
+                         error="", source=m.source, group=m.group, tier=m.tier, partition=m.partition,
+                         asset=f"restore:{m.source}", cause=f"restore:{target}")
+    try:
+        if m.engine == "postgres":
+            result = restore_postgres(catalog, backup, target_db=args.target_db, tables=tables or None, jobs=args.jobs,
+                                      safety_copy=not args.no_safety_copy,
+                                      terminate_connections=args.terminate_connections,
+                                      create_roles=not args.no_create_roles, say=say)
+        else:
+            result = restore_sqlite(catalog, backup, target_file=args.target_file,
+                                    safety_copy=not args.no_safety_copy, say=say)
+    except BackupError as exc:
+        _alert(catalog, replace(failed_alert, error=str(exc)))
+        raise
+    if result.problems or result.hook_problem:
+        _alert(catalog, replace(failed_alert, error="; ".join(result.problems) or result.hook_problem))
     print(result.table())
     print(f"restored {result.artifact} into {result.target} in {result.duration_s:.1f}s"
           + (f"; the previous data is kept as {result.safety_copy}" if result.safety_copy else ""))
@@ -389,7 +402,31 @@ def cmd_backup(args) -> int:
                 errors = [root_cause(e.event_specific_data.error) for e in result.all_events
                           if e.is_step_failure and e.event_specific_data and e.event_specific_data.error]
                 print(f"{source}/{group}/{tier} {partition}: FAILED {scrub(errors[0]) if errors else ''}", file=sys.stderr)
+                # a run in this process has no code location: no daemon's sensor will see it, so alert from here
+                # (the same dedupe key as the sensor's, so a sensor that does see it adds nothing)
+                from .core.alerts import Alert
+
+                _alert(catalog, Alert(what=f"run of {args.tier}_backups failed", error=errors[0] if errors else
+                                      "the backup run failed", source=source, group=group, tier=tier,
+                                      partition=partition, asset=backup_key(source, group, tier).to_user_string(),
+                                      cause="run-failure"))
     return 1 if failed else 0
+
+
+def _alert(catalog, alert) -> None:
+    """Send an alert from the command line through the catalog's channels; say where it went (or why not)."""
+    from .core.alerts import Notifier
+
+    notifier = Notifier.for_catalog(catalog)
+    if not notifier.channels:
+        return
+    try:
+        reached = notifier.send(alert)
+    except BackupError as exc:
+        print(f"alert not sent: {exc}", file=sys.stderr)
+        return
+    print(f"alert sent to {', '.join(reached)}" if reached else "alert already sent within the alert window",
+          file=sys.stderr)
 
 
 def cmd_doctor(args) -> int:

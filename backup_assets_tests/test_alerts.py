@@ -215,3 +215,43 @@ def test_a_failed_restore_run_alerts_naming_source_target_and_error_once_per_tar
     assert "refusing to replace file" in hooks[0]["error"]
     assert f"restore into {miyabi_db.parent / 'copy.db'} failed" in hooks[1]["title"]
     assert "refusing without confirm: true" in hooks[1]["error"]
+
+
+def test_failed_cli_backups_and_restores_alert_even_when_the_alert_memory_cannot_be_written(
+        pg18, myloware_db, write_catalog, smtp_sink, http_sink, tmp_path, monkeypatch, capsys):
+    """A backup run by `backup-assets backup` runs in its process: no daemon's sensor sees it, so the CLI alerts
+    itself; a full volume where the alert memory lives must not stop the next alerts."""
+    import errno
+
+    from backup_assets.cli import main
+    from backup_assets.core import alerts as alerts_module
+    from backup_assets.demo.cluster import free_port
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    (tmp_path / "dagster_home").mkdir()
+
+    def disk_full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(alerts_module, "write_json_atomic", disk_full)
+    source = pg_source(pg18, myloware_db, groups={"core": {"tables": ["runs"]}, "kb": {"tables": ["kb_documents"]}},
+                       globals=False)
+    source["connection"]["port"] = free_port()  # nobody listens: every backup fails
+    catalog = write_catalog({"myloware": source}, alerts=alert_config(smtp_sink, http_sink))
+    assert main(["--catalog", catalog.catalog_path, "backup", "--tier", "daily", "--partition", "2026-11-20"]) == 1
+    hooks = [json.loads(r["body"]) for r in http_sink.requests if r["path"] == "/hooks/backup"]
+    assert sorted((h["source"], h["group"], h["partition"]) for h in hooks) == [
+        ("myloware", "core", "2026-11-20"), ("myloware", "kb", "2026-11-20")], hooks
+    assert all("Connection refused" in h["error"] for h in hooks), hooks
+    assert "alert sent to" in capsys.readouterr().err
+    # a CLI restore that fails alerts too, naming its target
+    good = write_catalog({"myloware": pg_source(pg18, myloware_db, groups={"core": {"tables": ["runs"]}})},
+                         alerts=alert_config(smtp_sink, http_sink))
+    from backup_assets.core.backup import run_backup
+
+    run_backup(good, "myloware", "core", "daily", "2026-11-20")
+    assert main(["--catalog", good.catalog_path, "restore", "--source", "myloware", "--group", "core", "--tables",
+                 "runs", "--target-db", "no_such_database_here", "--confirm"]) == 1
+    hooks = [json.loads(r["body"]) for r in http_sink.requests if r["path"] == "/hooks/backup"]
+    assert "restore into no_such_database_here (tables runs) failed" in hooks[-1]["title"]
+    assert "does not exist" in hooks[-1]["error"]

@@ -122,7 +122,10 @@ class Notifier:
             except Exception as exc:  # one broken channel must not silence the others
                 failures.append(f"{name}: {scrub(str(exc), *secrets)}")
         if reached:
-            self._remember(alert, now)
+            try:  # a full volume must not stop the next alerts: the memory is a courtesy, delivery is the point
+                self._remember(alert, now)
+            except (OSError, BackupError):
+                pass
         if failures and not reached:
             raise BackupError("no alert channel reached: " + "; ".join(failures))
         return reached
