@@ -43,6 +43,7 @@ def record(root: Path, entry: dict) -> None:
     line = json.dumps({"at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **entry},
                       sort_keys=True, default=str) + "\n"
     try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a host restoring from S3 may have no repository yet
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             os.write(fd, line.encode())
