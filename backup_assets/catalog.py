@@ -240,7 +240,7 @@ class RestoreSettings(_Model):
 
 
 class Pitr(_Model):
-    """The physical tier of a PostgreSQL server (issue 14): base backups as a daily asset, the WAL archive
+    """The physical tier of a PostgreSQL server: base backups as a daily asset, the WAL archive
     (`wal-push`) between them, restore to any time in the window. One source per server enables it: a base
     backup and the WAL are the whole cluster's."""
     # a full base backup when the newest full one is this old; incremental ones in between where the server

@@ -1,6 +1,6 @@
 """A fleet catalog: N PostgreSQL sources × 3 table groups × 3 tiers, replicated to S3.
 
-What a platform team with tens to hundreds of databases writes (issue 12). Used by `make bench`
+What a platform team with tens to hundreds of databases writes. Used by `make bench`
 to time loading the definitions, and by the tests to prove such a catalog loads.
 
     python -m bench.fleet --sources 100 > fleet.yaml

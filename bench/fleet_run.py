@@ -1,4 +1,4 @@
-"""The fleet run (issue 12): 30 databases over 3 throwaway PostgreSQL servers, one daily partition of all of
+"""The fleet run: 30 databases over 3 throwaway PostgreSQL servers, one daily partition of all of
 them in one daemon-launched `daily_backups` run (queued run coordinator, one step per server, each server's
 pool keeping it to one dump at a time), against the slowest server's serial raw dump time
 (`pg_dump -Fc -Z0 | zstd -T2 -3` of its databases one after the other). Goal: wall <= 1.25x. Also timed:

@@ -1,4 +1,4 @@
-"""Point-in-time recovery under a steady writer (issue 14): a PostgreSQL 18 server archiving through
+"""Point-in-time recovery under a steady writer: a PostgreSQL 18 server archiving through
 `backup-assets wal-push` while pgbench writes, twice: with fsynced commits and as a heavy writer
 (synchronous_commit off, more clients). Prints, per load,
   - the WAL generation rate of the pgbench load and the throughput of wal-push (ratio, goal >= 5),

@@ -244,7 +244,7 @@ def bench_encryption(c: LocalCluster, cat: Path, artifact: Path, res: dict) -> d
 
 
 def bench_cli_with_checks(c: LocalCluster, cat: Path, artifact: Path, res: dict) -> dict:
-    """`backup-assets backup` of one partition with every blocking check (issue 12), drill off
+    """`backup-assets backup` of one partition with every blocking check, drill off
     against (b) `pg_dump | zstd -T2 -3`, drill on against the runbook's whole pipeline: (b), then
     `zstd -d`, `pg_restore -j2` (d) and a row count of every table."""
     from backup_assets.catalog import AUTO_STREAM_CPUS, load_catalog
@@ -297,7 +297,7 @@ def bench_daemon_run(c: LocalCluster, work: Path) -> dict:
     """One partition of `daily_backups` for a demo-sized catalog (MyloWare PostgreSQL with full,
     core and kb, the roles backup, a Miyabi SQLite store; drill on): launched through the queued
     run coordinator and run by `dagster-daemon` with the default run launcher, against the CLI's
-    in-process `backup-assets backup` of the same partition (issue 12: <= 1.5x)."""
+    in-process `backup-assets backup` of the same partition (goal: <= 1.5x)."""
 
     from backup_assets.demo.seed import DEMO_SCALE
 
@@ -475,7 +475,7 @@ def main(argv=None) -> int:
     parser.add_argument("--s3-upload-gb", type=float, default=2.0, help="size of the S3 upload test (0: skip)")
     parser.add_argument("--only-s3", action="store_true", help="only the S3 upload test")
     parser.add_argument("--only-definitions", action="store_true",
-                        help="only the definitions load, the daemon-launched run and the fleet run (issue 12)")
+                        help="only the definitions load, the daemon-launched run and the fleet run")
     args = parser.parse_args(argv)
     if not shutil.which("zstd") or not shutil.which("sqlite3"):
         sys.exit("bench needs the zstd and sqlite3 command-line tools (apt-get install zstd sqlite3)")

@@ -1,4 +1,4 @@
-"""Point-in-time recovery (issue 14, second part): base backups and restoring a new data directory to a time.
+"""Point-in-time recovery: base backups and restoring a new data directory to a time.
 
 Base backup: `pg_basebackup -Ft -D - -X none` streamed through the same compression, encryption, hashing and
 atomic write as every artifact, to `<repository>/base/<source>/base-<UTC time>.tar.zst[.age]`, with a JSON

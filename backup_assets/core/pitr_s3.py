@@ -1,4 +1,4 @@
-"""The physical tier on S3 (issue 14): base backups and the WAL archive replicated to the catalog's S3 replica
+"""The physical tier on S3: base backups and the WAL archive replicated to the catalog's S3 replica
 with the same keys as on disk (`base/<source>/…`, `wal/<source>/…`), checked there, pruned there, and fetched
 back for a restore when the local repository is gone.
 

@@ -1,4 +1,4 @@
-"""The WAL archive of a PostgreSQL source (issue 14, first part): `archive_command` and `restore_command`.
+"""The WAL archive of a PostgreSQL source: `archive_command` and `restore_command`.
 
     archive_command = 'backup-assets --catalog /etc/backup-assets/catalog.yaml wal-push --source app %p'
     restore_command = 'backup-assets --catalog /etc/backup-assets/catalog.yaml wal-fetch --source app %f %p'

@@ -1,4 +1,4 @@
-"""The physical tier (issue 14) in Dagster: one `<source>/base_backup` asset per server that archives its WAL,
+"""The physical tier (base backups and the WAL archive) in Dagster: one `<source>/base_backup` asset per server that archives its WAL,
 partitioned by day (a full base backup every `pitr.full_every_days`, incremental ones between where the server
 can), with its checks evaluated in the same step:
 

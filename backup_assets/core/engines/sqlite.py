@@ -43,6 +43,11 @@ def online_copy(source: Path, dest: Path, *, what: str = "") -> None:
 # what a store's header says about it, beside its tables: an application may rely on each (WAL mode for
 # concurrent readers, user_version for its schema migrations, application_id to recognise its file)
 FILE_SETTINGS = ("journal_mode", "page_size", "auto_vacuum", "user_version", "application_id", "encoding")
+# PRAGMA names cannot be bound as parameters: each statement is spelled out, values are integers
+_READ_SETTING = {"journal_mode": "PRAGMA journal_mode", "page_size": "PRAGMA page_size",
+                 "auto_vacuum": "PRAGMA auto_vacuum", "user_version": "PRAGMA user_version",
+                 "application_id": "PRAGMA application_id", "encoding": "PRAGMA encoding"}
+_WRITE_SETTING = {"user_version": "PRAGMA user_version = %d", "application_id": "PRAGMA application_id = %d"}
 
 
 def file_settings(path: Path) -> dict:
@@ -51,7 +56,7 @@ def file_settings(path: Path) -> dict:
     conn = open_readonly(path)
     try:
         conn.execute("PRAGMA busy_timeout = %d" % BUSY_TIMEOUT_MS)
-        return {name: conn.execute(f"PRAGMA {name}").fetchone()[0] for name in FILE_SETTINGS}
+        return {name: conn.execute(_READ_SETTING[name]).fetchone()[0] for name in FILE_SETTINGS}
     finally:
         conn.close()
 
@@ -77,9 +82,9 @@ def apply_file_settings(path: Path, settings: dict) -> list[str]:
         try:
             if settings.get("journal_mode") == "wal":
                 conn.execute("PRAGMA journal_mode=WAL")
-            for name in ("user_version", "application_id"):
+            for name, statement in _WRITE_SETTING.items():
                 if name in settings:
-                    conn.execute(f"PRAGMA {name} = {int(settings[name])}")
+                    conn.execute(statement % int(settings[name]))
             conn.commit()
         finally:
             conn.close()
