@@ -130,7 +130,7 @@ def test_a_killed_drill_leaves_nothing_after_the_next_operation(pg18, catalog):
     assert not leftovers(catalog, pg18)
 
 
-@pytest.mark.parametrize("point", ["restore.temp", "restore.swap.marked", "restore.swap.closed", "restore.swap.renamed"])
+@pytest.mark.parametrize("point", ["restore.temp", "restore.swap.renaming", "restore.swap.renamed"])
 def test_a_restore_killed_anywhere_leaves_the_target_usable_and_whole(pg18, catalog, zoo_db, point, capsys):
     backup_content = content_of(pg18, zoo_db)
     with pg18.connect(zoo_db) as conn:
@@ -138,19 +138,40 @@ def test_a_restore_killed_anywhere_leaves_the_target_usable_and_whole(pg18, cata
     changed = content_of(pg18, zoo_db)
     proc = child(catalog, "restore", "--source", "zoo", "--group", "full", "--confirm", failpoint=point)
     assert proc.wait(timeout=300) == -9, proc.stderr.read().decode()
+    # before any repair: the target takes connections and holds the old or the restored data, whole
+    with pg18.connect() as conn:
+        assert conn.execute("SELECT datallowconn FROM pg_database WHERE datname = %s", (zoo_db,)).fetchone() == (True,)
+    with pg18.connect(zoo_db) as conn:
+        conn.execute("SELECT 1")
+    assert content_of(pg18, zoo_db) == (backup_content if point == "restore.swap.renamed" else changed)
     assert main(["--catalog", catalog.catalog_path, "doctor"]) == 0
     said = capsys.readouterr().out
     assert not leftovers(catalog, pg18), said
-    with pg18.connect(zoo_db) as conn:  # connections are allowed again
-        conn.execute("SELECT 1")
-    now = content_of(pg18, zoo_db)
-    assert now == (backup_content if point == "restore.swap.renamed" else changed)
-    if point == "restore.swap.closed":
-        assert "connections allowed again" in said
+    assert "connections allowed again" not in said
     # and the next restore works
     assert main(["--catalog", catalog.catalog_path, "restore", "--source", "zoo", "--group", "full", "--confirm",
                  "--no-safety-copy"]) == 0
     assert content_of(pg18, zoo_db) == backup_content
+
+
+def test_a_swap_left_by_an_earlier_version_is_repaired(pg18, catalog, zoo_db, capsys):
+    """Restores before 2026-12 switched connections off for the swap and marked the target; a kill
+    left it refusing connections. The next restore or doctor still gives it back."""
+    from backup_assets.core.engines import postgres as pg
+    from backup_assets.core.restore import SWAP_MARK
+    marker = pg.marker(SWAP_MARK, target=zoo_db, temp="x", safety="y", comment="its own", allow=True)
+    data = pg.read_marker(marker, SWAP_MARK)
+    data.update(pid=999999)  # a dead owner
+    with pg18.connect() as conn:
+        conn.autocommit = True
+        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+            sql.Identifier(zoo_db), sql.Literal(json.dumps(data))))
+        conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(zoo_db)))
+    assert main(["--catalog", catalog.catalog_path, "doctor"]) == 0
+    assert "connections allowed again" in capsys.readouterr().out
+    with pg18.connect() as conn:
+        assert conn.execute("SELECT datallowconn, shobj_description(oid, 'pg_database') FROM pg_database "
+                            "WHERE datname = %s", (zoo_db,)).fetchone() == (True, "its own")
 
 
 def test_seeded_random_kills_of_backups_and_restores(pg18, catalog, zoo_db):

@@ -552,24 +552,21 @@ def _free_safety_name(admin, target: str) -> str:
         at += dt.timedelta(seconds=1)
 
 
-def _swap(admin, target: str, temp: str, safety: str, restored_comment, *, terminate: bool) -> None:
-    """Put the restored copy in the target's place, in one transaction, while nobody is connected.
+SWAP_ATTEMPTS = 5
 
-    The swap state is kept on the target itself: a marker comment (with the database's own
-    comment) is set before connections are switched off and taken away once they are back on. A
-    kill at any moment leaves either the old database or the restored one in place; a database
-    left refusing connections is repaired by the next restore or `backup-assets doctor` (see
-    `repair_interrupted_swaps`). A session that connected while the restore ran makes it refuse
-    and change nothing, unless `terminate`."""
-    original = postgres.database_comment(admin, target)
-    allow = admin.execute("SELECT datallowconn FROM pg_database WHERE datname = %s", (target,)).fetchone()[0]
-    admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(target), sql.Literal(
-        postgres.marker(SWAP_MARK, target=target, temp=temp, safety=safety, comment=original, allow=allow))))
-    swapped = False
-    try:
-        failpoints.point("restore.swap.marked")
-        admin.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(target)))
-        failpoints.point("restore.swap.closed")
+
+def _swap(admin, target: str, temp: str, safety: str, restored_comment, *, terminate: bool) -> None:
+    """Put the restored copy in the target's place: both renames and the comment in one transaction.
+
+    Nothing about the target is switched off first: the rename itself keeps sessions out. It takes
+    the database's exclusive lock, so a client connecting meanwhile waits for the commit and then
+    finds the name on the restored copy (or, for that one moment, is told the database was
+    renamed); and PostgreSQL refuses the rename while any other session is on the target. A kill
+    at any moment leaves either the old database or the restored one under the name, accepting
+    connections as before: an uncommitted rename dies with the connection. A session that
+    connected while the restore ran makes it refuse and change nothing, unless `terminate`; with it
+    the sessions are ended and the rename is tried again, at most SWAP_ATTEMPTS times."""
+    for attempt in range(1, SWAP_ATTEMPTS + 1):
         sessions = other_sessions(admin, target)
         if sessions and not terminate:
             raise BackupError(f"{len(sessions)} session(s) connected to {target} while the restore ran "
@@ -577,15 +574,23 @@ def _swap(admin, target: str, temp: str, safety: str, restored_comment, *, termi
                               "(stop them or pass --terminate-connections)")
         for pid, _ in sessions:
             admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        _wait_for_no_sessions(admin, target)
-        with admin.transaction():
-            admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(target), sql.Identifier(safety)))
-            admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(temp), sql.Identifier(target)))
-            admin.execute(restored_comment)
-        swapped = True
+        try:
+            with admin.transaction():
+                # the rename waits up to 5 s for ending sessions; a lock held elsewhere must not hang it
+                admin.execute("SET LOCAL lock_timeout = '30s'")
+                admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                    sql.Identifier(target), sql.Identifier(safety)))
+                failpoints.point("restore.swap.renaming")
+                admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                    sql.Identifier(temp), sql.Identifier(target)))
+                admin.execute(restored_comment)
+        except (psycopg.errors.ObjectInUse, psycopg.errors.LockNotAvailable) as e:
+            if attempt == SWAP_ATTEMPTS:
+                raise BackupError(f"{target} is still in use after {attempt} attempt(s) to swap it "
+                                  f"({str(e).splitlines()[0]}); nothing was changed") from None
+            continue
         failpoints.point("restore.swap.renamed")
-    finally:
-        _release(admin, safety if swapped else target, original, allow)
+        return
 
 
 def _release(admin, name: str, comment: str | None, allow: bool = True) -> None:
@@ -596,7 +601,8 @@ def _release(admin, name: str, comment: str | None, allow: bool = True) -> None:
 
 
 def repair_interrupted_swaps(admin) -> list[str]:
-    """Databases left in a swap by a restore that died: connections back on, their own comment
+    """Databases left in a swap by a restore of an earlier version that died (it switched
+    connections off for the swap and marked the database): connections back on, their own comment
     back. Also drops the temporary databases of dead restores. Says what it did."""
     done = []
     for name, comment, allow in admin.execute(
@@ -610,14 +616,6 @@ def repair_interrupted_swaps(admin) -> list[str]:
     for name in postgres.drop_marked_databases(admin, like="%\\_restoring\\_%", mark=RESTORE_MARK):
         done.append(f"dropped {name}, the temporary database of an interrupted restore")
     return done
-
-
-def _wait_for_no_sessions(admin, dbname: str, timeout_s: float = 15) -> None:
-    deadline = time.monotonic() + timeout_s
-    while other_sessions(admin, dbname, settle_s=0):
-        if time.monotonic() > deadline:
-            raise BackupError(f"sessions on {dbname} did not end within {timeout_s:.0f}s; nothing was changed")
-        time.sleep(0.1)
 
 
 def safety_table_name(table: TableName) -> str:
