@@ -162,6 +162,15 @@ def cmd_verify(args) -> int:
     ok = all(r["passed"] for r in results)
     if args.json:
         print(json.dumps({"artifact": str(backup.artifact_path), "passed": ok, "checks": results}, indent=2))
+    m = backup.manifest
+    for r in results:  # the check_failure_alerts sensor's alert and key: it never sees a check run here
+        if not r["passed"]:
+            from .core.alerts import Alert
+            from .defs.keys import backup_key
+
+            _alert(catalog, Alert(what=f"check {r['check']} failed", error=r["message"], source=m.source,
+                                  group=m.group, tier=m.tier, partition=m.partition, cause=f"check:{r['check']}",
+                                  asset=backup_key(m.source, m.group, m.tier).to_user_string()))
     return 0 if ok else 1
 
 
@@ -381,6 +390,9 @@ def cmd_backup(args) -> int:
     defs = build_definitions(catalog)
     job = defs.resolve_job_def(f"{args.tier}_backups")
     instance = _instance()
+    _fail_dead_cli_runs(catalog, instance)
+    from .defs import cli_runs
+
     failed = 0
     for source, group, tier in targets:
         asset = defs.resolve_assets_def(backup_key(source, group, tier))
@@ -389,7 +401,7 @@ def cmd_backup(args) -> int:
             selection = [backup_key(source, group, tier)] + ([replica_key(source, group, tier)] if catalog.replication.s3 else [])
             result = job.execute_in_process(
                 partition_key=partition, instance=instance, raise_on_error=False, asset_selection=selection,
-                tags={"backup_assets/trigger": "cli"},
+                tags=cli_runs.run_tags(catalog),
                 run_config={"loggers": {"console": {"config": {"log_level": "DEBUG" if args.debug else "CRITICAL"}}}})
             latest = repository_for(catalog).latest(source, group, tier, partition)
             if result.success and latest:
@@ -409,15 +421,43 @@ def cmd_backup(args) -> int:
                 _alert(catalog, Alert(what=f"run of {args.tier}_backups failed", error=errors[0] if errors else
                                       "the backup run failed", source=source, group=group, tier=tier,
                                       partition=partition, asset=backup_key(source, group, tier).to_user_string(),
-                                      cause="run-failure"))
+                                      cause="run-failure"), instance=instance)
     return 1 if failed else 0
 
 
-def _alert(catalog, alert) -> None:
-    """Send an alert from the command line through the catalog's channels; say where it went (or why not)."""
+def _fail_dead_cli_runs(catalog, instance) -> list[str]:
+    """Runs of `backup-assets backup` whose process died mid-run: marked FAILURE and alerted (the daemon's
+    run monitoring does the same when it runs first). Says what it did."""
+    from .core.alerts import Alert
+    from .defs import cli_runs
+    from .defs.sensors import describe_key, run_partition
+
+    said = []
+    for run in cli_runs.fail_dead_runs(instance):
+        message = cli_runs.dead_owner_message(run)
+        said.append(f"run {run.run_id} of {run.job_name} marked failed: {message}")
+        print(said[-1], file=sys.stderr)
+        for key in sorted(run.asset_selection or [], key=lambda k: k.to_user_string()):
+            _alert(catalog, Alert(what=f"run of {run.job_name} failed", error=message, partition=run_partition(run.tags),
+                                  cause="run-failure", **describe_key(key)), instance=instance)
+    return said
+
+
+def _alert(catalog, alert, *, instance=None) -> None:
+    """Send an alert from the command line through the catalog's channels; say where it went (or why not).
+    The alert memory is the Dagster instance's (shared with the daemon's sensors) when there is one."""
+    import os
+
     from .core.alerts import Notifier
 
-    notifier = Notifier.for_catalog(catalog)
+    if instance is None and os.environ.get("DAGSTER_HOME"):
+        try:
+            import dagster as dg
+
+            instance = dg.DagsterInstance.get()
+        except Exception:  # noqa: BLE001 - Dagster's storage down at 3 a.m.: remember in the repository instead
+            instance = None
+    notifier = Notifier.for_catalog(catalog, instance)
     if not notifier.channels:
         return
     try:
@@ -430,10 +470,14 @@ def _alert(catalog, alert) -> None:
 
 
 def cmd_doctor(args) -> int:
+    import os
+
     from .core.doctor import doctor
 
     catalog = _catalog(args)
     done = doctor(catalog)
+    if os.environ.get("DAGSTER_HOME"):  # runs of `backup-assets backup` killed mid-run
+        done += _fail_dead_cli_runs(catalog, _instance())
     for line in done:
         print(line)
     if not done:

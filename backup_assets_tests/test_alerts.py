@@ -199,16 +199,16 @@ def test_a_failed_restore_run_alerts_naming_source_target_and_error_once_per_tar
     defs = build_definitions(catalog)
     job, sensor = defs.resolve_job_def("restore"), defs.resolve_sensor_def("run_failure_alerts")
 
-    def refused(config: dict) -> None:
-        with dg.instance_for_test() as instance:
-            result = job.execute_in_process(run_config={"ops": {"restore_backup": {"config": config}}},
-                                            instance=instance, raise_on_error=False)
-            assert not result.success
-            sensor(_failure_context(instance, result.run_id))
+    def refused(instance, config: dict) -> None:
+        result = job.execute_in_process(run_config={"ops": {"restore_backup": {"config": config}}},
+                                        instance=instance, raise_on_error=False)
+        assert not result.success
+        sensor(_failure_context(instance, result.run_id))
 
-    refused({"source": "miyabi", "group": "full", "confirm": True})  # its own file: refused by the catalog
-    refused({"source": "miyabi", "group": "full", "target_file": str(miyabi_db.parent / "copy.db")})  # no confirm
-    refused({"source": "miyabi", "group": "full", "confirm": True})  # the same refusal again: within the window
+    with dg.instance_for_test() as instance:  # one instance: its key-value store remembers what was sent
+        refused(instance, {"source": "miyabi", "group": "full", "confirm": True})  # its own file: refused by the catalog
+        refused(instance, {"source": "miyabi", "group": "full", "target_file": str(miyabi_db.parent / "copy.db")})
+        refused(instance, {"source": "miyabi", "group": "full", "confirm": True})  # the same again: within the window
     hooks = [json.loads(r["body"]) for r in http_sink.requests if r["path"] == "/hooks/backup"]
     assert len(hooks) == 2, hooks
     assert hooks[0]["source"] == "miyabi" and "miyabi's own database or file" in hooks[0]["title"]
@@ -255,3 +255,71 @@ def test_failed_cli_backups_and_restores_alert_even_when_the_alert_memory_cannot
     hooks = [json.loads(r["body"]) for r in http_sink.requests if r["path"] == "/hooks/backup"]
     assert "restore into no_such_database_here (tables runs) failed" in hooks[-1]["title"]
     assert "does not exist" in hooks[-1]["error"]
+
+
+def test_a_killed_cli_backup_is_marked_failed_and_alerted_once(pg18, myloware_db, write_catalog, smtp_sink, http_sink,
+                                                               tmp_path, monkeypatch, capsys):
+    """`backup-assets backup` runs its run in its own process: killed mid-run, nothing launched it, so no
+    launcher knows the worker. The owner tag tells the run launcher's health check (run monitoring), doctor and
+    the next backup that it is dead; it is marked failed and alerted, once, whichever sees it first."""
+    import subprocess
+    import sys
+
+    from backup_assets.cli import main
+    from backup_assets.defs.run_launcher import LocalRunLauncher
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    catalog = write_catalog({"myloware": pg_source(pg18, myloware_db, groups={"core": {"tables": ["runs"]}},
+                                                   globals=False)}, alerts=alert_config(smtp_sink, http_sink))
+    blocker = pg18.connect(myloware_db, autocommit=False)
+    blocker.execute("LOCK TABLE runs IN ACCESS EXCLUSIVE MODE")  # the dump waits here, mid-run
+    env = dict(os.environ)
+    env.pop("BACKUP_ASSETS_CATALOG", None)
+    proc = subprocess.Popen([sys.executable, "-m", "backup_assets.cli", "--catalog", catalog.catalog_path, "backup",
+                             "--tier", "daily", "--select", "myloware/core", "--partition", "2026-11-20"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    instance = dg.DagsterInstance.get()
+    try:
+        from .conftest import wait_for
+
+        def started():
+            runs = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED],
+                                                           tags={"backup_assets/trigger": "cli"}))
+            return runs[0] if runs else None
+
+        run = wait_for(started, 120, "the command's run to start")
+        launcher = LocalRunLauncher()
+        assert launcher.check_run_worker_health(run).status.value == "RUNNING"
+        proc.kill()
+        proc.wait()
+    finally:
+        blocker.rollback()
+        blocker.close()
+    run = instance.get_run_by_id(run.run_id)
+    assert run.status == dg.DagsterRunStatus.STARTED  # nothing else knows it is dead
+    health = LocalRunLauncher().check_run_worker_health(run)
+    assert health.status.value == "FAILED" and f"pid {proc.pid}" in health.msg, health
+
+    assert main(["--catalog", catalog.catalog_path, "doctor"]) == 0
+    out = capsys.readouterr()
+    assert f"run {run.run_id} of daily_backups marked failed" in out.out + out.err
+    assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+    hooks = [json.loads(r["body"]) for r in http_sink.requests if r["path"] == "/hooks/backup"]
+    assert [(h["source"], h["group"], h["partition"]) for h in hooks] == [("myloware", "core", "2026-11-20")], hooks
+    assert "killed or crashed mid-run" in hooks[0]["error"]
+    # the daemon's sensor for command-line runs sees the same failure: the shared memory keeps it to one alert
+    defs = build_definitions(catalog)
+    sensor = defs.resolve_sensor_def("cli_run_failure_alerts")
+    sensor(_failure_context(instance, run.run_id, "cli_run_failure_alerts"))
+    assert len([r for r in http_sink.requests if r["path"] == "/hooks/backup"]) == 1
+    assert "backup_assets/alerts_sent" in instance.run_storage.get_cursor_values({"backup_assets/alerts_sent"})
+    assert not (catalog.repository_root / ".alerts").exists()  # the instance remembers, not the repository
+    # a run of another repository's command is not this catalog's to alert
+    other = instance.create_run_for_job(defs.resolve_job_def("daily_backups"), tags={
+        "backup_assets/trigger": "cli", "backup_assets/repository": "0" * 16})
+    instance.report_run_failed(other, "someone else's")
+    sensor(_failure_context(instance, other.run_id, "cli_run_failure_alerts"))
+    assert len([r for r in http_sink.requests if r["path"] == "/hooks/backup"]) == 1
+    instance.dispose()

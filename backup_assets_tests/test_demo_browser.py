@@ -163,7 +163,7 @@ def test_the_ui_shows_lineage_partitions_checks_and_running_automation(demo, bro
 
     names = ["daily_backup_schedule", "weekly_backup_schedule", "monthly_backup_schedule", "maintenance_schedule",
              "dr_drill_schedule", "base_backup_schedule", "hourly_backup_schedule", "run_failure_alerts",
-             "check_failure_alerts", "freshness_alerts", "disk_space_alerts"]
+             "cli_run_failure_alerts", "check_failure_alerts", "freshness_alerts", "disk_space_alerts"]
     visit(browser, f"{base}/automation", *names)
     toggles = [b for b in browser.find_elements(By.CSS_SELECTOR, "input[type=checkbox]") if b.is_selected()]
     assert len(toggles) == len(names), f"{len(toggles)} of {len(names)} schedules and sensors are running"

@@ -2,7 +2,10 @@
 
 Each alert names source, group, tier, partition, what failed, the error and a link to the run.
 One alert per failing asset and cause per window (`alerts.window_minutes`); the memory of what
-was sent lives in the repository (`.alerts/sent.json`), so it holds across sensors and restarts.
+was sent lives in the Dagster instance's key-value store (its run storage: SQLite or PostgreSQL,
+shared by the daemon's sensors and the command line), or, for a command run without a Dagster
+instance, in the repository (`.alerts/sent.json`). It holds across sensors and restarts; when it
+cannot be written (a full volume, a storage down) the alert is delivered all the same.
 Secrets (Slack token, SMTP password, HMAC secret) come from environment variables and never
 appear in an alert or an error.
 """
@@ -71,14 +74,55 @@ def _secret(env_name: str | None) -> str | None:
     return value
 
 
+class FileMemory:
+    """What was sent when, in a JSON file (a command run without a Dagster instance)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def read(self) -> dict[str, str]:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def write(self, sent: dict[str, str]) -> None:
+        ensure_dir(self.path.parent)
+        write_json_atomic(self.path, sent)
+
+
+class InstanceMemory:
+    """What was sent when, in the Dagster instance's key-value store (its run storage)."""
+
+    KEY = "backup_assets/alerts_sent"
+
+    def __init__(self, instance):
+        self.instance = instance
+
+    def read(self) -> dict[str, str]:
+        try:
+            return json.loads(self.instance.run_storage.get_cursor_values({self.KEY}).get(self.KEY) or "{}")
+        except Exception:  # a storage that cannot be read: send (a repeat beats silence)
+            return {}
+
+    def write(self, sent: dict[str, str]) -> None:
+        self.instance.run_storage.set_cursor_values({self.KEY: json.dumps(sent, sort_keys=True)})
+
+
 class Notifier:
-    def __init__(self, cfg: Alerts, state_dir: Path):
+    def __init__(self, cfg: Alerts, memory: "FileMemory | InstanceMemory"):
         self.cfg = cfg
-        self.state_path = state_dir / "sent.json"
+        self.memory = memory
 
     @classmethod
-    def for_catalog(cls, catalog: Catalog) -> "Notifier":
-        return cls(catalog.alerts, catalog.repository_root / ".alerts")
+    def for_catalog(cls, catalog: Catalog, instance=None) -> "Notifier":
+        """With a Dagster instance, the alert memory is its key-value store; without, the repository's file."""
+        return cls(catalog.alerts, InstanceMemory(instance) if instance is not None
+                   else FileMemory(catalog.repository_root / ".alerts" / "sent.json"))
+
+    def using(self, instance) -> "Notifier":
+        """The same channels, remembering in this instance's key-value store."""
+        return Notifier(self.cfg, InstanceMemory(instance))
 
     @property
     def channels(self) -> list[str]:
@@ -86,10 +130,7 @@ class Notifier:
 
     # -- storms ------------------------------------------------------------------------------
     def _sent(self) -> dict[str, str]:
-        try:
-            return json.loads(self.state_path.read_text())
-        except (OSError, ValueError):
-            return {}
+        return self.memory.read()
 
     def should_send(self, alert: Alert, now: dt.datetime) -> bool:
         last = self._sent().get(alert.dedupe_key)
@@ -102,8 +143,7 @@ class Notifier:
         horizon = now - dt.timedelta(days=7)
         sent = {k: v for k, v in sent.items() if dt.datetime.fromisoformat(v) > horizon}
         sent[alert.dedupe_key] = now.isoformat()
-        ensure_dir(self.state_path.parent)
-        write_json_atomic(self.state_path, sent)
+        self.memory.write(sent)
 
     # -- sending -----------------------------------------------------------------------------
     def send(self, alert: Alert, *, now: dt.datetime | None = None) -> list[str]:
@@ -124,7 +164,7 @@ class Notifier:
         if reached:
             try:  # a full volume must not stop the next alerts: the memory is a courtesy, delivery is the point
                 self._remember(alert, now)
-            except (OSError, BackupError):
+            except Exception:  # noqa: BLE001 - whatever the storage raises (OSError, a database error)
                 pass
         if failures and not reached:
             raise BackupError("no alert channel reached: " + "; ".join(failures))

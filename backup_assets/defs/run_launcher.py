@@ -6,6 +6,7 @@ the default one plus that answer: the worker's pid is in the run's "Started proc
 engine event; when the worker ran on this machine and that process is gone, the run is reported
 FAILED, run monitoring marks it failed within its poll interval and the run-failure sensor alerts.
 Workers on other machines (a remote code server) are left to their own launcher: UNKNOWN.
+A run of `backup-assets backup` (in the command's process) is answered from its owner tag.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ class LocalRunLauncher(DefaultRunLauncher):
         return True
 
     def check_run_worker_health(self, run) -> CheckRunHealthResult:
+        from . import cli_runs
+
+        alive = cli_runs.owner_alive(run)  # a `backup-assets backup` run: its command's process is the worker
+        if alive is not None:
+            return (CheckRunHealthResult(WorkerStatus.RUNNING) if alive else
+                    CheckRunHealthResult(WorkerStatus.FAILED, cli_runs.dead_owner_message(run)))
         host = json.loads(run.tags.get(GRPC_INFO_TAG, "{}")).get("host")
         if host not in LOCAL_HOSTS and "socket" not in json.loads(run.tags.get(GRPC_INFO_TAG, "{}")):
             return CheckRunHealthResult(WorkerStatus.UNKNOWN, f"run worker on another host ({host})")

@@ -12,6 +12,7 @@ from dagster._core.storage.asset_check_execution_record import AssetCheckExecuti
 
 from ..catalog import Catalog
 from ..core.alerts import Alert, Notifier
+from . import cli_runs
 from .keys import backup_key, parse_key, replica_key
 from .partitions import DAGSTER_WEEKDAY
 
@@ -92,7 +93,8 @@ def _notify(context, notifier: Notifier, alert: Alert) -> None:
     if not notifier.channels:
         context.log.info(f"no alert channel configured: {alert.title()}")
         return
-    reached = notifier.send(alert)
+    # remembered in the instance's key-value store, which the command line shares: one alert, not two
+    reached = notifier.using(context.instance).send(alert)
     context.log.info(f"alert {'sent to ' + ', '.join(reached) if reached else 'suppressed (already sent in window)'}: "
                      f"{alert.title()}")
 
@@ -119,10 +121,7 @@ def build_sensors(catalog: Catalog) -> list:
         chosen = [k for k in keys if not selection or k in selection] or keys
         return {k: error for k in chosen}
 
-    @dg.run_failure_sensor(name="run_failure_alerts", minimum_interval_seconds=interval,
-                           default_status=dg.DefaultSensorStatus.RUNNING,
-                           description="Alerts on every failed backup, replication, retention, drill and restore run.")
-    def run_failure_alerts(context: RunFailureSensorContext):
+    def alert_run(context: RunFailureSensorContext) -> None:
         run = context.dagster_run
         partition = run_partition(run.tags)
         url = run_url(catalog, run.run_id)
@@ -146,6 +145,24 @@ def build_sensors(catalog: Catalog) -> list:
         for key, error in sorted(failed_keys.items(), key=lambda kv: kv[0].to_user_string()):
             _notify(context, notifier, Alert(what=f"run of {run.job_name} failed", error=error, partition=partition,
                                              run_url=url, cause="run-failure", **describe_key(key)))
+
+    @dg.run_failure_sensor(name="run_failure_alerts", minimum_interval_seconds=interval,
+                           default_status=dg.DefaultSensorStatus.RUNNING,
+                           description="Alerts on every failed backup, replication, retention, drill and restore run.")
+    def run_failure_alerts(context: RunFailureSensorContext):
+        alert_run(context)
+
+    repository = cli_runs.repository_id(catalog)
+
+    @dg.run_failure_sensor(name="cli_run_failure_alerts", minimum_interval_seconds=interval,
+                           default_status=dg.DefaultSensorStatus.RUNNING, monitor_all_code_locations=True,
+                           description="Alerts on failed runs of `backup-assets backup` for this repository: they run "
+                                       "in the command's process, outside any code location, and a command killed "
+                                       "mid-run is marked failed by run monitoring or the next command.")
+    def cli_run_failure_alerts(context: RunFailureSensorContext):
+        run = context.dagster_run
+        if run.remote_job_origin is None and run.tags.get(cli_runs.REPOSITORY_TAG) == repository:
+            alert_run(context)
 
     backup_check_names = ("artifact_intact", "archive_readable", "restore_drill", "size_anomaly")
     check_keys = [dg.AssetCheckKey(backup_key(*t), n) for t in catalog.backup_targets() for n in backup_check_names]
@@ -238,7 +255,7 @@ def build_sensors(catalog: Catalog) -> list:
                       f"threshold {catalog.alerts.disk_free_min_gb:g} GB"
                       + (f" or {catalog.alerts.disk_free_min_percent:g}%" if catalog.alerts.disk_free_min_percent else "")))
 
-    return [run_failure_alerts, check_failure_alerts, freshness_alerts, disk_space_alerts]
+    return [run_failure_alerts, cli_run_failure_alerts, check_failure_alerts, freshness_alerts, disk_space_alerts]
 
 
 def build_health(catalog: Catalog) -> dg.AssetsDefinition:
