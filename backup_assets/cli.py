@@ -150,8 +150,13 @@ def cmd_verify(args) -> int:
     if args.drill:
         steps.append(("restore_drill", lambda: restore_drill(catalog, backup, jobs=args.jobs)))
     results = []
+    from .core.verify import Outcome
+
     for name, run in steps:
-        outcome = run()
+        try:
+            outcome = run()
+        except BackupError as exc:  # the check could not be done (a full scratch folder, say): it failed
+            outcome = Outcome(False, str(exc))
         verification.record(backup, name, outcome.passed, outcome.message, outcome.metadata)
         results.append({"check": name, "passed": outcome.passed, "message": outcome.message,
                         **({"rto_s": outcome.metadata["rto_s"]} if "rto_s" in outcome.metadata else {})})

@@ -52,7 +52,7 @@ def source_cluster(tmp_path):
 
 
 def test_daemon_runs_the_schedule_backfills_and_alerts(pg18, source_cluster, moto_s3, bucket, smtp_sink, http_sink,
-                                                       tmp_path, monkeypatch):
+                                                       tmp_path, monkeypatch, request):
     # the Dagster instance lives in PostgreSQL, as in production
     pg18.create_database("dagster_e2e")
     home = tmp_path / "dagster_home"
@@ -63,8 +63,15 @@ def test_daemon_runs_the_schedule_backfills_and_alerts(pg18, source_cluster, mot
     web_port = free_port()
     web = f"http://127.0.0.1:{web_port}"
     tick = next_tick()
+    # the repository on a volume of its own, to fill up later
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192m", "tmpfs", str(volume)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.fail(f"cannot mount a small tmpfs for the repository: {mounted.stderr.decode().strip()}")
+    request.addfinalizer(lambda: subprocess.run(["umount", "-l", str(volume)], check=False))
     catalog = {
-        "repository": {"root": str(tmp_path / "backups")},
+        "repository": {"root": str(volume / "backups")},
         "start_date": "2026-11-01",
         "tiers": {"daily": {"time": tick.strftime("%H:%M"), "drill": True},
                   "weekly": {"enabled": False}, "monthly": {"enabled": False}},
@@ -73,7 +80,8 @@ def test_daemon_runs_the_schedule_backfills_and_alerts(pg18, source_cluster, mot
             "engine": "postgres",
             "connection": {"host": "127.0.0.1", "port": source_cluster.port, "dbname": "myloware",
                            "user": "postgres", "password_env": SOURCE_PASSWORD_ENV},
-            "groups": {"core": {"tables": ["runs", "artifacts", "webhook_events", "hitl_approvals"]}},
+            "groups": {"core": {"tables": ["runs", "artifacts", "webhook_events", "hitl_approvals"]},
+                       "kb": {"tables": ["kb_documents"]}},
         }},
         "replication": s3_replication(moto_s3, bucket),
         "alerts": alert_config(smtp_sink, http_sink, dagster_url=web, sensor_interval_seconds=5, window_minutes=0),
@@ -161,7 +169,16 @@ def test_daemon_runs_the_schedule_backfills_and_alerts(pg18, source_cluster, mot
             assert any(r.status.value == "SUCCEEDED" and r.event and
                        r.event.dagster_event.event_specific_data.partition == partition for r in history), partition
 
-        # 3. the database under backup goes away: the failure reaches people by SMTP and webhook
+        # 3. the database under backup goes away while the repository's volume is full: every failure (each
+        #    group and the roles) reaches people by SMTP and webhook all the same
+        filler = volume / "filler"
+        with open(filler, "wb") as fh:
+            try:
+                while True:
+                    fh.write(b"\0" * (1 << 20))
+                    fh.flush()
+            except OSError:
+                pass
         source_cluster.stop("immediate")
         before = len(smtp_sink.messages)
         launched = graphql(web, """mutation($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $params) {
@@ -173,8 +190,14 @@ def test_daemon_runs_the_schedule_backfills_and_alerts(pg18, source_cluster, mot
         body = mail.get_payload()
         assert "partition: 2026-11-13" in body and "cannot connect to PostgreSQL" in body and f"{web}/runs/" in body
         hooks = [json.loads(r["body"]) for r in http_sink.requests if r["path"] == "/hooks/backup"]
+        failed_groups = wait_for(lambda: (g := sorted(h["group"] for h in (json.loads(r["body"]) for r in http_sink.requests
+                                                                         if r["path"] == "/hooks/backup")
+                                                  if h["partition"] == "2026-11-13")) == ["core", "globals", "kb"] and g,
+                                 120, "an alert for each failed group")
+        assert failed_groups == ["core", "globals", "kb"]  # the roles' backup fails with the database
         assert any(h["partition"] == "2026-11-13" and h["source"] == "myloware" and "cannot connect" in h["error"]
                    for h in hooks)
+        filler.unlink()
 
         # 4. a run worker killed mid-run: run monitoring marks the run failed and the alert fires
         source_cluster.start()
@@ -201,6 +224,28 @@ def test_daemon_runs_the_schedule_backfills_and_alerts(pg18, source_cluster, mot
             assert status == "FAILURE"
             wait_for(lambda: any(json.loads(r["body"]).get("partition") == "2026-11-14" for r in http_sink.requests
                                  if r["path"] == "/hooks/backup"), 120, "the alert for the killed run")
+
+            # 5. `backup-assets backup` killed mid-run: its run is in the command's process, outside any code
+            #    location; run monitoring sees from the owner tag that the process is gone, marks the run failed,
+            #    and the sensor for command-line runs alerts it
+            cli = subprocess.Popen([sys.executable, "-m", "backup_assets.cli", "backup", "--tier", "daily",
+                                    "--select", "myloware/core", "--partition", "2026-11-15"], cwd=ROOT, env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+            def cli_run():
+                runs = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED],
+                                                               tags={"backup_assets/trigger": "cli"}))
+                return runs[0].run_id if runs else None
+
+            cli_run_id = wait_for(cli_run, 240, "the command's run to start")
+            cli.kill()
+            cli.wait()
+            wait_for(lambda: instance.get_run_by_id(cli_run_id).status == dg.DagsterRunStatus.FAILURE, 180,
+                     "run monitoring to mark the killed command's run failed")
+            hook = wait_for(lambda: [h for r in http_sink.requests if r["path"] == "/hooks/backup"
+                                     for h in [json.loads(r["body"])] if h.get("partition") == "2026-11-15"], 120,
+                            "the alert for the killed command's run")[0]
+            assert hook["source"] == "myloware" and "killed or crashed mid-run" in hook["error"], hook
         finally:
             blocker.rollback()
             blocker.close()

@@ -15,6 +15,7 @@ verified; the local repository keeps each backup's check record beside it.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import os
 import re
@@ -27,7 +28,7 @@ from typing import Iterator
 
 from ..catalog import GLOBALS_GROUP
 from . import BackupError
-from .artifact import PARTIAL_MARK, ensure_dir, partial_owner
+from .artifact import PARTIAL_MARK, ensure_dir, human_size, partial_owner
 from .manifest import MANIFEST_SUFFIX, Manifest, manifest_path_for, parse_manifest, read_manifest
 from .owner import Owner, age_of
 from .storage import Storage
@@ -41,6 +42,28 @@ ARTIFACT_NAME = re.compile(r"^(?P<source>[A-Za-z_][A-Za-z0-9_]*)-(?P<group>[A-Za
 CHECKS_SUFFIX = ".checks.json"
 
 EXTENSIONS = {"postgres": "dump", "sqlite": "db"}
+
+
+SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO)
+
+
+def scratch_error(exc: OSError, root: Path, what: str, written: Path | None = None) -> BackupError | None:
+    """A full volume, an exceeded quota or an I/O error in the scratch folder, as one line naming
+    the folder, its free space and what had been written when it ran out; None for any other OSError."""
+    if exc.errno not in SPACE_ERRNOS:
+        return None
+    try:
+        usage = shutil.disk_usage(root if root.exists() else root.parent)
+        room = f"{human_size(usage.free)} free of {human_size(usage.total)}"
+    except OSError:
+        room = "free space unknown"
+    if written is not None:
+        size = sum(p.stat().st_size for p in written.rglob("*") if p.is_file())
+        room += f", after writing {human_size(size)}"
+    problem = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded",
+               errno.EIO: "I/O error"}[exc.errno]
+    return BackupError(f"{problem} in the scratch folder {root} ({room}) for the {what}'s temporary copy; "
+                       "free space there (or move the repository) and run it again")
 
 
 def utc_stamp(now: dt.datetime | None = None) -> str:
@@ -178,11 +201,19 @@ class LocalRepository(Repository):
     def scratch(self, what: str) -> Iterator[Path]:
         """A 0700 folder for one operation's temporary files (decoded archives are plaintext
         copies of a database), named after its owner and removed on every way out; a kill -9
-        leaves it to the next operation's sweep."""
-        folder = self.scratch_root() / f"{what}-{Owner.me().token}-{secrets.token_hex(4)}"
-        folder.mkdir(mode=0o700)
+        leaves it to the next operation's sweep. A full volume (or quota, or an I/O error) while it
+        is in use is a BackupError naming the folder and its free space, not a bare OSError: the
+        checks record it as their failure, a restore says it in one line."""
+        root = self.root / SCRATCH
+        try:
+            folder = self.scratch_root() / f"{what}-{Owner.me().token}-{secrets.token_hex(4)}"
+            folder.mkdir(mode=0o700)
+        except OSError as exc:
+            raise scratch_error(exc, root, what) or exc from None
         try:
             yield folder
+        except OSError as exc:
+            raise scratch_error(exc, root, what, written=folder) or exc from None
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 

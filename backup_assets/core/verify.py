@@ -626,7 +626,10 @@ def evaluate(catalog: Catalog, backup: StoredBackup, names, *, jobs: int | None 
         out.update(read(catalog, backup, stream, drill="restore_drill" in names, jobs=jobs))
     if (not out and m.engine == "postgres" and m.format != roles.FORMAT
             and {"artifact_intact", "archive_readable"} <= set(names) and (ids is not None or not m.encryption)):
-        out.update(_postgres_in_one_pass(catalog, backup, ids, drill="restore_drill" in names, jobs=jobs))
+        try:
+            out.update(_postgres_in_one_pass(catalog, backup, ids, drill="restore_drill" in names, jobs=jobs))
+        except BackupError:  # the shared pass could not run (a full scratch folder, say): each check alone
+            out.clear()     # says what it can prove without it, and why not otherwise
     single = {
         "artifact_intact": lambda: artifact_intact(backup, ids),
         "archive_readable": lambda: archive_readable(catalog, backup),

@@ -51,6 +51,13 @@ def failed_assets(metadata) -> dict[str, str]:
     return data if isinstance(data, dict) else {}
 
 
+def is_check_failure(event) -> bool:
+    """A step that failed only because blocking checks of its assets failed: those checks are alerted by
+    check_failure_alerts, each by name; the step's failure names no asset and adds nothing."""
+    data = event.event_specific_data
+    return bool(data and data.error and data.error.cls_name == "DagsterAssetCheckFailedError")
+
+
 def root_cause(error) -> str:
     """The innermost error's first line, without the exception's class path."""
     while getattr(error, "cause", None) is not None:
@@ -126,7 +133,13 @@ def build_sensors(catalog: Catalog) -> list:
         partition = run_partition(run.tags)
         url = run_url(catalog, run.run_id)
         failed_keys: dict[dg.AssetKey, str] = {}
-        for event in context.get_step_failure_events():
+        step_failures = context.get_step_failure_events()
+        if step_failures and all(is_check_failure(e) for e in step_failures):
+            context.log.info(f"run {run.run_id} failed on blocking checks: check_failure_alerts names each")
+            return
+        for event in step_failures:
+            if is_check_failure(event):
+                continue
             for key, error in assets_of_step(event.step_key, event, set(run.asset_selection or [])).items():
                 failed_keys.setdefault(key, error[:2000])
         if not failed_keys:
