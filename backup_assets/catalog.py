@@ -380,6 +380,11 @@ class S3Replication(_Model):
     part_size_mb: Annotated[int, Field(ge=5, le=5120)] = 64
     # per tier; a tier left out keeps the tier's own retention_days
     retention_days: dict[Literal[TIER_NAMES], Annotated[int, Field(ge=1)]] = {}  # type: ignore[valid-type]
+    # every replica is downloaded and hashed (proven by its bytes) at least this often, by the maintenance
+    # job's replica_audit (0: never; the per-replication check then compares S3's own checksums only)
+    deep_verify_days: Annotated[int, Field(ge=0)] = 7
+    # at most this many replicas downloaded per audit run, the longest unproven first (None: all that are due)
+    deep_verify_per_run: Annotated[int, Field(ge=1)] | None = None
 
     @field_validator("access_key_id_env", "secret_access_key_env")
     @classmethod

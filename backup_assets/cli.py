@@ -524,6 +524,34 @@ def cmd_safety_drop(args) -> int:
     return 0
 
 
+def cmd_replicas_verify(args) -> int:
+    """Prove S3 replicas by their bytes: download and hash them (those due, or --all)."""
+    from .core.replica import audit_replicas, storage_for
+
+    catalog = _catalog(args)
+    if catalog.replication.s3 is None:
+        raise UsageError("the catalog has no replication.s3 section")
+    results = audit_replicas(catalog, storage_for(catalog), every=args.all, limit=args.limit,
+                             say=lambda m: print(m, file=sys.stderr))
+    if args.json:
+        print(json.dumps([{"key": r.key, "passed": r.outcome.passed, "message": r.outcome.message}
+                          for r in results], indent=2))
+    else:
+        for r in results:
+            print(f"{'PASS' if r.outcome.passed else 'FAIL'} {r.key}: {r.outcome.message}")
+        if not results:
+            print("no replica is due for a byte-level verification", file=sys.stderr)
+    failed = [r for r in results if not r.outcome.passed]
+    for r in failed:
+        from .core.alerts import Alert
+        from .defs.keys import replica_key
+
+        _alert(catalog, Alert(what="replica audit failed", error=f"[{r.partition}] {r.outcome.message}",
+                              source=r.source, group=r.group, tier=r.tier,
+                              asset=replica_key(r.source, r.group, r.tier).to_user_string(), cause="run-failure"))
+    return 1 if failed else 0
+
+
 def cmd_rekey(args) -> int:
     from .core import crypto
     from .core.rekey import rekey, select
@@ -766,6 +794,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--all", action="store_true")
     r.add_argument("--confirm", action="store_true")
     r.set_defaults(func=cmd_safety_drop)
+
+    p = sub.add_parser("replicas", help="the S3 replica")
+    ssub = p.add_subparsers(dest="replicas_command", required=True)
+    r = ssub.add_parser("verify", help="download and hash the replicas that are due (replication.s3.deep_verify_days)")
+    r.add_argument("--all", action="store_true", help="every replica, due or not")
+    r.add_argument("--limit", type=int, metavar="N", help="at most N replicas (default: deep_verify_per_run)")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_replicas_verify)
 
     p = sub.add_parser("wal-push", help="archive one WAL file (PostgreSQL's archive_command: wal-push --source S %%p)")
     p.add_argument("--source", required=True)

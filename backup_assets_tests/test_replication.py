@@ -258,3 +258,93 @@ def test_an_upload_killed_mid_way_never_counts_and_the_next_one_completes(big_sq
     assert replica_intact(catalog, backup, storage_for(catalog)).passed
     assert not client.list_multipart_uploads(Bucket=bucket).get("Uploads"), "the stale upload was aborted"
     assert client.head_object(Bucket=bucket, Key=key)["Metadata"]["sha256"] == backup.manifest.sha256
+
+
+def _overwrite(client, bucket, key, body: bytes, **extra):
+    client.put_object(Bucket=bucket, Key=key, Body=body, **extra)
+
+
+def test_a_replica_is_proven_by_s3_checksums_or_its_bytes_never_by_metadata(miyabi_db, big_sqlite, write_catalog,
+                                                                             moto_s3, bucket, capsys):
+    import hashlib
+
+    catalog = write_catalog({"miyabi": {"engine": "sqlite", "path": str(miyabi_db)},
+                             "big": {"engine": "sqlite", "path": str(big_sqlite)}},
+                            replication=s3_replication(moto_s3, bucket, part_size_mb=5))
+    assert materialize_with_replica(catalog, "miyabi/full/daily").success
+    assert materialize_with_replica(catalog, "big/full/daily").success
+    client, storage = moto_s3.client(), storage_for(catalog, moto_s3.client())
+    small, big = find_backup(catalog, "miyabi", "full", "daily", P), find_backup(catalog, "big", "full", "daily", P)
+    skey = f"backups/sqlite/daily/{small.artifact_path.name}"
+    bkey = f"backups/sqlite/daily/{big.artifact_path.name}"
+
+    # uploaded with S3's own SHA-256: a single part's equals the manifest's, a multipart one is the composite
+    assert client.head_object(Bucket=bucket, Key=skey, ChecksumMode="ENABLED")["ChecksumSHA256"]
+    for backup in (small, big):
+        outcome = replica_intact(catalog, backup, storage)
+        assert outcome.passed and "S3's SHA-256 checksum of the stored bytes equals" in outcome.message, outcome
+        assert outcome.metadata["compared"] == "s3-checksum"
+    assert "in 3 parts" in replica_intact(catalog, big, storage).message
+
+    # overwritten with other bytes of the same size, the uploader's metadata kept: caught by S3's checksum
+    evil = bytearray(small.artifact_path.read_bytes())
+    evil[len(evil) // 2] ^= 0x01
+    _overwrite(client, bucket, skey, bytes(evil), Metadata={"sha256": small.manifest.sha256},
+               ChecksumAlgorithm="SHA256")
+    outcome = replica_intact(catalog, small, storage)
+    assert not outcome.passed and "S3's SHA-256 checksum of the stored bytes" in outcome.message, outcome
+    # ... and without any checksum or metadata: its bytes are downloaded, and they differ
+    client.put_object(Bucket=bucket, Key=skey, Body=bytes(evil))
+    head = client.head_object(Bucket=bucket, Key=skey, ChecksumMode="ENABLED")
+    assert "ChecksumSHA256" not in head and "sha256" not in head["Metadata"]
+    outcome = replica_intact(catalog, small, storage)
+    assert not outcome.passed and "downloaded, hash to sha256" in outcome.message, outcome
+    # the same bytes without checksum nor metadata: intact, and the message says it was the bytes
+    client.put_object(Bucket=bucket, Key=skey, Body=small.artifact_path.read_bytes())
+    outcome = replica_intact(catalog, small, storage)
+    assert outcome.passed and "downloaded and hashed" in outcome.message and "no SHA-256 checksum" in outcome.message
+    # replicate() does not take metadata for a replica either: the object above is uploaded again
+    _overwrite(client, bucket, skey, bytes(evil), Metadata={"sha256": small.manifest.sha256},
+               ChecksumAlgorithm="SHA256")
+    assert replicate(catalog, small, storage).mode == "upload"
+    assert hashlib.sha256(client.get_object(Bucket=bucket, Key=skey)["Body"].read()).hexdigest() == small.manifest.sha256
+
+    # the audit downloads what is due (all, the first time), then nothing until deep_verify_days pass
+    assert main(["--catalog", catalog.catalog_path, "replicas", "verify"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("PASS ") == 2 and "downloaded and hashed" in out, out
+    assert main(["--catalog", catalog.catalog_path, "replicas", "verify"]) == 0
+    assert "PASS" not in capsys.readouterr().out
+    # a replica deleted behind our back while its retention keeps it, and a damaged one: the audit names both
+    client.delete_object(Bucket=bucket, Key=bkey)
+    client.put_object(Bucket=bucket, Key=skey, Body=bytes(evil), Metadata={"sha256": small.manifest.sha256})
+    assert main(["--catalog", catalog.catalog_path, "replicas", "verify", "--all"]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL {bkey.removeprefix('backups/')}: s3://{bucket}/{bkey}: replica is missing" in out, out
+    assert f"FAIL {skey.removeprefix('backups/')}" in out and "downloaded, hash to sha256" in out, out
+
+
+def test_the_maintenance_job_audits_replicas_and_names_the_bad_one(miyabi_db, write_catalog, moto_s3, bucket):
+    catalog = write_catalog({"miyabi": {"engine": "sqlite", "path": str(miyabi_db)}},
+                            replication=s3_replication(moto_s3, bucket, deep_verify_per_run=1))
+    assert materialize_with_replica(catalog, "miyabi/full/daily").success
+    assert materialize_with_replica(catalog, "miyabi/full/daily", "2026-11-21").success
+    defs = build_definitions(catalog)
+    audit = dg.AssetKey(["operations", "replica_audit"])
+    with dg.instance_for_test() as instance:
+        job = defs.resolve_job_def("maintenance")
+        first = job.execute_in_process(instance=instance, asset_selection=[audit])
+        assert first.success
+        [mat] = first.asset_materializations_for_node("operations__replica_audit")
+        assert mat.metadata["replicas_proven"].value == 1  # one a run: the sample rotates
+        backup = find_backup(catalog, "miyabi", "full", "daily", "2026-11-21")
+        key = f"backups/sqlite/daily/{backup.artifact_path.name}"
+        moto_s3.client().put_object(Bucket=bucket, Key=key, Body=b"x" * backup.manifest.size_bytes,
+                                    Metadata={"sha256": backup.manifest.sha256})
+        second = job.execute_in_process(instance=instance, asset_selection=[audit], raise_on_error=False)
+        assert not second.success
+        [failure] = [e for e in second.all_events if e.is_step_failure]
+        from backup_assets.defs.sensors import failed_assets
+
+        named = failed_assets(failure.event_specific_data.user_failure_data.metadata)
+        assert list(named) == ["miyabi/full_daily_s3"] and "[2026-11-21]" in named["miyabi/full_daily_s3"], named

@@ -7,13 +7,16 @@ for a backup. Promotions (a weekly that is the same file as a daily) become serv
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 
 from ..catalog import Catalog
 from . import BackupError
-from .artifact import partial_path, sha256_file
+from .artifact import partial_path, sha256_file, write_json_atomic
 from .backup import repository_for
 from .manifest import MANIFEST_SUFFIX, Manifest
 from .repository import BackupRef, Repository, StoredBackup
@@ -22,7 +25,7 @@ from .storage.s3 import S3Storage, with_retries
 from .verification import is_verified, read_status, record
 from .verify import Outcome, artifact_intact
 
-__all__ = ["ReplicaResult", "copy_backup", "ensure_replicable", "fetch_from_s3",
+__all__ = ["AuditResult", "ReplicaResult", "audit_replicas", "copy_backup", "ensure_replicable", "fetch_from_s3",
            "replica_intact", "replica_repository", "replicate", "storage_for"]
 
 
@@ -53,6 +56,8 @@ def _holds(repo: Repository, key: str, size: int, sha256: str) -> bool:
     info = repo.storage.head(key)
     if info is None or info.size != size:
         return False
+    if info.checksum_sha256 is not None and info.parts <= 1:  # the storage's own, not metadata anyone can set
+        return info.checksum_sha256 == _b64(sha256)
     if info.sha256 is None:  # a local file: read it
         path = repo.storage.local_path(key)
         return path is not None and sha256_file(path) == sha256
@@ -119,10 +124,62 @@ def replicate(catalog: Catalog, backup: StoredBackup, target, *, say=lambda _m: 
     started = time.monotonic()
     mode = copy_backup(backup.manifest, key, local, target, say=say,
                        metadata={"verified": "true" if is_verified(backup) else "unknown"})
+    try:  # what the replica audit looks for later; a full volume must not undo a good replica
+        _update_audit(catalog, {key: {"replicated_at": _now().isoformat(timespec="seconds")}})
+    except OSError as exc:
+        say(f"the replica audit's record could not be written ({exc.strerror}); the replica is listed instead")
     return ReplicaResult(target.storage.uri(key), mode, backup.manifest.size_bytes, round(time.monotonic() - started, 3))
 
 
-def replica_intact(catalog: Catalog, backup: StoredBackup, target) -> Outcome:
+def _b64(hexdigest: str) -> str:
+    return base64.b64encode(bytes.fromhex(hexdigest)).decode()
+
+
+def composite_sha256(path, part_size: int) -> str:
+    """S3's composite SHA-256 of a file uploaded in parts of `part_size`: the SHA-256 of the parts'
+    SHA-256s, base64."""
+    digests = b""
+    with open(path, "rb") as fh:
+        while chunk := fh.read(part_size):
+            digests += hashlib.sha256(chunk).digest()
+    return base64.b64encode(hashlib.sha256(digests).digest()).decode()
+
+
+def _checksum_proof(storage, key: str, info, m: Manifest, local) -> tuple[bool | None, str]:
+    """Compare the storage's own SHA-256 of the stored bytes with the backup's: (True, what was compared),
+    (False, the difference), or (None, why it cannot be compared)."""
+    if info.checksum_sha256 is None:
+        return None, "the object has no SHA-256 checksum of S3's own"
+    if info.parts <= 1:
+        expected, basis = _b64(m.sha256), "the manifest's SHA-256"
+    elif local is None or not local.exists():
+        return None, f"the object's checksum is a composite of {info.parts} parts and the local artifact is gone"
+    else:
+        expected = composite_sha256(local, storage.part_size(key))
+        basis = f"the composite SHA-256 of the local artifact (sha256 as in the manifest) in {info.parts} parts"
+    if info.checksum_sha256 != expected:
+        return False, f"S3's SHA-256 checksum of the stored bytes {info.checksum_sha256} differs from {basis} ({expected})"
+    return True, f"S3's SHA-256 checksum of the stored bytes equals {basis}"
+
+
+def _download_sha256(storage, key: str) -> str:
+    digest = hashlib.sha256()
+    body = storage.open(key)
+    try:
+        for chunk in iter(lambda: body.read(1 << 20), b""):
+            digest.update(chunk)
+    finally:
+        close = getattr(body, "close", None)
+        if close:
+            close()
+    return digest.hexdigest()
+
+
+def replica_intact(catalog: Catalog, backup: StoredBackup, target, *, deep: bool = False) -> Outcome:
+    """The replica holds this backup's bytes: its size, S3's own SHA-256 checksum of the stored bytes
+    (checked by S3 on upload) against the manifest's, and, with `deep` or when the object has no such
+    checksum, its bytes downloaded and hashed. Object metadata alone (which whoever writes an object
+    sets at will) never makes a replica intact. The message says exactly what was compared."""
     target = _as_repository(target)
     m = backup.manifest
     key = repository_for(catalog).key_of(backup.artifact_path)
@@ -133,12 +190,112 @@ def replica_intact(catalog: Catalog, backup: StoredBackup, target) -> Outcome:
     if info.size != m.size_bytes:
         return Outcome(False, f"{uri}: size {info.size} differs from the manifest's {m.size_bytes}")
     if info.sha256 is not None and info.sha256 != m.sha256:
-        return Outcome(False, f"{uri}: sha256 {info.sha256} differs from the manifest's {m.sha256}")
+        return Outcome(False, f"{uri}: the sha256 in its metadata {info.sha256} differs from the manifest's {m.sha256}")
     if target.storage.head(key + MANIFEST_SUFFIX) is None:
         return Outcome(False, f"{uri}: its manifest is missing in the replica")
-    return Outcome(True, f"{uri}: size and sha256 match the manifest",
+    proven, compared = _checksum_proof(target.storage, key, info, m, backup.artifact_path)
+    if proven is False:
+        return Outcome(False, f"{uri}: {compared}")
+    said = [f"size {info.size} equals the manifest's"]
+    if proven:
+        said.append(compared)
+    downloaded = None
+    if deep or not proven:
+        downloaded = _download_sha256(target.storage, key)
+        if downloaded != m.sha256:
+            return Outcome(False, f"{uri}: its bytes, downloaded, hash to sha256 {downloaded}, not the manifest's "
+                                  f"{m.sha256}" + ("" if proven else f" ({compared})"))
+        said.append("its bytes, downloaded and hashed, equal the manifest's SHA-256"
+                    + ("" if proven else f" ({compared})"))
+    return Outcome(True, f"{uri}: {'; '.join(said)}",
                    {"uri": uri, "size_bytes": info.size, "sse": info.server_side_encryption or "none",
-                    "storage_class": info.storage_class or "STANDARD"})
+                    "storage_class": info.storage_class or "STANDARD",
+                    "compared": "bytes" if downloaded else "s3-checksum",
+                    **({"s3_checksum_sha256": info.checksum_sha256} if info.checksum_sha256 else {})})
+
+
+AUDIT_STATE = ".replica_audit.json"
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _audit_path(catalog: Catalog):
+    return repository_for(catalog).root / AUDIT_STATE
+
+
+def read_audit(catalog: Catalog) -> dict[str, dict]:
+    """Per artifact key: when it was replicated, when its replica was last proven by its bytes, and how
+    that went."""
+    try:
+        data = json.loads(_audit_path(catalog).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _update_audit(catalog: Catalog, changes: dict[str, dict]) -> None:
+    state = read_audit(catalog)
+    for key, change in changes.items():
+        state[key] = {**state.get(key, {}), **change}
+    write_json_atomic(_audit_path(catalog), state)
+
+
+@dataclass
+class AuditResult:
+    key: str
+    source: str
+    group: str
+    tier: str
+    partition: str
+    outcome: Outcome
+
+
+def audit_replicas(catalog: Catalog, target, *, every: bool = False, limit: int | None = None,
+                   now: dt.datetime | None = None, say=lambda _m: None) -> list[AuditResult]:
+    """Download and hash the replicas that are due (never proven by their bytes, or last more than
+    `replication.s3.deep_verify_days` ago; `every`: all of them), the longest unproven first, at most
+    `limit` (default the catalog's `deep_verify_per_run`). A replica this repository wrote that is gone
+    while the replica's retention would still keep it is a failure too."""
+    from .retention import entries, select
+
+    cfg = catalog.replication.s3
+    target = _as_repository(target)
+    now = now or _now()
+    days = cfg.deep_verify_days if cfg is not None else 7
+    if not every and days == 0:
+        return []
+    limit = limit if limit is not None else (cfg.deep_verify_per_run if cfg is not None else None)
+    repo = repository_for(catalog)
+    state = read_audit(catalog)
+    pairs = entries(repo)
+    kept = {e.id for e in select([e for e, _ in pairs], {t: catalog.retention_days(t, "s3") for t in catalog.tiers},
+                                 now).keep}
+    present = {key for key, _ in target.storage.list("")}
+    due = []
+    for entry, ref in pairs:
+        record_ = state.get(ref.key, {})
+        if ref.key not in present and not (record_.get("replicated_at") and entry.id in kept):
+            continue  # never replicated, or let go by the replica's retention
+        last = record_.get("deep_at")
+        if every or last is None or now - dt.datetime.fromisoformat(last) >= dt.timedelta(days=days):
+            due.append((last or "", ref))
+    due.sort(key=lambda d: d[0])
+    results, changes = [], {}
+    for _, ref in due[:limit] if limit else due:
+        backup = repo.stored(ref)
+        say(f"downloading and hashing {target.storage.uri(ref.key)}")
+        try:
+            outcome = replica_intact(catalog, backup, target, deep=True)
+        except BackupError as exc:
+            outcome = Outcome(False, str(exc))
+        results.append(AuditResult(ref.key, ref.source, ref.group, ref.tier, ref.partition, outcome))
+        changes[ref.key] = {"deep_at": now.isoformat(timespec="seconds"), "passed": outcome.passed,
+                            "message": outcome.message}
+    if changes:
+        _update_audit(catalog, changes)
+    return results
 
 
 def newest(repo: Repository, *, engine: str, source: str, group: str, tier: str | None = None,

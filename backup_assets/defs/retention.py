@@ -42,11 +42,54 @@ def build_retention(catalog: Catalog) -> list[dg.AssetsDefinition]:
         return dg.MaterializeResult(metadata=md)
 
     assets = [retention]
+    if replicated:
+        assets.append(_replica_audit(catalog))
     for source, src in catalog.sources.items():
         if src.engine != "postgres" or not src.prune:
             continue
         assets.append(_table_pruning(catalog, source))
     return assets
+
+
+REPLICA_AUDIT_KEY = dg.AssetKey(["operations", "replica_audit"])
+
+
+class AuditConfig(dg.Config):
+    every: bool = False  # download every replica now, not only those due
+
+
+def _replica_audit(catalog: Catalog) -> dg.AssetsDefinition:
+    cfg = catalog.replication.s3
+    sample = f"at most {cfg.deep_verify_per_run} a run" if cfg.deep_verify_per_run else "all that are due"
+
+    @dg.asset(key=REPLICA_AUDIT_KEY, group_name="operations", kinds={"s3"}, required_resource_keys={"s3"},
+              description=f"Proves the S3 replicas by their bytes: downloads and hashes each replica at least every "
+                          f"{cfg.deep_verify_days} days ({sample}, the longest unproven first) and fails naming every "
+                          "replica whose bytes differ from its manifest or that is gone while the replica's retention "
+                          "keeps it. The per-replication check compares S3's own checksums; this compares the bytes.")
+    def replica_audit(context: AssetExecutionContext, config: AuditConfig) -> dg.MaterializeResult:
+        from ..core.replica import audit_replicas
+        from .keys import replica_key
+        from .sensors import FAILED_ASSETS
+
+        results = audit_replicas(catalog, _storage(catalog, context.resources.s3), every=config.every,
+                                 say=context.log.info)
+        failed = {}
+        for r in results:
+            if not r.outcome.passed:
+                name = replica_key(r.source, r.group, r.tier).to_user_string()
+                failed.setdefault(name, f"[{r.partition}] {r.outcome.message}")
+                context.log.error(f"{name} [{r.partition}]: {r.outcome.message}")
+        md = {"replicas_proven": dg.MetadataValue.int(sum(r.outcome.passed for r in results)),
+              "replicas_failed": dg.MetadataValue.int(len(results) - sum(r.outcome.passed for r in results)),
+              "bytes_downloaded": dg.MetadataValue.int(sum(r.outcome.metadata.get("size_bytes", 0) for r in results
+                                                           if r.outcome.passed))}
+        if failed:
+            raise dg.Failure(description="; ".join(f"{k}: {v}" for k, v in failed.items()),
+                             metadata={FAILED_ASSETS: dg.MetadataValue.json(failed), **md})
+        return dg.MaterializeResult(metadata=md)
+
+    return replica_audit
 
 
 def _table_pruning(catalog: Catalog, source: str) -> dg.AssetsDefinition:

@@ -22,6 +22,10 @@ class ObjectInfo:
     metadata: dict[str, str] = field(default_factory=dict)
     server_side_encryption: str | None = None
     storage_class: str | None = None
+    # the storage's own SHA-256 of the stored bytes (S3: computed and checked by S3 on upload, base64; a
+    # multipart object's is the composite: the SHA-256 of its parts' SHA-256s) and its parts; None: none
+    checksum_sha256: str | None = None
+    parts: int = 1
 
 
 class Storage(Protocol):

@@ -3,10 +3,13 @@
 Methods take repository keys (`postgres/daily/<artifact>`); the catalog's prefix is added here.
 
 Uploads stream the file in parts of a fixed size (bounded memory whatever the artifact's size),
-with server-side encryption and storage class from the catalog. The manifest's SHA-256 travels as
-object metadata (`sha256`) and is checked with a HEAD after the upload; single-part uploads also
-carry it as S3's own SHA-256 checksum, multipart uploads carry one per part. An interrupted
-multipart upload is aborted, never left to look like a replica.
+with server-side encryption and storage class from the catalog. Every object carries S3's own
+SHA-256 checksum, which S3 computes over the bytes it receives and refuses the upload on a mismatch
+(a multipart object's is the composite: one per part, and the SHA-256 of those); server-side copies
+ask S3 for it too. The manifest's SHA-256 also travels as object metadata (`sha256`), which anyone
+who can write the object can set to anything: `replica_intact` trusts S3's checksum or the bytes
+themselves, never that metadata alone. An interrupted multipart upload is aborted, never left to
+look like a replica.
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ class S3Storage:
     # -- reads -----------------------------------------------------------------------------
     def head(self, key: str) -> ObjectInfo | None:
         try:
-            r = self.client.head_object(Bucket=self.bucket, Key=self._full(key))
+            r = self.client.head_object(Bucket=self.bucket, Key=self._full(key), ChecksumMode="ENABLED")
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return None
@@ -102,8 +105,21 @@ class S3Storage:
         except BotoCoreError as exc:
             raise _explain(exc, f"HEAD {self.uri(key)}") from None
         meta = r.get("Metadata", {})
+        # a multipart object's checksum is a composite ("<base64>-<parts>" on AWS; some endpoints leave out the
+        # count), and its ETag is "<md5 of the part md5s>-<parts>"
+        checksum, _, parts = (r.get("ChecksumSHA256") or "").partition("-")
+        _, dash, etag_parts = r.get("ETag", "").strip('"').rpartition("-")
+        etag_parts = etag_parts if dash else ""
+        count = int(parts) if parts.isdigit() else int(etag_parts) if etag_parts.isdigit() else 1
         return ObjectInfo(key, r["ContentLength"], meta.get("sha256"), meta, r.get("ServerSideEncryption"),
-                          r.get("StorageClass", "STANDARD"))
+                          r.get("StorageClass", "STANDARD"), checksum_sha256=checksum or None, parts=count)
+
+    def part_size(self, key: str) -> int:
+        """The size of a multipart object's first part (all but the last are that size)."""
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self._full(key), PartNumber=1)["ContentLength"]
+        except (ClientError, BotoCoreError) as exc:
+            raise _explain(exc, f"HEAD {self.uri(key)} part 1") from None
 
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
         try:
@@ -149,7 +165,8 @@ class S3Storage:
                     data = fh.read()
                 _same(path, hashlib.sha256(data).hexdigest(), sha256)
                 self.client.put_object(Bucket=self.bucket, Key=self._full(key), Body=data, Metadata=meta,
-                                       ChecksumSHA256=_b64(hashlib.sha256(data).digest()), **self._put_args())
+                                       ChecksumAlgorithm="SHA256", ChecksumSHA256=_b64(hashlib.sha256(data).digest()),
+                                       **self._put_args())
             else:
                 self._multipart(path, key, part_size, meta)
         except (ClientError, BotoCoreError) as exc:
@@ -159,7 +176,7 @@ class S3Storage:
     def put_bytes(self, data: bytes, key: str) -> None:
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._full(key), Body=data,
-                                   Metadata={"sha256": hashlib.sha256(data).hexdigest()},
+                                   Metadata={"sha256": hashlib.sha256(data).hexdigest()}, ChecksumAlgorithm="SHA256",
                                    ChecksumSHA256=_b64(hashlib.sha256(data).digest()), **self._put_args())
         except (ClientError, BotoCoreError) as exc:
             raise _explain(exc, f"uploading {self.uri(key)}") from None
@@ -211,10 +228,10 @@ class S3Storage:
         try:
             if size <= COPY_LIMIT:
                 self.client.copy_object(Bucket=self.bucket, Key=self._full(dst_key), CopySource=source, Metadata=meta,
-                                        MetadataDirective="REPLACE", **self._put_args())
+                                        MetadataDirective="REPLACE", ChecksumAlgorithm="SHA256", **self._put_args())
             else:
                 upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=self._full(dst_key), Metadata=meta,
-                                                                **self._put_args())["UploadId"]
+                                                                ChecksumAlgorithm="SHA256", **self._put_args())["UploadId"]
                 try:
                     parts, start, number = [], 0, 1
                     step = max(self.cfg.part_size_mb * MIB, 64 * MIB)
@@ -223,7 +240,9 @@ class S3Storage:
                         r = self.client.upload_part_copy(Bucket=self.bucket, Key=self._full(dst_key), UploadId=upload_id,
                                                          PartNumber=number, CopySource=source,
                                                          CopySourceRange=f"bytes={start}-{end}")
-                        parts.append({"PartNumber": number, "ETag": r["CopyPartResult"]["ETag"]})
+                        parts.append({"PartNumber": number, "ETag": r["CopyPartResult"]["ETag"],
+                                      **({"ChecksumSHA256": r["CopyPartResult"]["ChecksumSHA256"]}
+                                         if r["CopyPartResult"].get("ChecksumSHA256") else {})})
                         start, number = end + 1, number + 1
                     self.client.complete_multipart_upload(Bucket=self.bucket, Key=self._full(dst_key), UploadId=upload_id,
                                                           MultipartUpload={"Parts": parts})
