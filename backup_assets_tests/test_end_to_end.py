@@ -44,6 +44,10 @@ def source_cluster(tmp_path):
     cluster.create_database("myloware")
     with cluster.connect("myloware") as conn:
         seed_myloware(conn, Scale(runs=200, webhooks=200, documents=10, chunks_per_document=3, dims=16))
+    cluster.create_database("crm")
+    with cluster.connect("crm") as conn:
+        conn.execute("CREATE TABLE customers (id int PRIMARY KEY, name text)")
+        conn.execute("INSERT INTO customers SELECT g, 'customer ' || g FROM generate_series(1, 20) g")
     yield cluster
     log = cluster.data_dir / "server.log"
     if log.exists():  # kept with the test's files, to see what the server said when something failed
@@ -82,6 +86,11 @@ def test_daemon_runs_the_schedule_backfills_and_alerts(pg18, source_cluster, mot
                            "user": "postgres", "password_env": SOURCE_PASSWORD_ENV},
             "groups": {"core": {"tables": ["runs", "artifacts", "webhook_events", "hitl_approvals"]},
                        "kb": {"tables": ["kb_documents"]}},
+        }, "crm": {  # another source on the same server: the UI may never replace it
+            "engine": "postgres", "globals": False,
+            "connection": {"host": "127.0.0.1", "port": source_cluster.port, "dbname": "crm",
+                           "user": "postgres", "password_env": SOURCE_PASSWORD_ENV},
+            "groups": {"full": {}},
         }},
         "replication": s3_replication(moto_s3, bucket),
         "alerts": alert_config(smtp_sink, http_sink, dagster_url=web, sensor_interval_seconds=5, window_minutes=0),
@@ -192,7 +201,8 @@ def test_daemon_runs_the_schedule_backfills_and_alerts(pg18, source_cluster, mot
         hooks = [json.loads(r["body"]) for r in http_sink.requests if r["path"] == "/hooks/backup"]
         failed_groups = wait_for(lambda: (g := sorted(h["group"] for h in (json.loads(r["body"]) for r in http_sink.requests
                                                                          if r["path"] == "/hooks/backup")
-                                                  if h["partition"] == "2026-11-13")) == ["core", "globals", "kb"] and g,
+                                                  if h["partition"] == "2026-11-13" and h["source"] == "myloware"))
+                                               == ["core", "globals", "kb"] and g,
                                  120, "an alert for each failed group")
         assert failed_groups == ["core", "globals", "kb"]  # the roles' backup fails with the database
         assert any(h["partition"] == "2026-11-13" and h["source"] == "myloware" and "cannot connect" in h["error"]
@@ -249,6 +259,55 @@ def test_daemon_runs_the_schedule_backfills_and_alerts(pg18, source_cluster, mot
         finally:
             blocker.rollback()
             blocker.close()
+
+        # 6. the webserver has no login: what the UI's API may destroy is what the catalog allows
+        launch = """mutation($params: ExecutionParams!) { launchRun(executionParams: $params) {
+            __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message }
+            ... on RunConfigValidationInvalid { errors { message } } } }"""
+        location = {"repositoryLocationName": "backup_assets.definitions", "repositoryName": "__repository__"}
+
+        def run_job(job: str, config: dict) -> dg.DagsterRun:
+            done = graphql(web, launch, {"params": {"selector": {**location, "jobName": job},
+                                                    "runConfigData": config}})["launchRun"]
+            assert done["__typename"] == "LaunchRunSuccess", done
+            run_id = done["run"]["runId"]
+            return wait_for(lambda: (r := instance.get_run_by_id(run_id)) and r.is_finished and r, 240,
+                            f"the {job} run")
+
+        def restore(**config) -> dg.DagsterRun:
+            return run_job("restore", {"ops": {"restore_backup": {"config": {
+                "source": "myloware", "group": "core", "partition": yesterday, **config}}}})
+
+        with source_cluster.connect("crm") as conn:
+            crm_before = conn.execute("SELECT count(*) FROM customers").fetchone()
+        refused = restore(target_database="crm", safety_copy=False, terminate_connections=True, confirm=True)
+        assert refused.status == dg.DagsterRunStatus.FAILURE
+        no_copy = restore(target_database="myloware_copy", safety_copy=False, confirm=True)
+        assert no_copy.status == dg.DagsterRunStatus.FAILURE
+        with source_cluster.connect("crm") as conn:  # untouched, and no restored table in it
+            assert conn.execute("SELECT count(*) FROM customers").fetchone() == crm_before
+            assert not conn.execute("SELECT 1 FROM pg_class WHERE relname = 'runs'").fetchone()
+        copied = restore(target_database="myloware_copy", confirm=True)
+        assert copied.status == dg.DagsterRunStatus.SUCCESS
+        # each refusal alerted by name (source and target), not folded into one "restore failed"
+        targets = wait_for(lambda: (t := sorted(h["title"] for h in (json.loads(r["body"]) for r in http_sink.requests
+                                                                     if r["path"] == "/hooks/backup")
+                                                if h.get("asset") == "restore:myloware")) and len(t) >= 2 and t,
+                           120, "the alerts for the refused restores")
+        assert any("restore into crm failed" in t for t in targets), targets
+        assert any("restore into myloware_copy failed" in t for t in targets), targets
+        # the restore log holds all three, with the run that asked; pruning the run history keeps them
+        pruned = run_job("prune_run_history", {"ops": {"prune_old_runs": {"config": {"older_than_days": 0}}}})
+        assert pruned.status == dg.DagsterRunStatus.SUCCESS
+        for run in (refused, no_copy, copied):
+            assert instance.get_run_by_id(run.run_id) is not None, "a restore run was pruned"
+        log = [json.loads(line) for line in (volume / "backups" / "restores.jsonl").read_text().splitlines()]
+        by_run = {}
+        for entry in log:
+            by_run.setdefault(entry.get("run_id"), []).append(entry)
+        assert [e["outcome"] for e in by_run[refused.run_id]] == ["refused"]
+        assert by_run[refused.run_id][0]["target"] == "crm"
+        assert [e.get("outcome") for e in by_run[copied.run_id]] == [None, "ok"], by_run[copied.run_id]
         instance.dispose()
     finally:
         for proc in procs:
