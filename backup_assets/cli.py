@@ -156,20 +156,23 @@ def cmd_verify(args) -> int:
         try:
             outcome = run()
         except BackupError as exc:  # the check could not be done (a full scratch folder, say): it failed
-            outcome = Outcome(False, str(exc))
-        verification.record(backup, name, outcome.passed, outcome.message, outcome.metadata)
+            outcome = Outcome.failure(exc, str(exc))
+        if not outcome.not_checked:  # a check that could not run here never replaces what was recorded
+            verification.record(backup, name, outcome.passed, outcome.message, outcome.metadata)
         results.append({"check": name, "passed": outcome.passed, "message": outcome.message,
+                        **({"not_checked": True} if outcome.not_checked else {}),
                         **({"rto_s": outcome.metadata["rto_s"]} if "rto_s" in outcome.metadata else {})})
         if not args.json:
-            print(f"{'PASS' if outcome.passed else 'FAIL'} {name}: {outcome.message}")
+            print(f"{'SKIP' if outcome.not_checked else 'PASS' if outcome.passed else 'FAIL'} {name}: "
+                  f"{outcome.message}")
         if not outcome.passed and name == "artifact_intact":
             break
-    ok = all(r["passed"] for r in results)
+    ok = all(r["passed"] or r.get("not_checked") for r in results)
     if args.json:
         print(json.dumps({"artifact": str(backup.artifact_path), "passed": ok, "checks": results}, indent=2))
     m = backup.manifest
     for r in results:  # the check_failure_alerts sensor's alert and key: it never sees a check run here
-        if not r["passed"]:
+        if not r["passed"] and not r.get("not_checked"):
             from .core.alerts import Alert
             from .defs.keys import backup_key
 
@@ -553,34 +556,78 @@ def cmd_replicas_verify(args) -> int:
 
 
 def cmd_rekey(args) -> int:
+    from collections import Counter
+
     from .core import crypto
-    from .core.rekey import rekey, select
+    from .core.rekey import leftovers, rekey, select
 
     catalog = _catalog(args)
     repos = _repositories(catalog, args)
     repos[0].sweep()
     chosen = select(repos, source=args.source, group=args.group, tier=args.tier,
                     older_than_days=args.older_than_days, recipients=args.recipients)
+    left = leftovers(repos, args.recipients)
     keys = ", ".join(crypto.fingerprint(r) for r in args.recipients)
     if not args.apply:
         for c in chosen:
             places = "+".join([c.repo.name] + [o.name for o in c.others])
-            print(f"would re-encrypt {c.ref.name} ({places}; now: {crypto.key_summary(c.manifest)}) to {keys}")
+            if c.successor is not None:
+                print(f"would finish the interrupted rotation of {c.ref.name} ({places}): replace it by "
+                      f"{c.successor[1].name} from {c.successor[0].name}")
+            else:
+                print(f"would re-encrypt {c.ref.name} ({places}; now: {crypto.key_summary(c.manifest)}) to {keys}")
+        for lo in left:
+            print(f"would remove {lo.repo.storage.uri(lo.key)}: an old copy left without its manifest by an "
+                  f"interrupted rotation (its successor {lo.successor} is complete)")
         print(f"{len(chosen)} backup(s) to re-encrypt (a dry run: --apply does it)", file=sys.stderr)
         return 0
-    failed = 0
+    for lo in left:
+        lo.repo.storage.delete([lo.key])
+        print(f"removed {lo.repo.storage.uri(lo.key)}: an old copy left without its manifest by an interrupted "
+              f"rotation (its successor {lo.successor} is complete)")
+    errors: Counter = Counter()
+    first: dict[str, str] = {}
+    places: Counter = Counter()
+    failed = unfinished = 0
+
+    def problem(text: str, same: str) -> None:
+        errors[same] += 1
+        first.setdefault(same, text)
+
     for c in chosen:
         try:
             done = rekey(catalog, c, args.recipients, identity_env=args.identity_file_env)
         except BackupError as exc:
+            text = scrub(str(exc))
+            problem(text, text.replace(c.repo.storage.uri(c.ref.key), "<artifact>"))
             failed += 1
-            print(f"backup-assets: {scrub(str(exc))}", file=sys.stderr)
             continue
-        line = f"re-encrypted {done.old} -> {done.new} in {c.repo.name} ({done.seconds:.1f}s)"
-        if done.also_in:
-            line += f"; the copy in {', '.join(done.also_in)} replaced"
+        if c.successor is None:
+            places[c.repo.name] += 1
+        for name in done.also_in:
+            places[name] += 1
+        if done.resumed:
+            line = (f"finished the interrupted rotation of {done.old}: replaced by {done.new} in "
+                    f"{', '.join(done.also_in) or 'no repository yet'}")
+        else:
+            line = f"re-encrypted {done.old} -> {done.new} in {c.repo.name} ({done.seconds:.1f}s)"
+            if done.also_in:
+                line += f"; the copy in {', '.join(done.also_in)} replaced"
         print(line)
-    return 1 if failed else 0
+        if done.pending:
+            unfinished += 1
+        for name, why in done.pending.items():  # the rotated side is done; this side keeps the old copy for now
+            text = scrub(why)
+            problem(f"{done.old}: the copy in {name} still holds the old keys ({text}); run rekey again to "
+                    "replace it with the same new artifact", f"{name}: {text}")
+    for same, count in errors.items():  # one line per distinct problem, not one per backup
+        print(f"backup-assets: {first[same]}" + (f" (and {count - 1} more backup(s) the same way)" if count > 1 else ""),
+              file=sys.stderr)
+    sides = ", ".join(f"{name} {n}" for name, n in sorted(places.items())) or "none"
+    print(f"{len(chosen) - failed - unfinished} of {len(chosen)} backup(s) rotated everywhere; copies now on the new "
+          f"keys: {sides}" + (f"; {failed} not rotated" if failed else "")
+          + (f"; {unfinished} with a copy still to replace (run rekey again)" if unfinished else ""), file=sys.stderr)
+    return 1 if failed or unfinished else 0
 
 
 def cmd_wal_push(args) -> int:

@@ -15,6 +15,7 @@ import pytest
 from psycopg import sql
 
 from backup_assets.cli import main
+from backup_assets.core import BackupError
 from backup_assets.core.backup import run_backup
 from backup_assets.core.repository import LocalRepository
 from backup_assets.core.verify import archive_readable, artifact_intact, restore_drill
@@ -358,3 +359,169 @@ def test_an_encrypting_writer_whose_sink_fails_raises_and_never_hangs(keys):
         for _ in range(64):
             writer.write(os.urandom(1 << 20))
         writer.close()
+
+
+def test_a_host_without_the_key_never_demotes_a_good_backup(pg18, marked_zoo, keys, write_catalog, monkeypatch,
+                                                            capsys):
+    """On a backup host without the private key the checks that need plaintext are "not checked", never
+    "failed": the result recorded when they could run stays, and a restore with the key takes the newest."""
+    from backup_assets.core import verification
+
+    db, _ = marked_zoo
+    catalog = encrypted_catalog(write_catalog, pg18, db, keys)
+    run_backup(catalog, "zoo", "full", "daily", "2026-11-23")
+    run_backup(catalog, "zoo", "full", "daily", "2026-11-24")
+    repo = LocalRepository(catalog.repository_root)
+    newest = repo.latest("zoo", "full", "daily", "2026-11-24")
+    assert main(["--catalog", catalog.catalog_path, "verify", "--partition", "2026-11-24", "--source", "zoo",
+                 "--group", "full"]) == 0
+    before = verification.read_status(newest)
+    assert before["archive_readable"]["passed"]
+    capsys.readouterr()
+    monkeypatch.delenv(IDENTITY_ENV)
+    code = main(["--catalog", catalog.catalog_path, "verify", "--partition", "2026-11-24", "--source", "zoo",
+                 "--group", "full", "--drill"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "PASS artifact_intact" in out  # the ciphertext's SHA-256 needs no key
+    assert "SKIP archive_readable: not checked here" in out and "SKIP restore_drill: not checked here" in out, out
+    after = verification.read_status(newest)  # nothing recorded over the pass, no failure recorded
+    assert after["archive_readable"] == before["archive_readable"] and "restore_drill" not in after, after
+    assert after["artifact_intact"]["passed"]
+    assert main(["--catalog", catalog.catalog_path, "list", "--source", "zoo"]) == 0
+    assert "FAILED" not in capsys.readouterr().out
+    # with the key again, a restore takes the newest and says which and why
+    monkeypatch.setenv(IDENTITY_ENV, str(keys["age_key"]))
+    target = f"{db}_copy"
+    assert main(["--catalog", catalog.catalog_path, "restore", "--source", "zoo", "--group", "full",
+                 "--target-db", target, "--confirm"]) == 0
+    err = capsys.readouterr().err
+    assert f"chose {newest.artifact_path.name}" in err and "the newest backup of zoo/full that verifies" in err, err
+
+
+def _rekey_child(catalog, recipient: str, point: str | None):
+    import sys
+
+    from backup_assets.core.failpoints import ENV
+
+    env = dict(os.environ, **({ENV: point} if point else {}))
+    return subprocess.run([sys.executable, "-m", "backup_assets.cli", "--catalog", catalog.catalog_path, "rekey",
+                           "--recipients", recipient, "--apply"], env=env, capture_output=True, text=True)
+
+
+def _s3_names(moto_s3, bucket) -> set[str]:
+    return {o["Key"].rsplit("/", 1)[-1] for o in moto_s3.client().list_objects_v2(Bucket=bucket).get("Contents", [])}
+
+
+def test_a_rekey_interrupted_before_s3_ends_with_s3_holding_the_local_bytes(pg18, marked_zoo, keys, write_catalog,
+                                                                           moto_s3, bucket, tmp_path, monkeypatch,
+                                                                           capsys):
+    """Killed (or S3 down) after the local copy was rotated and before S3's was: the re-run copies the local new
+    artifact to S3 (never encrypts the S3 copy a second time), so both hold the same bytes and the replica
+    check passes; S3 then holds nothing the retired key opens."""
+    from backup_assets.core.replica import replica_intact, replicate, storage_for
+    from backup_assets.core.storage import s3 as s3_module
+
+    db, _ = marked_zoo
+    catalog = _rekey_catalog(write_catalog, pg18, db, keys, moto_s3, bucket)
+    for p in ("2026-11-20", "2026-11-21"):
+        run_backup(catalog, "zoo", "full", "daily", p)
+        replicate(catalog, LocalRepository(catalog.repository_root).latest("zoo", "full", "daily", p),
+                  storage_for(catalog))
+    olds = {b.artifact_path.name for b in LocalRepository(catalog.repository_root).backups(source="zoo")}
+    new_key = pyrage.x25519.Identity.generate()
+    (tmp_path / "new.key").write_text(f"{new_key}\n")
+    recipient = str(new_key.to_public())
+    # 1. killed right after the first local copy was rotated
+    proc = _rekey_child(catalog, recipient, "rekey.old_deleted")
+    assert proc.returncode == -9, proc.stderr
+    # 2. S3 down for the whole next run: the local copies are rotated, S3's are not; both sides reported
+    real_put = s3_module.S3Storage.put_file
+
+    def s3_down(self, *a, **kw):
+        raise BackupError(f"uploading to {self.uri('x')}: S3 endpoint unreachable: {moto_s3.endpoint}")
+
+    monkeypatch.setattr(s3_module.S3Storage, "put_file", s3_down)
+    assert main(["--catalog", catalog.catalog_path, "rekey", "--recipients", recipient, "--apply"]) == 1
+    err = capsys.readouterr().err
+    assert "0 of 2 backup(s) rotated everywhere; copies now on the new keys: local 1" in err, err
+    assert err.count("S3 endpoint unreachable") == 1 and "(and 1 more backup(s) the same way)" in err, err
+    monkeypatch.setattr(s3_module.S3Storage, "put_file", real_put)
+    # 3. the re-run finishes: S3 receives the local new bytes
+    assert main(["--catalog", catalog.catalog_path, "rekey", "--recipients", recipient, "--apply"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished the interrupted rotation") == 2, out
+    assert "re-encrypted" not in out, out
+    repo = LocalRepository(catalog.repository_root)
+    news = repo.backups(source="zoo")
+    assert len(news) == 2 and not olds & {b.artifact_path.name for b in news}
+    storage = storage_for(catalog)
+    client = moto_s3.client()
+    for b in news:
+        key = f"backups/postgres/daily/{b.artifact_path.name}"
+        assert client.get_object(Bucket=bucket, Key=key)["Body"].read() == b.artifact_path.read_bytes()
+        assert replica_intact(catalog, b, storage).passed
+    assert not olds & _s3_names(moto_s3, bucket)
+
+
+def test_two_kills_in_a_row_never_tear_a_backup(pg18, marked_zoo, keys, write_catalog, capsys):
+    db, _ = marked_zoo
+    catalog = encrypted_catalog(write_catalog, pg18, db, keys)
+    run_backup(catalog, "zoo", "full", "daily", P)
+    recipient = str(pyrage.x25519.Identity.generate().to_public())
+    first = _rekey_child(catalog, f"{recipient}", "rekey.new_manifest")  # old and new both complete
+    assert first.returncode == -9, first.stderr
+    second = _rekey_child(catalog, recipient, "rekey.new_artifact")  # would write over the new one: it must not
+    assert second.returncode == 0, second.stderr
+    assert "finished the interrupted rotation" in second.stdout
+    [b] = LocalRepository(catalog.repository_root).backups(source="zoo", group="full", strict=True)
+    assert artifact_intact(b).passed  # its bytes are its manifest's (the key is not ours: hash only)
+
+
+def test_a_torn_newest_backup_of_a_partition_falls_back_to_the_intact_one(pg18, marked_zoo, keys, write_catalog,
+                                                                          capsys):
+    db, _ = marked_zoo
+    catalog = encrypted_catalog(write_catalog, pg18, db, keys)
+    run_backup(catalog, "zoo", "full", "daily", P)
+    run_backup(catalog, "zoo", "full", "daily", P)
+    older, newer = LocalRepository(catalog.repository_root).backups(source="zoo", group="full", partition=P)
+    data = bytearray(newer.artifact_path.read_bytes())
+    newer.artifact_path.write_bytes(bytes(data[:-7]))
+    assert main(["--catalog", catalog.catalog_path, "restore", "--source", "zoo", "--group", "full", "--partition", P,
+                 "--target-db", f"{db}_copy", "--confirm"]) == 0
+    err = capsys.readouterr().err
+    assert f"skipping {newer.artifact_path.name}" in err and f"chose {older.artifact_path.name}" in err, err
+    assert "(1 newer skipped)" in err
+
+
+def test_old_key_copies_left_without_manifest_are_found_and_removed(pg18, marked_zoo, keys, write_catalog, moto_s3,
+                                                                    bucket, monkeypatch, capsys):
+    from backup_assets.core import doctor as doctor_module
+    from backup_assets.core.replica import replicate, storage_for
+
+    db, _ = marked_zoo
+    catalog = _rekey_catalog(write_catalog, pg18, db, keys, moto_s3, bucket)
+    run_backup(catalog, "zoo", "full", "daily", P)
+    old = LocalRepository(catalog.repository_root).latest("zoo", "full", "daily")
+    replicate(catalog, old, storage_for(catalog))
+    old_bytes = old.artifact_path.read_bytes()
+    recipient = str(pyrage.x25519.Identity.generate().to_public())
+    assert main(["--catalog", catalog.catalog_path, "rekey", "--recipients", recipient, "--apply"]) == 0
+    # what a kill between an old copy's deletes left (older versions deleted manifest, then artifact)
+    old_key = f"backups/postgres/daily/{old.artifact_path.name}"
+    moto_s3.client().put_object(Bucket=bucket, Key=old_key, Body=old_bytes)
+    capsys.readouterr()
+    assert main(["--catalog", catalog.catalog_path, "rekey", "--recipients", recipient]) == 0  # the dry run says it
+    assert f"would remove s3://{bucket}/{old_key}" in capsys.readouterr().out
+    assert main(["--catalog", catalog.catalog_path, "rekey", "--recipients", recipient, "--apply"]) == 0
+    assert f"removed s3://{bucket}/{old_key}" in capsys.readouterr().out
+    assert old.artifact_path.name not in _s3_names(moto_s3, bucket)
+    # any artifact without its manifest on the replica is swept by doctor once it is old enough
+    stray = "backups/postgres/daily/zoo-full-2026-11-19-20261119T010101000000Z.dump.zst"
+    moto_s3.client().put_object(Bucket=bucket, Key=stray, Body=b"left over")
+    assert main(["--catalog", catalog.catalog_path, "doctor"]) == 0
+    assert stray.rsplit("/", 1)[-1] in _s3_names(moto_s3, bucket), "too young: an upload may be in progress"
+    monkeypatch.setattr(doctor_module, "ORPHAN_AGE_S", 0)
+    assert main(["--catalog", catalog.catalog_path, "doctor"]) == 0
+    assert f"removed s3://{bucket}/{stray}" in capsys.readouterr().out
+    assert stray.rsplit("/", 1)[-1] not in _s3_names(moto_s3, bucket)

@@ -68,6 +68,11 @@ def describe(recipients: list[str]) -> list[dict]:
     return out
 
 
+class NoIdentity(BackupError):
+    """The key that opens an artifact is not at hand (no identity file, a wrong or unusable one): what needs
+    the plaintext cannot be done here, which says nothing about the backup itself."""
+
+
 @dataclass(frozen=True)
 class Identities:
     """The private keys that can open artifacts, loaded from the file an environment variable names."""
@@ -81,19 +86,19 @@ class Identities:
         need = ", ".join(r["fingerprint"] for r in needed or []) or "one of its recipients"
         path = os.environ.get(env)
         if not path:
-            raise BackupError(f"the artifact is encrypted for {need}: set {env} to the path of an age identity "
+            raise NoIdentity(f"the artifact is encrypted for {need}: set {env} to the path of an age identity "
                               "file (or ssh private key) for one of these keys")
         try:
             data = Path(path).read_bytes()
         except OSError as exc:
-            raise BackupError(f"cannot read the identity file {path} named by {env}: {exc.strerror}") from None
+            raise NoIdentity(f"cannot read the identity file {path} named by {env}: {exc.strerror}") from None
         keys, public = [], set()
         text = data.decode(errors="replace")
         if "PRIVATE KEY" in text:
             try:
                 keys.append(pyrage.ssh.Identity.from_buffer(data))
             except Exception as exc:  # pyrage raises its own error types for bad keys
-                raise BackupError(f"the identity file named by {env} is not a usable ssh key: {exc}") from None
+                raise NoIdentity(f"the identity file named by {env} is not a usable ssh key: {exc}") from None
         else:
             for line in text.splitlines():
                 line = line.strip()
@@ -101,11 +106,11 @@ class Identities:
                     try:
                         key = pyrage.x25519.Identity.from_str(line)
                     except pyrage.IdentityError as exc:
-                        raise BackupError(f"the identity file named by {env} holds a bad age key: {exc}") from None
+                        raise NoIdentity(f"the identity file named by {env} holds a bad age key: {exc}") from None
                     keys.append(key)
                     public.add(fingerprint(str(key.to_public())))
         if not keys:
-            raise BackupError(f"the identity file named by {env} holds no age identity or ssh private key")
+            raise NoIdentity(f"the identity file named by {env} holds no age identity or ssh private key")
         return cls(env, tuple(keys), frozenset(public))
 
 
@@ -193,7 +198,7 @@ class DecryptingReader:
             if self._error:
                 exc = self._error[0]
                 if "no matching" in str(exc).lower():
-                    raise BackupError(f"{self._what}: none of the keys in the identity file named by "
+                    raise NoIdentity(f"{self._what}: none of the keys in the identity file named by "
                                       f"{self._identities.env} opens it ({exc})")
                 raise BackupError(f"{self._what}: the encrypted stream is damaged or truncated ({exc})")
         return data
@@ -215,16 +220,16 @@ def identities_for(catalog, manifest, *, artifact: str) -> "Identities | None":
     needed = enc.get("recipients") or []
     names = ", ".join(r["fingerprint"] for r in needed)
     if not env:
-        raise BackupError(f"{artifact} is encrypted for {names}: name the variable that holds the identity file's "
+        raise NoIdentity(f"{artifact} is encrypted for {names}: name the variable that holds the identity file's "
                           "path in the catalog (encryption.identity_file_env)")
     try:
         ids = Identities.load(env, needed)
     except BackupError as exc:
-        raise BackupError(f"{artifact}: {exc}") from None
+        raise NoIdentity(f"{artifact}: {exc}") from None
     x25519_needed = {r["fingerprint"] for r in needed if r.get("type") == "x25519"}
     only_age_keys = len(ids.public) == len(ids.keys)
     if only_age_keys and not (ids.public & x25519_needed):
-        raise BackupError(f"{artifact} is encrypted for {names}; the identity file named by {env} holds none of "
+        raise NoIdentity(f"{artifact} is encrypted for {names}; the identity file named by {env} holds none of "
                           f"these keys (it holds {', '.join(sorted(ids.public))})")
     return ids
 
@@ -237,11 +242,11 @@ def identities_for_record(catalog, source: str, record: dict, *, what: str) -> "
     cfg = catalog.encryption_for(source) if catalog is not None else None
     env = (cfg.identity_file_env if cfg is not None and cfg.identity_file_env else None) or record.get("identity_file_env")
     if not env:
-        raise BackupError(f"{what} is encrypted: name the identity file's variable in encryption.identity_file_env")
+        raise NoIdentity(f"{what} is encrypted: name the identity file's variable in encryption.identity_file_env")
     try:
         return Identities.load(env)
     except BackupError as exc:
-        raise BackupError(f"{what}: {exc}") from None
+        raise NoIdentity(f"{what}: {exc}") from None
 
 
 def identities_if_any(catalog, manifest, *, artifact: str) -> "Identities | None":

@@ -60,6 +60,16 @@ def doctor(catalog: Catalog, *, say=lambda _m: None) -> list[str]:
     for path in repo.orphans(min_age_s=ORPHAN_AGE_S):
         path.unlink(missing_ok=True)
         done.append(f"removed {path}: an artifact without a manifest is never a backup")
+    if catalog.replication.s3 is not None:  # the replica's too: a kill between an upload's two objects
+        from .replica import replica_repository
+
+        try:
+            replica = replica_repository(catalog)
+            for key in replica.orphan_keys(min_age_s=ORPHAN_AGE_S):
+                replica.storage.delete([key])
+                done.append(f"removed {replica.storage.uri(key)}: an artifact without a manifest is never a backup")
+        except BackupError as exc:
+            done.append(f"S3 replica not checked: {exc}")
     for _path, error in repo.unreadable():  # evidence of damage or tampering: reported, kept
         done.append(f"not counted as a backup (left for you to look at): {error}")
     for where, ep in servers(catalog, done).items():

@@ -9,9 +9,15 @@ Plain (unencrypted) backups are encrypted the same way.
 A backup is re-encrypted once, in the first repository that holds it (local before S3, so a
 backup that exists only in S3 is re-encrypted there); every other repository holding it then
 receives that same new artifact, so the copies stay byte-identical. A kill at any moment leaves a
-good backup: only once the new artifact and its manifest are complete is the old manifest
-removed, then the old artifact. A kill in between leaves two complete backups of the partition
-(the newer is used) or an orphan artifact (swept), never a backup that does not verify.
+good backup: only once the new artifact and its manifest are complete is the old copy removed
+(manifest and artifact in one request on S3). A kill in between leaves two complete backups of the
+partition (the newer is used) or an orphan artifact (swept), never a backup that does not verify.
+
+A re-run after an interruption finishes the rotation instead of starting it again: a backup whose
+successor (the name one microsecond later, complete, encrypted to exactly the new recipients)
+exists in any repository is never re-encrypted; every copy of it is replaced by the successor's
+bytes, so all repositories hold the same artifact. A complete backup's artifact is never written
+over, and old copies an interruption left without their manifest are removed by the re-run.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from ..catalog import Catalog
 from . import BackupError, crypto, failpoints
@@ -30,7 +36,7 @@ from .backup import repository_for
 from .manifest import MANIFEST_SUFFIX, Manifest
 from .repository import CHECKS_SUFFIX, STAMP, BackupRef, Repository
 
-__all__ = ["Rekeyed", "Candidate", "rekey", "select"]
+__all__ = ["Candidate", "Leftover", "Rekeyed", "leftovers", "rekey", "select"]
 
 
 @dataclass
@@ -40,6 +46,8 @@ class Rekeyed:
     size_bytes: int
     seconds: float
     also_in: list[str]
+    resumed: bool = False  # an interrupted rotation finished: the new artifact existed, copied instead
+    pending: dict[str, str] = field(default_factory=dict)  # repositories whose copy could not be replaced: why
 
 
 @dataclass
@@ -48,6 +56,18 @@ class Candidate:
     ref: BackupRef
     manifest: Manifest
     others: list[Repository]  # the other repositories that hold the same backup
+    # the backup an earlier, interrupted rotation already made of this one (its repository, ref and manifest):
+    # every copy of the old one is replaced by *that* artifact, never re-encrypted again
+    successor: tuple[Repository, BackupRef, Manifest] | None = None
+
+
+@dataclass
+class Leftover:
+    """An artifact without its manifest whose rotation is done (its successor is complete): a kill between
+    the old copy's deletes left it, still encrypted to the retired key."""
+    repo: Repository
+    key: str
+    successor: str
 
 
 def _next_name(name: str) -> str:
@@ -59,16 +79,27 @@ def _next_name(name: str) -> str:
     return f"{head}-{when.strftime(STAMP)}.{rest}"
 
 
+def _new_key(key: str) -> str:
+    return key.rsplit("/", 1)[0] + "/" + _next_name(key.rsplit("/", 1)[-1])
+
+
 def select(repos: list[Repository], *, source: str | None = None, group: str | None = None, tier: str | None = None,
            older_than_days: float | None = None, recipients: list[str]) -> list[Candidate]:
     """The backups to re-encrypt: matching the filters and not already encrypted to exactly
-    `recipients`, each once, in the first repository that holds it."""
+    `recipients`, each once, in the first repository that holds it. A backup whose rotation was
+    interrupted carries the successor it already has (the same name one microsecond later,
+    complete, encrypted to exactly `recipients`), wherever that is."""
     now = dt.datetime.now(dt.timezone.utc)
     wanted = sorted(crypto.fingerprint(r) for r in recipients)
+    listed = [(repo, repo.refs(source=source, group=group, tier=tier)) for repo in repos]
+    holders: dict[str, list[tuple[Repository, BackupRef]]] = {}
+    for repo, refs in listed:
+        for ref in refs:
+            holders.setdefault(ref.key, []).append((repo, ref))
     chosen: dict[str, Candidate] = {}
-    for repo in repos:
+    for repo, refs in listed:
         untrusted = repo.untrusted()
-        for ref in repo.refs(source=source, group=group, tier=tier):
+        for ref in refs:
             if ref.key in chosen:
                 chosen[ref.key].others.append(repo)
                 continue
@@ -76,10 +107,41 @@ def select(repos: list[Repository], *, source: str | None = None, group: str | N
                                         and (now - ref.created).total_seconds() < older_than_days * 86400):
                 continue
             m = repo.manifest(ref)
-            have = sorted(r["fingerprint"] for r in (m.encryption or {}).get("recipients", []))
-            if have != wanted:
-                chosen[ref.key] = Candidate(repo, ref, m, [])
+            if _fingerprints(m) != wanted:
+                chosen[ref.key] = Candidate(repo, ref, m, [], _successor(holders.get(_new_key(ref.key), []), wanted))
     return list(chosen.values())
+
+
+def _fingerprints(m: Manifest) -> list[str]:
+    return sorted(r["fingerprint"] for r in (m.encryption or {}).get("recipients", []))
+
+
+def _successor(found: list[tuple[Repository, BackupRef]], wanted: list[str]):
+    for repo, ref in found:
+        try:
+            m = repo.manifest(ref)
+        except BackupError:
+            continue
+        if _fingerprints(m) == wanted:
+            return repo, ref, m
+    return None
+
+
+def leftovers(repos: list[Repository], recipients: list[str]) -> list[Leftover]:
+    """Artifacts without a manifest, in any repository, whose successor is a complete backup encrypted to
+    exactly `recipients`: what an interrupted rotation left of an old copy (an upload in progress has no
+    successor, so it is never one)."""
+    wanted = sorted(crypto.fingerprint(r) for r in recipients)
+    complete: dict[str, list[tuple[Repository, BackupRef]]] = {}
+    for repo in repos:
+        for ref in repo.refs():
+            complete.setdefault(ref.key, []).append((repo, ref))
+    found = []
+    for repo in repos:
+        for key in repo.orphan_keys():
+            if _successor(complete.get(_new_key(key), []), wanted) is not None:
+                found.append(Leftover(repo, key, _new_key(key).rsplit("/", 1)[-1]))
+    return found
 
 
 def rekey(catalog: Catalog, c: Candidate, recipients: list[str], *, identity_env: str | None = None,
@@ -88,6 +150,8 @@ def rekey(catalog: Catalog, c: Candidate, recipients: list[str], *, identity_env
 
     repo, ref, m = c.repo, c.ref, c.manifest
     started = time.monotonic()
+    if c.successor is not None:
+        return _finish(c, say=say, started=started)
     for r in recipients:
         try:
             crypto.parse_recipient(r)
@@ -95,7 +159,11 @@ def rekey(catalog: Catalog, c: Candidate, recipients: list[str], *, identity_env
             raise BackupError(f"recipient {crypto.fingerprint(r) if r.strip() else '(empty)'}: {exc}") from None
     where = repo.storage.uri(ref.key)
     identities = crypto.identities_for(catalog, m, artifact=where) if m.encryption else None
-    new_key = ref.key.rsplit("/", 1)[0] + "/" + _next_name(ref.name)
+    new_key = _new_key(ref.key)
+    for holder in (repo, *c.others):  # never write over a complete backup's artifact
+        if holder.storage.head(new_key + MANIFEST_SUFFIX) is not None:
+            raise BackupError(f"{holder.storage.uri(new_key)}: a complete backup already has the name this rotation "
+                              f"would give {ref.name}, encrypted to other keys; rotate that one first")
     source_hash = hashlib.sha256()
     with repository_for(catalog).scratch("rekey") as tmp_dir:
         tmp = tmp_dir / "artifact"
@@ -144,9 +212,37 @@ def rekey(catalog: Catalog, c: Candidate, recipients: list[str], *, identity_env
     failpoints.point("rekey.new_manifest")
     # the new backup is complete: the old one goes (manifest first, then it no longer counts)
     repo.delete(ref)
-    also = []
-    for other in c.others:
-        copy_backup(manifest, new_key, repo, other, say=say)
-        other.delete(ref)
+    failpoints.point("rekey.old_deleted")
+    also, pending = [], {}
+    for other in c.others:  # an outage here leaves the old copy there; the next run copies these bytes
+        try:
+            copy_backup(manifest, new_key, repo, other, say=say)
+            failpoints.point("rekey.other_copied")
+            other.delete(ref)
+        except BackupError as exc:
+            pending[other.name] = str(exc)
+            continue
         also.append(other.name)
-    return Rekeyed(ref.name, new_key.rsplit("/", 1)[-1], sink.size, round(time.monotonic() - started, 3), also)
+    return Rekeyed(ref.name, new_key.rsplit("/", 1)[-1], sink.size, round(time.monotonic() - started, 3), also,
+                   pending=pending)
+
+
+def _finish(c: Candidate, *, say, started: float) -> Rekeyed:
+    """An interrupted rotation of this backup, finished: every repository that still holds the old copy
+    receives the successor's very bytes (copied, not encrypted again), then loses the old copy."""
+    from .replica import copy_backup
+
+    srepo, sref, sman = c.successor
+    also, pending = [], {}
+    for holder in (c.repo, *c.others):
+        try:
+            if holder is not srepo:
+                copy_backup(sman, sref.key, srepo, holder, say=say)
+                failpoints.point("rekey.other_copied")
+            holder.delete(c.ref)
+        except BackupError as exc:
+            pending[holder.name] = str(exc)
+            continue
+        also.append(holder.name)
+    return Rekeyed(c.ref.name, sref.name, sman.size_bytes, round(time.monotonic() - started, 3), also, resumed=True,
+                   pending=pending)

@@ -157,10 +157,25 @@ class Repository:
         """Keys of artifacts whose manifest cannot be trusted: never counted, never deleted."""
         return set()
 
+    def orphan_keys(self, *, min_age_s: float = 0) -> list[str]:
+        """Artifacts without a manifest, in any storage: never a backup. With `min_age_s`, only those
+        stored at least that long ago (an upload in progress has its artifact before its manifest)."""
+        found = []
+        for ref in self.refs(complete=False):
+            if ref.complete:
+                continue
+            if min_age_s:
+                info = self.storage.head(ref.key)
+                if info is None or info.modified is None or \
+                        (dt.datetime.now(dt.timezone.utc) - info.modified).total_seconds() < min_age_s:
+                    continue
+            found.append(ref.key)
+        return found
+
     def delete(self, ref: BackupRef) -> None:
-        # the manifest first: from then on the artifact no longer counts as a backup
-        self.storage.delete([ref.manifest_key])
-        self.storage.delete([ref.key, ref.checks_key])
+        # the manifest first: from then on the artifact no longer counts as a backup (S3: one request for all,
+        # so a kill cannot leave the artifact behind its deleted manifest)
+        self.storage.delete([ref.manifest_key, ref.key, ref.checks_key])
 
 
 @dataclass(frozen=True)

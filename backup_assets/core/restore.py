@@ -35,8 +35,8 @@ from .engines import postgres, sqlite
 from .engines.pgarchive import ArchiveFormatError, CopyFingerprint, TocEntry, combine, read_archive
 from .names import NameError_, TableName
 from .repository import StoredBackup
-from .verification import is_verified, read_status
-from .verify import (artifact_intact, compare_content, compare_with_manifest, find_backup, pg_restore_archive,
+from .verification import read_status
+from .verify import (artifact_intact, compare_content, compare_with_manifest, pg_restore_archive,
                      prove_schema, version_problem)
 
 RESTORE_MARK = "backup_assets restore in progress"
@@ -185,26 +185,32 @@ def choose_backup(catalog: Catalog, *, source: str, group: str, tier: str | None
         raise BackupError(f"source {source!r} has no group {group!r}")
     repo = repository_for(catalog)
     tiers = [tier] if tier else ["daily", "weekly", "monthly", "hourly"]
-    if partition:
-        for t in tiers:
-            try:
-                return find_backup(catalog, source, group, t, partition)
-            except BackupError:
-                continue
-        raise BackupError(f"no backup of {source}/{group} for partition {partition} ({'/'.join(tiers)})")
-    candidates = [b for t in tiers for b in repo.backups(source=source, group=group, tier=t)]
-    candidates.sort(key=lambda b: b.manifest.snapshot_at or b.manifest.timestamp, reverse=True)
+    what = f"{source}/{group}" + (f" for partition {partition}" if partition else "")
+    if partition:  # the partition's backups, in the first tier that has any (a newer one may be torn)
+        candidates = next((found for t in tiers if (found := repo.backups(source=source, group=group, tier=t,
+                                                                          partition=partition))), [])
+        if not candidates:
+            raise BackupError(f"no backup of {what} ({'/'.join(tiers)})")
+    else:
+        candidates = [b for t in tiers for b in repo.backups(source=source, group=group, tier=t)]
+    candidates.sort(key=lambda b: (b.manifest.snapshot_at or b.manifest.timestamp, b.manifest.timestamp), reverse=True)
     if not candidates:
-        raise BackupError(f"no backup of {source}/{group} matches ({'/'.join(tiers)})")
+        raise BackupError(f"no backup of {what} matches ({'/'.join(tiers)})")
+    skipped = []
     for b in candidates:
-        if read_status(b) and not is_verified(b):
-            say(f"skipping {b.artifact_path.name}: its last checks failed")
+        failed = sorted(n for n, st in read_status(b).items() if not st.get("passed") and n != "size_anomaly")
+        if failed:
+            skipped.append(f"{b.artifact_path.name}: its last checks failed ({', '.join(failed)})")
+            say(f"skipping {skipped[-1]}")
             continue
         outcome = _intact(b)
         if outcome.passed:
+            say(f"chose {b.artifact_path.name}: the newest backup of {what} that verifies"
+                + (f" ({len(skipped)} newer skipped)" if skipped else ""))
             return b
-        say(f"skipping {b.artifact_path.name}: {outcome.message}")
-    raise BackupError(f"no backup of {source}/{group} verifies ({len(candidates)} tried)")
+        skipped.append(f"{b.artifact_path.name}: {outcome.message}")
+        say(f"skipping {skipped[-1]}")
+    raise BackupError(f"no backup of {what} verifies ({len(candidates)} tried: {'; '.join(skipped[:3])})")
 
 
 def backup_from_file(catalog: Catalog, file: str) -> StoredBackup:

@@ -42,6 +42,16 @@ class Outcome:
     message: str
     metadata: dict[str, Any] = field(default_factory=dict)
     warn: bool = False  # a non-blocking warning rather than an error
+    # the check could not run here (the key that opens the artifact is not at hand): it says nothing about
+    # the backup, is never recorded over an earlier result, and is shown as not checked, not as failed
+    not_checked: bool = False
+
+    @classmethod
+    def failure(cls, exc: Exception, message: str, metadata: dict[str, Any] | None = None) -> "Outcome":
+        """A check that did not pass because of `exc`; not checked when `exc` is a missing key."""
+        if isinstance(exc, crypto.NoIdentity):
+            return cls(False, f"not checked here: {exc}", dict(metadata or {}), warn=True, not_checked=True)
+        return cls(False, message, dict(metadata or {}))
 
 
 # -- finding the backup of a partition ----------------------------------------------------------
@@ -107,7 +117,7 @@ def archive_readable(catalog: Catalog, backup: StoredBackup) -> Outcome:
         try:
             saved = roles.load(path, m, crypto.identities_for(catalog, m, artifact=str(path)))
         except (BackupError, zstandard.ZstdError) as exc:
-            return Outcome(False, f"{path}: {exc}")
+            return Outcome.failure(exc, f"{path}: {exc}")
         return _roles_readable(backup, saved)
     if m.engine == "postgres":
         return _postgres_readable(catalog, backup)
@@ -117,7 +127,7 @@ def archive_readable(catalog: Catalog, backup: StoredBackup) -> Outcome:
             decompress_to(path, copy, expected_size=m.raw_size_bytes,
                           identities=crypto.identities_for(catalog, m, artifact=str(path)))
         except (BackupError, zstandard.ZstdError) as exc:
-            return Outcome(False, f"{path}: {exc}")
+            return Outcome.failure(exc, f"{path}: {exc}")
         return _sqlite_readable(backup, copy)
 
 
@@ -137,7 +147,7 @@ def _sqlite_readable(backup: StoredBackup, copy: Path) -> Outcome:
     try:
         counts = sqlite.check_copy(copy, m.tables)
     except BackupError as exc:
-        return Outcome(False, f"{path}: {exc}")
+        return Outcome.failure(exc, f"{path}: {exc}")
     return Outcome(True, f"{path.name}: integrity_check ok, {len(counts)} table(s)", {"tables": len(counts)})
 
 
@@ -159,7 +169,7 @@ def _readable_pass(catalog: Catalog, backup: StoredBackup, *, copy_to: Path | No
         if identities is None:
             identities = crypto.identities_for(catalog, m, artifact=str(path))
     except BackupError as exc:
-        return Outcome(False, _naming(path, exc)), None
+        return Outcome.failure(exc, _naming(path, exc)), None
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen([str(tool), "--list"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
         try:
@@ -167,7 +177,7 @@ def _readable_pass(catalog: Catalog, backup: StoredBackup, *, copy_to: Path | No
         except BackupError as exc:
             proc.kill()
             proc.wait()
-            return Outcome(False, str(exc)), None
+            return Outcome.failure(exc, str(exc)), None
         finally:
             try:
                 proc.stdin.close()
@@ -292,7 +302,7 @@ def _roles_drill(catalog: Catalog, backup: StoredBackup, saved: roles.Globals | 
         with postgres.connect(ep, what=f"restore drill of {m.source}/{m.group}: ") as conn:
             tried = roles.drill(conn, saved)
     except (BackupError, zstandard.ZstdError) as exc:
-        return Outcome(False, f"{path}: roles drill failed: {exc}")
+        return Outcome.failure(exc, f"{path}: roles drill failed: {exc}")
     except psycopg.Error as exc:
         return Outcome(False, f"{path}: roles drill failed: {str(exc).strip().splitlines()[0]}")
     rto = time.monotonic() - started
@@ -308,7 +318,7 @@ def _postgres_drill(catalog: Catalog, backup: StoredBackup, *, jobs: int | None,
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return Outcome(False, f"{backup.artifact_path}: restore drill failed: {scrub(text)}")
     except BackupError as exc:  # e.g. a role that may not create the scratch database
-        return Outcome(False, f"{backup.artifact_path}: restore drill failed: {exc}")
+        return Outcome.failure(exc, f"{backup.artifact_path}: restore drill failed: {exc}")
 
 
 def _drop_scratch(admin, ep: postgres.Endpoint, name: str) -> None:
@@ -366,7 +376,7 @@ def _postgres_drill_steps(catalog: Catalog, backup: StoredBackup, *, jobs: int |
                         archive = archive_scan.scan(path, m, copy_to=raw,
                                                     identities=crypto.identities_for(catalog, m, artifact=str(path)))
                     except BackupError as exc:
-                        return Outcome(False, f"restore drill: {exc}",
+                        return Outcome.failure(exc, f"restore drill: {exc}",
                                        {"drill_database": name, "leftovers_dropped": cleaned})
                 decompress_s = time.monotonic() - t0 if prepared is None else archive.seconds
                 failpoints.point("drill.decoded")
@@ -549,7 +559,7 @@ def _sqlite_drill(catalog: Catalog, backup: StoredBackup, decoded: Path | None =
             setting_problems = sqlite.apply_file_settings(copy, m.file_settings)
             hook_runs, hook_problem = drill_verify_hook(catalog, backup, str(copy))
         except (zstandard.ZstdError, BackupError, OSError) as exc:
-            return Outcome(False, f"{path}: restore drill failed: {exc}")
+            return Outcome.failure(exc, f"{path}: restore drill failed: {exc}")
         except Exception as exc:  # sqlite3.DatabaseError and friends
             return Outcome(False, f"{path}: restored copy is not a usable SQLite database: {exc}")
     rto = time.monotonic() - started
@@ -641,7 +651,7 @@ def evaluate(catalog: Catalog, backup: StoredBackup, names, *, jobs: int | None 
             try:
                 out[name] = single[name]()
             except BackupError as exc:
-                out[name] = Outcome(False, str(exc))
+                out[name] = Outcome.failure(exc, str(exc))
     return {n: out[n] for n in names}
 
 
@@ -687,7 +697,7 @@ def _drill_after_pass(catalog: Catalog, backup: StoredBackup, scanned: archive_s
     try:
         return _postgres_drill(catalog, backup, jobs=jobs, prepared=(scanned, raw))
     except BackupError as exc:  # e.g. the drill server cannot be reached
-        return Outcome(False, str(exc))
+        return Outcome.failure(exc, str(exc))
 
 
 def _postgres_from_stream(catalog: Catalog, backup: StoredBackup, stream: archive_scan.StreamCheck, *, drill: bool,
@@ -704,7 +714,7 @@ def _postgres_from_stream(catalog: Catalog, backup: StoredBackup, stream: archiv
     try:
         tool = _pg_restore_for(catalog, m)
     except BackupError as exc:
-        out["archive_readable"] = Outcome(False, _naming(path, exc))
+        out["archive_readable"] = Outcome.failure(exc, _naming(path, exc))
     else:
         listed = subprocess.run([str(tool), "--list"], input=stream.head, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
@@ -759,7 +769,7 @@ def _plain_from_stream(catalog: Catalog, backup: StoredBackup, stream: archive_s
         try:
             saved = roles.Globals.from_bytes(copy.read_bytes(), where=str(backup.artifact_path))
         except BackupError as exc:  # it names the artifact
-            out["archive_readable"] = Outcome(False, str(exc))
+            out["archive_readable"] = Outcome.failure(exc, str(exc))
         else:
             out["archive_readable"] = _roles_readable(backup, saved)
             if drill and out["archive_readable"].passed:

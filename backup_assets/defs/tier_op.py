@@ -175,7 +175,8 @@ def _follow_up_steps(catalog: Catalog, source: str, group: str, tier: str, parti
         except BackupError as exc:
             outcomes = {n: Outcome(False, str(exc)) for n in names}
         if backup is not None:  # one write of the backup's .checks.json for all of them
-            verification.record_outcomes(backup, {n: (o.passed, o.message, o.metadata) for n, o in outcomes.items()})
+            verification.record_outcomes(backup, {n: (o.passed, o.message, o.metadata) for n, o in outcomes.items()
+                                                   if not o.not_checked})  # never over a result it could not get
         for name, outcome in outcomes.items():
             if line := failure_line(name, outcome):
                 logs.append(line)

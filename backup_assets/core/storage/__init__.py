@@ -9,6 +9,7 @@ replication, restore from S3) goes through this interface.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator, Protocol
@@ -26,6 +27,7 @@ class ObjectInfo:
     # multipart object's is the composite: the SHA-256 of its parts' SHA-256s) and its parts; None: none
     checksum_sha256: str | None = None
     parts: int = 1
+    modified: "dt.datetime | None" = None  # when it was stored (UTC)
 
 
 class Storage(Protocol):

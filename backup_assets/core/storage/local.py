@@ -3,6 +3,8 @@ folder), owner-only modes, hard links for server-side copies."""
 
 from __future__ import annotations
 
+import datetime as dt
+
 import hashlib
 import os
 import shutil
@@ -57,10 +59,11 @@ class LocalStorage:
 
     def head(self, key: str) -> ObjectInfo | None:
         try:
-            size = self.local_path(key).stat().st_size
+            st = self.local_path(key).stat()
         except FileNotFoundError:
             return None
-        return ObjectInfo(key, size, None)
+        return ObjectInfo(key, st.st_size, None,
+                          modified=dt.datetime.fromtimestamp(st.st_mtime, dt.timezone.utc))
 
     def open(self, key: str) -> BinaryIO:
         return open(self.local_path(key), "rb")

@@ -112,7 +112,8 @@ class S3Storage:
         etag_parts = etag_parts if dash else ""
         count = int(parts) if parts.isdigit() else int(etag_parts) if etag_parts.isdigit() else 1
         return ObjectInfo(key, r["ContentLength"], meta.get("sha256"), meta, r.get("ServerSideEncryption"),
-                          r.get("StorageClass", "STANDARD"), checksum_sha256=checksum or None, parts=count)
+                          r.get("StorageClass", "STANDARD"), checksum_sha256=checksum or None, parts=count,
+                          modified=r.get("LastModified"))
 
     def part_size(self, key: str) -> int:
         """The size of a multipart object's first part (all but the last are that size)."""
