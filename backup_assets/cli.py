@@ -45,7 +45,35 @@ class Reporter:
 
 
 def _catalog(args):
-    return load_catalog(args.catalog) if args.catalog else catalog_from_env()
+    catalog = load_catalog(args.catalog) if args.catalog else catalog_from_env()
+    _check_names(catalog, args)
+    return catalog
+
+
+def _check_names(catalog, args) -> None:
+    """One rule for every command: a source, group, tier or --select the catalog does not have is one line
+    naming the valid ones, exit 2 (never an empty answer that looks like "no backups")."""
+    def groups_of(source: str) -> list[str]:
+        return catalog.sources[source].group_names()
+
+    source = getattr(args, "source", None)
+    if isinstance(source, str) and source not in catalog.sources:
+        raise UsageError(f"unknown source {source!r}: the catalog has {', '.join(catalog.sources)}")
+    group = getattr(args, "group", None)
+    if isinstance(group, str):
+        valid = groups_of(source) if source else sorted({g for s in catalog.sources for g in groups_of(s)})
+        if group not in valid:
+            raise UsageError(f"unknown group {group!r}{f' of source {source!r}' if source else ''}: "
+                             f"{'it has' if source else 'the catalog has'} {', '.join(valid)}")
+    tier = getattr(args, "tier", None)
+    if isinstance(tier, str) and tier not in catalog.tiers:
+        raise UsageError(f"tier {tier!r} is not enabled in the catalog: it has {', '.join(catalog.tiers)}")
+    for item in getattr(args, "select", None) or []:
+        name, _, grp = item.partition("/")
+        if name not in catalog.sources or (grp and grp not in groups_of(name)):
+            valid = [f"{s}/{g}" for s in catalog.sources for g in groups_of(s)]
+            raise UsageError(f"--select {item!r} names no backup asset: choose a source ({', '.join(catalog.sources)}) "
+                             f"or a source/group ({', '.join(valid)})")
 
 
 def _print_table(rows: list[dict], columns: list[str]) -> None:
@@ -394,7 +422,7 @@ def cmd_backup(args) -> int:
     if args.select:
         targets = [t for t in targets if f"{t[0]}/{t[1]}" in args.select or t[0] in args.select]
     if not targets:
-        raise UsageError(f"no {args.tier} backup assets match {args.select or 'the catalog'}")
+        raise UsageError(f"no {args.tier} backup assets match {', '.join(args.select) if args.select else 'the catalog'}")
     defs = build_definitions(catalog)
     job = defs.resolve_job_def(f"{args.tier}_backups")
     instance = _instance()

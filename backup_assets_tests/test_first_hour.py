@@ -56,3 +56,33 @@ def test_asset_descriptions_have_no_blanks_that_markdown_eats(write_catalog, tmp
     spec = defs.resolve_assets_def(backup_key("miyabi", "full", "daily")).specs_by_key[backup_key("miyabi", "full", "daily")]
     assert "<" not in spec.description and "miyabi-full-PARTITION-TIMESTAMP.db.zst" in spec.description
     assert os.path.isabs(str(catalog.repository_root))
+
+
+def test_a_typo_in_a_name_gets_one_answer_everywhere(pg18, myloware_db, write_catalog, tmp_path, capsys, monkeypatch):
+    """Unknown source, group, tier or --select: one line naming the valid ones, exit 2, whichever command."""
+    from backup_assets.cli import main
+
+    from .conftest import pg_source
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dh"))
+    (tmp_path / "dh").mkdir()
+    catalog = write_catalog({"myloware": pg_source(pg18, myloware_db),
+                             "miyabi": {"engine": "sqlite", "path": str(tmp_path / "m.db")}})
+    base = ["--catalog", catalog.catalog_path]
+    cases = [
+        (["list", "--source", "mylowar"], "unknown source 'mylowar': the catalog has myloware, miyabi"),
+        (["verify", "--source", "mylowar", "--group", "full"], "unknown source 'mylowar': the catalog has myloware, miyabi"),
+        (["restore", "--source", "mylowar", "--group", "full", "--confirm"], "unknown source 'mylowar'"),
+        (["list", "--group", "ful"], "unknown group 'ful': the catalog has "),
+        (["restore", "--source", "myloware", "--group", "ful", "--confirm"],
+         "unknown group 'ful' of source 'myloware': it has full, core, kb, globals"),
+        (["backup", "--tier", "daily", "--select", "mylowar"], "--select 'mylowar' names no backup asset: choose a "
+                                                               "source (myloware, miyabi) or a source/group ("),
+        (["backup", "--tier", "daily", "--select", "myloware/ful"], "--select 'myloware/ful' names no backup asset"),
+        (["list", "--source", "miyabi", "--group", "core"], "unknown group 'core' of source 'miyabi': it has full"),
+    ]
+    for args, expected in cases:
+        code = main([*base, *args])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert code == 2, (args, err)
+        assert len(err) == 1 and expected in err[0], (args, err)

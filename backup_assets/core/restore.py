@@ -210,6 +210,8 @@ def choose_backup(catalog: Catalog, *, source: str, group: str, tier: str | None
             return b
         skipped.append(f"{b.artifact_path.name}: {outcome.message}")
         say(f"skipping {skipped[-1]}")
+    if len(candidates) == 1:
+        raise BackupError(f"refusing to restore: {skipped[0]}")
     raise BackupError(f"no backup of {what} verifies ({len(candidates)} tried: {'; '.join(skipped[:3])})")
 
 
