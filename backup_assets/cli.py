@@ -406,15 +406,16 @@ def _instance():
 
 
 def cmd_backup(args) -> int:
-    """Run backups through Dagster (recorded in DAGSTER_HOME, visible in the UI): one run per asset
-    and partition, with the backup's checks and, when configured, its S3 replica."""
+    """Run backups through Dagster (recorded in DAGSTER_HOME, visible in the UI): one run per partition with
+    every selected asset, as the schedule does, with the backups' checks and, when configured, their S3
+    replicas."""
     from .core import verification
+    from .core.alerts import Alert
     from .core.backup import repository_for
-
-
-    from .defs.keys import backup_key
+    from .defs import cli_runs
     from .defs.build import build_definitions
-    from .defs.keys import replica_key
+    from .defs.keys import backup_key, replica_key
+    from .defs.sensors import FAILED_ASSETS, failed_assets, root_cause
 
     catalog = _catalog(args)
     _check_partitions(args, catalog)
@@ -427,37 +428,59 @@ def cmd_backup(args) -> int:
     job = defs.resolve_job_def(f"{args.tier}_backups")
     instance = _instance()
     _fail_dead_cli_runs(catalog, instance)
-    from .defs import cli_runs
-
+    partitions = args.partition or [defs.resolve_assets_def(backup_key(*targets[0])).partitions_def
+                                    .get_last_partition_key()]
+    selection = [backup_key(*t) for t in targets] + ([replica_key(*t) for t in targets] if catalog.replication.s3 else [])
+    command = " ".join(["backup-assets", "backup", "--tier", args.tier]
+                       + (["--select", *args.select] if args.select else []))
     failed = 0
-    for source, group, tier in targets:
-        asset = defs.resolve_assets_def(backup_key(source, group, tier))
-        partitions = args.partition or [asset.partitions_def.get_last_partition_key()]
-        for partition in partitions:
-            selection = [backup_key(source, group, tier)] + ([replica_key(source, group, tier)] if catalog.replication.s3 else [])
-            result = job.execute_in_process(
-                partition_key=partition, instance=instance, raise_on_error=False, asset_selection=selection,
-                tags=cli_runs.run_tags(catalog),
-                run_config={"loggers": {"console": {"config": {"log_level": "DEBUG" if args.debug else "CRITICAL"}}}})
-            latest = repository_for(catalog).latest(source, group, tier, partition)
-            if result.success and latest:
-                print(f"{source}/{group}/{tier} {partition}: {latest.artifact_path} ({latest.manifest.size_human}, "
-                      f"checks {verification.summary(latest)})")
-            else:
+    for partition in partitions:
+        result = job.execute_in_process(
+            partition_key=partition, instance=instance, raise_on_error=False, asset_selection=selection,
+            tags={**cli_runs.run_tags(catalog), "backup_assets/command": command},
+            run_config={"loggers": {"console": {"config": {"log_level": "DEBUG" if args.debug else "CRITICAL"}}}})
+        made = {e.asset_key for e in result.all_events if e.is_step_materialization}
+        named: dict[str, str] = {}
+        unnamed = []
+        for event in (e for e in result.all_events if e.is_step_failure):
+            data = event.event_specific_data
+            if data is None or data.error is None or data.error.cls_name == "DagsterAssetCheckFailedError":
+                continue  # blocking checks: said below, check by check
+            found = failed_assets(data.user_failure_data.metadata) if data.user_failure_data and \
+                FAILED_ASSETS in (data.user_failure_data.metadata or {}) else {}
+            named.update(found)
+            if not found:
+                unnamed.append(root_cause(data.error))
+        for source, group, tier in targets:
+            key = backup_key(source, group, tier)
+            name = key.to_user_string()
+            error = named.get(name) or (None if key in made else (unnamed[0] if unnamed else "not backed up"))
+            if error is not None:
                 failed += 1
-                from .defs.sensors import root_cause
-
-                errors = [root_cause(e.event_specific_data.error) for e in result.all_events
-                          if e.is_step_failure and e.event_specific_data and e.event_specific_data.error]
-                print(f"{source}/{group}/{tier} {partition}: FAILED {scrub(errors[0]) if errors else ''}", file=sys.stderr)
-                # a run in this process has no code location: no daemon's sensor will see it, so alert from here
-                # (the same dedupe key as the sensor's, so a sensor that does see it adds nothing)
-                from .core.alerts import Alert
-
-                _alert(catalog, Alert(what=f"run of {args.tier}_backups failed", error=errors[0] if errors else
-                                      "the backup run failed", source=source, group=group, tier=tier,
-                                      partition=partition, asset=backup_key(source, group, tier).to_user_string(),
-                                      cause="run-failure"), instance=instance)
+                print(f"{name} {partition}: FAILED {scrub(error)}", file=sys.stderr)
+                # a run in this process has no code location: the CLI alerts (the sensors' dedupe keys)
+                _alert(catalog, Alert(what=f"run of {args.tier}_backups failed", error=error, source=source,
+                                      group=group, tier=tier, partition=partition, asset=name, cause="run-failure"),
+                       instance=instance)
+                continue
+            latest = repository_for(catalog).latest(source, group, tier, partition)
+            summary = verification.summary(latest) if latest else "unknown"
+            replica = named.get(replica_key(source, group, tier).to_user_string())
+            print(f"{name} {partition}: {latest.artifact_path if latest else '?'} "
+                  f"({latest.manifest.size_human if latest else '?'}, checks {summary})"
+                  + (f"; S3 replica FAILED: {scrub(replica)}" if replica else ""))
+            if summary.startswith("FAILED") or replica:
+                failed += 1
+            for check, status in (verification.read_status(latest).items() if latest else []):
+                if not status.get("passed") and check != "size_anomaly":
+                    _alert(catalog, Alert(what=f"check {check} failed", error=status.get("message", ""),
+                                          source=source, group=group, tier=tier, partition=partition, asset=name,
+                                          cause=f"check:{check}"), instance=instance)
+            if replica:
+                rname = replica_key(source, group, tier).to_user_string()
+                _alert(catalog, Alert(what=f"run of {args.tier}_backups failed", error=replica, source=source,
+                                      group=group, tier=tier, partition=partition, asset=rname, cause="run-failure"),
+                       instance=instance)
     return 1 if failed else 0
 
 
@@ -917,7 +940,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet() -> None:
+    """A warning that is not the user's business: platformdirs' about XDG_RUNTIME_DIR (root without a login
+    session, the usual case on a backup host)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*XDG_RUNTIME_DIR")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -53,7 +53,7 @@ def demo(tmp_path_factory):
         backup = subprocess.run([sys.executable, "-m", "backup_assets.demo", "backup"], env=env, capture_output=True,
                                 text=True, timeout=900)
         assert backup.returncode == 0, backup.stdout[-2000:] + backup.stderr[-3000:]
-        yield {"base": base, "env": env, "home": home, "backup": backup.stdout}
+        yield {"base": base, "env": env, "home": home, "backup": backup.stdout, "run": run}
     finally:
         subprocess.run([sys.executable, "-m", "backup_assets.demo", "stop"], env=env, capture_output=True, timeout=120)
         if run.poll() is None:
@@ -168,3 +168,33 @@ def test_the_ui_shows_lineage_partitions_checks_and_running_automation(demo, bro
     toggles = [b for b in browser.find_elements(By.CSS_SELECTOR, "input[type=checkbox]") if b.is_selected()]
     assert len(toggles) == len(names), f"{len(toggles)} of {len(names)} schedules and sensors are running"
     browser.save_screenshot(str(shots / "automation.png"))
+
+
+def test_zz_a_second_make_run_is_refused_and_make_stop_stops_everything(demo):
+    """Last in this module (it stops the demo): `make run` again while it runs is refused and changes nothing;
+    `make stop` stops webserver, daemon and code servers (they exit on SIGTERM: the first `make run` returns by
+    itself) and says only what was running; the first screen of `make run` has no warning line."""
+    from backup_assets.demo.__main__ import _dagster_processes
+
+    env = demo["env"]
+    running = _dagster_processes()
+    assert len(running) >= 2, "webserver and daemon"
+    again = subprocess.run([sys.executable, "-m", "backup_assets.demo", "run"], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 2, again.stdout + again.stderr
+    assert "the demo is already running" in again.stderr and "`make stop` stops it" in again.stderr
+    assert set(running) <= set(_dagster_processes()), "the running demo was not touched"
+    log = (demo["home"] / "make_run.log").read_text()
+    for noise in ("RuntimeDirWarning", "SupersessionWarning", "Found a dagster instance configuration", "Traceback"):
+        assert noise not in log, noise
+    stopped = subprocess.run([sys.executable, "-m", "backup_assets.demo", "stop"], env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert stopped.returncode == 0, stopped.stderr
+    assert "Dagster (webserver, daemon and code servers) stopped: pid" in stopped.stdout
+    assert "demo PostgreSQL stopped" in stopped.stdout
+    assert demo["run"].wait(timeout=30) == 0, "`make run` ends by itself when its Dagster is stopped"
+    assert not _dagster_processes()
+    assert not _up(demo["base"] + "/server_info")
+    twice = subprocess.run([sys.executable, "-m", "backup_assets.demo", "stop"], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert "Dagster was not running" in twice.stdout and "PostgreSQL stopped" not in twice.stdout, twice.stdout

@@ -86,3 +86,35 @@ def test_a_typo_in_a_name_gets_one_answer_everywhere(pg18, myloware_db, write_ca
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert code == 2, (args, err)
         assert len(err) == 1 and expected in err[0], (args, err)
+
+
+def test_cli_backup_makes_one_run_per_partition_with_every_asset(miyabi_db, write_catalog, tmp_path, monkeypatch,
+                                                                 capsys):
+    """As the schedule does: one `daily_backups` run per partition holding every selected asset, tagged with the
+    command that started it; each asset is reported by its key."""
+    import dagster as dg
+
+    from backup_assets.cli import main
+
+    home = tmp_path / "dh"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    other = tmp_path / "data" / "other.db"
+    other.write_bytes(miyabi_db.read_bytes())
+    catalog = write_catalog({"miyabi": {"engine": "sqlite", "path": str(miyabi_db)},
+                             "other": {"engine": "sqlite", "path": str(other)}})
+    assert main(["--catalog", catalog.catalog_path, "backup", "--tier", "daily", "--partition", "2026-11-20",
+                 "2026-11-21"]) == 0
+    out = capsys.readouterr().out
+    for key in ("miyabi/full_daily", "other/full_daily"):
+        for partition in ("2026-11-20", "2026-11-21"):
+            assert f"{key} {partition}: " in out, out
+    instance = dg.DagsterInstance.get()
+    runs = instance.get_runs()
+    assert len(runs) == 2, [r.run_id for r in runs]
+    for run in runs:
+        assert {k.to_user_string() for k in run.asset_selection} == {"miyabi/full_daily", "other/full_daily"}
+        assert run.tags["backup_assets/trigger"] == "cli"
+        assert run.tags["backup_assets/command"] == "backup-assets backup --tier daily"
+    assert sorted(r.tags["dagster/partition"] for r in runs) == ["2026-11-20", "2026-11-21"]
+    instance.dispose()

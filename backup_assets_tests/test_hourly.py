@@ -73,7 +73,7 @@ def test_an_hourly_backup_is_taken_listed_restored_and_pruned(hourly_catalog, tm
     assert main(["--catalog", str(path), "backup", "--tier", "hourly", "--partition", hour]) == 0, \
         capsys.readouterr().err
     out = capsys.readouterr().out
-    assert f"store/full/hourly {hour}" in out and "other" not in out
+    assert f"store/full_hourly {hour}" in out and "other" not in out
     artifact = next((tmp_path / "repo" / "sqlite" / "hourly").glob("store-full-*.db.zst"))
     assert parse_artifact_name(artifact.name)["partition"] == hour
     with sqlite3.connect(db) as conn:

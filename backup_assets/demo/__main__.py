@@ -3,7 +3,8 @@
 setup   start (or reuse) the embedded PostgreSQL 18 + pgvector cluster and seed the MyloWare and
         Miyabi databases and the Miyabi SQLite stores, once; re-running reuses them; start the local
         S3 stand-in (moto, in memory) and the alert receiver (webhook -> <demo home>/alerts.log)
-run     setup, then `dagster dev` with the daemon on 127.0.0.1:3000, DAGSTER_HOME in the project
+run     setup, then the Dagster webserver and daemon on 127.0.0.1:3000, DAGSTER_HOME in the project
+        (refused while the demo already runs; Ctrl-C or `make stop` stops them)
 backup  setup, then back up the newest complete partition of every daily asset
 stop    stop Dagster, the demo PostgreSQL cluster, the S3 stand-in and the alert receiver
 """
@@ -14,6 +15,7 @@ import os
 import secrets
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -182,16 +184,88 @@ def dagster_home() -> Path:
     return home
 
 
-def run() -> None:
+def _dagster_processes(workspace: Path = PROJECT_ROOT / "workspace.yaml") -> list[int]:
+    """Processes of this project's Dagster (webserver, daemon, their code servers): their command line names
+    this project's workspace.yaml, or they belong to the process group of one that does."""
+    workspace = str(workspace).encode()
+    mine, groups = set(), set()
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if workspace in cmdline and b"dagster" in cmdline and int(entry.name) != os.getpid():
+            mine.add(int(entry.name))
+            try:
+                groups.add(os.getpgid(int(entry.name)))
+            except ProcessLookupError:
+                pass
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if int(entry.name) != os.getpid() and os.getpgid(int(entry.name)) in groups \
+                    and b"dagster" in (entry / "cmdline").read_bytes():
+                mine.add(int(entry.name))
+        except (OSError, ProcessLookupError):
+            continue
+    return sorted(mine)
+
+
+def _port_taken(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _quiet_env(home: Path) -> dict[str, str]:
+    """The environment of the demo's Dagster processes: a runtime folder of their own (no XDG warning when
+    running as root without a login session)."""
+    runtime = home / "run"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(runtime, 0o700)
+    return {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+
+
+def run() -> int:
+    """The demo's Dagster: webserver and daemon side by side in one process group, stopped together by
+    Ctrl-C here or `make stop` anywhere. Refused while the demo already runs."""
+    home = demo_home()
+    port = int(os.environ.get("BACKUP_ASSETS_DEMO_DAGSTER_PORT", "3000"))
+    running = _dagster_processes()
+    if running:
+        print(f"the demo is already running (Dagster pid {', '.join(map(str, running))}, http://127.0.0.1:{port}): "
+              "`make stop` stops it", file=sys.stderr)
+        return 2
+    if _port_taken(port):
+        print(f"port {port} on 127.0.0.1 is taken by another program: stop it, or pick another port with "
+              "BACKUP_ASSETS_DEMO_DAGSTER_PORT=NNNN make run", file=sys.stderr)
+        return 2
     setup()
-    home = dagster_home()
-    dagster = shutil.which("dagster", path=str(Path(sys.executable).parent)) or "dagster"
-    port = os.environ.get("BACKUP_ASSETS_DEMO_DAGSTER_PORT", "3000")
-    print(f"DAGSTER_HOME={home}\nstarting Dagster (webserver + daemon) on http://127.0.0.1:{port} ...", flush=True)
-    os.chdir(PROJECT_ROOT)
-    # `make stop` reads this: exec keeps the pid, so it is the `dagster dev` that owns webserver and daemon
-    (demo_home() / "dagster.pid").write_text(str(os.getpid()))
-    os.execv(dagster, [dagster, "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", port])
+    dh = dagster_home()
+    bin_dir = Path(sys.executable).parent
+    workspace = str(PROJECT_ROOT / "workspace.yaml")
+    env = _quiet_env(home)
+    print(f"DAGSTER_HOME={dh}\nstarting Dagster (webserver + daemon) on http://127.0.0.1:{port} ...", flush=True)
+    logs = home / "logs"
+    logs.mkdir(exist_ok=True)
+    # the current folder is DAGSTER_HOME: the production dagster.yaml at the project root is not this instance's
+    web = subprocess.Popen([str(bin_dir / "dagster-webserver"), "-w", workspace, "-h", "127.0.0.1", "-p", str(port)],
+                           cwd=dh, env=env, start_new_session=True)
+    daemon = subprocess.Popen([str(bin_dir / "dagster-daemon"), "run", "-w", workspace], cwd=dh, env=env,
+                              process_group=web.pid)
+    (home / "dagster.pid").write_text(str(web.pid))
+
+    def stop_here(signum, _frame):
+        stop_dagster(home)
+        sys.exit(0 if signum == signal.SIGINT else 128 + signum)
+
+    signal.signal(signal.SIGINT, stop_here)
+    signal.signal(signal.SIGTERM, stop_here)
+    while web.poll() is None and daemon.poll() is None:
+        time.sleep(0.5)
+    stop_dagster(home)
+    return 0 if web.returncode in (0, -signal.SIGTERM) else 1
 
 
 def backup() -> int:
@@ -217,45 +291,60 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def stop_dagster(home: Path, timeout_s: float = 30) -> bool:
-    """Stop the `dagster dev` of `make run` with its webserver and daemon (SIGTERM, then SIGKILL)."""
+def stop_dagster(home: Path, timeout_s: float = 10, workspace: Path = PROJECT_ROOT / "workspace.yaml") -> list[int]:
+    """Stop this project's Dagster: what `make run` started (its process group, recorded in dagster.pid) and
+    any other process running this project's workspace (a second `make run`, a `dagster dev`), with their
+    children. SIGTERM, then SIGKILL after `timeout_s`. Returns the pids it stopped."""
+    family: set[int] = set(_dagster_processes(workspace))
     pid_file = home / "dagster.pid"
     try:
         pid = int(pid_file.read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"dagster" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            family |= {pid, *_children(pid)}
     except (OSError, ValueError):
-        pid_file.unlink(missing_ok=True)
-        return False
-    if b"dagster" not in cmdline:
-        pid_file.unlink(missing_ok=True)
-        return False
-    family = [pid] + _children(pid)
+        pass
+    for p in list(family):
+        family |= set(_children(p))
     for p in family:
         try:
             os.kill(p, signal.SIGTERM)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in family):
-        time.sleep(0.3)
+    while time.monotonic() < deadline and any(_alive(p) for p in family):
+        time.sleep(0.2)
     for p in family:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        if _alive(p):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     pid_file.unlink(missing_ok=True)
-    return True
+    return sorted(family)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, waiting for its parent to read its exit, is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def stop() -> None:
     home = demo_home()
-    if stop_dagster(home):
-        print("Dagster (webserver and daemon) stopped")
+    stopped = stop_dagster(home)
+    if stopped:
+        print(f"Dagster (webserver, daemon and code servers) stopped: pid {', '.join(map(str, stopped))}")
     if (home / "pg").exists():
-        demo_cluster(home).stop()
-        print("demo PostgreSQL stopped")
+        cluster = demo_cluster(home)
+        if cluster.is_running():
+            cluster.stop()
+            print("demo PostgreSQL stopped")
     for name in stop_services(home):
         print(f"demo {'S3 stand-in' if name == 's3' else 'alert receiver'} stopped")
+    if not stopped:
+        print("Dagster was not running")
 
 
 def env() -> None:
@@ -275,7 +364,7 @@ def main(argv: list[str]) -> int:
     if command == "setup":
         setup()
     elif command == "run":
-        run()
+        return run()
     elif command == "backup":
         return backup()
     elif command == "stop":
