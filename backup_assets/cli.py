@@ -240,27 +240,78 @@ def cmd_pitr_restore(args) -> int:
         if catalog.replication.s3 is None:
             raise UsageError("--from s3: the catalog has no replication.s3 section")
         download_bases(catalog, args.source, replica_storage(catalog), say=Reporter())
+    cfg = catalog.sources[args.source].pitr
+    run_as = args.run_as or (cfg.run_as if cfg is not None else None)  # the catalog's server user by default
     result = pitr.restore_to_time(catalog, args.source, args.pgdata, to_time=target, to_lsn=args.to_lsn, port=args.port,
-                                  run_as=args.run_as, say=Reporter())
+                                  run_as=run_as, say=Reporter())
     print(f"recovered {result.pgdata} from {result.base} to {result.target}: {result.reached}")
-    print(f"running on 127.0.0.1:{result.port}; stop it with: pg_ctl -D {result.pgdata} stop")
+    import shlex
+
+    stop = f"{shlex.quote(str(result.bin_dir / 'pg_ctl'))} -D {shlex.quote(str(result.pgdata))} -m fast stop"
+    if result.user is not None:  # PostgreSQL refuses root: stop it as the user it runs as
+        stop = f"runuser -u {shlex.quote(result.user.pw_name)} -- {stop}"
+    print(f"running on 127.0.0.1:{result.port}; stop it with: {stop}")
     return 0
 
 
 def cmd_basebackup(args) -> int:
+    """A base backup. With --dagster it is taken through the `<source>/base_backup` asset (a run in
+    DAGSTER_HOME), so it shows in the UI with its checks and replica, as `backup` does for dumps."""
     from .core import pitr
 
     catalog = _catalog(args)
-    meta = pitr.base_backup(catalog, args.source, kind=args.kind, say=Reporter())
+    cfg = catalog.sources[args.source].pitr
+    replicate_too = catalog.replication.s3 is not None and (cfg is None or cfg.s3) and not args.local_only
+    failed_checks = []
+    if args.dagster:
+        if args.kind != "auto":
+            raise UsageError("--dagster takes the kind the asset chooses: leave out --kind")
+        if args.source not in catalog.pitr_sources():
+            raise UsageError(f"source {args.source!r} has no pitr section: it has no base_backup asset")
+        meta, failed_checks = _basebackup_through_dagster(catalog, args.source, replicate_too, debug=args.debug)
+    else:
+        meta = pitr.base_backup(catalog, args.source, kind=args.kind, say=Reporter())
+        if replicate_too:
+            from .core.pitr_s3 import replica_storage, replicate
+
+            replicate(catalog, args.source, replica_storage(catalog), say=Reporter())
     on = f" on {meta['parent']}" if meta.get("parent") else ""
     print(f"{meta['kind']} base backup {meta['artifact']}{on} ({meta['size_bytes']} bytes), WAL from "
           f"{meta['start_wal']}, finished {meta['finished_at']}")
-    cfg = catalog.sources[args.source].pitr
-    if catalog.replication.s3 is not None and (cfg is None or cfg.s3) and not args.local_only:
-        from .core.pitr_s3 import replica_storage, replicate
+    oldest = pitr.base_backups(catalog, args.source)[0]
+    print(f"a point-in-time restore of {args.source} reaches any moment from {oldest['finished_at']} on "
+          f"(backup-assets restore --source {args.source} --to-time '...' --pgdata DIR)")
+    return 1 if failed_checks else 0
 
-        replicate(catalog, args.source, replica_storage(catalog), say=Reporter())
-    return 0
+
+def _basebackup_through_dagster(catalog, source: str, replicate_too: bool, *, debug: bool) -> dict:
+    from .core import pitr
+    from .defs import cli_runs
+    from .defs.build import build_definitions
+    from .defs.pitr import BASE_BACKUPS_JOB, base_key, base_replica_key
+    from .defs.sensors import root_cause
+
+    defs = build_definitions(catalog)
+    job = defs.resolve_job_def(BASE_BACKUPS_JOB)
+    partition = defs.resolve_assets_def(base_key(source)).partitions_def.get_last_partition_key()
+    instance = _instance()
+    _fail_dead_cli_runs(catalog, instance)
+    before = {b["artifact"] for b in pitr.base_backups(catalog, source)}
+    result = job.execute_in_process(
+        partition_key=partition, instance=instance, raise_on_error=False,
+        asset_selection=[base_key(source)] + ([base_replica_key(source)] if replicate_too else []),
+        tags={**cli_runs.run_tags(catalog), "backup_assets/command": f"backup-assets basebackup --source {source}"},
+        run_config={"loggers": {"console": {"config": {"log_level": "DEBUG" if debug else "CRITICAL"}}}})
+    made = [b for b in pitr.base_backups(catalog, source) if b["artifact"] not in before]
+    failed = [c for c in result.get_asset_check_evaluations() if not c.passed]
+    for check in failed:
+        print(f"check {check.check_name} of {check.asset_key.to_user_string()} failed: {check.description}",
+              file=sys.stderr)
+    if not made:
+        errors = [root_cause(e.event_specific_data.error) for e in result.all_events
+                  if e.is_step_failure and e.event_specific_data and e.event_specific_data.error]
+        raise BackupError(errors[0] if errors else f"the base backup of {source} was not taken")
+    return made[-1], failed
 
 
 def cmd_restore(args) -> int:
@@ -504,18 +555,10 @@ def _fail_dead_cli_runs(catalog, instance) -> list[str]:
 
 def _alert(catalog, alert, *, instance=None) -> None:
     """Send an alert from the command line through the catalog's channels; say where it went (or why not).
-    The alert memory is the Dagster instance's (shared with the daemon's sensors) when there is one."""
-    import os
-
+    The alert memory is the Dagster instance's (shared with the daemon's sensors) for what ran through
+    Dagster, else the repository's: a restore or verify at 3 a.m. needs no Dagster."""
     from .core.alerts import Notifier
 
-    if instance is None and os.environ.get("DAGSTER_HOME"):
-        try:
-            import dagster as dg
-
-            instance = dg.DagsterInstance.get()
-        except Exception:  # noqa: BLE001 - Dagster's storage down at 3 a.m.: remember in the repository instead
-            instance = None
     notifier = Notifier.for_catalog(catalog, instance)
     if not notifier.channels:
         return
@@ -826,6 +869,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("basebackup", help="a base backup for point-in-time recovery (pg_basebackup, needs the WAL "
                                           "archive)")
     p.add_argument("--source", required=True)
+    p.add_argument("--dagster", action="store_true",
+                   help="take it through the <source>/base_backup asset: a run in DAGSTER_HOME with the asset's "
+                        "checks (the point-in-time drill too) and replica, shown in the UI")
     p.add_argument("--kind", choices=["auto", "full", "incremental"], default="auto",
                    help="auto (default): incremental on the newest base backup where the server can take one "
                         "(PostgreSQL 17+, summarize_wal = on) and the catalog's pitr settings allow, else full")

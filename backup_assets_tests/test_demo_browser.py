@@ -87,6 +87,25 @@ def test_the_demo_replicates_to_s3_restores_from_it_and_alerts_reach_the_receive
     assert 'backup_assets_backup_rpo_met{group="full",source="miyabi_pg",tier="daily"} 1.0' in metrics
 
 
+def test_make_backup_shows_in_dagster_one_run_per_partition_and_says_how_far_back_pitr_reaches(demo):
+    import dagster as dg
+
+    assert "a point-in-time restore of myloware reaches any moment from " in demo["backup"], demo["backup"]
+    assert "myloware/full_daily " in demo["backup"]  # asset keys, as the UI names them
+    instance = dg.DagsterInstance.from_config(str(demo["home"] / "dagster_home"))
+    try:
+        base = dg.AssetKey(["myloware", "base_backup"])
+        assert instance.get_latest_materialization_event(base) is not None, "the base backup is in the UI"
+        checks = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+            [dg.AssetCheckKey(base, n) for n in ("base_verified", "wal_continuity", "recovery_point", "pitr_drill")])
+        assert len(checks) == 4, checks
+        runs = instance.get_runs(filters=dg.RunsFilter(job_name="daily_backups", tags={"backup_assets/trigger": "cli"}))
+        assert len(runs) == 1, "one run for the partition, every daily asset in it"
+        assert runs[0].tags["backup_assets/command"] == "backup-assets backup --tier daily"
+    finally:
+        instance.dispose()
+
+
 @pytest.fixture(scope="module")
 def browser():
     from selenium import webdriver

@@ -218,18 +218,22 @@ def _port_taken(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _quiet_env(home: Path) -> dict[str, str]:
-    """The environment of the demo's Dagster processes: a runtime folder of their own (no XDG warning when
-    running as root without a login session)."""
-    runtime = home / "run"
-    runtime.mkdir(mode=0o700, exist_ok=True)
+def _runtime_dir() -> Path:
+    """A runtime folder for the demo's processes (XDG_RUNTIME_DIR: root without a login session has none)."""
+    runtime = demo_home() / "run"
+    runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(runtime, 0o700)
-    return {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+    return runtime
+
+
+def _quiet_env(home: Path) -> dict[str, str]:
+    """The environment of the demo's Dagster processes: a runtime folder of their own (no XDG warning)."""
+    return {**os.environ, "XDG_RUNTIME_DIR": os.environ.get("XDG_RUNTIME_DIR") or str(_runtime_dir())}
 
 
 def run() -> int:
-    """The demo's Dagster: webserver and daemon side by side in one process group, stopped together by
-    Ctrl-C here or `make stop` anywhere. Refused while the demo already runs."""
+    """The demo's Dagster: webserver and daemon side by side (each in a process group of its own, with its code
+    servers), stopped together by Ctrl-C here or `make stop` anywhere. Refused while the demo already runs."""
     home = demo_home()
     port = int(os.environ.get("BACKUP_ASSETS_DEMO_DAGSTER_PORT", "3000"))
     running = _dagster_processes()
@@ -253,7 +257,7 @@ def run() -> int:
     web = subprocess.Popen([str(bin_dir / "dagster-webserver"), "-w", workspace, "-h", "127.0.0.1", "-p", str(port)],
                            cwd=dh, env=env, start_new_session=True)
     daemon = subprocess.Popen([str(bin_dir / "dagster-daemon"), "run", "-w", workspace], cwd=dh, env=env,
-                              process_group=web.pid)
+                              start_new_session=True)
     (home / "dagster.pid").write_text(str(web.pid))
 
     def stop_here(signum, _frame):
@@ -275,7 +279,7 @@ def backup() -> int:
 
     code = main(["backup", "--tier", "daily"])
     # and a base backup of the server, so a restore to any time from now on works (point-in-time recovery)
-    return main(["basebackup", "--source", "myloware"]) or code
+    return main(["basebackup", "--source", "myloware", "--dagster"]) or code
 
 
 def _children(pid: int) -> list[int]:
@@ -357,6 +361,10 @@ def env() -> None:
 
 
 def main(argv: list[str]) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*XDG_RUNTIME_DIR")  # root without a login session: not news
+    os.environ.setdefault("XDG_RUNTIME_DIR", str(_runtime_dir()))
     command = argv[0] if argv else "run"
     if command == "env":
         env()
