@@ -303,10 +303,15 @@ def _basebackup_through_dagster(catalog, source: str, replicate_too: bool, *, de
         tags={**cli_runs.run_tags(catalog), "backup_assets/command": f"backup-assets basebackup --source {source}"},
         run_config={"loggers": {"console": {"config": {"log_level": "DEBUG" if debug else "CRITICAL"}}}})
     made = [b for b in pitr.base_backups(catalog, source) if b["artifact"] not in before]
-    failed = [c for c in result.get_asset_check_evaluations() if not c.passed]
-    for check in failed:
-        print(f"check {check.check_name} of {check.asset_key.to_user_string()} failed: {check.description}",
-              file=sys.stderr)
+    import dagster as dg
+
+    failed = []
+    for check in (c for c in result.get_asset_check_evaluations() if not c.passed):
+        error = check.severity == dg.AssetCheckSeverity.ERROR
+        print(f"check {check.check_name} of {check.asset_key.to_user_string()} "
+              f"{'failed' if error else 'warns'}: {check.description}", file=sys.stderr)
+        if error:
+            failed.append(check)
     if not made:
         errors = [root_cause(e.event_specific_data.error) for e in result.all_events
                   if e.is_step_failure and e.event_specific_data and e.event_specific_data.error]
@@ -479,8 +484,11 @@ def cmd_backup(args) -> int:
     job = defs.resolve_job_def(f"{args.tier}_backups")
     instance = _instance()
     _fail_dead_cli_runs(catalog, instance)
-    partitions = args.partition or [defs.resolve_assets_def(backup_key(*targets[0])).partitions_def
-                                    .get_last_partition_key()]
+    last = defs.resolve_assets_def(backup_key(*targets[0])).partitions_def.get_last_partition_key()
+    if not args.partition and last is None:
+        raise UsageError(f"no {args.tier} partition is complete yet (the catalog's start_date is {catalog.start_date}): "
+                         "name one with --partition")
+    partitions = args.partition or [last]
     selection = [backup_key(*t) for t in targets] + ([replica_key(*t) for t in targets] if catalog.replication.s3 else [])
     command = " ".join(["backup-assets", "backup", "--tier", args.tier]
                        + (["--select", *args.select] if args.select else []))

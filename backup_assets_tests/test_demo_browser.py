@@ -189,6 +189,23 @@ def test_the_ui_shows_lineage_partitions_checks_and_running_automation(demo, bro
     browser.save_screenshot(str(shots / "automation.png"))
 
 
+def test_the_s3_stand_in_is_refilled_when_it_starts_empty(demo):
+    """moto's server keeps its objects in memory: after a restart the demo puts the verified backups back, so the
+    replicas the UI shows and `restore --from s3` stay true."""
+    from backup_assets.demo.services import stop_services
+
+    assert "s3" in stop_services(demo["home"])
+    setup = subprocess.run([sys.executable, "-m", "backup_assets.demo", "setup"], env=demo["env"], capture_output=True,
+                           text=True, timeout=300)
+    assert setup.returncode == 0, setup.stderr[-2000:]
+    assert "the stand-in keeps nothing across restarts: put 7 backup(s) back" in setup.stdout, setup.stdout
+    rows = json.loads(cli(demo, "list", "--json").stdout)
+    assert rows and all(r["where"] == "local+s3" for r in rows), rows
+    again = subprocess.run([sys.executable, "-m", "backup_assets.demo", "setup"], env=demo["env"], capture_output=True,
+                           text=True, timeout=300)
+    assert "put" not in again.stdout  # not empty: nothing to put back
+
+
 def test_zz_a_second_make_run_is_refused_and_make_stop_stops_everything(demo):
     """Last in this module (it stops the demo): `make run` again while it runs is refused and changes nothing;
     `make stop` stops webserver, daemon and code servers (they exit on SIGTERM: the first `make run` returns by

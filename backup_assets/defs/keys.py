@@ -37,3 +37,10 @@ def parse_key(key: dg.AssetKey) -> tuple[str, str, str, bool] | None:
 def _split(name: str) -> tuple[str, str] | None:
     group, sep, tier = name.rpartition("_")
     return (group, tier) if sep and group and tier in TIER_NAMES else None
+
+
+def tier_op_name(tier: str, sources: list[str]) -> str:
+    """The step that backs up one server's sources in a tier, named so the run page reads what it does:
+    `daily_backups_of_myloware_and_miyabi_pg` (past three sources: the first two and how many more)."""
+    shown = sources if len(sources) <= 3 else [*sources[:2], f"{len(sources) - 2}_more"]
+    return f"{tier}_backups_of_{'_and_'.join(shown)}"

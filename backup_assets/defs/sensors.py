@@ -13,7 +13,7 @@ from dagster._core.storage.asset_check_execution_record import AssetCheckExecuti
 from ..catalog import Catalog
 from ..core.alerts import Alert, Notifier
 from . import cli_runs
-from .keys import backup_key, parse_key, replica_key
+from .keys import backup_key, parse_key, replica_key, tier_op_name
 from .partitions import DAGSTER_WEEKDAY
 
 # freshness per tier: (warn after, fail after)
@@ -112,9 +112,12 @@ def build_sensors(catalog: Catalog) -> list:
     known = [dg.AssetKey(["operations", n]) for n in ("dr_drill", "retention", "backup_health")]
     known += [dg.AssetKey([s, "app_table_pruning"]) for s in catalog.sources]
     step_keys = {"__".join(k.path): [k] for k in known}
-    for source, group, tier in catalog.backup_targets():  # a server's tier is one op: <pool>__<tier>
-        step_keys.setdefault(f"{catalog.sources[source].pool_name()}__{tier}", []).append(
-            backup_key(source, group, tier))
+    ops: dict[tuple[str, str], list[tuple[str, str]]] = {}  # a server's tier is one op (tier_op.tier_ops)
+    for source, group, tier in catalog.backup_targets():
+        ops.setdefault((catalog.sources[source].pool_name(), tier), []).append((source, group))
+    for (_pool, tier), targets in ops.items():
+        step_keys[tier_op_name(tier, list(dict.fromkeys(s for s, _ in targets)))] = [
+            backup_key(s, g, tier) for s, g in targets]
 
     def assets_of_step(step_key: str | None, event, selection) -> dict[dg.AssetKey, str]:
         """The assets a failed step failed for, each with its error: those a tier op named in its

@@ -25,6 +25,7 @@ from dagster import AssetExecutionContext
 from ..catalog import Catalog
 from .assets import backup_key, backup_metadata, backup_spec
 from .checks import failure_line, keyed_check_result
+from .keys import tier_op_name
 from .partitions import partitions_for
 from .replication import _storage, replica_key, replica_spec
 from .sensors import FAILED_ASSETS
@@ -57,10 +58,6 @@ def backup_check_specs(catalog: Catalog, source: str, group: str, tier: str, par
             for name in check_names(catalog, tier)]
 
 
-def op_name(pool: str, tier: str) -> str:
-    return f"{pool}__{tier}"
-
-
 def build_tier_asset(catalog: Catalog, pool: str, tier: str, targets: list[tuple[str, str]],
                      partitions) -> dg.AssetsDefinition:
     """The op of one server (pool) and tier: the backups of every source and group on it."""
@@ -73,11 +70,14 @@ def build_tier_asset(catalog: Catalog, pool: str, tier: str, targets: list[tuple
             specs.append(replica_spec(catalog, source, group, tier))
             check_specs.append(dg.AssetCheckSpec(
                 "replica_intact", asset=replica_key(source, group, tier), blocking=True, partitions_def=partitions,
-                description="The S3 object exists and its size and SHA-256 match the manifest."))
+                description="The S3 object exists, its size is the manifest's and S3's own SHA-256 checksum of the "
+                            "stored bytes equals the manifest's (an object without one is downloaded and hashed); "
+                            "metadata alone never passes it. operations/replica_audit proves every replica by its "
+                            "bytes at least every deep_verify_days."))
     sources = list(dict.fromkeys(s for s, _ in targets))
 
     @dg.multi_asset(
-        name=op_name(pool, tier),
+        name=tier_op_name(tier, sources),
         specs=specs,
         check_specs=check_specs,
         partitions_def=partitions,
@@ -85,7 +85,7 @@ def build_tier_asset(catalog: Catalog, pool: str, tier: str, targets: list[tuple
         pool=pool,
         backfill_policy=dg.BackfillPolicy.multi_run(1),
         required_resource_keys={"s3"} if replicated else set(),
-        description=f"The {tier} backups on {pool} ({', '.join(sources)}), one after another, each with its checks"
+        description=f"The {tier} backups of {', '.join(sources)} (the server {pool}), one after another, each with its checks"
                     f"{' and S3 replica' if replicated else ''}.",
     )
     def tier_backups(context: AssetExecutionContext):

@@ -154,6 +154,11 @@ def setup() -> Path:
     settings = demo_env(home)
     made = {name: secrets.token_urlsafe(18) for name in (S3_KEY_ENV, S3_SECRET_ENV, WEBHOOK_SECRET_ENV)
             if name not in settings}
+    if "BACKUP_ASSETS_DEMO_START_DATE" not in settings:  # once: the day before the first setup
+        import datetime as dt
+
+        made["BACKUP_ASSETS_DEMO_START_DATE"] = (dt.datetime.now(dt.timezone.utc).date()
+                                                 - dt.timedelta(days=1)).isoformat()
     s3_port = int(os.environ.get("BACKUP_ASSETS_DEMO_S3_PORT", DEFAULT_S3_PORT))
     webhook_port = int(os.environ.get("BACKUP_ASSETS_DEMO_WEBHOOK_PORT", DEFAULT_WEBHOOK_PORT))
     server_user = _ensure_server_user()
@@ -163,13 +168,51 @@ def setup() -> Path:
     for name, value in demo_env(home).items():
         os.environ.setdefault(name, value)
     start_s3(home, s3_port, dict(os.environ))
+    refill_s3()
     alerts = start_webhook(home, webhook_port)
     print(f"demo PostgreSQL: 127.0.0.1:{cluster.port}/myloware and /miyabi (password in {_secrets_file(home)})")
     print(f"demo SQLite:     {data / 'miyabi.db'}, {data / 'miyabi-persistence.db'}")
     print(f"demo S3:         http://127.0.0.1:{s3_port}/{S3_BUCKET} (moto's server, in memory: a stand-in for a real "
-          "bucket)")
+          "bucket; refilled from the local repository when it starts empty)")
     print(f"demo alerts:     webhook to 127.0.0.1:{webhook_port}, logged to {alerts} (tail -f it)")
     return home
+
+
+def refill_s3() -> None:
+    """The S3 stand-in keeps nothing across restarts (moto's server holds its objects in memory): when it
+    starts empty while the local repository has backups, the verified ones (and the base backups with their
+    WAL) are replicated again, so the replicas the UI shows and `restore --from s3` are true again."""
+    from ..catalog import catalog_from_env
+    from ..core import BackupError
+    from ..core.backup import repository_for
+    from ..core.replica import replicate, storage_for
+
+    catalog = catalog_from_env()
+    storage = storage_for(catalog)
+    if next(iter(storage.list("")), None) is not None:
+        return
+    backups = repository_for(catalog).backups()
+    from ..core.pitr import base_backups
+
+    bases = [s for s in catalog.pitr_sources() if base_backups(catalog, s)]
+    if not backups and not bases:
+        return
+    put, skipped = 0, 0
+    for backup in backups:
+        try:
+            replicate(catalog, backup, storage)
+            put += 1
+        except BackupError:  # not verified, or failed its checks: never replicated in the first place
+            skipped += 1
+    for source in bases:
+        from ..core.pitr_s3 import replica_storage, replicate as replicate_pitr
+
+        try:
+            replicate_pitr(catalog, source, replica_storage(catalog))
+        except BackupError as exc:
+            print(f"demo S3:         the base backups of {source} were not put back: {exc}")
+    print(f"demo S3:         the stand-in keeps nothing across restarts: put {put} backup(s) back from "
+          f"{catalog.repository_root}" + (f" ({skipped} unverified left out)" if skipped else ""))
 
 
 def dagster_home() -> Path:
@@ -268,8 +311,13 @@ def run() -> int:
     signal.signal(signal.SIGTERM, stop_here)
     while web.poll() is None and daemon.poll() is None:
         time.sleep(0.5)
+    first, name = (web, "webserver") if web.returncode is not None else (daemon, "daemon")
     stop_dagster(home)
-    return 0 if web.returncode in (0, -signal.SIGTERM) else 1
+    if first.returncode in (0, -signal.SIGTERM, 128 + signal.SIGTERM):  # stopped: `make stop`, or a clean exit
+        return 0
+    print(f"the Dagster {name} ended by itself (exit {first.returncode}); the demo's Dagster is stopped: see the "
+          "lines above, then `make run` again", file=sys.stderr)
+    return 1
 
 
 def backup() -> int:
