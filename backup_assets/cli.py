@@ -245,6 +245,10 @@ def cmd_pitr_restore(args) -> int:
     result = pitr.restore_to_time(catalog, args.source, args.pgdata, to_time=target, to_lsn=args.to_lsn, port=args.port,
                                   run_as=run_as, say=Reporter())
     print(f"recovered {result.pgdata} from {result.base} to {result.target}: {result.reached}")
+    try:
+        pitr.record_recovered(catalog, result, args.source)
+    except OSError as exc:  # the server runs; only `make stop` will not know it
+        print(f"backup-assets: the running server was not recorded for `make stop`: {exc.strerror}", file=sys.stderr)
     import shlex
 
     stop = f"{shlex.quote(str(result.bin_dir / 'pg_ctl'))} -D {shlex.quote(str(result.pgdata))} -m fast stop"

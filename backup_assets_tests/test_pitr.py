@@ -316,3 +316,39 @@ def test_a_failed_point_in_time_restore_removes_what_it_built(archiving, tmp_pat
         pitr.restore_to_time(catalog, "app", str(pgdata), port=free_port(),
                              run_as=SERVER_USER if os.geteuid() == 0 else None)
     assert pgdata.is_dir() and not any(pgdata.iterdir())  # the folder it was given, empty again
+
+
+@pytest.mark.pitr
+def test_a_recovered_server_runs_as_the_catalogs_user_and_its_stop_command_works(archiving, tmp_path, capsys):
+    """As root, `restore --to-time` runs the server as the catalog's pitr.run_as without --run-as; the stop command
+    it prints works as printed; a server left running is stopped by `make stop` (stop_recovered)."""
+    import subprocess
+
+    cluster, catalog_path, _ = archiving
+    write_rows(cluster, 5, "before")
+    assert cli(catalog_path, "basebackup", "--source", "app") == 0
+    out = capsys.readouterr().out
+    assert "a point-in-time restore of app reaches any moment from " in out, out
+    write_rows(cluster, 5, "after")
+    archive_now(cluster)
+    catalog = load_catalog(catalog_path)
+    stops = []
+    for n in range(2):
+        pgdata, port = tmp_path / f"recovered-{n}", free_port()
+        assert cli(catalog_path, "restore", "--source", "app", "--latest", "--pgdata", str(pgdata), "--port",
+                   str(port), "--confirm") == 0
+        printed = capsys.readouterr().out
+        [line] = [ln for ln in printed.splitlines() if "stop it with: " in ln]
+        stops.append((pgdata, line.split("stop it with: ", 1)[1]))
+        assert (pgdata / "postmaster.pid").exists()
+        if os.geteuid() == 0:
+            assert pgdata.stat().st_uid != 0 and line.split("stop it with: ", 1)[1].startswith("runuser -u ")
+    pgdata, command = stops[0]
+    done = subprocess.run(command, shell=True, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not (pgdata / "postmaster.pid").exists()
+    said = pitr.stop_recovered(catalog)  # what `make stop` does for the demo: the one still running
+    assert len(said) == 1 and said[0].startswith(f"the server recovered into {stops[1][0]} (port "), said
+    assert said[0].endswith("stopped; its data directory is kept"), said
+    assert not (stops[1][0] / "postmaster.pid").exists()
+    assert pitr.stop_recovered(catalog) == []

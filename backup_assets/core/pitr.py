@@ -257,6 +257,48 @@ class Recovered:
                        group=self.user.pw_gid if self.user else None)
 
 
+RECOVERED = ".recovered_servers.json"
+
+
+def record_recovered(catalog: Catalog, result: Recovered, source: str) -> None:
+    """Remember a server a point-in-time restore left running (`make stop` and `recovered` find it)."""
+    path = catalog.repository_root / RECOVERED
+    entries = [e for e in recovered_servers(catalog) if e["pgdata"] != str(result.pgdata)]
+    entries.append({"source": source, "pgdata": str(result.pgdata), "port": result.port,
+                    "pg_ctl": str(result.bin_dir / "pg_ctl"), "user": result.user.pw_name if result.user else None,
+                    "target": result.target, "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+    write_json_atomic(path, entries)
+
+
+def recovered_servers(catalog: Catalog) -> list[dict]:
+    try:
+        data = json.loads((catalog.repository_root / RECOVERED).read_text())
+        return data if isinstance(data, list) else []
+    except (OSError, ValueError):
+        return []
+
+
+def stop_recovered(catalog: Catalog) -> list[str]:
+    """Stop the servers point-in-time restores left running (those still running); says what it stopped."""
+    said, keep = [], []
+    for e in recovered_servers(catalog):
+        pgdata = Path(e["pgdata"])
+        if not (pgdata / "postmaster.pid").exists():
+            continue
+        user = pwd.getpwnam(e["user"]) if e.get("user") else None
+        done = subprocess.run([e["pg_ctl"], "-D", str(pgdata), "-m", "fast", "-w", "stop"], capture_output=True,
+                              env=_server_env(), user=user.pw_uid if user else None,
+                              group=user.pw_gid if user else None)
+        if done.returncode == 0:
+            said.append(f"the server recovered into {pgdata} (port {e['port']}) stopped; its data directory is kept")
+        else:
+            keep.append(e)
+            said.append(f"the server recovered into {pgdata} (port {e['port']}) did not stop: "
+                        f"{done.stderr.decode(errors='replace').strip()[:200]}")
+    write_json_atomic(catalog.repository_root / RECOVERED, keep)
+    return said
+
+
 def chain_of(bases: list[dict], base: dict) -> list[dict]:
     """The full base backup and the incremental ones up to `base`, oldest first."""
     by_name = {b["artifact"]: b for b in bases}

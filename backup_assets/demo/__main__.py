@@ -388,6 +388,15 @@ def stop() -> None:
     stopped = stop_dagster(home)
     if stopped:
         print(f"Dagster (webserver, daemon and code servers) stopped: pid {', '.join(map(str, stopped))}")
+    if home.exists():  # servers `restore --to-time` left running for the demo
+        from ..catalog import catalog_from_env
+        from ..core.pitr import stop_recovered
+
+        try:
+            for line in stop_recovered(catalog_from_env()):
+                print(line)
+        except Exception as exc:  # noqa: BLE001 - stopping the rest matters more
+            print(f"recovered servers not checked: {exc}")
     if (home / "pg").exists():
         cluster = demo_cluster(home)
         if cluster.is_running():
