@@ -21,7 +21,7 @@ import pytest
 from backup_assets.demo.cluster import free_port
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-LOCATION = "backup_assets.definitions"
+LOCATION = "backup_assets"  # workspace.yaml names it as pyproject.toml does
 
 
 def _up(url: str) -> bool:

@@ -152,7 +152,7 @@ def test_daemon_runs_the_schedule_backfills_and_alerts(pg18, source_cluster, mot
         #    carry the checks and the replica): one run per partition
         missed = ["2026-11-10", "2026-11-11", "2026-11-12"]
         selector = {"repositorySelector": {"repositoryName": "__repository__",
-                                           "repositoryLocationName": "backup_assets.definitions"},
+                                           "repositoryLocationName": "backup_assets"},
                     "partitionSetName": "daily_backups_partition_set"}
         launched = graphql(web, """mutation($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $params) {
             __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }""",
@@ -264,7 +264,7 @@ def test_daemon_runs_the_schedule_backfills_and_alerts(pg18, source_cluster, mot
         launch = """mutation($params: ExecutionParams!) { launchRun(executionParams: $params) {
             __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message }
             ... on RunConfigValidationInvalid { errors { message } } } }"""
-        location = {"repositoryLocationName": "backup_assets.definitions", "repositoryName": "__repository__"}
+        location = {"repositoryLocationName": "backup_assets", "repositoryName": "__repository__"}
 
         def run_job(job: str, config: dict) -> dg.DagsterRun:
             done = graphql(web, launch, {"params": {"selector": {**location, "jobName": job},

@@ -31,17 +31,21 @@ from .replication import _storage, replica_key, replica_spec
 from .sensors import FAILED_ASSETS
 
 
-CHECK_DESCRIPTIONS = {
-    "artifact_intact": "The manifest parses; the artifact's size and SHA-256 match it; the zstd stream decodes to its "
-                       "end (an encrypted one is decrypted when the identity is at hand; without it, size and SHA-256 "
-                       "of the ciphertext are checked).",
-    "archive_readable": "pg_restore --list reads the archive and lists every table of the group "
-                        "(SQLite: integrity_check passes and every table is there).",
+CHECK_DESCRIPTIONS = {  # the README's check table, in short
+    "artifact_intact": "The manifest parses and its checksum holds; the artifact's size and SHA-256 match it; the zstd "
+                       "stream decodes to its end (an encrypted one is decrypted when the identity is at hand; "
+                       "without it only the ciphertext's size and SHA-256 are checked, and it says so).",
+    "archive_readable": "The archive read by structure in one pass: every table of the manifest has its definition "
+                        "and its data with exactly the snapshot's row count, pg_restore --list reads the same "
+                        "stream, a content fingerprint per table is recorded (SQLite: integrity_check and every "
+                        "table; roles: the JSON and its role names).",
     "size_anomaly": "Warns when the compressed size changed by more than {threshold:.0%} against the previous "
                     "partition.",
-    "restore_drill": "Restores the artifact into a scratch database (SQLite: a temporary file), compares row counts, "
-                     "vectors, indexes and content fingerprints with the archive and manifest, records the restore "
-                     "time (RTO) and drops the scratch target.",
+    "restore_drill": "Restores the artifact into a scratch database (SQLite: a temporary file): row counts, vectors, "
+                     "extensions and indexes equal the manifest's, every table's content fingerprint matches the "
+                     "archive's (one changed value fails it), every definition, privilege and large object the "
+                     "archive holds is in the copy as the archive defines it; records the restore time (RTO) and "
+                     "drops the scratch target.",
 }
 
 
