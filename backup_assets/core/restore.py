@@ -471,7 +471,7 @@ def _restore_whole(catalog: Catalog, backup: StoredBackup, admin, ep: postgres.E
             )
     for line in repair_interrupted_swaps(admin):
         say(line)
-    temp = postgres.owned_name(f"{target[:20]}_restoring_{stamp}")
+    temp = postgres.owned_name_with(target, f"_restoring_{stamp}")  # the time stamp whole, the name as long as fits
     target_major = postgres.server_major(admin)
     postgres.create_database(admin, temp, comment=postgres.marker(RESTORE_MARK, target=target))
     swapped = False

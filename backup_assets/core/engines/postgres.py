@@ -636,7 +636,20 @@ def owned_name(base: str) -> str:
     DATABASE whose client was killed, so the name is what a sweep can always judge."""
     owner = Owner.me()
     suffix = f"_{owner.host}_{owner.pid}_{owner.start}"
-    return base[: 63 - len(suffix)] + suffix
+    return _bytes_prefix(base, 63 - len(suffix.encode())) + suffix
+
+
+def owned_name_with(head: str, tail: str) -> str:
+    """`owned_name(head + tail)` where only `head` is shortened to fit (the tail, e.g. a time stamp, stays whole)."""
+    owner = Owner.me()
+    suffix = f"_{owner.host}_{owner.pid}_{owner.start}"
+    return _bytes_prefix(head, 63 - len(suffix.encode()) - len(tail.encode())) + tail + suffix
+
+
+def _bytes_prefix(text: str, limit: int) -> str:
+    """The longest prefix of `text` within `limit` bytes of UTF-8 (PostgreSQL's 63 are bytes, not characters;
+    a longer name would be cut by the server and no longer be the name we use)."""
+    return text.encode()[:max(limit, 0)].decode(errors="ignore")
 
 
 def name_owner(name: str) -> Owner | None:
