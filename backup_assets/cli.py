@@ -133,8 +133,14 @@ def cmd_list(args) -> int:
     if args.json:
         print(json.dumps(ordered, indent=2))
     elif ordered:
-        _print_table(ordered, ["source", "group", "tier", "partition", "created", "size", "rows", "verified", "where",
-                               "key", "path"])
+        # a terminal's width: the artifact's name, not its path (--paths), "plain" for what is not encrypted
+        shown = [{**r, "created": str(r["created"])[:19].replace("T", " "),
+                  "key": {"-": "plain", "": "?"}.get(r["key"], r["key"])} for r in ordered]
+        _print_table(shown, ["source", "group", "tier", "partition", "created", "size", "rows", "verified", "where",
+                             "key"] + (["path"] if args.paths else []))
+        if not args.paths:
+            print("(key: the fingerprints of the keys that open it, plain, or ? for a copy only S3 has; --paths "
+                  "shows where each is)", file=sys.stderr)
     else:
         print(f"no backups match in repository {local.root} (catalog {catalog.catalog_path or 'built in'})",
               file=sys.stderr)
@@ -837,6 +843,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition")
     p.add_argument("--json", action="store_true")
     p.add_argument("--local-only", action="store_true", help="do not list S3")
+    p.add_argument("--paths", action="store_true", help="add each backup's full path or S3 URI")
     p.set_defaults(func=cmd_list)
 
     def backup_selector(p, file_arg: bool = True):
