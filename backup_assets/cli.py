@@ -157,7 +157,7 @@ def _check_partitions(args, catalog) -> None:
         validate(catalog, args.tier, key)
 
 
-def _selected_backup(args, catalog, say):
+def _selected_backup(args, catalog, say, *, to_restore: bool = True):
     from .core.restore import backup_from_file, choose_backup
 
     _check_partitions(args, catalog)
@@ -165,6 +165,17 @@ def _selected_backup(args, catalog, say):
         return backup_from_file(catalog, args.file)
     if not (args.source and args.group):
         raise UsageError("name a backup: FILE, or --source and --group (with --tier/--partition)")
+    if not to_restore and args.partition:  # verify checks the partition's newest backup, whatever its state
+        from .core.verify import find_backup
+
+        tiers = [args.tier] if args.tier else ["daily", "weekly", "monthly", "hourly"]
+        for tier in tiers:
+            try:
+                return find_backup(catalog, args.source, args.group, tier, args.partition)
+            except BackupError:
+                continue
+        raise BackupError(f"no backup of {args.source}/{args.group} for partition {args.partition} "
+                          f"({'/'.join(tiers)})")
     return choose_backup(catalog, source=args.source, group=args.group, tier=args.tier, partition=args.partition, say=say)
 
 
@@ -177,7 +188,7 @@ def cmd_verify(args) -> int:
     catalog = _catalog(args)
     repository_for(catalog).sweep()
     say = Reporter()
-    backup = _selected_backup(args, catalog, say)
+    backup = _selected_backup(args, catalog, say, to_restore=False)
     ids = identities_if_any(catalog, backup.manifest, artifact=str(backup.artifact_path))
     steps = [("artifact_intact", lambda: artifact_intact(backup, ids)),
              ("archive_readable", lambda: archive_readable(catalog, backup))]
@@ -597,7 +608,10 @@ def cmd_doctor(args) -> int:
     catalog = _catalog(args)
     done = doctor(catalog)
     if os.environ.get("DAGSTER_HOME"):  # runs of `backup-assets backup` killed mid-run
-        done += _fail_dead_cli_runs(catalog, _instance())
+        try:
+            done += _fail_dead_cli_runs(catalog, _instance())
+        except Exception as exc:  # noqa: BLE001 - the repository and servers are repaired whatever Dagster's state
+            done.append(f"Dagster's runs not checked: {scrub(str(exc)).splitlines()[0][:300]}")
     for line in done:
         print(line)
     if not done:

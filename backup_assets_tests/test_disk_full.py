@@ -68,7 +68,7 @@ def test_a_full_scratch_folder_fails_the_checks_it_stops_and_says_where(pg18, ro
     assert lines[0].startswith("PASS artifact_intact") and lines[1].startswith("PASS archive_readable"), lines
     [line] = [ln for ln in lines if ln.startswith("FAIL restore_drill: ")]
     assert f"no space left in the scratch folder {small_volume / 'backups' / '.tmp'} (" in line, line
-    assert " free of 12.0M, after writing " in line, line
+    assert " free of 12.0M) for the drill's temporary copy: it needs " in line, line  # refused before filling it
     assert "Traceback" not in out.err
     # the results are recorded: list shows them failed, not unknown
     code = main(["--catalog", catalog.catalog_path, "list", "--json"])
@@ -122,3 +122,20 @@ def test_in_dagster_a_full_scratch_fails_only_its_own_checks(pg18, roomy_db, wri
     assert sorted((h["group"], h["title"].split(": ")[-1]) for h in hooks) == [("big", "check restore_drill failed")], hooks
     repo = LocalRepository(catalog.repository_root)
     assert repo.latest("roomy", "small", "daily", P) is not None
+
+
+def test_a_copy_that_fills_the_scratch_folder_midway_is_one_line_and_goes_away(small_volume):
+    """When the free space was there at the start but ran out while writing (another writer took it): the write's
+    ENOSPC becomes one line naming the folder, its free space and what had been written; the copy is removed."""
+    from backup_assets.core import BackupError
+
+    repo = LocalRepository(small_volume / "backups")
+    with pytest.raises(BackupError) as info:
+        with repo.scratch("drill") as tmp:
+            with open(tmp / "archive.dump", "wb") as fh:
+                while True:
+                    fh.write(b"\0" * (1 << 20))
+    text = str(info.value)
+    assert text.startswith(f"no space left in the scratch folder {small_volume / 'backups' / '.tmp'} (")
+    assert " free of 12.0M, after writing " in text and "for the drill's temporary copy" in text, text
+    assert not list((small_volume / "backups" / ".tmp").iterdir())

@@ -96,8 +96,8 @@ def test_pushes_are_idempotent_and_refuse_different_content(tmp_path, capsys):
         (tmp_path / "pg_wal" / Path(bad).name).write_bytes(b"x")
         assert cli(catalog_path, "wal-push", "--source", "app", str(tmp_path / "pg_wal" / Path(bad).name)) == 1
         assert "is not a WAL file name" in capsys.readouterr().err
-    assert cli(catalog_path, "wal-push", "--source", "nope", str(seg)) == 1
-    assert "source 'nope' is not a postgres source" in capsys.readouterr().err
+    assert cli(catalog_path, "wal-push", "--source", "nope", str(seg)) == 2  # a name the catalog lacks: usage
+    assert "unknown source 'nope': the catalog has app" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("point", ["artifact.before_rename", "artifact.renamed", "wal.before_meta"])

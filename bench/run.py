@@ -516,6 +516,12 @@ def main(argv=None) -> int:
             os.chmod(work, 0o755)  # the throwaway PostgreSQL 15 server's user traverses it
             results["regression"] = rg = bench_regression(work / "regression")
             report_regression(rg)
+            print("== Point-in-time recovery against pgBackRest, side by side (PostgreSQL 15)", flush=True)
+            from bench.peer import bench_peer, report as report_peer
+
+            (work / "peer").mkdir()
+            results["peer"] = pe = bench_peer(work / "peer")
+            report_peer(pe)
         for size in ([] if args.only_s3 or not args.sizes else args.sizes.split(",")):
             print(f"== PostgreSQL {size}", flush=True)
             results["postgres"][size] = bench_postgres(c, size, args.fresh, work)

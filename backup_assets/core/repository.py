@@ -45,6 +45,17 @@ EXTENSIONS = {"postgres": "dump", "sqlite": "db"}
 
 
 SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO)
+RESERVE_BYTES = 64 * 1024 * 1024  # left free for the backups being written beside a check's copy (at most 10%)
+
+
+def _room_for(root: Path, need: int, what: str) -> None:
+    usage = shutil.disk_usage(root)
+    keep = min(RESERVE_BYTES, usage.total // 10)
+    if usage.free - need < keep:
+        raise BackupError(f"no space left in the scratch folder {root} ({human_size(usage.free)} free of "
+                          f"{human_size(usage.total)}) for the {what}'s temporary copy: it needs {human_size(need)}, "
+                          f"and {human_size(keep)} stay free for the backups; free space there (or move the "
+                          "repository) and run it again")
 
 
 def scratch_error(exc: OSError, root: Path, what: str, written: Path | None = None) -> BackupError | None:
@@ -213,7 +224,7 @@ class LocalRepository(Repository):
         return ensure_dir(self.root / SCRATCH)
 
     @contextmanager
-    def scratch(self, what: str) -> Iterator[Path]:
+    def scratch(self, what: str, *, need_bytes: int = 0) -> Iterator[Path]:
         """A 0700 folder for one operation's temporary files (decoded archives are plaintext
         copies of a database), named after its owner and removed on every way out; a kill -9
         leaves it to the next operation's sweep. A full volume (or quota, or an I/O error) while it
@@ -222,6 +233,8 @@ class LocalRepository(Repository):
         root = self.root / SCRATCH
         try:
             folder = self.scratch_root() / f"{what}-{Owner.me().token}-{secrets.token_hex(4)}"
+            if need_bytes:  # a copy that cannot fit is refused before it fills the volume the backups write to
+                _room_for(root, need_bytes, what)
             folder.mkdir(mode=0o700)
         except OSError as exc:
             raise scratch_error(exc, root, what) or exc from None

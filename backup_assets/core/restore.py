@@ -478,7 +478,7 @@ def _restore_whole(catalog: Catalog, backup: StoredBackup, admin, ep: postgres.E
     created_roles: list[str] = []
     saved = None
     try:
-        with repository_for(catalog).scratch("restore") as tmp:
+        with repository_for(catalog).scratch("restore", need_bytes=m.raw_size_bytes) as tmp:
             raw = tmp / "archive.dump"
             scanned = archive_scan.scan(backup.artifact_path, m, copy_to=raw, on_progress=_progress(backup, say),
                                         identities=crypto.identities_for(catalog, m, artifact=str(backup.artifact_path)))

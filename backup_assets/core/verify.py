@@ -121,7 +121,7 @@ def archive_readable(catalog: Catalog, backup: StoredBackup) -> Outcome:
         return _roles_readable(backup, saved)
     if m.engine == "postgres":
         return _postgres_readable(catalog, backup)
-    with repository_for(catalog).scratch("check") as tmp:
+    with repository_for(catalog).scratch("check", need_bytes=m.raw_size_bytes) as tmp:
         copy = tmp / "check.db"
         try:
             decompress_to(path, copy, expected_size=m.raw_size_bytes,
@@ -371,7 +371,7 @@ def _postgres_drill_steps(catalog: Catalog, backup: StoredBackup, *, jobs: int |
                 if prepared is not None:
                     archive, raw = prepared
                 else:
-                    raw = stack.enter_context(repo.scratch("drill")) / "archive.dump"
+                    raw = stack.enter_context(repo.scratch("drill", need_bytes=m.raw_size_bytes)) / "archive.dump"
                     try:
                         archive = archive_scan.scan(path, m, copy_to=raw,
                                                     identities=crypto.identities_for(catalog, m, artifact=str(path)))
@@ -543,7 +543,7 @@ def _sqlite_drill(catalog: Catalog, backup: StoredBackup, decoded: Path | None =
     """Restore into a temporary file (or use the copy a stream decoded, `decoded`) and compare."""
     m, path = backup.manifest, backup.artifact_path
     started = time.monotonic()
-    with repository_for(catalog).scratch("drill") as tmp:
+    with repository_for(catalog).scratch("drill", need_bytes=0 if decoded is not None else m.raw_size_bytes) as tmp:
         copy = tmp / "drill.db"
         try:
             if decoded is not None:
@@ -666,7 +666,7 @@ def _postgres_in_one_pass(catalog: Catalog, backup: StoredBackup, ids, *, drill:
     repo = repository_for(catalog)
     repo.sweep()
     out: dict[str, Outcome] = {}
-    with repo.scratch("check") as tmp:
+    with repo.scratch("check", need_bytes=m.raw_size_bytes if drill else 0) as tmp:
         raw = tmp / "archive.dump" if drill else None
         digest = hashlib.sha256()
         readable, scanned = _readable_pass(catalog, backup, copy_to=raw, sha256=digest, identities=ids)

@@ -1,0 +1,248 @@
+"""The physical tier side by side with pgBackRest, the tool most PostgreSQL operators would pick instead.
+
+One PostgreSQL 15 cluster (Debian's: the pgBackRest Debian ships, 2.45, does not support 18) archives its WAL
+through both tools (`archive_command = 'backup-assets wal-push … %p && pgbackrest archive-push %p'`), pgbench
+data, then alternating pairs (the order flips every pair, so neither tool always runs on a warm cache):
+
+  - full base backup: `backup-assets basebackup --kind full --local-only` vs `pgbackrest backup --type=full`
+    (both zstd level 3, two processes, a fast checkpoint);
+  - restore to the end of the archive, until the server accepts connections and is out of recovery:
+    `backup-assets restore --latest` vs `pgbackrest restore` + `pg_ctl start`;
+  - the size of one full backup, and of the WAL archive.
+
+Medians and per-pair ratios (ours / pgBackRest) in the JSON. Without `pgbackrest` on PATH (Debian: `apt-get
+install pgbackrest`) it says so and skips.
+
+    python -m bench.peer [--scale 20] [--pairs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pwd
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from backup_assets.demo.cluster import SERVER_USER, LocalCluster, _open_path_for, free_port
+
+PG15 = Path("/usr/lib/postgresql/15/bin")
+STANZA = "bench"
+
+
+def _as_server(user) -> dict:
+    return {"user": user.pw_uid, "group": user.pw_gid} if user else {}
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _wait_out_of_recovery(port: int, password: str, timeout: float = 600) -> None:
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with psycopg.connect(host="127.0.0.1", port=port, user="postgres", password=password, dbname="postgres",
+                                 connect_timeout=2) as conn:
+                if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+                    return
+        except psycopg.OperationalError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"the server on port {port} did not leave recovery in {timeout:g}s")
+
+
+class Peer:
+    """pgBackRest, configured for the bench cluster: its repository, lock, spool and log under a folder the
+    server's user owns (archive-push runs as that user)."""
+
+    def __init__(self, work: Path, cluster: LocalCluster, user):
+        self.root = work / "pgbackrest"
+        for sub in ("repo", "lock", "spool", "log"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.conf = self.root / "pgbackrest.conf"
+        self.conf.write_text(
+            "[global]\n"
+            f"repo1-path={self.root / 'repo'}\nlock-path={self.root / 'lock'}\nspool-path={self.root / 'spool'}\n"
+            f"log-path={self.root / 'log'}\nlog-level-console=warn\nlog-level-file=info\n"
+            "compress-type=zst\ncompress-level=3\nprocess-max=2\nstart-fast=y\nrepo1-retention-full=100\n"
+            f"[{STANZA}]\npg1-path={cluster.data_dir}\npg1-port={cluster.port}\npg1-socket-path={cluster.data_dir}\n"
+            f"pg1-user={cluster.superuser}\n")
+        self.user = user
+        if user:
+            subprocess.run(["chown", "-R", f"{user.pw_uid}:{user.pw_gid}", str(self.root)], check=True)
+            _open_path_for(self.root)
+
+    def command(self) -> str:
+        return f"pgbackrest --config={self.conf} --stanza={STANZA}"
+
+    def run(self, *args: str, env: dict) -> subprocess.CompletedProcess:
+        done = subprocess.run(["pgbackrest", f"--config={self.conf}", f"--stanza={STANZA}", *args], env=env,
+                              capture_output=True, text=True, **_as_server(self.user))
+        if done.returncode != 0:
+            raise RuntimeError(f"pgbackrest {' '.join(args)}: {done.stdout[-1000:]}{done.stderr[-2000:]}")
+        return done
+
+
+def bench_peer(work: Path, *, scale: int = 20, pairs: int = 2) -> dict:
+    if shutil.which("pgbackrest") is None:
+        return {"skipped": "pgbackrest is not installed (Debian: apt-get install pgbackrest)"}
+    if not (PG15 / "postgres").exists():
+        return {"skipped": f"Debian's PostgreSQL 15 is not installed ({PG15})"}
+    user = pwd.getpwnam(SERVER_USER) if os.geteuid() == 0 else None
+    shared = work / "shared"
+    repo = shared / "backups"
+    repo.mkdir(parents=True)
+    cluster = LocalCluster(PG15, work / "pg", free_port(), "peer-" + os.urandom(6).hex())
+    catalog = shared / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump({"repository": {"root": str(repo)}, "sources": {"bench": {
+        "engine": "postgres", "groups": {"full": {}}, "pg_bin_dir": str(PG15),
+        "pitr": {**({"run_as": SERVER_USER} if user else {})},
+        "connection": {"host": cluster.host, "port": cluster.port, "dbname": "postgres",
+                       "password_env": "BENCH_PEER_PASSWORD"}}}}))
+    cluster.init()
+    if user:
+        _open_path_for(repo)
+        shared.chmod(0o755)
+        catalog.chmod(0o644)
+        os.chown(repo, user.pw_uid, user.pw_gid)
+        _open_path_for(Path(sys.executable).resolve())
+    peer = Peer(work, cluster, user)
+    push = f"{sys.executable} -m backup_assets --catalog {catalog} wal-push --source bench %p"
+    with open(cluster.data_dir / "postgresql.auto.conf", "a") as conf:
+        conf.write(f"archive_mode = on\nwal_level = replica\narchive_timeout = 60\n"
+                   f"archive_command = '{push} && {peer.command()} archive-push %p'\n")
+    cluster.start()
+    env = dict(os.environ, PGPASSWORD=cluster.password, BENCH_PEER_PASSWORD=cluster.password,
+               PGHOST=cluster.host, PGPORT=str(cluster.port), PGUSER=cluster.superuser)
+    cli = [sys.executable, "-m", "backup_assets.cli", "--catalog", str(catalog)]
+    result: dict = {"postgres": 15, "scale": scale, "pgbackrest": peer.run("version", env=env).stdout.strip(),
+                    "pairs": []}
+    try:
+        peer.run("stanza-create", env=env)
+        subprocess.run([str(PG15 / "pgbench"), "-i", "-s", str(scale), "-q", "postgres"], check=True, env=env,
+                       capture_output=True)
+        with cluster.connect() as conn:
+            result["database_bytes"] = conn.execute("SELECT pg_database_size('postgres')").fetchone()[0]
+            conn.execute("CHECKPOINT")
+            conn.execute("SELECT pg_switch_wal()")
+        for i in range(pairs):
+            pair: dict = {}
+            order = ["ours", "peer"] if i % 2 == 0 else ["peer", "ours"]
+            for who in order:  # full backups
+                t0 = time.perf_counter()
+                if who == "ours":
+                    subprocess.run([*cli, "basebackup", "--source", "bench", "--kind", "full", "--local-only"],
+                                   check=True, env=env, capture_output=True)
+                else:
+                    peer.run("backup", "--type=full", env=env)
+                pair[f"backup_{who}_s"] = time.perf_counter() - t0
+            with cluster.connect() as conn:  # a little WAL after both backups, archived by both
+                conn.execute("CREATE TABLE IF NOT EXISTS after_backup (i int)")
+                conn.execute("INSERT INTO after_backup SELECT generate_series(1, 1000)")
+                last = conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0]
+                conn.execute("SELECT pg_switch_wal()")
+                deadline = time.monotonic() + 120
+                while (conn.execute("SELECT last_archived_wal FROM pg_stat_archiver").fetchone()[0] or "") < last:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{last} not archived in 120 s")
+                    time.sleep(0.1)
+                expected = conn.execute("SELECT count(*) FROM pgbench_accounts").fetchone()[0]
+            for who in order:  # restores to the end of the archive, until the server is up and out of recovery
+                pgdata, port = work / f"restored-{who}-{i}", free_port()
+                t0 = time.perf_counter()
+                if who == "ours":
+                    subprocess.run([*cli, "restore", "--source", "bench", "--latest", "--pgdata", str(pgdata),
+                                    "--port", str(port), "--confirm"], check=True, env=env, capture_output=True)
+                    _wait_out_of_recovery(port, cluster.password)
+                else:
+                    pgdata.mkdir(mode=0o700)
+                    if user:
+                        os.chown(pgdata, user.pw_uid, user.pw_gid)
+                    peer.run("restore", f"--pg1-path={pgdata}", "--type=default", env=env)
+                    with open(pgdata / "postgresql.auto.conf", "a") as conf:
+                        conf.write(f"archive_mode = off\nport = {port}\nlisten_addresses = '127.0.0.1'\n"
+                                   f"unix_socket_directories = '{pgdata}'\n")
+                    subprocess.run([str(PG15 / "pg_ctl"), "-D", str(pgdata), "-l", str(pgdata / "server.log"),
+                                    "start"], check=True, capture_output=True, **_as_server(user))
+                    _wait_out_of_recovery(port, cluster.password)
+                pair[f"restore_{who}_s"] = time.perf_counter() - t0
+                import psycopg
+
+                with psycopg.connect(host="127.0.0.1", port=port, user="postgres", password=cluster.password,
+                                     dbname="postgres") as conn:  # both restored exactly
+                    got = conn.execute("SELECT count(*) FROM pgbench_accounts").fetchone()[0]
+                    pair[f"restore_{who}_exact"] = got == expected and \
+                        conn.execute("SELECT count(*) FROM after_backup").fetchone()[0] >= 1000
+                subprocess.run([str(PG15 / "pg_ctl"), "-D", str(pgdata), "-m", "immediate", "stop"],
+                               capture_output=True, **_as_server(user))
+                shutil.rmtree(pgdata, ignore_errors=True)
+            pair["backup_ratio"] = pair["backup_ours_s"] / pair["backup_peer_s"]
+            pair["restore_ratio"] = pair["restore_ours_s"] / pair["restore_peer_s"]
+            result["pairs"].append(pair)
+        bases = sorted((repo / "base" / "bench").glob("base-*.json"))
+        result["full_backup_bytes_ours"] = json.loads(bases[-1].read_text())["size_bytes"]
+        labels = sorted(p for p in (peer.root / "repo" / "backup" / STANZA).iterdir()
+                        if p.is_dir() and p.name.endswith("F"))
+        result["full_backup_bytes_peer"] = _size(labels[-1])
+        result["size_ratio"] = result["full_backup_bytes_ours"] / result["full_backup_bytes_peer"]
+        result["wal_archive_bytes_ours"] = _size(repo / "wal" / "bench")
+        result["wal_archive_bytes_peer"] = _size(peer.root / "repo" / "archive")
+    finally:
+        cluster.destroy()
+    for name in ("backup", "restore"):
+        result[f"{name}_ratio_median"] = statistics.median(p[f"{name}_ratio"] for p in result["pairs"])
+        result[f"{name}_ours_median_s"] = statistics.median(p[f"{name}_ours_s"] for p in result["pairs"])
+        result[f"{name}_peer_median_s"] = statistics.median(p[f"{name}_peer_s"] for p in result["pairs"])
+    return result
+
+
+def _ratios(r: dict, name: str) -> str:
+    return ", ".join(f"{p[name + '_ratio']:.2f}" for p in r["pairs"])
+
+
+def report(r: dict) -> None:
+    if "skipped" in r:
+        print(f"  pgBackRest side by side: skipped: {r['skipped']}")
+        return
+    print(f"  against {r['pgbackrest']} on PostgreSQL {r['postgres']} (pgbench scale {r['scale']}, "
+          f"{r['database_bytes'] / 1e6:.0f} MB), {len(r['pairs'])} alternating pairs:")
+    print(f"    full backup: {r['backup_ours_median_s']:.2f}s vs {r['backup_peer_median_s']:.2f}s -> ratio "
+          f"{r['backup_ratio_median']:.2f} (pairs {_ratios(r, 'backup')}; "
+          "goal <= 1.0)")
+    print(f"    restore to the end of the archive, server up: {r['restore_ours_median_s']:.2f}s vs "
+          f"{r['restore_peer_median_s']:.2f}s -> ratio {r['restore_ratio_median']:.2f} "
+          f"(pairs {_ratios(r, 'restore')}; goal <= 1.1)")
+    exact = all(p["restore_ours_exact"] and p["restore_peer_exact"] for p in r["pairs"])
+    print(f"    both restored exactly: {'yes' if exact else 'NO'}; one full backup {r['full_backup_bytes_ours'] / 1e6:.1f}"
+          f" MB vs {r['full_backup_bytes_peer'] / 1e6:.1f} MB (ratio {r['size_ratio']:.2f}); WAL archive "
+          f"{r['wal_archive_bytes_ours'] / 1e6:.1f} MB vs {r['wal_archive_bytes_peer'] / 1e6:.1f} MB")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", type=int, default=20, help="pgbench scale (20: about 300 MB)")
+    parser.add_argument("--pairs", type=int, default=2, help="alternating pairs of each measurement")
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="backup_assets_peer_"))
+    try:
+        r = bench_peer(work, scale=args.scale, pairs=args.pairs)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report(r)
+    print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
