@@ -159,8 +159,18 @@ def test_daemon_runs_the_schedule_backfills_and_alerts(pg18, source_cluster, mot
                            {"params": {"selector": selector, "partitionNames": missed}})["launchPartitionBackfill"]
         assert launched["__typename"] == "LaunchBackfillSuccess", launched
         akey = dg.AssetKey(key)
+
+        def state() -> str:  # what to look at when a wait times out
+            runs = [(r.run_id[:8], r.status.value, r.tags.get("dagster/partition")) for r in instance.get_runs(limit=20)]
+            with source_cluster.connect() as conn:
+                activity = conn.execute(
+                    "SELECT pid, state, wait_event_type, wait_event, left(query, 120) FROM pg_stat_activity "
+                    "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()").fetchall()
+            daemon = (tmp_path / "daemon.log").read_text(errors="replace").splitlines()[-80:]
+            return f"runs: {runs}\nsource server sessions: {activity}\ndaemon.log:\n" + "\n".join(daemon)
+
         wait_for(lambda: set(missed) <= instance.get_materialized_partitions(dg.AssetKey(rkey)), 300,
-                 "the backfill")
+                 "the backfill", on_timeout=state)
         assert set(missed) <= instance.get_materialized_partitions(akey)
 
         def backfill_done():  # every run of it ended (a run also backs up the roles after the core group)
