@@ -272,6 +272,10 @@ def cmd_pitr_restore(args) -> int:
     if result.user is not None:  # PostgreSQL refuses root: stop it as the user it runs as
         stop = f"runuser -u {shlex.quote(result.user.pw_name)} -- {stop}"
     print(f"running on 127.0.0.1:{result.port}; stop it with: {stop}")
+    if getattr(args, "timings", False) and result.timings:
+        total = sum(v for k, v in result.timings.items() if not k.startswith(" "))
+        print("timings: " + "; ".join(f"{k.strip()} {v:.2f}s" for k, v in result.timings.items())
+              + f"; total {total:.2f}s (after the command started)")
     return 0
 
 
@@ -896,7 +900,8 @@ def build_parser() -> argparse.ArgumentParser:
     pitr.add_argument("--latest", action="store_true", help="recover to the end of the archived WAL")
     pitr.add_argument("--pgdata", help="the new data directory to build (must not exist or be empty)")
     pitr.add_argument("--port", type=int, default=5433, help="port of the recovered server (default 5433)")
-    pitr.add_argument("--run-as", help="OS user the recovered server runs as (needed when run as root)")
+    pitr.add_argument("--run-as", help="OS user the recovered server runs as (default: the catalog's pitr.run_as)")
+    pitr.add_argument("--timings", action="store_true", help="print the seconds each phase of the restore took")
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("basebackup", help="a base backup for point-in-time recovery (pg_basebackup, needs the WAL "

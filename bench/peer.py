@@ -162,19 +162,28 @@ def bench_peer(work: Path, *, scale: int = 20, pairs: int = 2) -> dict:
                 pgdata, port = work / f"restored-{who}-{i}", free_port()
                 t0 = time.perf_counter()
                 if who == "ours":
-                    subprocess.run([*cli, "restore", "--source", "bench", "--latest", "--pgdata", str(pgdata),
-                                    "--port", str(port), "--confirm"], check=True, env=env, capture_output=True)
+                    done = subprocess.run([*cli, "restore", "--source", "bench", "--latest", "--pgdata", str(pgdata),
+                                           "--port", str(port), "--confirm", "--timings"], check=True, env=env,
+                                          capture_output=True, text=True)
                     _wait_out_of_recovery(port, cluster.password)
+                    pair["restore_ours_phases"] = next((ln.split("timings: ", 1)[1] for ln in done.stdout.splitlines()
+                                                        if ln.startswith("timings: ")), "")
                 else:
                     pgdata.mkdir(mode=0o700)
                     if user:
                         os.chown(pgdata, user.pw_uid, user.pw_gid)
                     peer.run("restore", f"--pg1-path={pgdata}", "--type=default", env=env)
                     with open(pgdata / "postgresql.auto.conf", "a") as conf:
+                        # the source ran with max_connections 200 (on its command line): a standby needs as many
                         conf.write(f"archive_mode = off\nport = {port}\nlisten_addresses = '127.0.0.1'\n"
-                                   f"unix_socket_directories = '{pgdata}'\n")
-                    subprocess.run([str(PG15 / "pg_ctl"), "-D", str(pgdata), "-l", str(pgdata / "server.log"),
-                                    "start"], check=True, capture_output=True, **_as_server(user))
+                                   f"unix_socket_directories = '{pgdata}'\nmax_connections = 200\n")
+                    started = subprocess.run([str(PG15 / "pg_ctl"), "-D", str(pgdata), "-l",
+                                              str(pgdata / "server.log"), "start"], capture_output=True, text=True,
+                                             **_as_server(user))
+                    if started.returncode != 0:
+                        log = pgdata / "server.log"
+                        raise RuntimeError(f"the server pgBackRest restored did not start: {started.stderr[-1000:]}"
+                                           f"{log.read_text()[-2000:] if log.exists() else ''}")
                     _wait_out_of_recovery(port, cluster.password)
                 pair[f"restore_{who}_s"] = time.perf_counter() - t0
                 import psycopg
@@ -223,6 +232,8 @@ def report(r: dict) -> None:
     print(f"    restore to the end of the archive, server up: {r['restore_ours_median_s']:.2f}s vs "
           f"{r['restore_peer_median_s']:.2f}s -> ratio {r['restore_ratio_median']:.2f} "
           f"(pairs {_ratios(r, 'restore')}; goal <= 1.1)")
+    for p in r["pairs"]:
+        print(f"    where our restore's time goes: {p.get('restore_ours_phases') or '?'}")
     exact = all(p["restore_ours_exact"] and p["restore_peer_exact"] for p in r["pairs"])
     print(f"    both restored exactly: {'yes' if exact else 'NO'}; one full backup {r['full_backup_bytes_ours'] / 1e6:.1f}"
           f" MB vs {r['full_backup_bytes_peer'] / 1e6:.1f} MB (ratio {r['size_ratio']:.2f}); WAL archive "

@@ -250,6 +250,9 @@ class Recovered:
     chain: list[str]
     bin_dir: Path
     user: "pwd.struct_passwd | None" = None
+    # seconds per phase, in order: choosing the base backup, unpacking, preparing, the server's start, its
+    # recovery until promoted (with redo and the promotion from its log)
+    timings: dict = None
 
     def stop(self) -> None:
         subprocess.run([str(self.bin_dir / "pg_ctl"), "-D", str(self.pgdata), "-m", "fast", "-w", "stop"],
@@ -444,16 +447,18 @@ def restore_to_time(catalog: Catalog, source: str, pgdata: str, *, to_time: dt.d
                     timeout_s: float = 600, local_trust: bool = False) -> Recovered:
     """Build a new data directory from the base backup(s) and the WAL archive, recover it to the target and
     leave it running on `port` (local_trust: the drill's scratch copy lets local socket connections in)."""
+    clock = _Clock()
     bases = base_backups(catalog, source)
     base = pick_base(bases, source, to_time, to_lsn=to_lsn, end_lsn=lambda b: base_end_lsn(catalog, source, b))
     chain = chain_of(bases, base)
+    clock.mark("choose the base backup")
     target_dir = Path(pgdata).resolve()
     if target_dir.exists() and any(target_dir.iterdir()):
         raise BackupError(f"{target_dir} is not empty: restore into a new data directory; nothing was changed")
     existed = target_dir.exists()
     try:
         return _recover(catalog, source, base, chain, target_dir, to_time=to_time, to_lsn=to_lsn, port=port,
-                        run_as=run_as, say=say, timeout_s=timeout_s, local_trust=local_trust)
+                        run_as=run_as, say=say, timeout_s=timeout_s, local_trust=local_trust, clock=clock)
     except BaseException as exc:
         # what this restore built is of no use: the server (if it started) stopped, the folder emptied
         _discard(target_dir, keep_folder=existed)
@@ -477,8 +482,45 @@ def _discard(target_dir: Path, *, keep_folder: bool) -> None:
         shutil.rmtree(target_dir, ignore_errors=True)
 
 
+class _Clock:
+    """Seconds per phase, for `restore --timings`."""
+
+    def __init__(self):
+        self.phases: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def mark(self, phase: str) -> None:
+        now = time.monotonic()
+        self.phases[phase] = round(now - self._last, 3)
+        self._last = now
+
+
+_LOG_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) ")
+
+
+def _log_phases(text: str) -> dict[str, float]:
+    """From the recovered server's log: how long redo ran and how long the promotion after it took."""
+    marks = {}
+    for line in text.splitlines():
+        m = _LOG_STAMP.match(line)
+        if not m:
+            continue
+        for key, needle in (("start", "starting archive recovery"), ("redo", "redo starts at"),
+                            ("redo_done", "redo done at"), ("ready", "ready to accept connections")):
+            if needle in line and key not in marks:
+                marks[key] = dt.datetime.fromisoformat(m.group(1))
+    out = {}
+    if "redo" in marks and "redo_done" in marks:
+        out["redo"] = round((marks["redo_done"] - marks["redo"]).total_seconds(), 3)
+    if "redo_done" in marks and "ready" in marks:
+        out["promotion"] = round((marks["ready"] - marks["redo_done"]).total_seconds(), 3)
+    return out
+
+
 def _recover(catalog: Catalog, source: str, base: dict, chain: list[dict], target_dir: Path, *,
-             to_time, to_lsn, port: int, run_as, say, timeout_s: float, local_trust: bool) -> Recovered:
+             to_time, to_lsn, port: int, run_as, say, timeout_s: float, local_trust: bool,
+             clock: "_Clock | None" = None) -> Recovered:
+    clock = clock or _Clock()
     user = None
     if os.geteuid() == 0:
         if not run_as:
@@ -492,6 +534,7 @@ def _recover(catalog: Catalog, source: str, base: dict, chain: list[dict], targe
     ensure_dir(target_dir)
     target_dir.chmod(0o700)
     materialize(catalog, source, chain, target_dir, say=say)
+    clock.mark("unpack")
     target_dir.chmod(0o700)
     # restore_command: a segment the prefetcher already decompressed into the spool is moved into place (a rename),
     # anything else (history files, a segment not prefetched yet) is fetched by wal-fetch
@@ -527,6 +570,7 @@ def _recover(catalog: Catalog, source: str, base: dict, chain: list[dict], targe
                 os.lchown(os.path.join(root, n), user.pw_uid, user.pw_gid)
         os.chown(target_dir, user.pw_uid, user.pw_gid)
     log = target_dir / "recovery.log"
+    clock.mark("prepare")
     prefetch = _Prefetcher(catalog, source, base, spool, user)
     say(f"starting recovery on port {port} (log: {log})")
     try:
@@ -536,14 +580,17 @@ def _recover(catalog: Catalog, source: str, base: dict, chain: list[dict], targe
         if started.returncode != 0:
             detail = (log.read_text(errors="replace") if log.exists() else "") or started.stderr or started.stdout
             raise BackupError(f"the recovered server in {target_dir} did not start: {_last_fatal(detail)}")
+        clock.mark("start the server")
         text = _wait_recovered(target_dir, log, timeout_s)
+        clock.mark("recover until promoted")
     finally:
         prefetch.stop()
         shutil.rmtree(spool, ignore_errors=True)
     reached = "; ".join(line.split("LOG:", 1)[-1].strip() for line in text.splitlines()
                         if "recovery stopping" in line or "last completed transaction" in line) or "end of the archived WAL"
     target = to_time.isoformat() if to_time else (to_lsn or "latest")
-    return Recovered(target_dir, port, base["artifact"], target, reached, [b["artifact"] for b in chain], bin_dir, user)
+    return Recovered(target_dir, port, base["artifact"], target, reached, [b["artifact"] for b in chain], bin_dir, user,
+                     timings={**clock.phases, **{f"  of which {k}": v for k, v in _log_phases(text).items()}})
 
 
 SPOOL = "backup_assets_wal_spool"
