@@ -541,9 +541,15 @@ def _recover(catalog: Catalog, source: str, base: dict, chain: list[dict], targe
     spool = target_dir / SPOOL
     spool.mkdir(mode=0o700)
     script = target_dir / RESTORE_SCRIPT
+    # a file the local archive does not hold (PostgreSQL asks for the next timeline's history and for the segment
+    # after the last one) is answered at once, without starting Python, when there is no replica to look in
+    from .wal import wal_dir
+
+    absent = ("" if catalog.replication.s3 is not None else
+              f'if [ ! -f {shlex.quote(str(wal_dir(catalog, source)))}/"$1.json" ]; then exit 1; fi\n')
     script.write_text(
         "#!/bin/sh\n# backup_assets point-in-time recovery: restore_command %f %p\n"
-        f'if [ -f "{spool}/$1" ]; then exec mv -f "{spool}/$1" "$2"; fi\n'
+        f'if [ -f "{spool}/$1" ]; then exec mv -f "{spool}/$1" "$2"; fi\n' + absent +
         f"exec {shlex.quote(sys.executable)} -m backup_assets --catalog {shlex.quote(str(catalog.catalog_path))} "
         f'wal-fetch --source {source} "$1" "$2"\n')
     script.chmod(0o700)
@@ -574,7 +580,9 @@ def _recover(catalog: Catalog, source: str, base: dict, chain: list[dict], targe
     prefetch = _Prefetcher(catalog, source, base, spool, user)
     say(f"starting recovery on port {port} (log: {log})")
     try:
-        started = subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(target_dir), "-l", str(log), "start"],
+        # -W: pg_ctl returns once the postmaster is forked; the recovery's end is watched in its log at once
+        # (pg_ctl's own wait polls ten times a second and then the log is read again)
+        started = subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(target_dir), "-l", str(log), "-W", "start"],
                                  env=_server_env(), capture_output=True, text=True,
                                  user=user.pw_uid if user else None, group=user.pw_gid if user else None)
         if started.returncode != 0:
@@ -641,10 +649,15 @@ class _Prefetcher:
         self.thread.join(timeout=30)
 
 
-def _wait_recovered(target_dir: Path, log: Path, timeout_s: float) -> str:
+def _wait_recovered(target_dir: Path, log: Path, timeout_s: float, start_s: float = 30) -> str:
     deadline = time.monotonic() + timeout_s
+    started_by = time.monotonic() + start_s  # the postmaster writes its pid file as it starts
     while True:
         text = log.read_text(errors="replace") if log.exists() else ""
+        if time.monotonic() > started_by and not (target_dir / "postmaster.pid").exists() \
+                and "ready to accept connections" not in text:
+            raise BackupError(f"the recovered server in {target_dir} did not start: "
+                              f"{_last_fatal(text) if text else 'it wrote no log'} (its log: {log})")
         if "database system is ready to accept connections" in text and "archive recovery complete" in text:
             break
         if "FATAL" in text and not (target_dir / "postmaster.pid").exists():
