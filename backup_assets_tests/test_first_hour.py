@@ -40,14 +40,15 @@ def test_make_stop_stops_dagster_dev_and_its_children(tmp_path):
                 if p.read_text().rsplit(")", 1)[1].split()[1] == str(proc.pid)]
     assert children
     (tmp_path / "dagster.pid").write_text(str(proc.pid))
-    assert stop_dagster(tmp_path, timeout_s=10)
+    # (a workspace of its own: the test must not stop a demo the developer runs from this checkout)
+    assert stop_dagster(tmp_path, timeout_s=10, workspace=tmp_path / "workspace.yaml")
     proc.wait(timeout=10)
     time.sleep(0.5)
     for pid in children:
         state = Path(f"/proc/{pid}/stat")
         assert not state.exists() or state.read_text().rsplit(")", 1)[1].split()[0] == "Z"
     assert not (tmp_path / "dagster.pid").exists()
-    assert not stop_dagster(tmp_path)  # nothing left to stop: says so, no error
+    assert not stop_dagster(tmp_path, workspace=tmp_path / "workspace.yaml")  # nothing left to stop, no error
 
 
 def test_asset_descriptions_have_no_blanks_that_markdown_eats(write_catalog, tmp_path):
