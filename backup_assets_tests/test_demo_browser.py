@@ -206,13 +206,14 @@ def test_the_s3_stand_in_is_refilled_when_it_starts_empty(demo):
     assert "put" not in again.stdout  # not empty: nothing to put back
 
 
-def test_zz_a_second_make_run_is_refused_and_make_stop_stops_everything(demo):
+def test_zz_a_second_make_run_is_refused_and_make_stop_stops_everything(demo, monkeypatch):
     """Last in this module (it stops the demo): `make run` again while it runs is refused and changes nothing;
     `make stop` stops webserver, daemon and code servers (they exit on SIGTERM: the first `make run` returns by
     itself) and says only what was running; the first screen of `make run` has no warning line."""
     from backup_assets.demo.__main__ import _dagster_processes
 
     env = demo["env"]
+    monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])  # this demo's processes, not a developer's own demo
     running = _dagster_processes()
     assert len(running) >= 2, "webserver and daemon"
     again = subprocess.run([sys.executable, "-m", "backup_assets.demo", "run"], env=env, capture_output=True,

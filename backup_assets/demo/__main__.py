@@ -228,16 +228,21 @@ def dagster_home() -> Path:
 
 
 def _dagster_processes(workspace: Path = PROJECT_ROOT / "workspace.yaml") -> list[int]:
-    """Processes of this project's Dagster (webserver, daemon, their code servers): their command line names
-    this project's workspace.yaml, or they belong to the process group of one that does."""
+    """Processes of this demo's Dagster (webserver, daemon, their code servers): their command line names this
+    project's workspace.yaml and their DAGSTER_HOME is this demo's (another checkout's or a test's demo is not
+    this one), or they belong to the process group of one that is."""
     workspace = str(workspace).encode()
+    home = f"DAGSTER_HOME={Path(os.environ.get('DAGSTER_HOME') or PROJECT_ROOT / '.dagster_home').resolve()}".encode()
     mine, groups = set(), set()
     for entry in Path("/proc").glob("[0-9]*"):
         try:
             cmdline = (entry / "cmdline").read_bytes()
+            if workspace not in cmdline or b"dagster" not in cmdline:
+                continue
+            environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if workspace in cmdline and b"dagster" in cmdline and int(entry.name) != os.getpid():
+        if home in environ and int(entry.name) != os.getpid():
             mine.add(int(entry.name))
             try:
                 groups.add(os.getpgid(int(entry.name)))
