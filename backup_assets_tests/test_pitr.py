@@ -336,8 +336,13 @@ def test_a_recovered_server_runs_as_the_catalogs_user_and_its_stop_command_works
     for n in range(2):
         pgdata, port = tmp_path / f"recovered-{n}", free_port()
         assert cli(catalog_path, "restore", "--source", "app", "--latest", "--pgdata", str(pgdata), "--port",
-                   str(port), "--confirm") == 0
+                   str(port), "--confirm", *(["--timings"] if n else [])) == 0
         printed = capsys.readouterr().out
+        if n:  # each phase with its seconds, redo and promotion from the server's log
+            [timings] = [ln for ln in printed.splitlines() if ln.startswith("timings: ")]
+            for phase in ("choose the base backup", "unpack", "start the server", "recover until promoted",
+                          "of which redo", "of which promotion", "total"):
+                assert f"{phase} " in timings, timings
         [line] = [ln for ln in printed.splitlines() if "stop it with: " in ln]
         stops.append((pgdata, line.split("stop it with: ", 1)[1]))
         assert (pgdata / "postmaster.pid").exists()
