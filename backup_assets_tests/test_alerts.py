@@ -323,3 +323,22 @@ def test_a_killed_cli_backup_is_marked_failed_and_alerted_once(pg18, myloware_db
     sensor(_failure_context(instance, other.run_id, "cli_run_failure_alerts"))
     assert len([r for r in http_sink.requests if r["path"] == "/hooks/backup"]) == 1
     instance.dispose()
+
+
+def test_a_run_failing_on_blocking_checks_is_left_to_the_check_alerts_only_when_they_watch_every_one():
+    """The run-failure sensor stays quiet about a step that failed on blocking checks only when
+    check_failure_alerts alerts each of those checks by name; any other failed check is a run failure to alert."""
+    from types import SimpleNamespace as NS
+
+    from backup_assets.defs.sensors import is_check_failure
+
+    error = NS(cls_name="DagsterAssetCheckFailedError",
+               message="dagster._core.errors.DagsterAssetCheckFailedError: 2 blocking asset checks failed with ERROR "
+                       "severity:\nmyloware/base_backup: base_verified,pitr_drill\n")
+    event = NS(event_specific_data=NS(error=error))
+    base = dg.AssetKey(["myloware", "base_backup"])
+    both = {dg.AssetCheckKey(base, "base_verified"), dg.AssetCheckKey(base, "pitr_drill")}
+    assert is_check_failure(event, both)
+    assert not is_check_failure(event, {dg.AssetCheckKey(base, "base_verified")})
+    other = NS(event_specific_data=NS(error=NS(cls_name="Failure", message="x")))
+    assert not is_check_failure(other, both)

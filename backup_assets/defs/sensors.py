@@ -51,11 +51,23 @@ def failed_assets(metadata) -> dict[str, str]:
     return data if isinstance(data, dict) else {}
 
 
-def is_check_failure(event) -> bool:
-    """A step that failed only because blocking checks of its assets failed: those checks are alerted by
-    check_failure_alerts, each by name; the step's failure names no asset and adds nothing."""
+def is_check_failure(event, watched: set | None = None) -> bool:
+    """A step that failed only because blocking checks of its assets failed, each of them one that
+    check_failure_alerts watches (`watched`) and alerts by name: the step's failure adds nothing."""
     data = event.event_specific_data
-    return bool(data and data.error and data.error.cls_name == "DagsterAssetCheckFailedError")
+    if not (data and data.error and data.error.cls_name == "DagsterAssetCheckFailedError"):
+        return False
+    if watched is None:
+        return True
+    # the error lists "<asset key>: check,check" lines
+    for line in (data.error.message or "").splitlines():
+        asset, sep, names = line.strip().rpartition(": ")
+        if not sep or " " in asset or " " in names.strip():  # the heading line, not an asset's
+            continue
+        key = dg.AssetKey.from_user_string(asset)
+        if any(dg.AssetCheckKey(key, n.strip()) not in watched for n in names.split(",") if n.strip()):
+            return False
+    return True
 
 
 def root_cause(error) -> str:
@@ -137,11 +149,11 @@ def build_sensors(catalog: Catalog) -> list:
         url = run_url(catalog, run.run_id)
         failed_keys: dict[dg.AssetKey, str] = {}
         step_failures = context.get_step_failure_events()
-        if step_failures and all(is_check_failure(e) for e in step_failures):
+        if step_failures and all(is_check_failure(e, watched) for e in step_failures):
             context.log.info(f"run {run.run_id} failed on blocking checks: check_failure_alerts names each")
             return
         for event in step_failures:
-            if is_check_failure(event):
+            if is_check_failure(event, watched):
                 continue
             for key, error in assets_of_step(event.step_key, event, set(run.asset_selection or [])).items():
                 failed_keys.setdefault(key, error[:2000])
@@ -184,6 +196,13 @@ def build_sensors(catalog: Catalog) -> list:
     check_keys = [dg.AssetCheckKey(backup_key(*t), n) for t in catalog.backup_targets() for n in backup_check_names]
     if catalog.replication.s3:
         check_keys += [dg.AssetCheckKey(replica_key(*t), "replica_intact") for t in catalog.backup_targets()]
+    from .pitr import base_key, base_replica_key, pitr_check_names, replicated  # the physical tier's checks too
+
+    for source in catalog.pitr_sources():
+        check_keys += [dg.AssetCheckKey(base_key(source), n) for n in pitr_check_names(catalog, source)]
+        if replicated(catalog, source):
+            check_keys.append(dg.AssetCheckKey(base_replica_key(source), "replica_intact"))
+    watched = set(check_keys)
 
     @dg.sensor(name="check_failure_alerts", minimum_interval_seconds=interval,
                default_status=dg.DefaultSensorStatus.RUNNING,
