@@ -7,7 +7,6 @@ for a backup. Promotions (a weekly that is the same file as a daily) become serv
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import hashlib
 import json
@@ -21,7 +20,7 @@ from .backup import repository_for
 from .manifest import MANIFEST_SUFFIX, Manifest
 from .repository import BackupRef, Repository, StoredBackup
 from .storage.local import LocalStorage
-from .storage.s3 import S3Storage, with_retries
+from .storage.s3 import S3Storage, b64_digest, with_retries
 from .verification import is_verified, read_status, record
 from .verify import Outcome, artifact_intact
 
@@ -57,7 +56,7 @@ def _holds(repo: Repository, key: str, size: int, sha256: str) -> bool:
     if info is None or info.size != size:
         return False
     if info.checksum_sha256 is not None and info.parts <= 1:  # the storage's own, not metadata anyone can set
-        return info.checksum_sha256 == _b64(sha256)
+        return info.checksum_sha256 == b64_digest(bytes.fromhex(sha256))
     if info.sha256 is None:  # a local file: read it
         path = repo.storage.local_path(key)
         return path is not None and sha256_file(path) == sha256
@@ -131,10 +130,6 @@ def replicate(catalog: Catalog, backup: StoredBackup, target, *, say=lambda _m: 
     return ReplicaResult(target.storage.uri(key), mode, backup.manifest.size_bytes, round(time.monotonic() - started, 3))
 
 
-def _b64(hexdigest: str) -> str:
-    return base64.b64encode(bytes.fromhex(hexdigest)).decode()
-
-
 def composite_sha256(path, part_size: int) -> str:
     """S3's composite SHA-256 of a file uploaded in parts of `part_size`: the SHA-256 of the parts'
     SHA-256s, base64."""
@@ -142,7 +137,7 @@ def composite_sha256(path, part_size: int) -> str:
     with open(path, "rb") as fh:
         while chunk := fh.read(part_size):
             digests += hashlib.sha256(chunk).digest()
-    return base64.b64encode(hashlib.sha256(digests).digest()).decode()
+    return b64_digest(hashlib.sha256(digests).digest())
 
 
 def _checksum_proof(storage, key: str, info, m: Manifest, local) -> tuple[bool | None, str]:
@@ -151,7 +146,7 @@ def _checksum_proof(storage, key: str, info, m: Manifest, local) -> tuple[bool |
     if info.checksum_sha256 is None:
         return None, "the object has no SHA-256 checksum of S3's own"
     if info.parts <= 1:
-        expected, basis = _b64(m.sha256), "the manifest's SHA-256"
+        expected, basis = b64_digest(bytes.fromhex(m.sha256)), "the manifest's SHA-256"
     elif local is None or not local.exists():
         return None, f"the object's checksum is a composite of {info.parts} parts and the local artifact is gone"
     else:

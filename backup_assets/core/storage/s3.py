@@ -44,7 +44,7 @@ def make_client(cfg: S3Replication):
     )
 
 
-def _b64(digest: bytes) -> str:
+def b64_digest(digest: bytes) -> str:
     return base64.b64encode(digest).decode()
 
 
@@ -166,7 +166,7 @@ class S3Storage:
                     data = fh.read()
                 _same(path, hashlib.sha256(data).hexdigest(), sha256)
                 self.client.put_object(Bucket=self.bucket, Key=self._full(key), Body=data, Metadata=meta,
-                                       ChecksumAlgorithm="SHA256", ChecksumSHA256=_b64(hashlib.sha256(data).digest()),
+                                       ChecksumAlgorithm="SHA256", ChecksumSHA256=b64_digest(hashlib.sha256(data).digest()),
                                        **self._put_args())
             else:
                 self._multipart(path, key, part_size, meta)
@@ -178,7 +178,7 @@ class S3Storage:
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._full(key), Body=data,
                                    Metadata={"sha256": hashlib.sha256(data).hexdigest()}, ChecksumAlgorithm="SHA256",
-                                   ChecksumSHA256=_b64(hashlib.sha256(data).digest()), **self._put_args())
+                                   ChecksumSHA256=b64_digest(hashlib.sha256(data).digest()), **self._put_args())
         except (ClientError, BotoCoreError) as exc:
             raise _explain(exc, f"uploading {self.uri(key)}") from None
 
@@ -192,7 +192,7 @@ class S3Storage:
                 number = 1
                 while chunk := fh.read(part_size):
                     whole.update(chunk)
-                    checksum = _b64(hashlib.sha256(chunk).digest())
+                    checksum = b64_digest(hashlib.sha256(chunk).digest())
                     r = self.client.upload_part(Bucket=self.bucket, Key=self._full(key), UploadId=upload_id, PartNumber=number,
                                                 Body=chunk, ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum)
                     parts.append({"PartNumber": number, "ETag": r["ETag"], "ChecksumSHA256": checksum})
