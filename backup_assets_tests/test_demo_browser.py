@@ -183,10 +183,25 @@ def test_the_ui_shows_lineage_partitions_checks_and_running_automation(demo, bro
     names = ["daily_backup_schedule", "weekly_backup_schedule", "monthly_backup_schedule", "maintenance_schedule",
              "dr_drill_schedule", "base_backup_schedule", "hourly_backup_schedule", "run_failure_alerts",
              "cli_run_failure_alerts", "check_failure_alerts", "freshness_alerts", "disk_space_alerts"]
+    browser.set_window_size(1600, 2400)  # every row in view: the list renders only those
     visit(browser, f"{base}/automation", *names)
-    toggles = [b for b in browser.find_elements(By.CSS_SELECTOR, "input[type=checkbox]") if b.is_selected()]
-    assert len(toggles) == len(names), f"{len(toggles)} of {len(names)} schedules and sensors are running"
+    deadline, stopped = time.monotonic() + 60, names
+    while stopped and time.monotonic() < deadline:  # each row's toggle shows its state once its status has loaded
+        stopped = [n for n in names if not _toggle_on(browser, n)]
+        time.sleep(0.5)
+    assert not stopped, f"not running in the UI: {stopped}"
+    browser.set_window_size(1600, 1000)
     browser.save_screenshot(str(shots / "automation.png"))
+
+
+def _toggle_on(browser, name: str) -> bool:
+    """Whether the automation list's row for `name` has its toggle switched on."""
+    from selenium.webdriver.common.by import By
+
+    link = f"contains(@href, '/schedules/{name}') or contains(@href, '/sensors/{name}')"
+    rows = browser.find_elements(By.XPATH, f"//div[contains(@class, 'ListItem_listItem')][.//a[{link}]]")
+    return any(box.is_selected() for row in rows  # the row's switch, not its selection box
+               for box in row.find_elements(By.CSS_SELECTOR, "label[class*=formatSwitch] input[type=checkbox]"))
 
 
 def test_the_s3_stand_in_is_refilled_when_it_starts_empty(demo):
