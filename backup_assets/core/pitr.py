@@ -32,9 +32,8 @@ from ..catalog import Catalog, Pitr
 from . import BackupError
 from .artifact import ArtifactWriter, decompress_to, ensure_dir, open_decompressed, write_json_atomic
 from .crypto import identities_for_record
-from .backup import endpoint_for
-from .engines import postgres
-from .verify import Outcome
+from .engines import tools
+from .outcome import Outcome
 
 LABEL_WAL = re.compile(r"START WAL LOCATION: \S+ \(file ([0-9A-F]{24})\)")
 LABEL_TLI = re.compile(r"START TIMELINE: (\d+)")
@@ -54,6 +53,8 @@ def _now() -> dt.datetime:
 
 
 def _server_facts(ep, what: str) -> dict:
+    from .engines import postgres  # the driver only where a server is asked: a restore starts without it
+
     with postgres.connect(ep, what=what) as conn:
         major = postgres.server_major(conn)
         facts = {
@@ -104,6 +105,8 @@ def base_backup(catalog: Catalog, source: str, *, kind: str = "auto", partition:
     from the catalog's pitr settings and what the server can do; 'incremental' fails when it cannot)."""
     if kind not in ("auto", "full", "incremental"):
         raise BackupError(f"base backup kind {kind!r}: expected auto, full or incremental")
+    from .backup import endpoint_for
+
     folder = ensure_dir(base_dir(catalog, source))
     ep = endpoint_for(catalog, source)
     facts = _server_facts(ep, f"base backup of {source}: ")
@@ -127,7 +130,7 @@ def base_backup(catalog: Catalog, source: str, *, kind: str = "auto", partition:
 def _take(catalog: Catalog, source: str, ep, facts: dict, folder: Path, parent: dict | None,
           partition: str | None, say) -> dict:
     src = catalog.sources[source]
-    tool, _ = postgres.find_tool("pg_basebackup", facts["major"], src.pg_bin_dir)
+    tool, _ = tools.find_tool("pg_basebackup", facts["major"], src.pg_bin_dir)
     encryption = catalog.encryption_for(source)
     recipients = encryption.recipients if encryption else None
     started = _now()
@@ -378,33 +381,15 @@ def _lsn_text(value: int) -> str:
     return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
 
 
-def _unpack(catalog: Catalog, source: str, meta: dict, dest: Path) -> None:
-    """Unpack a base backup (decrypted, decompressed, its size checked) into `dest`: through GNU tar where there
-    is one (several times faster than Python's tarfile on many small files; it refuses members with '..' and
-    absolute names by default), else tarfile with its safe 'tar' filter."""
+def _unpack(catalog: Catalog, source: str, meta: dict, dest: Path, *, durable: bool = True) -> None:
+    """Unpack a base backup (decrypted, decompressed, its size checked) into `dest`, fsynced unless `durable` is
+    false (a scratch copy that is thrown away)."""
+    from .unpack import unpack_tar
+
     folder = base_dir(catalog, source)
     identities = identities_for_record(catalog, source, meta, what=meta["artifact"])
-    gnu_tar = shutil.which("tar")
     with open_decompressed(folder / meta["artifact"], meta["raw_size_bytes"], identities) as reader:
-        if gnu_tar is None:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
-                tar.extractall(dest, filter="tar")
-            return
-        proc = subprocess.Popen([gnu_tar, "-x", "-f", "-", "-C", str(dest), "--no-same-owner"],
-                                stdin=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            while chunk := reader.read(1 << 20):
-                proc.stdin.write(chunk)
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        err = proc.stderr.read().decode(errors="replace").strip()
-        if proc.wait() != 0:
-            raise BackupError(f"unpacking {meta['artifact']} failed: {err.splitlines()[-1] if err else proc.returncode}")
+        unpack_tar(reader, dest, what=meta["artifact"], durable=durable)
 
 
 def materialize(catalog: Catalog, source: str, chain: list[dict], target_dir: Path, *, say=lambda _m: None) -> None:
@@ -415,7 +400,7 @@ def materialize(catalog: Catalog, source: str, chain: list[dict], target_dir: Pa
         _unpack(catalog, source, chain[0], target_dir)
         return
     src = catalog.sources[source]
-    tool, major = postgres.find_tool("pg_combinebackup", chain[-1]["server_major"], src.pg_bin_dir)
+    tool, major = tools.find_tool("pg_combinebackup", chain[-1]["server_major"], src.pg_bin_dir)
     parts = Path(tempfile.mkdtemp(prefix=f".{target_dir.name}.parts-", dir=target_dir.parent))
     try:
         dirs = []
@@ -423,7 +408,7 @@ def materialize(catalog: Catalog, source: str, chain: list[dict], target_dir: Pa
             say(f"unpacking {meta['artifact']} ({meta['kind']}, finished {meta['finished_at']})")
             part = parts / f"{i:03d}"
             part.mkdir(mode=0o700)
-            _unpack(catalog, source, meta, part)
+            _unpack(catalog, source, meta, part, durable=False)  # pg_combinebackup syncs what it makes
             dirs.append(str(part))
         say(f"combining {len(chain)} base backups into {target_dir} (pg_combinebackup)")
         target_dir.rmdir()  # pg_combinebackup creates it
@@ -469,7 +454,7 @@ def restore_to_time(catalog: Catalog, source: str, pgdata: str, *, to_time: dt.d
 
 def _discard(target_dir: Path, *, keep_folder: bool) -> None:
     if (target_dir / "postmaster.pid").exists():
-        for bin_dir in {p.parent for p, _m in postgres.installed_tools("pg_ctl")}:
+        for bin_dir in {p.parent for p, _m in tools.installed_tools("pg_ctl")}:
             owner = target_dir.stat().st_uid
             subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(target_dir), "-m", "immediate", "-w", "stop"],
                            capture_output=True, env=_server_env(), user=owner if os.geteuid() == 0 else None)
@@ -530,28 +515,16 @@ def _recover(catalog: Catalog, source: str, base: dict, chain: list[dict], targe
         except KeyError:
             raise BackupError(f"--run-as {run_as}: no such user") from None
     src = catalog.sources[source]
-    bin_dir = postgres.find_tool("pg_ctl", base["server_major"], src.pg_bin_dir)[0].parent
+    bin_dir = tools.find_tool("pg_ctl", base["server_major"], src.pg_bin_dir)[0].parent
     ensure_dir(target_dir)
     target_dir.chmod(0o700)
     materialize(catalog, source, chain, target_dir, say=say)
     clock.mark("unpack")
     target_dir.chmod(0o700)
-    # restore_command: a segment the prefetcher already decompressed into the spool is moved into place (a rename),
-    # anything else (history files, a segment not prefetched yet) is fetched by wal-fetch
     spool = target_dir / SPOOL
     spool.mkdir(mode=0o700)
     script = target_dir / RESTORE_SCRIPT
-    # a file the local archive does not hold (PostgreSQL asks for the next timeline's history and for the segment
-    # after the last one) is answered at once, without starting Python, when there is no replica to look in
-    from .wal import wal_dir
-
-    absent = ("" if catalog.replication.s3 is not None else
-              f'if [ ! -f {shlex.quote(str(wal_dir(catalog, source)))}/"$1.json" ]; then exit 1; fi\n')
-    script.write_text(
-        "#!/bin/sh\n# backup_assets point-in-time recovery: restore_command %f %p\n"
-        f'if [ -f "{spool}/$1" ]; then exec mv -f "{spool}/$1" "$2"; fi\n' + absent +
-        f"exec {shlex.quote(sys.executable)} -m backup_assets --catalog {shlex.quote(str(catalog.catalog_path))} "
-        f'wal-fetch --source {source} "$1" "$2"\n')
+    script.write_text(restore_command_script(catalog, source, spool))
     script.chmod(0o700)
     settings = [f"restore_command = '{script} %f %p'", "archive_mode = off", "recovery_target_timeline = 'latest'",
                 "recovery_target_action = 'promote'", f"port = {port}", "listen_addresses = '127.0.0.1'",
@@ -601,6 +574,26 @@ def _recover(catalog: Catalog, source: str, base: dict, chain: list[dict], targe
                      timings={**clock.phases, **{f"  of which {k}": v for k, v in _log_phases(text).items()}})
 
 
+def restore_command_script(catalog: Catalog, source: str, spool: Path) -> str:
+    """The recovered server's restore_command (`script %f %p`): a segment the prefetcher decompressed into the
+    spool is linked into place, and stays in the spool until recovery has moved past it (PostgreSQL asks for
+    the last segment again as recovery ends); anything else (history files, a segment not prefetched or no
+    longer spooled) is fetched by wal-fetch. A file the local archive does not hold (the next timeline's history,
+    the segment after the last) is answered at once, without starting Python, when there is no replica to look
+    in. A link that fails (the prefetcher let the segment go in between) falls through to wal-fetch, never to
+    "not in the archive", which would end recovery early."""
+    from .wal import wal_dir
+
+    q = shlex.quote
+    absent = ("" if catalog.replication.s3 is not None else
+              f'if [ ! -f {q(str(wal_dir(catalog, source)))}/"$1.json" ]; then exit 1; fi\n')
+    return ("#!/bin/sh\n# backup_assets point-in-time recovery: restore_command %f %p\n"
+            f"spool={q(str(spool))}\n"
+            'if [ -f "$spool/$1" ] && ln -f "$spool/$1" "$2" 2>/dev/null; then exit 0; fi\n' + absent +
+            f"exec {q(sys.executable)} -m backup_assets --catalog {q(str(catalog.catalog_path))} "
+            f'wal-fetch --source {q(source)} "$1" "$2"\n')
+
+
 SPOOL = "backup_assets_wal_spool"
 RESTORE_SCRIPT = "backup_assets_restore_command"
 
@@ -620,24 +613,39 @@ class _Prefetcher:
         self.catalog, self.source, self.spool, self.user = catalog, source, spool, user
         start = base["start_wal"]
         self.names = wal.segment_names(catalog, source, since=start, timeline=start[:8])
+        self.served = ""  # the newest segment recovery took from the spool
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name="wal-prefetch", daemon=True)
         if user is not None:
             os.chown(spool, user.pw_uid, user.pw_gid)
         self.thread.start()
 
+    def _waiting(self) -> int:
+        """How many spooled segments recovery has not taken yet. One it took is linked into pg_wal (a second link)
+        or is older than one it took; of those only the newest stays in the spool."""
+        names = sorted(p.name for p in self.spool.iterdir() if not p.name.startswith("."))
+        linked = [n for n in names if (self.spool / n).stat().st_nlink > 1]
+        self.served = max([self.served, *linked])
+        for name in names:
+            if name < self.served:
+                (self.spool / name).unlink(missing_ok=True)  # restore_command falls back to wal-fetch for it
+        return sum(1 for n in names if n > self.served)
+
     def _run(self) -> None:
         from . import wal
 
         for name in self.names:
-            while not self.done.is_set() and sum(1 for p in self.spool.iterdir() if not p.name.startswith(".")) \
-                    >= self.AHEAD:
-                time.sleep(0.02)
+            try:
+                while not self.done.is_set() and self._waiting() >= self.AHEAD:
+                    time.sleep(0.02)
+            except OSError:
+                return  # recovery fetches the rest itself
             if self.done.is_set():
                 return
             hidden = self.spool / f".{name}"
             try:
                 wal.fetch(self.catalog, self.source, name, str(hidden), durable=False)
+                os.chmod(hidden, 0o600)  # as PostgreSQL's own segments
                 if self.user is not None:
                     os.chown(hidden, self.user.pw_uid, self.user.pw_gid)
                 os.replace(hidden, self.spool / name)
@@ -699,11 +707,11 @@ def verify_base(catalog: Catalog, source: str, meta: dict) -> Outcome:
     """pg_verifybackup of one base backup (unpacked into a scratch directory): every file in the manifest is
     there with its size and checksum, nothing extra. Its WAL is the continuity check's business."""
     src = catalog.sources[source]
-    tool, _ = postgres.find_tool("pg_verifybackup", meta["server_major"], src.pg_bin_dir)
+    tool, _ = tools.find_tool("pg_verifybackup", meta["server_major"], src.pg_bin_dir)
     scratch = _scratch("backup-assets-verify-")
     started = time.monotonic()
     try:
-        _unpack(catalog, source, meta, scratch)
+        _unpack(catalog, source, meta, scratch, durable=False)
         done = subprocess.run([str(tool), "--no-parse-wal", "--quiet", str(scratch)], capture_output=True, text=True)
     except BackupError as exc:
         return Outcome(False, f"{meta['artifact']}: {exc}", {"artifact": meta["artifact"]})
@@ -769,7 +777,7 @@ def _commits(catalog: Catalog, source: str, major: int, segment: str, scratch: P
     from . import wal
 
     src = catalog.sources[source]
-    tool, _ = postgres.find_tool("pg_waldump", major, src.pg_bin_dir)
+    tool, _ = tools.find_tool("pg_waldump", major, src.pg_bin_dir)
     wal.fetch(catalog, source, segment, str(scratch / segment))
     try:
         done = subprocess.run([str(tool), "--rmgr=Transaction", "--path", str(scratch), segment, segment],
@@ -867,6 +875,8 @@ def _prove(catalog: Catalog, source: str, recovered: Recovered) -> tuple[int, in
     import psycopg
     from psycopg import sql
 
+    from .backup import endpoint_for
+
     ep = endpoint_for(catalog, source)
     host = str(recovered.pgdata)
 
@@ -889,7 +899,7 @@ def _prove(catalog: Catalog, source: str, recovered: Recovered) -> tuple[int, in
                     sql.Identifier(schema), sql.Identifier(name))).fetchone()[0]
                 tables += 1
     src = catalog.sources[source]
-    tool, _ = postgres.find_tool("pg_amcheck", recovered_major(recovered), src.pg_bin_dir)
+    tool, _ = tools.find_tool("pg_amcheck", recovered_major(recovered), src.pg_bin_dir)
     done = subprocess.run([str(tool), "--all", "--install-missing", "--heapallindexed", "-h", host,
                            "-p", str(recovered.port), "-U", superuser], capture_output=True, text=True,
                           env=_server_env())
