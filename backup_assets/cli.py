@@ -345,10 +345,10 @@ def _basebackup_through_dagster(catalog, source: str, replicate_too: bool, *, de
 
 
 def cmd_restore(args) -> int:
+    if args.to_time or args.to_lsn or args.latest:
+        return cmd_pitr_restore(args)  # without the logical restore's modules: the recovery time counts
     from .core.restore import restore_plan, restore_postgres, restore_sqlite
 
-    if args.to_time or args.to_lsn or args.latest:
-        return cmd_pitr_restore(args)
     catalog = _catalog(args)
     say = Reporter()
     _check_partitions(args, catalog)

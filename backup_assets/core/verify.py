@@ -16,9 +16,7 @@ import re
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import zstandard
@@ -30,28 +28,11 @@ from .backup import repository_for
 from .engines import postgres, sqlite
 from .manifest import MANIFEST_SUFFIX, Manifest, read_manifest
 from .names import TableName
+from .outcome import Outcome
 from .repository import LocalRepository, StoredBackup
 from .secrets import scrub
 
 DRILL_MARK = "backup_assets restore drill"
-
-
-@dataclass
-class Outcome:
-    passed: bool
-    message: str
-    metadata: dict[str, Any] = field(default_factory=dict)
-    warn: bool = False  # a non-blocking warning rather than an error
-    # the check could not run here (the key that opens the artifact is not at hand): it says nothing about
-    # the backup, is never recorded over an earlier result, and is shown as not checked, not as failed
-    not_checked: bool = False
-
-    @classmethod
-    def failure(cls, exc: Exception, message: str, metadata: dict[str, Any] | None = None) -> "Outcome":
-        """A check that did not pass because of `exc`; not checked when `exc` is a missing key."""
-        if isinstance(exc, crypto.NoIdentity):
-            return cls(False, f"not checked here: {exc}", dict(metadata or {}), warn=True, not_checked=True)
-        return cls(False, message, dict(metadata or {}))
 
 
 # -- finding the backup of a partition ----------------------------------------------------------
