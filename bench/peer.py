@@ -8,6 +8,9 @@ data, then alternating pairs (the order flips every pair, so neither tool always
     (both zstd level 3, two processes, a fast checkpoint);
   - restore to the end of the archive, until the server accepts connections and is out of recovery:
     `backup-assets restore --latest` vs `pgbackrest restore` + `pg_ctl start`;
+  - restore to a time between two commits after the backup (`restore --to-time T` vs `pgbackrest restore
+    --type=time --target=T --target-action=promote`), likewise; both checked to hold exactly the rows
+    committed before the target;
   - the size of one full backup, and of the WAL archive.
 
 Medians and per-pair ratios (ours / pgBackRest) in the JSON. Without `pgbackrest` on PATH (Debian: `apt-get
@@ -94,6 +97,52 @@ class Peer:
         return done
 
 
+def _restore(who: str, kind: str, pgdata: Path, *, cli, env, peer: Peer, user, password: str, target: str,
+             expected: tuple[int, int]) -> tuple[float, bool, str]:
+    """One restore (to the end of the archive, or to `target`) until the server accepts connections out of
+    recovery; its seconds, whether it holds exactly the expected rows (pgbench_accounts, after_backup), and our
+    restore's own timeline."""
+    import psycopg
+
+    port, phases = free_port(), ""
+    t0 = time.perf_counter()
+    if who == "ours":
+        how = ["--latest"] if kind == "restore" else ["--to-time", target]
+        done = subprocess.run([*cli, "restore", "--source", "bench", *how, "--pgdata", str(pgdata), "--port", str(port),
+                               "--confirm", "--timings"], check=True, env=env, capture_output=True, text=True)
+        _wait_out_of_recovery(port, password)
+        phases = next((ln.split("timings: ", 1)[1] for ln in done.stdout.splitlines() if ln.startswith("timings: ")),
+                      "")
+    else:
+        pgdata.mkdir(mode=0o700)
+        if user:
+            os.chown(pgdata, user.pw_uid, user.pw_gid)
+        how = ["--type=default"] if kind == "restore" else ["--type=time", f"--target={target}",
+                                                            "--target-action=promote"]
+        peer.run("restore", f"--pg1-path={pgdata}", *how, env=env)
+        with open(pgdata / "postgresql.auto.conf", "a") as conf:
+            # the source ran with max_connections 200 (on its command line): a standby needs as many
+            conf.write(f"archive_mode = off\nport = {port}\nlisten_addresses = '127.0.0.1'\n"
+                       f"unix_socket_directories = '{pgdata}'\nmax_connections = 200\n")
+        started = subprocess.run([str(PG15 / "pg_ctl"), "-D", str(pgdata), "-l", str(pgdata / "server.log"), "start"],
+                                 capture_output=True, text=True, **_as_server(user))
+        if started.returncode != 0:
+            log = pgdata / "server.log"
+            raise RuntimeError(f"the server pgBackRest restored did not start: {started.stderr[-1000:]}"
+                               f"{log.read_text()[-2000:] if log.exists() else ''}")
+        _wait_out_of_recovery(port, password)
+    seconds = time.perf_counter() - t0
+    try:
+        with psycopg.connect(host="127.0.0.1", port=port, user="postgres", password=password, dbname="postgres") as c:
+            got = (c.execute("SELECT count(*) FROM pgbench_accounts").fetchone()[0],
+                   c.execute("SELECT count(*) FROM after_backup").fetchone()[0])
+    finally:
+        subprocess.run([str(PG15 / "pg_ctl"), "-D", str(pgdata), "-m", "immediate", "stop"], capture_output=True,
+                       **_as_server(user))
+        shutil.rmtree(pgdata, ignore_errors=True)
+    return seconds, got == expected, phases
+
+
 def bench_peer(work: Path, *, scale: int = 20, pairs: int = 2) -> dict:
     if shutil.which("pgbackrest") is None:
         return {"skipped": "pgbackrest is not installed (Debian: apt-get install pgbackrest)"}
@@ -147,9 +196,16 @@ def bench_peer(work: Path, *, scale: int = 20, pairs: int = 2) -> dict:
                 else:
                     peer.run("backup", "--type=full", env=env)
                 pair[f"backup_{who}_s"] = time.perf_counter() - t0
-            with cluster.connect() as conn:  # a little WAL after both backups, archived by both
-                conn.execute("CREATE TABLE IF NOT EXISTS after_backup (i int)")
+            with cluster.connect() as conn:  # a little WAL after both backups, archived by both, with a target
+                conn.execute("CREATE TABLE IF NOT EXISTS after_backup (i int)")  # time between two commits
                 conn.execute("INSERT INTO after_backup SELECT generate_series(1, 1000)")
+                at_target = conn.execute("SELECT count(*) FROM after_backup").fetchone()[0]
+                time.sleep(1.2)  # pgBackRest compares the target with its backups' stop times in whole seconds
+                now = conn.execute("SELECT clock_timestamp() AT TIME ZONE 'UTC'").fetchone()[0]
+                target = now.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "+00"  # as both tools read a time
+                time.sleep(0.3)
+                conn.execute("INSERT INTO after_backup SELECT generate_series(1, 1000)")
+                at_end = conn.execute("SELECT count(*) FROM after_backup").fetchone()[0]
                 last = conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0]
                 conn.execute("SELECT pg_switch_wal()")
                 deadline = time.monotonic() + 120
@@ -157,47 +213,17 @@ def bench_peer(work: Path, *, scale: int = 20, pairs: int = 2) -> dict:
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"{last} not archived in 120 s")
                     time.sleep(0.1)
-                expected = conn.execute("SELECT count(*) FROM pgbench_accounts").fetchone()[0]
-            for who in order:  # restores to the end of the archive, until the server is up and out of recovery
-                pgdata, port = work / f"restored-{who}-{i}", free_port()
-                t0 = time.perf_counter()
-                if who == "ours":
-                    done = subprocess.run([*cli, "restore", "--source", "bench", "--latest", "--pgdata", str(pgdata),
-                                           "--port", str(port), "--confirm", "--timings"], check=True, env=env,
-                                          capture_output=True, text=True)
-                    _wait_out_of_recovery(port, cluster.password)
-                    pair["restore_ours_phases"] = next((ln.split("timings: ", 1)[1] for ln in done.stdout.splitlines()
-                                                        if ln.startswith("timings: ")), "")
-                else:
-                    pgdata.mkdir(mode=0o700)
-                    if user:
-                        os.chown(pgdata, user.pw_uid, user.pw_gid)
-                    peer.run("restore", f"--pg1-path={pgdata}", "--type=default", env=env)
-                    with open(pgdata / "postgresql.auto.conf", "a") as conf:
-                        # the source ran with max_connections 200 (on its command line): a standby needs as many
-                        conf.write(f"archive_mode = off\nport = {port}\nlisten_addresses = '127.0.0.1'\n"
-                                   f"unix_socket_directories = '{pgdata}'\nmax_connections = 200\n")
-                    started = subprocess.run([str(PG15 / "pg_ctl"), "-D", str(pgdata), "-l",
-                                              str(pgdata / "server.log"), "start"], capture_output=True, text=True,
-                                             **_as_server(user))
-                    if started.returncode != 0:
-                        log = pgdata / "server.log"
-                        raise RuntimeError(f"the server pgBackRest restored did not start: {started.stderr[-1000:]}"
-                                           f"{log.read_text()[-2000:] if log.exists() else ''}")
-                    _wait_out_of_recovery(port, cluster.password)
-                pair[f"restore_{who}_s"] = time.perf_counter() - t0
-                import psycopg
-
-                with psycopg.connect(host="127.0.0.1", port=port, user="postgres", password=cluster.password,
-                                     dbname="postgres") as conn:  # both restored exactly
-                    got = conn.execute("SELECT count(*) FROM pgbench_accounts").fetchone()[0]
-                    pair[f"restore_{who}_exact"] = got == expected and \
-                        conn.execute("SELECT count(*) FROM after_backup").fetchone()[0] >= 1000
-                subprocess.run([str(PG15 / "pg_ctl"), "-D", str(pgdata), "-m", "immediate", "stop"],
-                               capture_output=True, **_as_server(user))
-                shutil.rmtree(pgdata, ignore_errors=True)
+                accounts = conn.execute("SELECT count(*) FROM pgbench_accounts").fetchone()[0]
+            # restores to the end of the archive and to the time, until the server is up and out of recovery
+            for kind, expected in (("restore", at_end), ("restore_to_time", at_target)):
+                for who in order:
+                    pair[f"{kind}_{who}_s"], pair[f"{kind}_{who}_exact"], phases = _restore(
+                        who, kind, work / f"{kind}-{who}-{i}", cli=cli, env=env, peer=peer, user=user,
+                        password=cluster.password, target=target, expected=(accounts, expected))
+                    if phases:
+                        pair[f"{kind}_ours_phases"] = phases
+                pair[f"{kind}_ratio"] = pair[f"{kind}_ours_s"] / pair[f"{kind}_peer_s"]
             pair["backup_ratio"] = pair["backup_ours_s"] / pair["backup_peer_s"]
-            pair["restore_ratio"] = pair["restore_ours_s"] / pair["restore_peer_s"]
             result["pairs"].append(pair)
         bases = sorted((repo / "base" / "bench").glob("base-*.json"))
         result["full_backup_bytes_ours"] = json.loads(bases[-1].read_text())["size_bytes"]
@@ -209,7 +235,7 @@ def bench_peer(work: Path, *, scale: int = 20, pairs: int = 2) -> dict:
         result["wal_archive_bytes_peer"] = _size(peer.root / "repo" / "archive")
     finally:
         cluster.destroy()
-    for name in ("backup", "restore"):
+    for name in ("backup", "restore", "restore_to_time"):
         result[f"{name}_ratio_median"] = statistics.median(p[f"{name}_ratio"] for p in result["pairs"])
         result[f"{name}_ours_median_s"] = statistics.median(p[f"{name}_ours_s"] for p in result["pairs"])
         result[f"{name}_peer_median_s"] = statistics.median(p[f"{name}_peer_s"] for p in result["pairs"])
@@ -232,9 +258,13 @@ def report(r: dict) -> None:
     print(f"    restore to the end of the archive, server up: {r['restore_ours_median_s']:.2f}s vs "
           f"{r['restore_peer_median_s']:.2f}s -> ratio {r['restore_ratio_median']:.2f} "
           f"(pairs {_ratios(r, 'restore')}; goal <= 1.1)")
+    print(f"    restore to a time between two commits, server up: {r['restore_to_time_ours_median_s']:.2f}s vs "
+          f"{r['restore_to_time_peer_median_s']:.2f}s -> ratio {r['restore_to_time_ratio_median']:.2f} "
+          f"(pairs {_ratios(r, 'restore_to_time')}; goal <= 1.1)")
     for p in r["pairs"]:
         print(f"    where our restore's time goes: {p.get('restore_ours_phases') or '?'}")
-    exact = all(p["restore_ours_exact"] and p["restore_peer_exact"] for p in r["pairs"])
+    exact = all(p[f"{k}_{who}_exact"] for p in r["pairs"] for k in ("restore", "restore_to_time")
+                for who in ("ours", "peer"))
     print(f"    both restored exactly: {'yes' if exact else 'NO'}; one full backup {r['full_backup_bytes_ours'] / 1e6:.1f}"
           f" MB vs {r['full_backup_bytes_peer'] / 1e6:.1f} MB (ratio {r['size_ratio']:.2f}); WAL archive "
           f"{r['wal_archive_bytes_ours'] / 1e6:.1f} MB vs {r['wal_archive_bytes_peer'] / 1e6:.1f} MB")
