@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export BACKUP_ASSETS_DEMO_HOME ?= $(CURDIR)/.demo
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: install run setup backup test bench clean stop env
+.PHONY: install run setup backup test bench clean stop env docs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ test: install
 
 bench: install
 	$(PY) -m bench.run
+
+docs: install
+	$(PY) -m mkdocs build --strict
+	@echo "the manual: site/index.html"
 
 clean:
 	-$(PY) -m backup_assets.demo stop

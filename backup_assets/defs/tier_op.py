@@ -31,7 +31,7 @@ from .replication import _storage, replica_key, replica_spec
 from .sensors import FAILED_ASSETS
 
 
-CHECK_DESCRIPTIONS = {  # the README's check table, in short
+CHECK_DESCRIPTIONS = {  # the check table of docs/checks.md, in short
     "artifact_intact": "The manifest parses and its checksum holds; the artifact's size and SHA-256 match it; the zstd "
                        "stream decodes to its end (an encrypted one is decrypted when the identity is at hand; "
                        "without it only the ciphertext's size and SHA-256 are checked, and it says so).",
