@@ -252,7 +252,8 @@ def cmd_pitr_restore(args) -> int:
             f"to {what} and start it on port {args.port}; the running server is not touched")
     _confirm(args, plan, args.pgdata)
     if args.from_ == "s3":  # the base backups come back into the local repository; WAL one segment at a time
-        from .core.pitr_s3 import download_bases, replica_storage
+        from .core.pitr_s3 import download_bases
+        from .core.pitr_storage import replica_storage
 
         if catalog.replication.s3 is None:
             raise UsageError("--from s3: the catalog has no replication.s3 section")
@@ -297,7 +298,8 @@ def cmd_basebackup(args) -> int:
     else:
         meta = pitr.base_backup(catalog, args.source, kind=args.kind, say=Reporter())
         if replicate_too:
-            from .core.pitr_s3 import replica_storage, replicate
+            from .core.pitr_s3 import replicate
+            from .core.pitr_storage import replica_storage
 
             replicate(catalog, args.source, replica_storage(catalog), say=Reporter())
     on = f" on {meta['parent']}" if meta.get("parent") else ""
@@ -422,7 +424,7 @@ def _dry_run(args) -> bool:
 
 
 def cmd_retention_prune(args) -> int:
-    from .core.retention import prune
+    from .core.prune import prune
 
     report = prune(_catalog(args), dry_run=_dry_run(args))
     print(json.dumps(report, indent=2))
@@ -496,7 +498,8 @@ def cmd_backup(args) -> int:
     from .defs import cli_runs
     from .defs.build import build_definitions
     from .defs.keys import backup_key, replica_key
-    from .defs.sensors import FAILED_ASSETS, failed_assets, root_cause
+    from .defs.checks import FAILED_ASSETS, failed_assets
+    from .defs.sensors import root_cause
 
     catalog = _catalog(args)
     _check_partitions(args, catalog)

@@ -1,4 +1,4 @@
-"""The hourly tier (issue 14's honest improvement for SQLite stores, which have no WAL archive here): opt-in per
+"""The hourly tier (a shorter recovery point for SQLite stores, which have no WAL archive here): opt-in per
 source, partitions by the hour (keys like 2026-12-02T03), its own job and schedule, backed up, listed, restored
 and pruned like the other tiers; the other sources and tiers are unchanged."""
 
@@ -92,7 +92,7 @@ def test_an_hourly_backup_is_taken_listed_restored_and_pruned(hourly_catalog, tm
     assert main(["--catalog", str(path), "list", "--source", "store"]) == 0
     listed = capsys.readouterr().out
     assert earlier in listed and hour in listed
-    from backup_assets.core.retention import prune
+    from backup_assets.core.prune import prune
 
     report = prune(load_catalog(path), dry_run=False, now=dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=2))
     assert report["local"]["backups"] == 1

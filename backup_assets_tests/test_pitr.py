@@ -1,4 +1,4 @@
-"""The physical tier (issue 14): full and incremental base backups (PostgreSQL 18, summarize_wal) combined at
+"""The physical tier: full and incremental base backups (PostgreSQL 18, summarize_wal) combined at
 restore with pg_combinebackup, exact to the transaction at times inside each backup's window; pg_verifybackup
 catches a changed file; the drill restores to a random time between two commits and proves where recovery
 stopped; retention keeps the window (a base backup, the chain under it, the WAL from its start) and nothing
@@ -229,11 +229,12 @@ def test_base_backups_and_wal_on_s3_are_pruned_there_and_restore_when_the_local_
     import shutil
 
     from backup_assets.core import pitr_s3
-    from backup_assets.core.retention import prune
+    from backup_assets.core.pitr_storage import replica_storage
+    from backup_assets.core.prune import prune
 
     cluster, catalog_path, folder = archiving
     catalog = load_catalog(catalog_path)
-    storage = pitr_s3.replica_storage(catalog)
+    storage = replica_storage(catalog)
     write_rows(cluster, 5, "before", pause=0)
     assert cli(catalog_path, "basebackup", "--source", "app", "--kind", "full") == 0  # and replicates
     write_rows(cluster, 10, "first window")

@@ -344,7 +344,7 @@ def test_the_maintenance_job_audits_replicas_and_names_the_bad_one(miyabi_db, wr
         second = job.execute_in_process(instance=instance, asset_selection=[audit], raise_on_error=False)
         assert not second.success
         [failure] = [e for e in second.all_events if e.is_step_failure]
-        from backup_assets.defs.sensors import failed_assets
+        from backup_assets.defs.checks import failed_assets
 
         named = failed_assets(failure.event_specific_data.user_failure_data.metadata)
         assert list(named) == ["miyabi/full_daily_s3"] and "[2026-11-21]" in named["miyabi/full_daily_s3"], named

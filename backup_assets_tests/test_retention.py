@@ -17,7 +17,8 @@ from backup_assets.core.manifest import Manifest, manifest_path_for
 from backup_assets.core.prune_tables import prune_tables
 from backup_assets.core.replica import replicate, storage_for
 from backup_assets.core.repository import LocalRepository, StoredBackup
-from backup_assets.core.retention import Entry, prune, select
+from backup_assets.core.prune import prune
+from backup_assets.core.retention import Entry, select
 from backup_assets.core.verify import find_backup, restore_drill
 
 from .conftest import pg_source, reseal, s3_replication

@@ -1,4 +1,4 @@
-"""The WAL archive (issue 14, first part): a real PostgreSQL 18 archives through `backup-assets wal-push`;
+"""The WAL archive: a real PostgreSQL 18 archives through `backup-assets wal-push`;
 segments come back byte for byte through `wal-fetch`; pushes are idempotent, refuse different content,
 survive kill -9 at the narrow points, and the continuity check finds a missing segment."""
 

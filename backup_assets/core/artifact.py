@@ -19,6 +19,7 @@ from typing import BinaryIO, Callable, Iterator
 import zstandard
 
 from . import failpoints
+from .chunks import ChunkQueue
 from .owner import Owner
 
 CHUNK = 1 << 20
@@ -247,59 +248,6 @@ class _CheckedReader:
                 f"zstd stream ends before its last frame is complete (truncated): decodes to {self.decoded} bytes, "
                 f"the manifest says {self.expected_size}")
         return data
-
-
-class ChunkQueue:
-    """Chunks handed from one thread to another through a bounded queue and read back as a
-    stream: `put` waits while the queue is full for as long as `waiting()` says the other side
-    is still there (BrokenPipeError when it is not); `read` serves the chunks' bytes, ends at a
-    None or b"" item, and raises an exception item where the stream would have failed; `drain`
-    unblocks a writer after the reader failed."""
-
-    def __init__(self, depth: int = 8):
-        import queue
-
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
-        self._buf = b""
-        self._pos = 0
-        self._done = False
-
-    def put(self, item, waiting: Callable[[], bool], *, poll_s: float = 0.5) -> None:
-        import queue
-
-        while True:
-            try:
-                self._q.put(item, timeout=poll_s)
-                return
-            except queue.Full:
-                if not waiting():
-                    raise BrokenPipeError("the other side of the chunk queue stopped") from None
-
-    def read(self, size: int = -1) -> bytes:
-        while self._pos >= len(self._buf):
-            if self._done:
-                return b""
-            item = self._q.get()
-            if isinstance(item, BaseException):
-                self._done = True
-                raise item
-            if not item:
-                self._done = True
-                return b""
-            self._buf, self._pos = item, 0
-        end = len(self._buf) if size is None or size < 0 else self._pos + size
-        out = self._buf[self._pos:end]
-        self._pos += len(out)
-        return out
-
-    def drain(self) -> None:
-        import queue
-
-        try:
-            while True:
-                self._q.get_nowait()
-        except queue.Empty:
-            pass
 
 
 class _ReadAhead:

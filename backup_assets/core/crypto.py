@@ -23,7 +23,7 @@ from typing import BinaryIO
 import pyrage
 
 from . import BackupError
-from .artifact import ChunkQueue
+from .chunks import ChunkQueue
 
 MAGIC = b"age-encryption.org/v1\n"
 SUFFIX = ".age"

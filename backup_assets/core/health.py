@@ -12,7 +12,8 @@ from typing import Any
 from ..catalog import Catalog
 from .artifact import human_size
 from .backup import repository_for
-from .verification import read_status, verified_by
+from .repository import verified_by
+from .verification import read_status
 
 
 @dataclass

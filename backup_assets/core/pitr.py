@@ -212,7 +212,7 @@ def _read_back(path: Path, catalog: Catalog, source: str, encryption) -> tuple[s
 def base_backups(catalog: Catalog, source: str, storage=None) -> list[dict]:
     """The complete base backups of a source (a JSON whose artifact and manifest are there with their sizes),
     oldest first: in the local repository, or in `storage` (the S3 replica)."""
-    from .pitr_s3 import base_prefix, local_storage
+    from .pitr_storage import base_prefix, local_storage
 
     base_dir(catalog, source)  # a postgres source of the catalog
     storage = storage or local_storage(catalog)
@@ -921,7 +921,7 @@ def prune_base(catalog: Catalog, source: str, *, dry_run: bool, now: dt.datetime
     from the oldest kept one's start on. Descriptions go first, so a half-pruned backup is never counted.
     `storage`: the local repository (default) or the S3 replica, pruned alike from one listing each."""
     from . import wal
-    from .pitr_s3 import base_prefix, local_storage, wal_prefix
+    from .pitr_storage import base_prefix, local_storage, wal_prefix
 
     now = now or _now()
     storage = storage or local_storage(catalog)

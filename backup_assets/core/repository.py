@@ -41,6 +41,14 @@ ARTIFACT_NAME = re.compile(r"^(?P<source>[A-Za-z_][A-Za-z0-9_]*)-(?P<group>[A-Za
                            r"(?P<age>\.age)?$")
 CHECKS_SUFFIX = ".checks.json"
 
+
+def verified_by(status: dict) -> bool:
+    """Whether a check record (`<artifact>.checks.json`) says the backup counts: intact, and no blocking check
+    failed (size_anomaly only warns)."""
+    blocking = {k: v for k, v in status.items() if k != "size_anomaly"}
+    return bool(status.get("artifact_intact", {}).get("passed")) and all(v.get("passed") for v in blocking.values())
+
+
 EXTENSIONS = {"postgres": "dump", "sqlite": "db"}
 
 
@@ -160,8 +168,6 @@ class Repository:
     def verified(self, ref: BackupRef) -> bool:
         if self.replica:
             return ref.complete
-        from .verification import verified_by
-
         return verified_by(self.check_record(ref))
 
     def untrusted(self) -> set[str]:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from .artifact import write_json_atomic
-from .repository import CHECKS_SUFFIX, StoredBackup
+from .repository import CHECKS_SUFFIX, StoredBackup, verified_by
 
 
 def checks_path(backup: StoredBackup) -> Path:
@@ -60,11 +60,6 @@ def summary(backup: StoredBackup) -> str:
 def is_verified(backup: StoredBackup) -> bool:
     """Intact and readable by its last checks, and no blocking check failed."""
     return verified_by(read_status(backup))
-
-
-def verified_by(status: dict) -> bool:
-    blocking = {k: v for k, v in status.items() if k != "size_anomaly"}
-    return bool(status.get("artifact_intact", {}).get("passed")) and all(v.get("passed") for v in blocking.values())
 
 
 def passed_drill(backup: StoredBackup) -> bool:

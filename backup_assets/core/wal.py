@@ -129,7 +129,7 @@ def _second_copy(catalog: Catalog, source: str, folder: Path, name: str, meta: d
     cfg = catalog.sources[source].pitr
     if cfg is None or not cfg.wal_push_s3 or catalog.replication.s3 is None:
         return
-    from .pitr_s3 import push_wal, replica_storage
+    from .pitr_storage import push_wal, replica_storage
 
     push_wal(catalog, source, folder, name, meta, replica_storage(catalog))
 
@@ -149,7 +149,7 @@ def fetch(catalog: Catalog, source: str, name: str, dest: str, *, durable: bool 
         if meta is None and catalog.replication.s3 is not None:  # the local archive is gone or behind: the replica
             import tempfile
 
-            from .pitr_s3 import fetch_wal, replica_storage
+            from .pitr_storage import fetch_wal, replica_storage
 
             scratch = Path(tempfile.mkdtemp(prefix="backup-assets-wal-"))
             found = fetch_wal(catalog, source, name, replica_storage(catalog), scratch)

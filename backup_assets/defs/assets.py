@@ -4,7 +4,7 @@ import dagster as dg
 
 from ..catalog import Catalog
 from .keys import backup_key
-from .sensors import freshness_policy
+from .partitions import freshness_policy
 
 KIND = {"postgres": "postgres", "sqlite": "sqlite"}
 

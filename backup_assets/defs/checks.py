@@ -1,9 +1,23 @@
 """Check results as Dagster shows them, and the scheduled DR drill."""
 
+import json
+
 import dagster as dg
 from dagster import AssetExecutionContext
 
 from ..catalog import Catalog
+
+
+FAILED_ASSETS = "failed_assets"  # a tier op's Failure metadata: {asset key: error}
+
+
+def failed_assets(metadata) -> dict[str, str]:
+    """The {asset: error} a failed tier op named (empty for another failure)."""
+    value = (metadata or {}).get(FAILED_ASSETS)
+    data = getattr(value, "data", value)
+    if isinstance(data, str):
+        data = json.loads(data)
+    return data if isinstance(data, dict) else {}
 
 
 def metadata_of(outcome) -> dict:

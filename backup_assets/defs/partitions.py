@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import dagster as dg
 
 from ..catalog import WEEKDAYS, Catalog
@@ -27,3 +29,17 @@ def partitions_for(catalog: Catalog, tier: str) -> dg.TimeWindowPartitionsDefini
     if tier == "monthly":
         return dg.MonthlyPartitionsDefinition(start_date=start, timezone=tz)
     raise ValueError(f"unknown tier {tier!r}")
+
+
+# freshness per tier: (warn after, fail after)
+FRESHNESS = {
+    "hourly": (dt.timedelta(hours=2), dt.timedelta(hours=3)),
+    "daily": (dt.timedelta(hours=26), dt.timedelta(hours=30)),
+    "weekly": (dt.timedelta(days=7, hours=2), dt.timedelta(days=7, hours=6)),
+    "monthly": (dt.timedelta(days=31, hours=2), dt.timedelta(days=32)),
+}
+
+
+def freshness_policy(tier: str) -> dg.FreshnessPolicy:
+    warn, fail = FRESHNESS[tier]
+    return dg.FreshnessPolicy.time_window(fail_window=fail, warn_window=warn)

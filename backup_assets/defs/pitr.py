@@ -19,7 +19,8 @@ from dagster import AssetExecutionContext
 from ..catalog import Catalog
 from .checks import failure_line, keyed_check_result
 from .partitions import partitions_for
-from .sensors import FAILED_ASSETS, freshness_policy
+from .checks import FAILED_ASSETS
+from .partitions import freshness_policy
 
 BASE_BACKUPS_JOB = "base_backups"
 
@@ -144,9 +145,10 @@ def run_base_backup(catalog: Catalog, context: AssetExecutionContext, source: st
     if not replicated(catalog, source):
         return
     from ..core import pitr_s3
+    from ..core.pitr_storage import replica_storage
 
     rkey = base_replica_key(source)
-    storage = pitr_s3.replica_storage(catalog)
+    storage = replica_storage(catalog)
     if rkey in context.selected_asset_keys:
         try:
             report = pitr_s3.replicate(catalog, source, storage, say=context.log.info)

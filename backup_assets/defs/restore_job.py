@@ -1,7 +1,5 @@
 """The `restore` job: the CLI's restore, launchable from the UI's launchpad with typed config."""
 
-from pathlib import Path
-
 import dagster as dg
 from dagster import OpExecutionContext
 from pydantic import Field

@@ -28,7 +28,7 @@ def build_retention(catalog: Catalog) -> list[dg.AssetsDefinition]:
                           f"{' and S3' if replicated else ''}; never the newest verified backup of any source, "
                           "group and tier. Set dry_run to only report.")
     def retention(context: AssetExecutionContext, config: PruneConfig) -> dg.MaterializeResult:
-        from ..core.retention import prune
+        from ..core.prune import prune
 
         storage = _storage(catalog, context.resources.s3) if replicated else None
         report = prune(catalog, dry_run=config.dry_run, storage=storage)
@@ -70,7 +70,7 @@ def _replica_audit(catalog: Catalog) -> dg.AssetsDefinition:
     def replica_audit(context: AssetExecutionContext, config: AuditConfig) -> dg.MaterializeResult:
         from ..core.replica import audit_replicas
         from .keys import replica_key
-        from .sensors import FAILED_ASSETS
+        from .checks import FAILED_ASSETS
 
         results = audit_replicas(catalog, _storage(catalog, context.resources.s3), every=config.every,
                                  say=context.log.info)

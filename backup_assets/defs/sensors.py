@@ -2,7 +2,6 @@
 backup-health asset. Delivery (Slack, email, webhook) and storm control are in core.alerts."""
 
 import datetime as dt
-import json
 
 import dagster as dg
 from dagster import AssetExecutionContext, RunFailureSensorContext, SensorEvaluationContext
@@ -14,21 +13,10 @@ from ..catalog import Catalog
 from ..core.alerts import Alert, Notifier
 from . import cli_runs
 from .keys import backup_key, parse_key, replica_key, tier_op_name
-from .partitions import DAGSTER_WEEKDAY
+from .checks import failed_assets
+from .partitions import DAGSTER_WEEKDAY, FRESHNESS
 
-# freshness per tier: (warn after, fail after)
-FRESHNESS = {
-    "hourly": (dt.timedelta(hours=2), dt.timedelta(hours=3)),
-    "daily": (dt.timedelta(hours=26), dt.timedelta(hours=30)),
-    "weekly": (dt.timedelta(days=7, hours=2), dt.timedelta(days=7, hours=6)),
-    "monthly": (dt.timedelta(days=31, hours=2), dt.timedelta(days=32)),
-}
 HEALTH_KEY = dg.AssetKey(["operations", "backup_health"])
-
-
-def freshness_policy(tier: str) -> dg.FreshnessPolicy:
-    warn, fail = FRESHNESS[tier]
-    return dg.FreshnessPolicy.time_window(fail_window=fail, warn_window=warn)
 
 
 def describe_key(key: dg.AssetKey) -> dict:
@@ -37,18 +25,6 @@ def describe_key(key: dg.AssetKey) -> dict:
         source, group, tier, _ = parsed
         return {"source": source, "group": group, "tier": tier, "asset": key.to_user_string()}
     return {"asset": key.to_user_string()}
-
-
-FAILED_ASSETS = "failed_assets"  # a tier op's Failure metadata: {asset key: error}
-
-
-def failed_assets(metadata) -> dict[str, str]:
-    """The {asset: error} a failed tier op named (empty for another failure)."""
-    value = (metadata or {}).get(FAILED_ASSETS)
-    data = getattr(value, "data", value)
-    if isinstance(data, str):
-        data = json.loads(data)
-    return data if isinstance(data, dict) else {}
 
 
 def is_check_failure(event, watched: set | None = None) -> bool:

@@ -28,7 +28,7 @@ from .checks import failure_line, keyed_check_result
 from .keys import tier_op_name
 from .partitions import partitions_for
 from .replication import _storage, replica_key, replica_spec
-from .sensors import FAILED_ASSETS
+from .checks import FAILED_ASSETS
 
 
 CHECK_DESCRIPTIONS = {  # the check table of docs/checks.md, in short

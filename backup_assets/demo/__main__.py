@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -205,7 +204,8 @@ def refill_s3() -> None:
         except BackupError:  # not verified, or failed its checks: never replicated in the first place
             skipped += 1
     for source in bases:
-        from ..core.pitr_s3 import replica_storage, replicate as replicate_pitr
+        from ..core.pitr_s3 import replicate as replicate_pitr
+        from ..core.pitr_storage import replica_storage
 
         try:
             replicate_pitr(catalog, source, replica_storage(catalog))
