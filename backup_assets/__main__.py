@@ -5,12 +5,12 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .walcmd import main as fast
+    from backup_assets.core.pitr.walcmd import main as fast
 
     code = fast(argv)
     if code is not None:
         return code
-    from .cli import main as full
+    from backup_assets.cli import main as full
 
     return full(argv)
 

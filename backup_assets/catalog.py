@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .core.names import NameError_, TableName
+from backup_assets.core.names import NameError_, TableName
 
 TIER_NAMES = ("hourly", "daily", "weekly", "monthly")
 # tiers a source has when it lists none: hourly is opt-in per source (`tiers: [hourly, daily, ...]`)
@@ -193,7 +193,7 @@ class Encryption(_Model):
     @field_validator("recipients")
     @classmethod
     def _recipients(cls, value: list[str]) -> list[str]:
-        from .core.crypto import parse_recipient
+        from backup_assets.core.crypto import parse_recipient
 
         if not value:
             raise ValueError("name at least one recipient (an age1... or ssh-ed25519 public key)")
@@ -217,7 +217,7 @@ HookCommand = Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str
 
 
 class Hooks(_Model):
-    """Commands around a restore (see core.hooks): stop the application, migrate and restart it,
+    """Commands around a restore (see core.restore.hooks): stop the application, migrate and restart it,
     check its health. The target's details come in the environment, the password never in argv."""
 
     pre_restore: list[HookCommand] = []

@@ -13,10 +13,10 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
-from .catalog import TIER_NAMES, CatalogError, catalog_from_env, load_catalog
-from .core import BackupError
-from .core.partition_keys import BadPartition, validate
-from .core.secrets import scrub
+from backup_assets.catalog import TIER_NAMES, CatalogError, catalog_from_env, load_catalog
+from backup_assets.core import BackupError
+from backup_assets.core.partition_keys import BadPartition, validate
+from backup_assets.core.secrets import scrub
 
 
 class UsageError(Exception):
@@ -85,11 +85,11 @@ def _print_table(rows: list[dict], columns: list[str]) -> None:
 
 def _repositories(catalog, args) -> list:
     """The repositories to walk: the local one, and the S3 replica unless --local-only."""
-    from .core.backup import repository_for
+    from backup_assets.core.backup.take import repository_for
 
     repos = [repository_for(catalog)]
     if catalog.replication.s3 is not None and not getattr(args, "local_only", False):
-        from .core.replica import replica_repository
+        from backup_assets.core.replica import replica_repository
 
         try:
             repos.append(replica_repository(catalog))
@@ -99,9 +99,9 @@ def _repositories(catalog, args) -> list:
 
 
 def cmd_list(args) -> int:
-    from .core import verification
-    from .core.artifact import human_size
-    from .core.crypto import key_summary
+    from backup_assets.core.verify import records as verification
+    from backup_assets.core.artifact import human_size
+    from backup_assets.core.crypto import key_summary
 
     catalog = _catalog(args)
     local, *others = _repositories(catalog, args)
@@ -158,7 +158,7 @@ def _check_partitions(args, catalog) -> None:
 
 
 def _selected_backup(args, catalog, say, *, to_restore: bool = True):
-    from .core.restore import backup_from_file, choose_backup
+    from backup_assets.core.restore.logical import backup_from_file, choose_backup
 
     _check_partitions(args, catalog)
     if args.file:
@@ -166,7 +166,7 @@ def _selected_backup(args, catalog, say, *, to_restore: bool = True):
     if not (args.source and args.group):
         raise UsageError("name a backup: FILE, or --source and --group (with --tier/--partition)")
     if not to_restore and args.partition:  # verify checks the partition's newest backup, whatever its state
-        from .core.verify import find_backup
+        from backup_assets.core.verify.checks import find_backup
 
         tiers = [args.tier] if args.tier else ["daily", "weekly", "monthly", "hourly"]
         for tier in tiers:
@@ -180,10 +180,10 @@ def _selected_backup(args, catalog, say, *, to_restore: bool = True):
 
 
 def cmd_verify(args) -> int:
-    from .core import verification
-    from .core.backup import repository_for
-    from .core.crypto import identities_if_any
-    from .core.verify import archive_readable, artifact_intact, restore_drill
+    from backup_assets.core.verify import records as verification
+    from backup_assets.core.backup.take import repository_for
+    from backup_assets.core.crypto import identities_if_any
+    from backup_assets.core.verify.checks import archive_readable, artifact_intact, restore_drill
 
     catalog = _catalog(args)
     repository_for(catalog).sweep()
@@ -195,7 +195,7 @@ def cmd_verify(args) -> int:
     if args.drill:
         steps.append(("restore_drill", lambda: restore_drill(catalog, backup, jobs=args.jobs)))
     results = []
-    from .core.verify import Outcome
+    from backup_assets.core.verify.checks import Outcome
 
     for name, run in steps:
         try:
@@ -218,8 +218,8 @@ def cmd_verify(args) -> int:
     m = backup.manifest
     for r in results:  # the check_failure_alerts sensor's alert and key: it never sees a check run here
         if not r["passed"] and not r.get("not_checked"):
-            from .core.alerts import Alert
-            from .defs.keys import backup_key
+            from backup_assets.core.monitoring.alerts import Alert
+            from backup_assets.defs.keys import backup_key
 
             _alert(catalog, Alert(what=f"check {r['check']} failed", error=r["message"], source=m.source,
                                   group=m.group, tier=m.tier, partition=m.partition, cause=f"check:{r['check']}",
@@ -239,7 +239,7 @@ def _confirm(args, plan: str, target: str) -> None:
 
 
 def cmd_pitr_restore(args) -> int:
-    from .core import pitr
+    from backup_assets.core.pitr import recovery as pitr
 
     catalog = _catalog(args)
     if not args.pgdata:
@@ -252,8 +252,8 @@ def cmd_pitr_restore(args) -> int:
             f"to {what} and start it on port {args.port}; the running server is not touched")
     _confirm(args, plan, args.pgdata)
     if args.from_ == "s3":  # the base backups come back into the local repository; WAL one segment at a time
-        from .core.pitr_s3 import download_bases
-        from .core.pitr_storage import replica_storage
+        from backup_assets.core.pitr.s3 import download_bases
+        from backup_assets.core.pitr.locations import replica_storage
 
         if catalog.replication.s3 is None:
             raise UsageError("--from s3: the catalog has no replication.s3 section")
@@ -283,7 +283,7 @@ def cmd_pitr_restore(args) -> int:
 def cmd_basebackup(args) -> int:
     """A base backup. With --dagster it is taken through the `<source>/base_backup` asset (a run in
     DAGSTER_HOME), so it shows in the UI with its checks and replica, as `backup` does for dumps."""
-    from .core import pitr
+    from backup_assets.core.pitr import recovery as pitr
 
     catalog = _catalog(args)
     cfg = catalog.sources[args.source].pitr
@@ -298,8 +298,8 @@ def cmd_basebackup(args) -> int:
     else:
         meta = pitr.base_backup(catalog, args.source, kind=args.kind, say=Reporter())
         if replicate_too:
-            from .core.pitr_s3 import replicate
-            from .core.pitr_storage import replica_storage
+            from backup_assets.core.pitr.s3 import replicate
+            from backup_assets.core.pitr.locations import replica_storage
 
             replicate(catalog, args.source, replica_storage(catalog), say=Reporter())
     on = f" on {meta['parent']}" if meta.get("parent") else ""
@@ -312,11 +312,11 @@ def cmd_basebackup(args) -> int:
 
 
 def _basebackup_through_dagster(catalog, source: str, replicate_too: bool, *, debug: bool) -> dict:
-    from .core import pitr
-    from .defs import cli_runs
-    from .defs.build import build_definitions
-    from .defs.pitr import BASE_BACKUPS_JOB, base_key, base_replica_key
-    from .defs.sensors import root_cause
+    from backup_assets.core.pitr import recovery as pitr
+    from backup_assets.defs import cli_runs
+    from backup_assets.defs.build import build_definitions
+    from backup_assets.defs.pitr import BASE_BACKUPS_JOB, base_key, base_replica_key
+    from backup_assets.defs.sensors import root_cause
 
     defs = build_definitions(catalog)
     job = defs.resolve_job_def(BASE_BACKUPS_JOB)
@@ -349,13 +349,13 @@ def _basebackup_through_dagster(catalog, source: str, replicate_too: bool, *, de
 def cmd_restore(args) -> int:
     if args.to_time or args.to_lsn or args.latest:
         return cmd_pitr_restore(args)  # without the logical restore's modules: the recovery time counts
-    from .core.restore import restore_plan, restore_postgres, restore_sqlite
+    from backup_assets.core.restore.logical import restore_plan, restore_postgres, restore_sqlite
 
     catalog = _catalog(args)
     say = Reporter()
     _check_partitions(args, catalog)
     if args.from_ == "s3":
-        from .core.replica import fetch_from_s3
+        from backup_assets.core.replica import fetch_from_s3
 
         backup = fetch_from_s3(catalog, source=args.source, group=args.group, tier=args.tier,
                                partition=args.partition, say=say)
@@ -373,7 +373,7 @@ def cmd_restore(args) -> int:
         catalog.sources[m.source].connection.dbname if m.engine == "postgres" else str(catalog.resolve_path(catalog.sources[m.source].path)))
     _confirm(args, plan, target)
     say(f"restoring {backup.artifact_path}")
-    from .core.alerts import Alert
+    from backup_assets.core.monitoring.alerts import Alert
 
     failed_alert = Alert(what=f"restore into {target}{' (tables ' + ', '.join(tables) + ')' if tables else ''} failed",
                          error="", source=m.source, group=m.group, tier=m.tier, partition=m.partition,
@@ -405,8 +405,8 @@ def cmd_restore(args) -> int:
 
 
 def cmd_drill(args) -> int:
-    from .core import verification
-    from .core.drill import markdown_report, run_dr_drill
+    from backup_assets.core.verify import records as verification
+    from backup_assets.core.verify.dr_drill import markdown_report, run_dr_drill
 
     catalog = _catalog(args)
     results = run_dr_drill(catalog, sources=args.source, jobs=args.jobs, log=Reporter())
@@ -424,7 +424,7 @@ def _dry_run(args) -> bool:
 
 
 def cmd_retention_prune(args) -> int:
-    from .core.prune import prune
+    from backup_assets.core.retention.prune import prune
 
     report = prune(_catalog(args), dry_run=_dry_run(args))
     print(json.dumps(report, indent=2))
@@ -432,7 +432,7 @@ def cmd_retention_prune(args) -> int:
 
 
 def cmd_retention_prune_tables(args) -> int:
-    from .core.prune_tables import prune_tables
+    from backup_assets.core.retention.app_tables import prune_tables
 
     catalog = _catalog(args)
     sources = args.source or [s for s, src in catalog.sources.items() if src.engine == "postgres" and src.prune]
@@ -445,7 +445,7 @@ def cmd_retention_prune_tables(args) -> int:
 
 def cmd_runs_prune(args) -> int:
 
-    from .defs.hygiene import prune_runs
+    from backup_assets.defs.hygiene import prune_runs
 
     report = prune_runs(_instance(), older_than_days=args.older_than_days, dry_run=not args.apply,
                         include_restores=args.include_restores)
@@ -455,7 +455,7 @@ def cmd_runs_prune(args) -> int:
 
 def cmd_restores(args) -> int:
     """The restore log (<repository>/restores.jsonl), newest last."""
-    from .core import audit
+    from backup_assets.core.restore import restore_log as audit
 
     catalog = _catalog(args)
     entries = audit.read(catalog.repository_root)[-args.limit:] if args.limit else audit.read(catalog.repository_root)
@@ -477,7 +477,7 @@ def _instance():
 
     import dagster as dg
 
-    from .catalog import PROJECT_ROOT
+    from backup_assets.catalog import PROJECT_ROOT
 
     if not os.environ.get("DAGSTER_HOME"):
         demo = PROJECT_ROOT / ".dagster_home"
@@ -492,14 +492,14 @@ def cmd_backup(args) -> int:
     """Run backups through Dagster (recorded in DAGSTER_HOME, visible in the UI): one run per partition with
     every selected asset, as the schedule does, with the backups' checks and, when configured, their S3
     replicas."""
-    from .core import verification
-    from .core.alerts import Alert
-    from .core.backup import repository_for
-    from .defs import cli_runs
-    from .defs.build import build_definitions
-    from .defs.keys import backup_key, replica_key
-    from .defs.checks import FAILED_ASSETS, failed_assets
-    from .defs.sensors import root_cause
+    from backup_assets.core.verify import records as verification
+    from backup_assets.core.monitoring.alerts import Alert
+    from backup_assets.core.backup.take import repository_for
+    from backup_assets.defs import cli_runs
+    from backup_assets.defs.build import build_definitions
+    from backup_assets.defs.keys import backup_key, replica_key
+    from backup_assets.defs.checks import FAILED_ASSETS, failed_assets
+    from backup_assets.defs.sensors import root_cause
 
     catalog = _catalog(args)
     _check_partitions(args, catalog)
@@ -574,9 +574,9 @@ def cmd_backup(args) -> int:
 def _fail_dead_cli_runs(catalog, instance) -> list[str]:
     """Runs of `backup-assets backup` whose process died mid-run: marked FAILURE and alerted (the daemon's
     run monitoring does the same when it runs first). Says what it did."""
-    from .core.alerts import Alert
-    from .defs import cli_runs
-    from .defs.sensors import describe_key, run_partition
+    from backup_assets.core.monitoring.alerts import Alert
+    from backup_assets.defs import cli_runs
+    from backup_assets.defs.sensors import describe_key, run_partition
 
     said = []
     for run in cli_runs.fail_dead_runs(instance):
@@ -593,7 +593,7 @@ def _alert(catalog, alert, *, instance=None) -> None:
     """Send an alert from the command line through the catalog's channels; say where it went (or why not).
     The alert memory is the Dagster instance's (shared with the daemon's sensors) for what ran through
     Dagster, else the repository's: a restore or verify at 3 a.m. needs no Dagster."""
-    from .core.alerts import Notifier
+    from backup_assets.core.monitoring.alerts import Notifier
 
     notifier = Notifier.for_catalog(catalog, instance)
     if not notifier.channels:
@@ -610,7 +610,7 @@ def _alert(catalog, alert, *, instance=None) -> None:
 def cmd_doctor(args) -> int:
     import os
 
-    from .core.doctor import doctor
+    from backup_assets.core.doctor import doctor
 
     catalog = _catalog(args)
     done = doctor(catalog)
@@ -627,7 +627,7 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_safety_list(args) -> int:
-    from .core.doctor import safety_copies
+    from backup_assets.core.doctor import safety_copies
 
     rows = [{"kind": c.kind, "where": c.where, "name": c.name, "created": c.created.isoformat(timespec="seconds"),
              "age_days": c.age_days} for c in safety_copies(_catalog(args))]
@@ -641,7 +641,7 @@ def cmd_safety_list(args) -> int:
 
 
 def cmd_safety_drop(args) -> int:
-    from .core.doctor import drop_safety_copy, safety_copies
+    from backup_assets.core.doctor import drop_safety_copy, safety_copies
 
     if args.older_than is None and not args.all:
         raise UsageError("say which: --older-than DAYS, or --all")
@@ -662,7 +662,7 @@ def cmd_safety_drop(args) -> int:
 
 def cmd_replicas_verify(args) -> int:
     """Prove S3 replicas by their bytes: download and hash them (those due, or --all)."""
-    from .core.replica import audit_replicas, storage_for
+    from backup_assets.core.replica import audit_replicas, storage_for
 
     catalog = _catalog(args)
     if catalog.replication.s3 is None:
@@ -679,8 +679,8 @@ def cmd_replicas_verify(args) -> int:
             print("no replica is due for a byte-level verification", file=sys.stderr)
     failed = [r for r in results if not r.outcome.passed]
     for r in failed:
-        from .core.alerts import Alert
-        from .defs.keys import replica_key
+        from backup_assets.core.monitoring.alerts import Alert
+        from backup_assets.defs.keys import replica_key
 
         _alert(catalog, Alert(what="replica audit failed", error=f"[{r.partition}] {r.outcome.message}",
                               source=r.source, group=r.group, tier=r.tier,
@@ -691,8 +691,8 @@ def cmd_replicas_verify(args) -> int:
 def cmd_rekey(args) -> int:
     from collections import Counter
 
-    from .core import crypto
-    from .core.rekey import leftovers, rekey, select
+    from backup_assets.core import crypto
+    from backup_assets.core.rekey import leftovers, rekey, select
 
     catalog = _catalog(args)
     repos = _repositories(catalog, args)
@@ -764,7 +764,7 @@ def cmd_rekey(args) -> int:
 
 
 def cmd_wal_push(args) -> int:
-    from .core import wal
+    from backup_assets.core.pitr import wal
 
     done = wal.push(_catalog(args), args.source, args.path)
     print(f"{done.name} already archived (identical)" if done.already
@@ -773,7 +773,7 @@ def cmd_wal_push(args) -> int:
 
 
 def cmd_wal_fetch(args) -> int:
-    from .core import wal
+    from backup_assets.core.pitr import wal
 
     wal.fetch(_catalog(args), args.source, args.name, args.dest)
     return 0
@@ -782,7 +782,8 @@ def cmd_wal_fetch(args) -> int:
 def cmd_wal_verify(args) -> int:
     import datetime as dt
 
-    from .core import pitr, wal
+    from backup_assets.core.pitr import recovery as pitr
+    from backup_assets.core.pitr import wal
 
     catalog = _catalog(args)
     bases = pitr.base_backups(catalog, args.source)
@@ -808,7 +809,7 @@ def cmd_wal_verify(args) -> int:
 
 
 def cmd_alerts_test(args) -> int:
-    from .core.alerts import Notifier
+    from backup_assets.core.monitoring.alerts import Notifier
 
     notifier = Notifier.for_catalog(_catalog(args))
     if not notifier.channels:
@@ -820,7 +821,7 @@ def cmd_alerts_test(args) -> int:
 
 
 def cmd_metrics(args) -> int:
-    from .core import metrics
+    from backup_assets.core.monitoring import metrics
 
     catalog = _catalog(args)
     if args.textfile:
@@ -834,7 +835,7 @@ def cmd_metrics_serve(args) -> int:
     import signal
     import threading
 
-    from .core import metrics
+    from backup_assets.core.monitoring import metrics
 
     catalog = _catalog(args)
     try:

@@ -10,7 +10,7 @@ import os
 import dagster as dg
 import pytest
 
-from backup_assets.core.alerts import SIGNATURE_HEADER, verify_signature
+from backup_assets.core.monitoring.alerts import SIGNATURE_HEADER, verify_signature
 from backup_assets.defs import sensors as sensors_module
 from backup_assets.defs.build import build_definitions
 from backup_assets.defs.hygiene import prune_runs
@@ -191,7 +191,7 @@ def test_catalog_rejects_inline_alert_secrets(tmp_path):
 
 def test_a_failed_restore_run_alerts_naming_source_target_and_error_once_per_target(miyabi_db, write_catalog,
                                                                                    smtp_sink, http_sink):
-    from backup_assets.core.backup import run_backup
+    from backup_assets.core.backup.take import run_backup
 
     catalog = write_catalog({"miyabi": {"engine": "sqlite", "path": str(miyabi_db)}},
                             alerts=alert_config(smtp_sink, http_sink))
@@ -224,7 +224,7 @@ def test_failed_cli_backups_and_restores_alert_even_when_the_alert_memory_cannot
     import errno
 
     from backup_assets.cli import main
-    from backup_assets.core import alerts as alerts_module
+    from backup_assets.core.monitoring import alerts as alerts_module
     from backup_assets.demo.cluster import free_port
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
@@ -247,7 +247,7 @@ def test_failed_cli_backups_and_restores_alert_even_when_the_alert_memory_cannot
     # a CLI restore that fails alerts too, naming its target
     good = write_catalog({"myloware": pg_source(pg18, myloware_db, groups={"core": {"tables": ["runs"]}})},
                          alerts=alert_config(smtp_sink, http_sink))
-    from backup_assets.core.backup import run_backup
+    from backup_assets.core.backup.take import run_backup
 
     run_backup(good, "myloware", "core", "daily", "2026-11-20")
     assert main(["--catalog", good.catalog_path, "restore", "--source", "myloware", "--group", "core", "--tables",

@@ -14,7 +14,7 @@ import sqlite3
 import dagster as dg
 
 from backup_assets.cli import main
-from backup_assets.core.backup import run_backup
+from backup_assets.core.backup.take import run_backup
 from backup_assets.definitions import build_definitions
 
 from .conftest import clone_db, pg_source

@@ -11,7 +11,7 @@ import pytest
 
 from backup_assets.core import BackupError
 from backup_assets.core.artifact import open_decompressed, sha256_file
-from backup_assets.core.backup import run_backup
+from backup_assets.core.backup.take import run_backup
 from backup_assets.core.repository import LocalRepository
 
 from .test_backup_postgres import materialize

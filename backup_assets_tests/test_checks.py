@@ -12,8 +12,8 @@ import time
 import dagster as dg
 import pytest
 
-from backup_assets.core.drill import markdown_report, run_dr_drill
-from backup_assets.core.verify import (archive_readable, cleanup_drill_leftovers, drill_name,
+from backup_assets.core.verify.dr_drill import markdown_report, run_dr_drill
+from backup_assets.core.verify.checks import (archive_readable, cleanup_drill_leftovers, drill_name,
                                        find_backup, restore_drill)
 from backup_assets.defs.build import build_definitions
 from backup_assets.defs.keys import backup_key
@@ -181,7 +181,7 @@ def test_drill_refuses_a_foreign_database_with_its_name(core_backup, pg18):
 KILLABLE_DRILL = r"""
 import sys
 from backup_assets.catalog import load_catalog
-from backup_assets.core.verify import find_backup, restore_drill
+from backup_assets.core.verify.checks import find_backup, restore_drill
 catalog = load_catalog(sys.argv[1])
 restore_drill(catalog, find_backup(catalog, "myloware", "full", "daily", sys.argv[2]))
 """

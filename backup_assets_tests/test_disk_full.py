@@ -12,7 +12,7 @@ import dagster as dg
 import pytest
 
 from backup_assets.cli import main
-from backup_assets.core.backup import run_backup
+from backup_assets.core.backup.take import run_backup
 from backup_assets.core.repository import LocalRepository
 from backup_assets.defs.build import build_definitions
 from backup_assets.defs.keys import backup_key

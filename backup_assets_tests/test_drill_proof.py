@@ -16,10 +16,10 @@ from psycopg import sql
 
 from backup_assets.cli import main
 from backup_assets.core import BackupError
-from backup_assets.core.backup import run_backup
+from backup_assets.core.backup.take import run_backup
 from backup_assets.core.engines import postgres
 from backup_assets.core.repository import LocalRepository
-from backup_assets.core.verify import restore_drill
+from backup_assets.core.verify.checks import restore_drill
 
 from . import zoo
 from .conftest import PG15_PASSWORD_ENV, PG18_PASSWORD_ENV, pg_source
@@ -300,7 +300,7 @@ def test_the_drill_names_what_a_restored_copy_lost(pg18, write_catalog, damage, 
         assert good.passed, good.message
         assert good.metadata["objects"]["TRIGGER"] == 1 and good.metadata["large_objects"] == {"count": 1, "bytes": 3}
         assert good.metadata["objects_compared"] == "definitions"
-        from backup_assets.core import verify
+        from backup_assets.core.verify import checks as verify
 
         real = verify.pg_restore_archive
         statement, expected = DAMAGE[damage]

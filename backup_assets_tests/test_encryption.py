@@ -16,9 +16,9 @@ from psycopg import sql
 
 from backup_assets.cli import main
 from backup_assets.core import BackupError
-from backup_assets.core.backup import run_backup
+from backup_assets.core.backup.take import run_backup
 from backup_assets.core.repository import LocalRepository
-from backup_assets.core.verify import archive_readable, artifact_intact, restore_drill
+from backup_assets.core.verify.checks import archive_readable, artifact_intact, restore_drill
 from backup_assets.demo.cluster import embedded_bin_dir
 
 from . import zoo
@@ -365,7 +365,7 @@ def test_a_host_without_the_key_never_demotes_a_good_backup(pg18, marked_zoo, ke
                                                             capsys):
     """On a backup host without the private key the checks that need plaintext are "not checked", never
     "failed": the result recorded when they could run stays, and a restore with the key takes the newest."""
-    from backup_assets.core import verification
+    from backup_assets.core.verify import records as verification
 
     db, _ = marked_zoo
     catalog = encrypted_catalog(write_catalog, pg18, db, keys)

@@ -21,11 +21,11 @@ from psycopg import sql
 
 from backup_assets.cli import main
 from backup_assets.core.artifact import partial_path
-from backup_assets.core.backup import run_backup
+from backup_assets.core.backup.take import run_backup
 from backup_assets.core.failpoints import ENV as FAILPOINTS
 from backup_assets.core.owner import Owner
 from backup_assets.core.repository import LocalRepository
-from backup_assets.core.verify import artifact_intact
+from backup_assets.core.verify.checks import artifact_intact
 
 from . import zoo
 from .conftest import pg_source, reseal
@@ -43,7 +43,7 @@ def child(catalog, *args, failpoint: str | None = None, **kw) -> subprocess.Pope
 
 
 def backup_child(catalog, source: str, group: str, partition: str, failpoint: str | None = None) -> subprocess.Popen:
-    code = ("import sys; from backup_assets.catalog import load_catalog; from backup_assets.core.backup import run_backup; "
+    code = ("import sys; from backup_assets.catalog import load_catalog; from backup_assets.core.backup.take import run_backup; "
             "run_backup(load_catalog(sys.argv[1]), sys.argv[2], sys.argv[3], 'daily', sys.argv[4])")
     env = dict(os.environ, **({FAILPOINTS: failpoint} if failpoint else {}))
     return subprocess.Popen([sys.executable, "-c", code, catalog.catalog_path, source, group, partition], env=env, cwd=ROOT,
@@ -158,7 +158,7 @@ def test_a_swap_left_by_an_earlier_version_is_repaired(pg18, catalog, zoo_db, ca
     """Restores before 2026-12 switched connections off for the swap and marked the target; a kill
     left it refusing connections. The next restore or doctor still gives it back."""
     from backup_assets.core.engines import postgres as pg
-    from backup_assets.core.restore import SWAP_MARK
+    from backup_assets.core.restore.logical import SWAP_MARK
     marker = pg.marker(SWAP_MARK, target=zoo_db, temp="x", safety="y", comment="its own", allow=True)
     data = pg.read_marker(marker, SWAP_MARK)
     data.update(pid=999999)  # a dead owner
@@ -333,7 +333,7 @@ def test_safety_copies_are_listed_and_dropped(pg18, catalog, zoo_db, capsys):
     assert main(["--catalog", catalog.catalog_path, "safety-copies", "list", "--json"]) == 0
     copies = json.loads(capsys.readouterr().out)
     assert {c["kind"] for c in copies} == {"database", "schema"}
-    from backup_assets.core import health
+    from backup_assets.core.monitoring import health
 
     _rows, forecast = health.report(catalog)
     assert len(forecast["safety_copies"]) == 2

@@ -219,7 +219,7 @@ def test_generated_tables_restore_exactly_with_tables(pg18, write_catalog, data,
     """`--tables` of a generated table (types x NULL patterns x shapes) gives back exactly its backed-up rows
     and leaves every other table (an inheritance parent's children, the other partitions) as it is."""
     from backup_assets.cli import main
-    from backup_assets.core.backup import run_backup
+    from backup_assets.core.backup.take import run_backup
 
     from .conftest import pg_source
     from .zoo import content

@@ -92,7 +92,7 @@ def test_an_hourly_backup_is_taken_listed_restored_and_pruned(hourly_catalog, tm
     assert main(["--catalog", str(path), "list", "--source", "store"]) == 0
     listed = capsys.readouterr().out
     assert earlier in listed and hour in listed
-    from backup_assets.core.prune import prune
+    from backup_assets.core.retention.prune import prune
 
     report = prune(load_catalog(path), dry_run=False, now=dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=2))
     assert report["local"]["backups"] == 1

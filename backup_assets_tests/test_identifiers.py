@@ -14,10 +14,10 @@ from psycopg import sql
 
 from backup_assets.catalog import load_catalog
 from backup_assets.cli import main
-from backup_assets.core.backup import run_backup
+from backup_assets.core.backup.take import run_backup
 from backup_assets.core.names import TableName
 from backup_assets.core.repository import LocalRepository
-from backup_assets.core.verify import archive_readable, artifact_intact, restore_drill
+from backup_assets.core.verify.checks import archive_readable, artifact_intact, restore_drill
 
 from .conftest import pg_source
 from .zoo import content

@@ -13,8 +13,8 @@ import dagster as dg
 from prometheus_client.parser import text_string_to_metric_families
 
 from backup_assets.cli import main
-from backup_assets.core.backup import run_backup
-from backup_assets.core.verify import find_backup
+from backup_assets.core.backup.take import run_backup
+from backup_assets.core.verify.checks import find_backup
 from backup_assets.defs.build import build_definitions
 from backup_assets.defs.sensors import HEALTH_KEY
 

@@ -18,7 +18,8 @@ import psycopg
 import pytest
 
 from backup_assets.catalog import load_catalog
-from backup_assets.core import pitr, wal
+from backup_assets.core.pitr import recovery as pitr
+from backup_assets.core.pitr import wal
 from backup_assets.core.artifact import ArtifactWriter, open_decompressed
 from backup_assets.demo.cluster import LocalCluster, free_port
 
@@ -228,9 +229,9 @@ def test_base_backups_and_wal_on_s3_are_pruned_there_and_restore_when_the_local_
         archiving, tmp_path, capsys):
     import shutil
 
-    from backup_assets.core import pitr_s3
-    from backup_assets.core.pitr_storage import replica_storage
-    from backup_assets.core.prune import prune
+    from backup_assets.core.pitr import s3 as pitr_s3
+    from backup_assets.core.pitr.locations import replica_storage
+    from backup_assets.core.retention.prune import prune
 
     cluster, catalog_path, folder = archiving
     catalog = load_catalog(catalog_path)

@@ -18,11 +18,11 @@ import pytest
 from psycopg import sql
 
 from backup_assets.cli import main
-from backup_assets.core.backup import run_backup
+from backup_assets.core.backup.take import run_backup
 from backup_assets.core.engines import postgres
 from backup_assets.core.names import TableName
 from backup_assets.core.repository import LocalRepository
-from backup_assets.core.verify import archive_readable, artifact_intact, restore_drill
+from backup_assets.core.verify.checks import archive_readable, artifact_intact, restore_drill
 
 from . import regression, zoo
 from .conftest import PG15_PASSWORD_ENV, pg_source

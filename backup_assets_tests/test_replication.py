@@ -10,10 +10,10 @@ import pytest
 
 from backup_assets.cli import main
 from backup_assets.core import BackupError
-from backup_assets.core.backup import run_backup
+from backup_assets.core.backup.take import run_backup
 from backup_assets.core.replica import fetch_from_s3, replica_intact, replicate, storage_for
 from backup_assets.core.storage.s3 import S3Storage
-from backup_assets.core.verify import find_backup
+from backup_assets.core.verify.checks import find_backup
 from backup_assets.defs.build import build_definitions
 from backup_assets.demo.seed import seed_miyabi
 from backup_assets.defs.keys import backup_key, replica_key
@@ -73,7 +73,7 @@ def test_multipart_replica_with_sse_checksum_and_idempotent_rerun(big_sqlite, wr
 
 
 def test_only_good_backups_go_off_site(miyabi_db, write_catalog, moto_s3, bucket):
-    from backup_assets.core import verification
+    from backup_assets.core.verify import records as verification
 
     catalog = write_catalog({"miyabi": {"engine": "sqlite", "path": str(miyabi_db)}},
                             replication=s3_replication(moto_s3, bucket))
@@ -228,7 +228,7 @@ KILLABLE_REPLICA = r"""
 import sys
 from backup_assets.catalog import load_catalog
 from backup_assets.core.replica import replicate, storage_for
-from backup_assets.core.verify import find_backup
+from backup_assets.core.verify.checks import find_backup
 catalog = load_catalog(sys.argv[1])
 replicate(catalog, find_backup(catalog, "big", "full", "daily", sys.argv[2]), storage_for(catalog))
 """

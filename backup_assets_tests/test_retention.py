@@ -10,16 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backup_assets.cli import main
-from backup_assets.core import verification
+from backup_assets.core.verify import records as verification
 from backup_assets.core.artifact import ArtifactWriter, human_size, write_json_atomic
-from backup_assets.core.backup import run_backup
+from backup_assets.core.backup.take import run_backup
 from backup_assets.core.manifest import Manifest, manifest_path_for
-from backup_assets.core.prune_tables import prune_tables
+from backup_assets.core.retention.app_tables import prune_tables
 from backup_assets.core.replica import replicate, storage_for
 from backup_assets.core.repository import LocalRepository, StoredBackup
-from backup_assets.core.prune import prune
-from backup_assets.core.retention import Entry, select
-from backup_assets.core.verify import find_backup, restore_drill
+from backup_assets.core.retention.prune import prune
+from backup_assets.core.retention.rules import Entry, select
+from backup_assets.core.verify.checks import find_backup, restore_drill
 
 from .conftest import pg_source, reseal, s3_replication
 

@@ -13,10 +13,10 @@ from psycopg import sql
 
 from backup_assets.catalog import CatalogError, parse_catalog
 from backup_assets.cli import main
-from backup_assets.core.backup import run_backup
+from backup_assets.core.backup.take import run_backup
 from backup_assets.core.names import TableName
 from backup_assets.core.repository import LocalRepository
-from backup_assets.core.verify import archive_readable, artifact_intact, restore_drill
+from backup_assets.core.verify.checks import archive_readable, artifact_intact, restore_drill
 
 from . import zoo
 from .conftest import PG15_PASSWORD_ENV, PG18_PASSWORD_ENV, pg_source
@@ -113,7 +113,7 @@ def test_drill_fails_when_a_restored_value_differs(pg18, zoo18, write_catalog, m
     catalog = write_catalog({"zoo": pg_source(pg18, zoo18, groups=GROUPS)})
     run_backup(catalog, "zoo", "billing", "daily", P)
     backup = LocalRepository(catalog.repository_root).latest("zoo", "billing", "daily")
-    from backup_assets.core import verify
+    from backup_assets.core.verify import checks as verify
 
     real = verify.pg_restore_archive
 

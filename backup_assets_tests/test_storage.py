@@ -7,11 +7,11 @@ import hashlib
 import pytest
 
 from backup_assets.core import BackupError
-from backup_assets.core.backup import run_backup
+from backup_assets.core.backup.take import run_backup
 from backup_assets.core.replica import copy_backup, fetch_from_s3, replica_repository, replicate
 from backup_assets.core.repository import LocalRepository
 from backup_assets.core.storage.local import LocalStorage
-from backup_assets.core.verify import find_backup
+from backup_assets.core.verify.checks import find_backup
 
 from .conftest import s3_replication
 

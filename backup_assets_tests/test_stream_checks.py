@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from backup_assets.core import archive_scan, roles
+from backup_assets.core.verify import archive_scan
+from backup_assets.core.backup import roles
 from backup_assets.core.artifact import ArtifactWriter
-from backup_assets.core.backup import run_backup
-from backup_assets.core.verify import evaluate, find_backup, stream_check
+from backup_assets.core.backup.take import run_backup
+from backup_assets.core.verify.checks import evaluate, find_backup, stream_check
 
 from .conftest import pg_source
 from .test_checks import check_evaluations, run_with_checks
@@ -199,7 +200,7 @@ def _readers() -> list[int]:
     found = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and b"backup_assets.core.archive_scan" in (proc / "cmdline").read_bytes():
+            if proc.name.isdigit() and b"backup_assets.core.verify.archive_scan" in (proc / "cmdline").read_bytes():
                 found.append(int(proc.name))
         except OSError:
             continue
@@ -217,8 +218,8 @@ def test_a_backup_killed_while_its_stream_is_read_never_counts_and_leaves_nothin
 
     catalog = write_catalog({"myloware": pg_source(pg18, myloware_db)}, checks_while_writing=True)
     before = set(_readers())
-    code = ("import sys; from backup_assets.catalog import load_catalog; from backup_assets.core.backup import run_backup; "
-            "from backup_assets.core.verify import stream_check; c = load_catalog(sys.argv[1]); "
+    code = ("import sys; from backup_assets.catalog import load_catalog; from backup_assets.core.backup.take import run_backup; "
+            "from backup_assets.core.verify.checks import stream_check; c = load_catalog(sys.argv[1]); "
             "s = stream_check(c, 'myloware', 'full', ['artifact_intact', 'archive_readable', 'restore_drill']); "
             "assert s is not None; run_backup(c, 'myloware', 'full', 'daily', sys.argv[2], stream=s)")
     proc = subprocess.run([sys.executable, "-c", code, catalog.catalog_path, P], capture_output=True,

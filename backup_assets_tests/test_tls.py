@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from backup_assets.cli import main
-from backup_assets.core.backup import run_backup
+from backup_assets.core.backup.take import run_backup
 from backup_assets.core.repository import LocalRepository
-from backup_assets.core.verify import restore_drill
+from backup_assets.core.verify.checks import restore_drill
 from backup_assets.demo.cluster import LocalCluster, _ensure_server_user, debian_bin_dir, free_port
 
 from .conftest import pg_source
@@ -74,7 +74,7 @@ def _catalog(write_catalog, cluster, **tls):
 def test_verify_full_backs_up_drills_and_restores_over_tls(tls_pg15, write_catalog):
     cluster, ca = tls_pg15
     catalog = _catalog(write_catalog, cluster, sslmode="verify-full", sslrootcert=str(ca))
-    from backup_assets.core.backup import endpoint_for
+    from backup_assets.core.backup.take import endpoint_for
     from backup_assets.core.engines import postgres
 
     with postgres.connect(endpoint_for(catalog, "secure")) as conn:

@@ -1,4 +1,4 @@
-"""Unpacking a base backup (core/unpack.py) and the recovered server's restore_command: every file back with its
+"""Unpacking a base backup (core/pitr/unpack.py) and the recovered server's restore_command: every file back with its
 bytes and mode, durable; a hostile or damaged tar refused naming the member, nothing written outside the data
 directory; a full disk one line; a spooled segment served again when PostgreSQL asks for it twice, and never a
 "not in the archive" for a segment the archive has."""
@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from backup_assets.catalog import load_catalog
 from backup_assets.core import BackupError
-from backup_assets.core.pitr import _Prefetcher, restore_command_script
-from backup_assets.core.unpack import unpack_tar
+from backup_assets.core.pitr.recovery import _Prefetcher, restore_command_script
+from backup_assets.core.pitr.unpack import unpack_tar
 
 from .test_disk_full import small_volume  # noqa: F401  (fixture)
 

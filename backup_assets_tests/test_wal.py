@@ -17,7 +17,8 @@ import yaml
 
 from backup_assets.catalog import load_catalog
 from backup_assets.cli import main
-from backup_assets.core import failpoints, wal
+from backup_assets.core import failpoints
+from backup_assets.core.pitr import wal
 from backup_assets.demo.cluster import LocalCluster, free_port
 
 from .conftest import WAL_SERVER_USER as SERVER_USER

@@ -21,9 +21,9 @@ import yaml
 
 def bench_regression(work: Path, repeat: int = 2) -> dict:
     from backup_assets.catalog import load_catalog
-    from backup_assets.core.backup import run_backup
+    from backup_assets.core.backup.take import run_backup
     from backup_assets.core.repository import LocalRepository
-    from backup_assets.core.verify import evaluate
+    from backup_assets.core.verify.checks import evaluate
     from backup_assets.demo.cluster import LocalCluster, debian_bin_dir, free_port
     from backup_assets_tests import regression
 

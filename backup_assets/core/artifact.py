@@ -18,9 +18,9 @@ from typing import BinaryIO, Callable, Iterator
 
 import zstandard
 
-from . import failpoints
-from .chunks import ChunkQueue
-from .owner import Owner
+from backup_assets.core import failpoints
+from backup_assets.core.chunks import ChunkQueue
+from backup_assets.core.owner import Owner
 
 CHUNK = 1 << 20
 PARTIAL_MARK = ".partial-"
@@ -141,7 +141,7 @@ class ArtifactWriter:
         self._sink = _HashingSink(self._fh)
         inner = self._sink
         if self.recipients:  # dump -> zstd -> age -> SHA-256 -> file
-            from .crypto import EncryptingWriter
+            from backup_assets.core.crypto import EncryptingWriter
 
             self._enc = inner = EncryptingWriter(self._sink, self.recipients)
         if self.tap is not None:
@@ -293,7 +293,7 @@ class _ReadAhead:
 def _plain_stream(fh: BinaryIO, path: Path, identities, wrap=None):
     """The zstd stream inside an artifact: the file itself, or decrypted on the fly when it is
     age-encrypted (which needs `identities`). `wrap` sees the file's bytes as they are read."""
-    from .crypto import MAGIC, DecryptingReader
+    from backup_assets.core.crypto import MAGIC, DecryptingReader
 
     head = fh.read(len(MAGIC))
     fh.seek(0)
@@ -301,7 +301,7 @@ def _plain_stream(fh: BinaryIO, path: Path, identities, wrap=None):
     if head != MAGIC:
         return src, None
     if identities is None:
-        from . import BackupError
+        from backup_assets.core import BackupError
 
         raise BackupError(f"{path} is encrypted (age) and no identity was given to open it")
     reader = DecryptingReader(src, identities, what=str(path))
@@ -364,8 +364,8 @@ def scan_artifact(path: Path, expected_size: int, identities=None, *, encrypted:
     """One pass over the file: its SHA-256, why its stream does not decrypt and decode to the
     expected size (None when it does), and whether it was decoded at all (an encrypted artifact
     without identities is only hashed)."""
-    from . import BackupError
-    from .crypto import DecryptingReader
+    from backup_assets.core import BackupError
+    from backup_assets.core.crypto import DecryptingReader
 
     error = None
     decoded = not encrypted or identities is not None

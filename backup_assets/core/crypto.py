@@ -22,8 +22,8 @@ from typing import BinaryIO
 
 import pyrage
 
-from . import BackupError
-from .chunks import ChunkQueue
+from backup_assets.core import BackupError
+from backup_assets.core.chunks import ChunkQueue
 
 MAGIC = b"age-encryption.org/v1\n"
 SUFFIX = ".age"

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from psycopg import sql
 
-from ..catalog import Catalog
-from . import BackupError
-from .backup import repository_for
-from .engines import postgres
+from backup_assets.catalog import Catalog
+from backup_assets.core import BackupError
+from backup_assets.core.backup.take import repository_for
+from backup_assets.core.engines import postgres
 
 ORPHAN_AGE_S = 600  # an artifact renamed into place gets its manifest within moments
 SAFETY_DB = re.compile(r".+_before_restore_(\d{14})$")
@@ -30,9 +30,9 @@ SAFETY_FILE = re.compile(r".+\.before-restore-(\d{14})$")
 def servers(catalog: Catalog, problems: list[str] | None = None) -> dict[str, postgres.Endpoint]:
     """Every PostgreSQL server the catalog names (sources and drill servers), by host:port; a
     source whose credentials are not at hand is said in `problems` and skipped."""
-    from ..catalog import CatalogError
-    from .backup import endpoint_for
-    from .verify import drill_endpoint
+    from backup_assets.catalog import CatalogError
+    from backup_assets.core.backup.take import endpoint_for
+    from backup_assets.core.verify.checks import drill_endpoint
 
     found: dict[str, postgres.Endpoint] = {}
     for name, src in catalog.sources.items():
@@ -50,8 +50,8 @@ def servers(catalog: Catalog, problems: list[str] | None = None) -> dict[str, po
 
 
 def doctor(catalog: Catalog, *, say=lambda _m: None) -> list[str]:
-    from .restore import repair_interrupted_swaps
-    from .verify import DRILL_MARK
+    from backup_assets.core.restore.logical import repair_interrupted_swaps
+    from backup_assets.core.verify.checks import DRILL_MARK
 
     done: list[str] = []
     repo = repository_for(catalog)
@@ -61,7 +61,7 @@ def doctor(catalog: Catalog, *, say=lambda _m: None) -> list[str]:
         path.unlink(missing_ok=True)
         done.append(f"removed {path}: an artifact without a manifest is never a backup")
     if catalog.replication.s3 is not None:  # the replica's too: a kill between an upload's two objects
-        from .replica import replica_repository
+        from backup_assets.core.replica import replica_repository
 
         try:
             replica = replica_repository(catalog)
@@ -109,7 +109,7 @@ def safety_copies(catalog: Catalog) -> list[SafetyCopy]:
                     found.append(SafetyCopy("database", where, name, _stamp(m.group(1))))
     for source, src in catalog.sources.items():
         if src.engine == "postgres":
-            from .backup import endpoint_for
+            from backup_assets.core.backup.take import endpoint_for
 
             ep = endpoint_for(catalog, source)
             try:

@@ -13,7 +13,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from . import BackupError
+from backup_assets.core import BackupError
 
 MANIFEST_SUFFIX = ".meta"
 # 2: table keys in the exact text form (core.names), partitions, owners, the manifest's own checksum

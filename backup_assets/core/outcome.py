@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import crypto
+from backup_assets.core import crypto
 
 
 @dataclass

@@ -12,7 +12,7 @@ import datetime as dt
 import re
 from zoneinfo import ZoneInfo
 
-from ..catalog import WEEKDAYS, Catalog
+from backup_assets.catalog import WEEKDAYS, Catalog
 
 KEY = re.compile(r"\d{4}-\d{2}-\d{2}")
 HOUR_KEY = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}")

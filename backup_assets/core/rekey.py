@@ -29,12 +29,12 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 
-from ..catalog import Catalog
-from . import BackupError, crypto, failpoints
-from .artifact import CHUNK, FILE_MODE, _HashingSink, human_size
-from .backup import repository_for
-from .manifest import MANIFEST_SUFFIX, Manifest
-from .repository import CHECKS_SUFFIX, STAMP, BackupRef, Repository
+from backup_assets.catalog import Catalog
+from backup_assets.core import BackupError, crypto, failpoints
+from backup_assets.core.artifact import CHUNK, FILE_MODE, _HashingSink, human_size
+from backup_assets.core.backup.take import repository_for
+from backup_assets.core.manifest import MANIFEST_SUFFIX, Manifest
+from backup_assets.core.repository import CHECKS_SUFFIX, STAMP, BackupRef, Repository
 
 __all__ = ["Candidate", "Leftover", "Rekeyed", "leftovers", "rekey", "select"]
 
@@ -146,7 +146,7 @@ def leftovers(repos: list[Repository], recipients: list[str]) -> list[Leftover]:
 
 def rekey(catalog: Catalog, c: Candidate, recipients: list[str], *, identity_env: str | None = None,
           say=lambda _m: None) -> Rekeyed:
-    from .replica import copy_backup
+    from backup_assets.core.replica import copy_backup
 
     repo, ref, m = c.repo, c.ref, c.manifest
     started = time.monotonic()
@@ -230,7 +230,7 @@ def rekey(catalog: Catalog, c: Candidate, recipients: list[str], *, identity_env
 def _finish(c: Candidate, *, say, started: float) -> Rekeyed:
     """An interrupted rotation of this backup, finished: every repository that still holds the old copy
     receives the successor's very bytes (copied, not encrypted again), then loses the old copy."""
-    from .replica import copy_backup
+    from backup_assets.core.replica import copy_backup
 
     srepo, sref, sman = c.successor
     also, pending = [], {}

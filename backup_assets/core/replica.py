@@ -13,16 +13,16 @@ import json
 import time
 from dataclasses import dataclass
 
-from ..catalog import Catalog
-from . import BackupError
-from .artifact import partial_path, sha256_file, write_json_atomic
-from .backup import repository_for
-from .manifest import MANIFEST_SUFFIX, Manifest
-from .repository import BackupRef, Repository, StoredBackup
-from .storage.local import LocalStorage
-from .storage.s3 import S3Storage, b64_digest, with_retries
-from .verification import is_verified, read_status, record
-from .verify import Outcome, artifact_intact
+from backup_assets.catalog import Catalog
+from backup_assets.core import BackupError
+from backup_assets.core.artifact import partial_path, sha256_file, write_json_atomic
+from backup_assets.core.backup.take import repository_for
+from backup_assets.core.manifest import MANIFEST_SUFFIX, Manifest
+from backup_assets.core.repository import BackupRef, Repository, StoredBackup
+from backup_assets.core.storage.local import LocalStorage
+from backup_assets.core.storage.s3 import S3Storage, b64_digest, with_retries
+from backup_assets.core.verify.records import is_verified, read_status, record
+from backup_assets.core.verify.checks import Outcome, artifact_intact
 
 __all__ = ["AuditResult", "ReplicaResult", "audit_replicas", "copy_backup", "ensure_replicable", "fetch_from_s3",
            "replica_intact", "replica_repository", "replicate", "storage_for"]
@@ -253,7 +253,7 @@ def audit_replicas(catalog: Catalog, target, *, every: bool = False, limit: int 
     `replication.s3.deep_verify_days` ago; `every`: all of them), the longest unproven first, at most
     `limit` (default the catalog's `deep_verify_per_run`). A replica this repository wrote that is gone
     while the replica's retention would still keep it is a failure too."""
-    from .retention import entries, select
+    from backup_assets.core.retention.rules import entries, select
 
     cfg = catalog.replication.s3
     target = _as_repository(target)

@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from ..catalog import GLOBALS_GROUP
-from . import BackupError
-from .artifact import PARTIAL_MARK, ensure_dir, human_size, partial_owner
-from .manifest import MANIFEST_SUFFIX, Manifest, manifest_path_for, parse_manifest, read_manifest
-from .owner import Owner, age_of
-from .storage import Storage
-from .storage.local import SCRATCH, LocalStorage
+from backup_assets.catalog import GLOBALS_GROUP
+from backup_assets.core import BackupError
+from backup_assets.core.artifact import PARTIAL_MARK, ensure_dir, human_size, partial_owner
+from backup_assets.core.manifest import MANIFEST_SUFFIX, Manifest, manifest_path_for, parse_manifest, read_manifest
+from backup_assets.core.owner import Owner, age_of
+from backup_assets.core.storage import Storage
+from backup_assets.core.storage.local import SCRATCH, LocalStorage
 
 TIERS = ("hourly", "daily", "weekly", "monthly")
 STAMP = "%Y%m%dT%H%M%S%fZ"

@@ -2,9 +2,9 @@
 
 import dagster as dg
 
-from ..catalog import Catalog
-from .keys import backup_key
-from .partitions import freshness_policy
+from backup_assets.catalog import Catalog
+from backup_assets.defs.keys import backup_key
+from backup_assets.defs.partitions import freshness_policy
 
 KIND = {"postgres": "postgres", "sqlite": "sqlite"}
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import dagster as dg
 
-from ..catalog import Catalog
-from .keys import backup_key
-from .checks import build_dr_drill
-from .replication import replica_key, s3_resource
-from .restore_job import build_restore_job
-from .hygiene import prune_run_history_job
-from .pitr import build_pitr
-from .retention import build_retention
-from .sensors import HEALTH_KEY, build_health, build_schedules, build_sensors
-from .tier_op import build_tier_assets
+from backup_assets.catalog import Catalog
+from backup_assets.defs.keys import backup_key
+from backup_assets.defs.checks import build_dr_drill
+from backup_assets.defs.replication import replica_key, s3_resource
+from backup_assets.defs.restore_job import build_restore_job
+from backup_assets.defs.hygiene import prune_run_history_job
+from backup_assets.defs.pitr import build_pitr
+from backup_assets.defs.retention import build_retention
+from backup_assets.defs.sensors import HEALTH_KEY, build_health, build_schedules, build_sensors
+from backup_assets.defs.tier_op import build_tier_assets
 
 
 def build_definitions(catalog: Catalog) -> dg.Definitions:

@@ -5,7 +5,7 @@ import json
 import dagster as dg
 from dagster import AssetExecutionContext
 
-from ..catalog import Catalog
+from backup_assets.catalog import Catalog
 
 
 FAILED_ASSETS = "failed_assets"  # a tier op's Failure metadata: {asset key: error}
@@ -66,7 +66,7 @@ def build_dr_drill(catalog: Catalog) -> tuple[dg.AssetsDefinition, dg.ScheduleDe
                     "and pass/fail (markdown in metadata). Fails when any drill fails.",
     )
     def dr_drill(context: AssetExecutionContext) -> dg.MaterializeResult:
-        from ..core.drill import markdown_report, run_dr_drill
+        from backup_assets.core.verify.dr_drill import markdown_report, run_dr_drill
 
         results = run_dr_drill(catalog, log=context.log.info)
         report = markdown_report(results)

@@ -15,8 +15,8 @@ import json
 
 import dagster as dg
 
-from ..catalog import Catalog
-from ..core.owner import Owner
+from backup_assets.catalog import Catalog
+from backup_assets.core.owner import Owner
 
 TRIGGER_TAG = "backup_assets/trigger"
 OWNER_TAG = "backup_assets/owner"
@@ -42,7 +42,7 @@ def owner_alive(run) -> bool | None:
         data = json.loads(raw)
     except ValueError:
         return None
-    from ..core.engines.postgres import marker_owner_alive
+    from backup_assets.core.engines.postgres import marker_owner_alive
 
     return marker_owner_alive(data)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from ..catalog import TIER_NAMES
+from backup_assets.catalog import TIER_NAMES
 
 REPLICA_SUFFIX = "_s3"
 

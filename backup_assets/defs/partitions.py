@@ -6,7 +6,7 @@ import datetime as dt
 
 import dagster as dg
 
-from ..catalog import WEEKDAYS, Catalog
+from backup_assets.catalog import WEEKDAYS, Catalog
 
 HOURLY_FMT = "%Y-%m-%dT%H"
 

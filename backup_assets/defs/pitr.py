@@ -16,11 +16,11 @@ import warnings
 import dagster as dg
 from dagster import AssetExecutionContext
 
-from ..catalog import Catalog
-from .checks import failure_line, keyed_check_result
-from .partitions import partitions_for
-from .checks import FAILED_ASSETS
-from .partitions import freshness_policy
+from backup_assets.catalog import Catalog
+from backup_assets.defs.checks import failure_line, keyed_check_result
+from backup_assets.defs.partitions import partitions_for
+from backup_assets.defs.checks import FAILED_ASSETS
+from backup_assets.defs.partitions import freshness_policy
 
 BASE_BACKUPS_JOB = "base_backups"
 
@@ -98,8 +98,9 @@ def build_base_backup(catalog: Catalog, source: str, partitions) -> dg.AssetsDef
 
 
 def run_base_backup(catalog: Catalog, context: AssetExecutionContext, source: str):
-    from ..core import BackupError, pitr
-    from ..core.verify import Outcome
+    from backup_assets.core import BackupError
+    from backup_assets.core.pitr import recovery as pitr
+    from backup_assets.core.verify.checks import Outcome
 
     key = base_key(source)
     meta = None
@@ -144,8 +145,8 @@ def run_base_backup(catalog: Catalog, context: AssetExecutionContext, source: st
         yield keyed_check_result(key, name, outcome)
     if not replicated(catalog, source):
         return
-    from ..core import pitr_s3
-    from ..core.pitr_storage import replica_storage
+    from backup_assets.core.pitr import s3 as pitr_s3
+    from backup_assets.core.pitr.locations import replica_storage
 
     rkey = base_replica_key(source)
     storage = replica_storage(catalog)

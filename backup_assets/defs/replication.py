@@ -2,8 +2,8 @@
 
 import dagster as dg
 
-from ..catalog import Catalog
-from .keys import backup_key, replica_key
+from backup_assets.catalog import Catalog
+from backup_assets.defs.keys import backup_key, replica_key
 
 
 class S3Replica(dg.ConfigurableResource):
@@ -23,7 +23,7 @@ def s3_resource(catalog: Catalog) -> S3Replica:
 
 
 def _storage(catalog: Catalog, s3: S3Replica | None = None):
-    from ..core.storage.s3 import S3Storage  # boto3 is loaded by the steps that use S3
+    from backup_assets.core.storage.s3 import S3Storage  # boto3 is loaded by the steps that use S3
 
     return S3Storage(catalog.replication.s3)
 

@@ -4,7 +4,7 @@ import dagster as dg
 from dagster import OpExecutionContext
 from pydantic import Field
 
-from ..catalog import Catalog
+from backup_assets.catalog import Catalog
 
 
 class RestoreConfig(dg.Config):
@@ -26,8 +26,8 @@ def in_place_refusal(catalog: Catalog, manifest, config: RestoreConfig) -> str |
     destroy: unless it opts in, the job may not replace **any** catalog source's database (same server and
     name) or file (compared by real path: a symlinked folder or `..` is the same file), nor restore without a
     safety copy. The CLI may, after its confirmation."""
-    from ..core import roles
-    from ..core.restore import catalog_targets
+    from backup_assets.core.backup import roles
+    from backup_assets.core.restore.logical import catalog_targets
 
     if not config.safety_copy and not catalog.restore.allow_no_safety_copy_from_ui:
         return (f"refusing safety_copy: false from the restore job: set restore.allow_no_safety_copy_from_ui: true in "
@@ -58,8 +58,9 @@ def in_place_refusal(catalog: Catalog, manifest, config: RestoreConfig) -> str |
 def build_restore_job(catalog: Catalog) -> dg.JobDefinition:
     @dg.op(name="restore_backup", tags={"backup_assets/kind": "restore"})
     def restore_backup(context: OpExecutionContext, config: RestoreConfig) -> dg.Output:
-        from ..core import BackupError, audit
-        from ..core.restore import choose_backup, restore_plan, restore_postgres, restore_sqlite
+        from backup_assets.core import BackupError
+        from backup_assets.core.restore import restore_log as audit
+        from backup_assets.core.restore.logical import choose_backup, restore_plan, restore_postgres, restore_sqlite
 
         def say(message: str, progress: bool = False) -> None:
             if not progress:

@@ -5,9 +5,9 @@ import json
 import dagster as dg
 from dagster import AssetExecutionContext
 
-from ..catalog import Catalog
-from .keys import backup_key
-from .replication import _storage
+from backup_assets.catalog import Catalog
+from backup_assets.defs.keys import backup_key
+from backup_assets.defs.replication import _storage
 
 RETENTION_KEY = dg.AssetKey(["operations", "retention"])
 
@@ -28,7 +28,7 @@ def build_retention(catalog: Catalog) -> list[dg.AssetsDefinition]:
                           f"{' and S3' if replicated else ''}; never the newest verified backup of any source, "
                           "group and tier. Set dry_run to only report.")
     def retention(context: AssetExecutionContext, config: PruneConfig) -> dg.MaterializeResult:
-        from ..core.prune import prune
+        from backup_assets.core.retention.prune import prune
 
         storage = _storage(catalog, context.resources.s3) if replicated else None
         report = prune(catalog, dry_run=config.dry_run, storage=storage)
@@ -68,9 +68,9 @@ def _replica_audit(catalog: Catalog) -> dg.AssetsDefinition:
                           "replica whose bytes differ from its manifest or that is gone while the replica's retention "
                           "keeps it. The per-replication check compares S3's own checksums; this compares the bytes.")
     def replica_audit(context: AssetExecutionContext, config: AuditConfig) -> dg.MaterializeResult:
-        from ..core.replica import audit_replicas
-        from .keys import replica_key
-        from .checks import FAILED_ASSETS
+        from backup_assets.core.replica import audit_replicas
+        from backup_assets.defs.keys import replica_key
+        from backup_assets.defs.checks import FAILED_ASSETS
 
         results = audit_replicas(catalog, _storage(catalog, context.resources.s3), every=config.every,
                                  say=context.log.info)
@@ -104,7 +104,7 @@ def _table_pruning(catalog: Catalog, source: str) -> dg.AssetsDefinition:
                           f"newest {'/'.join(groups)} backup that passed its restore drill, in small batches. "
                           "Set dry_run to only count.")
     def app_table_pruning(context: AssetExecutionContext, config: PruneConfig) -> dg.MaterializeResult:
-        from ..core.prune_tables import prune_tables
+        from backup_assets.core.retention.app_tables import prune_tables
 
         report = prune_tables(catalog, source, dry_run=config.dry_run, say=context.log.info)
         md = {"report": dg.MetadataValue.json(report), "dry_run": dg.MetadataValue.bool(config.dry_run),

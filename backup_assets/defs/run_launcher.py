@@ -28,7 +28,7 @@ class LocalRunLauncher(DefaultRunLauncher):
         return True
 
     def check_run_worker_health(self, run) -> CheckRunHealthResult:
-        from . import cli_runs
+        from backup_assets.defs import cli_runs
 
         alive = cli_runs.owner_alive(run)  # a `backup-assets backup` run: its command's process is the worker
         if alive is not None:

@@ -1,5 +1,5 @@
 """Sensors that tell people when anything goes wrong, the schedules that run the backups, and the
-backup-health asset. Delivery (Slack, email, webhook) and storm control are in core.alerts."""
+backup-health asset. Delivery (Slack, email, webhook) and storm control are in core.monitoring.alerts."""
 
 import datetime as dt
 
@@ -9,12 +9,12 @@ from dagster import AssetExecutionContext, RunFailureSensorContext, SensorEvalua
 # the check-execution table is the one record of check outcomes that every storage indexes
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
-from ..catalog import Catalog
-from ..core.alerts import Alert, Notifier
-from . import cli_runs
-from .keys import backup_key, parse_key, replica_key, tier_op_name
-from .checks import failed_assets
-from .partitions import DAGSTER_WEEKDAY, FRESHNESS
+from backup_assets.catalog import Catalog
+from backup_assets.core.monitoring.alerts import Alert, Notifier
+from backup_assets.defs import cli_runs
+from backup_assets.defs.keys import backup_key, parse_key, replica_key, tier_op_name
+from backup_assets.defs.checks import failed_assets
+from backup_assets.defs.partitions import DAGSTER_WEEKDAY, FRESHNESS
 
 HEALTH_KEY = dg.AssetKey(["operations", "backup_health"])
 
@@ -172,7 +172,7 @@ def build_sensors(catalog: Catalog) -> list:
     check_keys = [dg.AssetCheckKey(backup_key(*t), n) for t in catalog.backup_targets() for n in backup_check_names]
     if catalog.replication.s3:
         check_keys += [dg.AssetCheckKey(replica_key(*t), "replica_intact") for t in catalog.backup_targets()]
-    from .pitr import base_key, base_replica_key, pitr_check_names, replicated  # the physical tier's checks too
+    from backup_assets.defs.pitr import base_key, base_replica_key, pitr_check_names, replicated  # the physical tier's checks too
 
     for source in catalog.pitr_sources():
         check_keys += [dg.AssetCheckKey(base_key(source), n) for n in pitr_check_names(catalog, source)]
@@ -232,7 +232,8 @@ def build_sensors(catalog: Catalog) -> list:
         watched = {name: src.wal_rpo_seconds for name, src in catalog.sources.items() if src.wal_rpo_seconds}
         if not watched:
             return
-        from ..core import pitr, wal
+        from backup_assets.core.pitr import recovery as pitr
+        from backup_assets.core.pitr import wal
 
         for name, rpo in watched.items():
             bases = pitr.base_backups(catalog, name)
@@ -256,7 +257,7 @@ def build_sensors(catalog: Catalog) -> list:
                default_status=dg.DefaultSensorStatus.RUNNING,
                description="Alerts when the repository's volume runs low on free space.")
     def disk_space_alerts(context: SensorEvaluationContext):
-        from ..core import health
+        from backup_assets.core.monitoring import health
 
         disk = health.disk_status(catalog)
         if disk["low"]:
@@ -274,9 +275,9 @@ def build_health(catalog: Catalog) -> dg.AssetsDefinition:
               description="Per source, group and tier: the newest good backup, its age against the RPO, the last "
                           "drill's RTO and the size trend; disk space and the 30-day storage forecast.")
     def backup_health(context: AssetExecutionContext) -> dg.MaterializeResult:
-        from ..core import health
+        from backup_assets.core.monitoring import health
 
-        from ..core import metrics
+        from backup_assets.core.monitoring import metrics
 
         rows, forecast = health.report(catalog)
         textfile = metrics.write_textfile(catalog, report=(rows, forecast))  # the same read of the repository

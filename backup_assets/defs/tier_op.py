@@ -7,7 +7,7 @@ a server's tier is one multi-asset with subsetting: a fleet of 100 sources × 3 
 3 servers is 9 ops instead of about 6,000 (one per asset and per check), so definitions load fast
 in every process that loads them; servers run side by side, each one dump at a time (its pool);
 and a backup's checks run where the backup was just written, reading it once
-(`core.verify.evaluate`).
+(`core.verify.checks.evaluate`).
 
 A failure of one group does not stop the others; the op fails at the end, naming each asset that
 failed (the run-failure sensor alerts per asset from that list).
@@ -22,13 +22,13 @@ from functools import lru_cache
 import dagster as dg
 from dagster import AssetExecutionContext
 
-from ..catalog import Catalog
-from .assets import backup_key, backup_metadata, backup_spec
-from .checks import failure_line, keyed_check_result
-from .keys import tier_op_name
-from .partitions import partitions_for
-from .replication import _storage, replica_key, replica_spec
-from .checks import FAILED_ASSETS
+from backup_assets.catalog import Catalog
+from backup_assets.defs.assets import backup_key, backup_metadata, backup_spec
+from backup_assets.defs.checks import failure_line, keyed_check_result
+from backup_assets.defs.keys import tier_op_name
+from backup_assets.defs.partitions import partitions_for
+from backup_assets.defs.replication import _storage, replica_key, replica_spec
+from backup_assets.defs.checks import FAILED_ASSETS
 
 
 CHECK_DESCRIPTIONS = {  # the check table of docs/checks.md, in short
@@ -103,9 +103,9 @@ def run_tier(catalog: Catalog, context: AssetExecutionContext, tier: str, target
     follow-up thread while the next backup dumps (they read the local artifact, not the server), in order,
     and every event is yielded from this thread as the follow-ups finish."""
     # the core is imported when a backup runs, not by every process that loads the definitions
-    from ..core import BackupError
-    from ..core.backup import repository_for, run_backup
-    from ..core.verify import find_backup, stream_check
+    from backup_assets.core import BackupError
+    from backup_assets.core.backup.take import repository_for, run_backup
+    from backup_assets.core.verify.checks import find_backup, stream_check
 
     selected = context.selected_asset_keys
     checks = context.selected_asset_check_keys
@@ -164,9 +164,10 @@ def _follow_up(catalog: Catalog, source: str, group: str, tier: str, partition: 
 
 def _follow_up_steps(catalog: Catalog, source: str, group: str, tier: str, partition: str, backup, selected, checks,
                      s3, stream):
-    from ..core import BackupError, verification
-    from ..core.replica import replica_intact, replicate
-    from ..core.verify import Outcome, evaluate, find_backup
+    from backup_assets.core import BackupError
+    from backup_assets.core.verify import records as verification
+    from backup_assets.core.replica import replica_intact, replicate
+    from backup_assets.core.verify.checks import Outcome, evaluate, find_backup
 
     key, rkey = backup_key(source, group, tier), replica_key(source, group, tier)
     events, logs, failed = [], [], {}

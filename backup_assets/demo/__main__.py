@@ -19,10 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-from ..catalog import demo_env, demo_home
-from .cluster import LocalCluster, _ensure_server_user, _open_path_for, embedded_bin_dir
-from .seed import seed_miyabi, seed_miyabi_pg, seed_myloware
-from .services import (DEFAULT_S3_PORT, DEFAULT_WEBHOOK_PORT, S3_BUCKET, S3_KEY_ENV, S3_SECRET_ENV, WEBHOOK_SECRET_ENV, start_s3,
+from backup_assets.catalog import demo_env, demo_home
+from backup_assets.demo.cluster import LocalCluster, _ensure_server_user, _open_path_for, embedded_bin_dir
+from backup_assets.demo.seed import seed_miyabi, seed_miyabi_pg, seed_myloware
+from backup_assets.demo.services import (DEFAULT_S3_PORT, DEFAULT_WEBHOOK_PORT, S3_BUCKET, S3_KEY_ENV, S3_SECRET_ENV, WEBHOOK_SECRET_ENV, start_s3,
                        start_webhook, stop_services)
 
 PASSWORD_ENV = "MYLOWARE_DB_PASSWORD"
@@ -96,7 +96,7 @@ def enable_archiving(cluster: LocalCluster, home: Path) -> None:
 
     from psycopg import sql
 
-    from ..catalog import DEMO_CATALOG
+    from backup_assets.catalog import DEMO_CATALOG
 
     folder = home / "backups" / "wal" / "myloware"
     folder.mkdir(parents=True, exist_ok=True)
@@ -181,17 +181,17 @@ def refill_s3() -> None:
     """The S3 stand-in keeps nothing across restarts (moto's server holds its objects in memory): when it
     starts empty while the local repository has backups, the verified ones (and the base backups with their
     WAL) are replicated again, so the replicas the UI shows and `restore --from s3` are true again."""
-    from ..catalog import catalog_from_env
-    from ..core import BackupError
-    from ..core.backup import repository_for
-    from ..core.replica import replicate, storage_for
+    from backup_assets.catalog import catalog_from_env
+    from backup_assets.core import BackupError
+    from backup_assets.core.backup.take import repository_for
+    from backup_assets.core.replica import replicate, storage_for
 
     catalog = catalog_from_env()
     storage = storage_for(catalog)
     if next(iter(storage.list("")), None) is not None:
         return
     backups = repository_for(catalog).backups()
-    from ..core.pitr import base_backups
+    from backup_assets.core.pitr.recovery import base_backups
 
     bases = [s for s in catalog.pitr_sources() if base_backups(catalog, s)]
     if not backups and not bases:
@@ -204,8 +204,8 @@ def refill_s3() -> None:
         except BackupError:  # not verified, or failed its checks: never replicated in the first place
             skipped += 1
     for source in bases:
-        from ..core.pitr_s3 import replicate as replicate_pitr
-        from ..core.pitr_storage import replica_storage
+        from backup_assets.core.pitr.s3 import replicate as replicate_pitr
+        from backup_assets.core.pitr.locations import replica_storage
 
         try:
             replicate_pitr(catalog, source, replica_storage(catalog))
@@ -328,7 +328,7 @@ def run() -> int:
 def backup() -> int:
     setup()
     dagster_home()
-    from ..cli import main
+    from backup_assets.cli import main
 
     code = main(["backup", "--tier", "daily"])
     # and a base backup of the server, so a restore to any time from now on works (point-in-time recovery)
@@ -394,8 +394,8 @@ def stop() -> None:
     if stopped:
         print(f"Dagster (webserver, daemon and code servers) stopped: pid {', '.join(map(str, stopped))}")
     if home.exists():  # servers `restore --to-time` left running for the demo
-        from ..catalog import catalog_from_env
-        from ..core.pitr import stop_recovered
+        from backup_assets.catalog import catalog_from_env
+        from backup_assets.core.pitr.recovery import stop_recovered
 
         try:
             for line in stop_recovered(catalog_from_env()):

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.engines.postgres import embedded_bin_dir  # noqa: F401  (re-exported for the demo and tests)
+from backup_assets.core.engines.tools import embedded_bin_dir  # noqa: F401  (re-exported for the demo and tests)
 
 SERVER_USER = "backup_assets_pg"
 

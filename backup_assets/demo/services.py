@@ -101,7 +101,7 @@ def stop_services(home: Path) -> list[str]:
 # -- the alert receiver -------------------------------------------------------------------------------
 
 def serve_webhook(port: int, log: Path) -> None:
-    from ..core.alerts import SIGNATURE_HEADER, verify_signature
+    from backup_assets.core.monitoring.alerts import SIGNATURE_HEADER, verify_signature
 
     secret = os.environ.get(WEBHOOK_SECRET_ENV, "")
 

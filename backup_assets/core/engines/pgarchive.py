@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
 
-from .. import BackupError
+from backup_assets.core import BackupError
 
 MAGIC = b"PGDMP"
 SECTION_NAMES = {1: "none", 2: "pre-data", 3: "data", 4: "post-data"}

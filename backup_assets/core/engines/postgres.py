@@ -24,11 +24,11 @@ from typing import BinaryIO, Callable, Iterable
 import psycopg
 from psycopg import sql
 
-from .. import BackupError
-from ..names import TableName
-from ..owner import Owner
-from ..secrets import scrub
-from .tools import embedded_bin_dir, find_tool, installed_tools  # noqa: F401  (found without a driver)
+from backup_assets.core import BackupError
+from backup_assets.core.names import TableName
+from backup_assets.core.owner import Owner
+from backup_assets.core.secrets import scrub
+from backup_assets.core.engines.tools import embedded_bin_dir, find_tool, installed_tools  # noqa: F401  (found without a driver)
 
 CONNECT_TIMEOUT_S = 10
 VECTOR_TYPES = ("vector", "halfvec", "sparsevec")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from .. import BackupError
+from backup_assets.core import BackupError
 
 BUSY_TIMEOUT_MS = 30_000
 

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .. import BackupError
+from backup_assets.core import BackupError
 
 _majors: dict[str, int | None] = {}
 

@@ -11,9 +11,9 @@ import shutil
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from .. import BackupError
-from ..artifact import CHUNK, FILE_MODE, PARTIAL_MARK, ensure_dir, fsync_dir, partial_path, sha256_file
-from . import ObjectInfo
+from backup_assets.core import BackupError
+from backup_assets.core.artifact import CHUNK, FILE_MODE, PARTIAL_MARK, ensure_dir, fsync_dir, partial_path, sha256_file
+from backup_assets.core.storage import ObjectInfo
 
 SCRATCH = ".tmp"
 

@@ -24,9 +24,9 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
-from ...catalog import S3Replication
-from .. import BackupError, failpoints
-from . import ObjectInfo
+from backup_assets.catalog import S3Replication
+from backup_assets.core import BackupError, failpoints
+from backup_assets.core.storage import ObjectInfo
 
 MIB = 1024 * 1024
 COPY_LIMIT = 5 * 1024 * MIB  # copy_object's limit; larger objects are copied in parts

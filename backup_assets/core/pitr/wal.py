@@ -25,11 +25,11 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from . import BackupError, failpoints
-from .artifact import ArtifactWriter, ensure_dir, fsync_dir, open_decompressed, partial_path, write_json_atomic
+from backup_assets.core import BackupError, failpoints
+from backup_assets.core.artifact import ArtifactWriter, ensure_dir, fsync_dir, open_decompressed, partial_path, write_json_atomic
 
 if TYPE_CHECKING:
-    from ..catalog import Catalog
+    from backup_assets.catalog import Catalog
 
 SEGMENT = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})$")
 # segments, timeline history files, backup history files, a promoted standby's last partial segment
@@ -129,7 +129,7 @@ def _second_copy(catalog: Catalog, source: str, folder: Path, name: str, meta: d
     cfg = catalog.sources[source].pitr
     if cfg is None or not cfg.wal_push_s3 or catalog.replication.s3 is None:
         return
-    from .pitr_storage import push_wal, replica_storage
+    from backup_assets.core.pitr.locations import push_wal, replica_storage
 
     push_wal(catalog, source, folder, name, meta, replica_storage(catalog))
 
@@ -149,7 +149,7 @@ def fetch(catalog: Catalog, source: str, name: str, dest: str, *, durable: bool 
         if meta is None and catalog.replication.s3 is not None:  # the local archive is gone or behind: the replica
             import tempfile
 
-            from .pitr_storage import fetch_wal, replica_storage
+            from backup_assets.core.pitr.locations import fetch_wal, replica_storage
 
             scratch = Path(tempfile.mkdtemp(prefix="backup-assets-wal-"))
             found = fetch_wal(catalog, source, name, replica_storage(catalog), scratch)
@@ -158,7 +158,7 @@ def fetch(catalog: Catalog, source: str, name: str, dest: str, *, durable: bool 
         if meta is None:
             where = f"{folder}" + (" nor on the S3 replica" if catalog.replication.s3 is not None else "")
             raise BackupError(f"{name} is not in the WAL archive of {source} ({where})")
-        from .crypto import identities_for_record
+        from backup_assets.core.crypto import identities_for_record
 
         identities = identities_for_record(catalog, source, meta, what=name)
         digest = hashlib.sha256()

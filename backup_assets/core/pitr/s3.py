@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..catalog import Catalog
-from . import BackupError
-from .artifact import ensure_dir, partial_path, write_json_atomic
-from .pitr_storage import base_prefix, wal_prefix
+from backup_assets.catalog import Catalog
+from backup_assets.core import BackupError
+from backup_assets.core.artifact import ensure_dir, partial_path, write_json_atomic
+from backup_assets.core.pitr.locations import base_prefix, wal_prefix
 
 
 def _files_of_base(meta: dict) -> list[tuple[str, int, str]]:
@@ -27,7 +27,8 @@ def _files_of_base(meta: dict) -> list[tuple[str, int, str]]:
 
 def replicate(catalog: Catalog, source: str, storage, *, say=lambda _m: None) -> dict:
     """Upload every kept base backup and every archived WAL file that the replica lacks (one listing each)."""
-    from . import pitr, wal
+    from backup_assets.core.pitr import recovery as pitr
+    from backup_assets.core.pitr import wal
 
     local = catalog.repository_root
     present = dict(storage.list(base_prefix(source))) | dict(storage.list(wal_prefix(source)))
@@ -70,8 +71,9 @@ def replicate(catalog: Catalog, source: str, storage, *, say=lambda _m: None) ->
 def replica_intact(catalog: Catalog, source: str, storage):
     """Every kept base backup (artifact, manifest, JSON) is on the replica with its size and SHA-256, and every
     WAL file from the oldest kept base backup's start with its size (each was verified on upload)."""
-    from . import pitr, wal
-    from .verify import Outcome
+    from backup_assets.core.pitr import recovery as pitr
+    from backup_assets.core.pitr import wal
+    from backup_assets.core.verify.checks import Outcome
 
     bases = pitr.base_backups(catalog, source)
     present = dict(storage.list(base_prefix(source))) | dict(storage.list(wal_prefix(source)))
@@ -108,8 +110,8 @@ def replica_intact(catalog: Catalog, source: str, storage):
 def download_bases(catalog: Catalog, source: str, storage, *, say=lambda _m: None) -> int:
     """Bring the replica's base backups that the local repository lacks back into it (verified), for a restore
     when the local copies are gone. WAL comes back one segment at a time through wal-fetch."""
-    from . import pitr
-    from .artifact import sha256_file
+    from backup_assets.core.pitr import recovery as pitr
+    from backup_assets.core.artifact import sha256_file
 
     folder = ensure_dir(pitr.base_dir(catalog, source))
     local = {m["artifact"] for m in pitr.base_backups(catalog, source)}

@@ -24,9 +24,9 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from . import BackupError
-from .engines import postgres
-from .engines.pgarchive import Archive, TocEntry
+from backup_assets.core import BackupError
+from backup_assets.core.engines import postgres
+from backup_assets.core.engines.pgarchive import Archive, TocEntry
 
 # entries whose content is compared elsewhere: table rows (fingerprints) and large objects (large_objects)
 ROWS_AND_LARGE_OBJECTS = {"TABLE DATA", "BLOBS", "BLOB", "BLOB METADATA", "LARGE OBJECT"}

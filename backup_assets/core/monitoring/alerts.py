@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass
 from email.message import EmailMessage
 from pathlib import Path
 
-from ..catalog import Alerts, Catalog, CatalogError
-from . import BackupError
-from .artifact import ensure_dir, write_json_atomic
-from .secrets import scrub
+from backup_assets.catalog import Alerts, Catalog, CatalogError
+from backup_assets.core import BackupError
+from backup_assets.core.artifact import ensure_dir, write_json_atomic
+from backup_assets.core.secrets import scrub
 
 SIGNATURE_HEADER = "X-Backup-Assets-Signature"
 

@@ -14,13 +14,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-from ..catalog import Catalog
-from . import BackupError, crypto, roles
-from .artifact import (ArtifactWriter, create_private, ensure_dir, fsync_dir, human_size, partial_path,
+from backup_assets.catalog import Catalog
+from backup_assets.core import BackupError, crypto
+from backup_assets.core.backup import roles
+from backup_assets.core.artifact import (ArtifactWriter, create_private, ensure_dir, fsync_dir, human_size, partial_path,
                        write_json_atomic)
-from .engines import postgres, sqlite
-from .manifest import Manifest, manifest_path_for
-from .repository import LocalRepository, StoredBackup
+from backup_assets.core.engines import postgres, sqlite
+from backup_assets.core.manifest import Manifest, manifest_path_for
+from backup_assets.core.repository import LocalRepository, StoredBackup
 
 
 def endpoint_for(catalog: Catalog, source: str, dbname: str | None = None) -> postgres.Endpoint:

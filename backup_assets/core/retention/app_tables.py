@@ -14,12 +14,12 @@ import time
 
 from psycopg import sql
 
-from ..catalog import Catalog
-from . import BackupError
-from .backup import endpoint_for, repository_for
-from .engines import postgres
-from .names import TableName
-from .verification import passed_drill
+from backup_assets.catalog import Catalog
+from backup_assets.core import BackupError
+from backup_assets.core.backup.take import endpoint_for, repository_for
+from backup_assets.core.engines import postgres
+from backup_assets.core.names import TableName
+from backup_assets.core.verify.records import passed_drill
 
 
 def verified_snapshot(catalog: Catalog, source: str, group: str) -> tuple[dt.datetime | None, str | None]:

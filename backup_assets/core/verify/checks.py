@@ -21,16 +21,20 @@ from pathlib import Path
 import psycopg
 import zstandard
 
-from ..catalog import AUTO_STREAM_CPUS, Catalog
-from . import BackupError, archive_scan, crypto, failpoints, hooks, roles, schema_compare
-from .artifact import decompress_to, scan_artifact, sha256_file
-from .backup import repository_for
-from .engines import postgres, sqlite
-from .manifest import MANIFEST_SUFFIX, Manifest, read_manifest
-from .names import TableName
-from .outcome import Outcome
-from .repository import LocalRepository, StoredBackup
-from .secrets import scrub
+from backup_assets.catalog import AUTO_STREAM_CPUS, Catalog
+from backup_assets.core import BackupError, crypto, failpoints
+from backup_assets.core.verify import archive_scan
+from backup_assets.core.restore import hooks
+from backup_assets.core.backup import roles
+from backup_assets.core.verify import schema_compare
+from backup_assets.core.artifact import decompress_to, scan_artifact, sha256_file
+from backup_assets.core.backup.take import repository_for
+from backup_assets.core.engines import postgres, sqlite
+from backup_assets.core.manifest import MANIFEST_SUFFIX, Manifest, read_manifest
+from backup_assets.core.names import TableName
+from backup_assets.core.outcome import Outcome
+from backup_assets.core.repository import LocalRepository, StoredBackup
+from backup_assets.core.secrets import scrub
 
 DRILL_MARK = "backup_assets restore drill"
 

@@ -23,12 +23,12 @@ from typing import BinaryIO, Callable
 
 import zstandard
 
-from . import BackupError
-from .artifact import CHUNK, open_decompressed
-from .engines.pgarchive import (Archive, ArchiveFormatError, ArchiveHeader, CopyFingerprint, LargeObjectFingerprint,
+from backup_assets.core import BackupError
+from backup_assets.core.artifact import CHUNK, open_decompressed
+from backup_assets.core.engines.pgarchive import (Archive, ArchiveFormatError, ArchiveHeader, CopyFingerprint, LargeObjectFingerprint,
                                TocEntry, combine, read_archive)
-from .manifest import Manifest
-from .names import TableName
+from backup_assets.core.manifest import Manifest
+from backup_assets.core.names import TableName
 
 
 @dataclass
@@ -169,7 +169,7 @@ class StreamCheck:
 
     `ArtifactWriter(tap=...)` hands it every compressed byte it writes to the file (before the
     file's own SHA-256, and before age encrypts it: the archive is read on a backup host that has
-    no private key). A child process (`python -m backup_assets.core.archive_scan`, so that
+    no private key). A child process (`python -m backup_assets.core.verify.archive_scan`, so that
     its work never holds this process's GIL while the dump is being copied) decodes them (zstd
     verifies its frame checksum); of a PostgreSQL dump it reads the archive by structure,
     fingerprints every table's rows, keeps the header and TOC for `pg_restore --list`, and for a

@@ -19,8 +19,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from ..catalog import GLOBALS_GROUP
-from . import BackupError
+from backup_assets.catalog import GLOBALS_GROUP
+from backup_assets.core import BackupError
 
 FORMAT = "roles-json"
 GROUP = GLOBALS_GROUP
@@ -168,7 +168,7 @@ def drill(conn: psycopg.Connection, saved: Globals) -> list[str]:
 
 def load(artifact, manifest, identities=None) -> Globals:
     """The saved roles of a roles backup (decoded in memory: it is small)."""
-    from .artifact import open_decompressed
+    from backup_assets.core.artifact import open_decompressed
 
     with open_decompressed(artifact, manifest.raw_size_bytes, identities) as reader:
         chunks = []

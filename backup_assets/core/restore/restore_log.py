@@ -15,8 +15,8 @@ import os
 import socket
 from pathlib import Path
 
-from . import BackupError
-from .secrets import scrub
+from backup_assets.core import BackupError
+from backup_assets.core.secrets import scrub
 
 LOG_NAME = "restores.jsonl"
 

@@ -28,12 +28,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..catalog import Catalog, Pitr
-from . import BackupError
-from .artifact import ArtifactWriter, decompress_to, ensure_dir, open_decompressed, write_json_atomic
-from .crypto import identities_for_record
-from .engines import tools
-from .outcome import Outcome
+from backup_assets.catalog import Catalog, Pitr
+from backup_assets.core import BackupError
+from backup_assets.core.artifact import ArtifactWriter, decompress_to, ensure_dir, open_decompressed, write_json_atomic
+from backup_assets.core.crypto import identities_for_record
+from backup_assets.core.engines import tools
+from backup_assets.core.outcome import Outcome
 
 LABEL_WAL = re.compile(r"START WAL LOCATION: \S+ \(file ([0-9A-F]{24})\)")
 LABEL_TLI = re.compile(r"START TIMELINE: (\d+)")
@@ -53,7 +53,7 @@ def _now() -> dt.datetime:
 
 
 def _server_facts(ep, what: str) -> dict:
-    from .engines import postgres  # the driver only where a server is asked: a restore starts without it
+    from backup_assets.core.engines import postgres  # the driver only where a server is asked: a restore starts without it
 
     with postgres.connect(ep, what=what) as conn:
         major = postgres.server_major(conn)
@@ -105,7 +105,7 @@ def base_backup(catalog: Catalog, source: str, *, kind: str = "auto", partition:
     from the catalog's pitr settings and what the server can do; 'incremental' fails when it cannot)."""
     if kind not in ("auto", "full", "incremental"):
         raise BackupError(f"base backup kind {kind!r}: expected auto, full or incremental")
-    from .backup import endpoint_for
+    from backup_assets.core.backup.take import endpoint_for
 
     folder = ensure_dir(base_dir(catalog, source))
     ep = endpoint_for(catalog, source)
@@ -187,7 +187,7 @@ def _read_back(path: Path, catalog: Catalog, source: str, encryption) -> tuple[s
     artifact decodes to its end."""
     ids = None
     if encryption is not None:
-        from .crypto import Identities
+        from backup_assets.core.crypto import Identities
 
         if not encryption.identity_file_env or not os.environ.get(encryption.identity_file_env):
             raise BackupError(f"{path.name}: the backup_label and manifest are read back to record the start WAL: "
@@ -212,7 +212,7 @@ def _read_back(path: Path, catalog: Catalog, source: str, encryption) -> tuple[s
 def base_backups(catalog: Catalog, source: str, storage=None) -> list[dict]:
     """The complete base backups of a source (a JSON whose artifact and manifest are there with their sizes),
     oldest first: in the local repository, or in `storage` (the S3 replica)."""
-    from .pitr_storage import base_prefix, local_storage
+    from backup_assets.core.pitr.locations import base_prefix, local_storage
 
     base_dir(catalog, source)  # a postgres source of the catalog
     storage = storage or local_storage(catalog)
@@ -384,7 +384,7 @@ def _lsn_text(value: int) -> str:
 def _unpack(catalog: Catalog, source: str, meta: dict, dest: Path, *, durable: bool = True) -> None:
     """Unpack a base backup (decrypted, decompressed, its size checked) into `dest`, fsynced unless `durable` is
     false (a scratch copy that is thrown away)."""
-    from .unpack import unpack_tar
+    from backup_assets.core.pitr.unpack import unpack_tar
 
     folder = base_dir(catalog, source)
     identities = identities_for_record(catalog, source, meta, what=meta["artifact"])
@@ -582,7 +582,7 @@ def restore_command_script(catalog: Catalog, source: str, spool: Path) -> str:
     the segment after the last) is answered at once, without starting Python, when there is no replica to look
     in. A link that fails (the prefetcher let the segment go in between) falls through to wal-fetch, never to
     "not in the archive", which would end recovery early."""
-    from .wal import wal_dir
+    from backup_assets.core.pitr.wal import wal_dir
 
     q = shlex.quote
     absent = ("" if catalog.replication.s3 is not None else
@@ -608,7 +608,7 @@ class _Prefetcher:
     def __init__(self, catalog: Catalog, source: str, base: dict, spool: Path, user):
         import threading
 
-        from . import wal
+        from backup_assets.core.pitr import wal
 
         self.catalog, self.source, self.spool, self.user = catalog, source, spool, user
         start = base["start_wal"]
@@ -632,7 +632,7 @@ class _Prefetcher:
         return sum(1 for n in names if n > self.served)
 
     def _run(self) -> None:
-        from . import wal
+        from backup_assets.core.pitr import wal
 
         for name in self.names:
             try:
@@ -730,7 +730,7 @@ def verify_base(catalog: Catalog, source: str, meta: dict) -> Outcome:
 def archive_state(catalog: Catalog, source: str):
     """The WAL archive from the oldest kept base backup's start on (one read of its descriptions), with that
     base backup list: what wal_continuity and recovery_point look at."""
-    from . import wal
+    from backup_assets.core.pitr import wal
 
     bases = base_backups(catalog, source)
     return bases, wal.verify(catalog, source, since=bases[0]["start_wal"] if bases else None)
@@ -774,7 +774,7 @@ COMMIT = re.compile(r"tx:\s+(\d+),.*desc: COMMIT (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d
 
 def _commits(catalog: Catalog, source: str, major: int, segment: str, scratch: Path) -> list[tuple[int, dt.datetime]]:
     """(xid, commit time) of the commits recorded in one archived segment (pg_waldump)."""
-    from . import wal
+    from backup_assets.core.pitr import wal
 
     src = catalog.sources[source]
     tool, _ = tools.find_tool("pg_waldump", major, src.pg_bin_dir)
@@ -793,7 +793,7 @@ def _commits(catalog: Catalog, source: str, major: int, segment: str, scratch: P
 def drill_target(catalog: Catalog, source: str, rng) -> tuple[dt.datetime, tuple, tuple] | None:
     """A random time between two commits in the archive, after the oldest base backup ended: (target, the
     commit before it, the commit after it). None when the window holds no two commits."""
-    from . import wal
+    from backup_assets.core.pitr import wal
 
     bases = base_backups(catalog, source)
     if not bases:
@@ -875,7 +875,7 @@ def _prove(catalog: Catalog, source: str, recovered: Recovered) -> tuple[int, in
     import psycopg
     from psycopg import sql
 
-    from .backup import endpoint_for
+    from backup_assets.core.backup.take import endpoint_for
 
     ep = endpoint_for(catalog, source)
     host = str(recovered.pgdata)
@@ -920,8 +920,8 @@ def prune_base(catalog: Catalog, source: str, *, dry_run: bool, now: dt.datetime
     before that window and everything after it, the full and incremental backups those build on, and the WAL
     from the oldest kept one's start on. Descriptions go first, so a half-pruned backup is never counted.
     `storage`: the local repository (default) or the S3 replica, pruned alike from one listing each."""
-    from . import wal
-    from .pitr_storage import base_prefix, local_storage, wal_prefix
+    from backup_assets.core.pitr import wal
+    from backup_assets.core.pitr.locations import base_prefix, local_storage, wal_prefix
 
     now = now or _now()
     storage = storage or local_storage(catalog)

@@ -13,7 +13,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from .repository import BackupRef, Repository
+from backup_assets.core.repository import BackupRef, Repository
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry, generate_latest, write_to_textf
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
-from ..catalog import Catalog
+from backup_assets.catalog import Catalog
 
 PREFIX = "backup_assets_"
 LABELS = ["source", "group", "tier"]
@@ -48,7 +48,7 @@ class RepositoryCollector:
         return []  # not known before the repository is read; keeps registration cheap
 
     def collect(self):
-        from . import health
+        from backup_assets.core.monitoring import health
 
         started = time.monotonic()
         rows, forecast = self.report or health.report(self.catalog)
@@ -107,7 +107,8 @@ class RepositoryCollector:
     def _wal(self, gauge):
         """Point-in-time recovery: per PostgreSQL source with a WAL archive, its recovery point (the newest
         archived segment's time), its segments and gaps since the oldest base backup, its base backups."""
-        from . import pitr, wal
+        from backup_assets.core.pitr import recovery as pitr
+        from backup_assets.core.pitr import wal
 
         last = gauge("wal_last_archived_timestamp_seconds", "When the newest WAL segment was archived (the RPO).",
                      ["source"])

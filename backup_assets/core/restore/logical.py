@@ -26,17 +26,21 @@ import psycopg
 import zstandard
 from psycopg import sql
 
-from ..catalog import Catalog
-from . import BackupError, archive_scan, audit, crypto, failpoints, hooks, roles
-from .schema_compare import database_properties
-from .artifact import decompress_to, human_size, open_decompressed, partial_path
-from .backup import endpoint_for, repository_for
-from .engines import postgres, sqlite
-from .engines.pgarchive import ArchiveFormatError, CopyFingerprint, TocEntry, combine, read_archive
-from .names import NameError_, TableName
-from .repository import StoredBackup
-from .verification import read_status
-from .verify import (artifact_intact, compare_content, compare_with_manifest, pg_restore_archive,
+from backup_assets.catalog import Catalog
+from backup_assets.core import BackupError, crypto, failpoints
+from backup_assets.core.verify import archive_scan
+from backup_assets.core.restore import restore_log as audit
+from backup_assets.core.restore import hooks
+from backup_assets.core.backup import roles
+from backup_assets.core.verify.schema_compare import database_properties
+from backup_assets.core.artifact import decompress_to, human_size, open_decompressed, partial_path
+from backup_assets.core.backup.take import endpoint_for, repository_for
+from backup_assets.core.engines import postgres, sqlite
+from backup_assets.core.engines.pgarchive import ArchiveFormatError, CopyFingerprint, TocEntry, combine, read_archive
+from backup_assets.core.names import NameError_, TableName
+from backup_assets.core.repository import StoredBackup
+from backup_assets.core.verify.records import read_status
+from backup_assets.core.verify.checks import (artifact_intact, compare_content, compare_with_manifest, pg_restore_archive,
                      prove_schema, version_problem)
 
 RESTORE_MARK = "backup_assets restore in progress"
@@ -118,7 +122,7 @@ class RestoreResult:
 
 
 class _Hooks:
-    """The source's hooks around one restore (see core.hooks for when each stage runs)."""
+    """The source's hooks around one restore (see core.restore.hooks for when each stage runs)."""
 
     def __init__(self, catalog: Catalog, backup: StoredBackup, *, target: str, in_place: bool, endpoint=None,
                  say=quiet):
@@ -217,7 +221,7 @@ def choose_backup(catalog: Catalog, *, source: str, group: str, tier: str | None
 
 def backup_from_file(catalog: Catalog, file: str) -> StoredBackup:
     """A backup named by path: it must lie inside the repository, with its manifest beside it."""
-    from .manifest import manifest_path_for, read_manifest
+    from backup_assets.core.manifest import manifest_path_for, read_manifest
 
     root = repository_for(catalog).root.resolve()
     raw = Path(file)

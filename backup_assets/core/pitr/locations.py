@@ -7,16 +7,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..catalog import Catalog
-from . import BackupError
-from .storage.local import LocalStorage
+from backup_assets.catalog import Catalog
+from backup_assets.core import BackupError
+from backup_assets.core.storage.local import LocalStorage
 
 
 def replica_storage(catalog: Catalog, client=None):
     """The S3 replica when the catalog has one, else None."""
     if catalog.replication.s3 is None:
         return None
-    from .replica import storage_for
+    from backup_assets.core.replica import storage_for
 
     return storage_for(catalog, client)
 
@@ -31,7 +31,7 @@ def wal_prefix(source: str) -> str:
 
 def fetch_wal(catalog: Catalog, source: str, name: str, storage, scratch: Path) -> tuple[Path, dict] | None:
     """An archived WAL file from the replica: (its stored file downloaded into `scratch`, its JSON), or None."""
-    from .artifact import sha256_file
+    from backup_assets.core.artifact import sha256_file
 
     key = f"{wal_prefix(source)}{name}.json"
     if storage.head(key) is None:  # not there (an unreachable replica raises instead: not a missing segment)

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from .secrets import scrub
+from backup_assets.core.secrets import scrub
 
 STAGES = ("pre_restore", "post_restore", "verify")
 OUTPUT_TAIL_LINES = 20

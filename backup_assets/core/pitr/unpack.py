@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 from typing import BinaryIO
 
-from . import BackupError
+from backup_assets.core import BackupError
 
 BLOCK = 512
 PIECE = 1 << 20

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..catalog import Catalog
-from . import BackupError
-from .backup import repository_for
-from .repository import StoredBackup
-from .verify import Outcome, artifact_intact, restore_drill
+from backup_assets.catalog import Catalog
+from backup_assets.core import BackupError
+from backup_assets.core.backup.take import repository_for
+from backup_assets.core.repository import StoredBackup
+from backup_assets.core.verify.checks import Outcome, artifact_intact, restore_drill
 
 
 @dataclass

@@ -9,11 +9,11 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..catalog import Catalog
-from .artifact import human_size
-from .backup import repository_for
-from .repository import verified_by
-from .verification import read_status
+from backup_assets.catalog import Catalog
+from backup_assets.core.artifact import human_size
+from backup_assets.core.backup.take import repository_for
+from backup_assets.core.repository import verified_by
+from backup_assets.core.verify.records import read_status
 
 
 @dataclass
@@ -99,8 +99,8 @@ def _latest_per_check(statuses: list[dict]) -> dict:
 
 def _safety_copies(catalog: Catalog) -> list[dict] | str:
     """The copies restores kept (databases, schemas, files): they hold old data and take space."""
-    from . import BackupError
-    from .doctor import safety_copies
+    from backup_assets.core import BackupError
+    from backup_assets.core.doctor import safety_copies
 
     try:
         return [{"kind": c.kind, "where": c.where, "name": c.name, "age_days": c.age_days}

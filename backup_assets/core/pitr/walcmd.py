@@ -100,7 +100,7 @@ def light_catalog(path: str) -> LightCatalog:
         except (OSError, ValueError):
             facts = None
     if facts is None:
-        from .catalog import load_catalog
+        from backup_assets.catalog import load_catalog
 
         facts = _facts(load_catalog(catalog_path))
         if cached is not None:
@@ -139,10 +139,10 @@ def main(argv: list[str] | None = None) -> int | None:
     if parsed is None:
         return None
     catalog_path, command, args = parsed
-    from .core import BackupError
+    from backup_assets.core import BackupError
 
     try:
-        from .core import wal
+        from backup_assets.core.pitr import wal
 
         catalog = light_catalog(catalog_path)
         source = args[0]
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int | None:
         wal.fetch(catalog, source, args[1], args[2])
         return 0
     except Exception as exc:  # noqa: BLE001 - the CLI's contract: one scrubbed line, non-zero
-        from .core.secrets import scrub
+        from backup_assets.core.secrets import scrub
 
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if not isinstance(exc, (BackupError, OSError, ValueError)):

@@ -11,8 +11,8 @@ import datetime as dt
 import json
 from pathlib import Path
 
-from .artifact import write_json_atomic
-from .repository import CHECKS_SUFFIX, StoredBackup, verified_by
+from backup_assets.core.artifact import write_json_atomic
+from backup_assets.core.repository import CHECKS_SUFFIX, StoredBackup, verified_by
 
 
 def checks_path(backup: StoredBackup) -> Path:
