@@ -16,7 +16,7 @@ from psycopg import sql
 from backup_assets.core import BackupError
 from backup_assets.core.backup.take import run_backup
 from backup_assets.core.repository import LocalRepository
-from backup_assets.core.verify.checks import restore_drill
+from backup_assets.core.verify.restore_drill import restore_drill
 
 P = "2026-11-20"
 ROLE_PASSWORD_ENV = "BA_TEST_BACKUP_ROLE_PASSWORD"

@@ -13,8 +13,9 @@ import dagster as dg
 import pytest
 
 from backup_assets.core.verify.dr_drill import markdown_report, run_dr_drill
-from backup_assets.core.verify.checks import (archive_readable, cleanup_drill_leftovers, drill_name,
-                                       find_backup, restore_drill)
+from backup_assets.core.verify.checks import find_backup
+from backup_assets.core.verify.readable import archive_readable
+from backup_assets.core.verify.restore_drill import cleanup_drill_leftovers, drill_name, restore_drill
 from backup_assets.defs.build import build_definitions
 from backup_assets.defs.keys import backup_key
 

@@ -19,7 +19,7 @@ from backup_assets.core import BackupError
 from backup_assets.core.backup.take import run_backup
 from backup_assets.core.engines import postgres
 from backup_assets.core.repository import LocalRepository
-from backup_assets.core.verify.checks import restore_drill
+from backup_assets.core.verify.restore_drill import restore_drill
 
 from . import zoo
 from .conftest import PG15_PASSWORD_ENV, PG18_PASSWORD_ENV, pg_source
@@ -300,9 +300,9 @@ def test_the_drill_names_what_a_restored_copy_lost(pg18, write_catalog, damage, 
         assert good.passed, good.message
         assert good.metadata["objects"]["TRIGGER"] == 1 and good.metadata["large_objects"] == {"count": 1, "bytes": 3}
         assert good.metadata["objects_compared"] == "definitions"
-        from backup_assets.core.verify import checks as verify
+        from backup_assets.core.verify import restore_drill as verify_restore_drill
 
-        real = verify.pg_restore_archive
+        real = verify_restore_drill.pg_restore_archive
         statement, expected = DAMAGE[damage]
 
         def restore_then_damage(catalog_, backup_, target, raw, **kw):
@@ -310,7 +310,7 @@ def test_the_drill_names_what_a_restored_copy_lost(pg18, write_catalog, damage, 
             with postgres.connect(target) as conn:
                 conn.execute(statement.format(reader=sql.Identifier(zoo.READER_ROLE).as_string(conn)))
 
-        monkeypatch.setattr(verify, "pg_restore_archive", restore_then_damage)
+        monkeypatch.setattr(verify_restore_drill, "pg_restore_archive", restore_then_damage)
         outcome = restore_drill(catalog, latest(catalog, "full"))
         assert not outcome.passed
         assert expected in outcome.message, outcome.message

@@ -157,10 +157,10 @@ def test_a_restore_killed_anywhere_leaves_the_target_usable_and_whole(pg18, cata
 def test_a_swap_left_by_an_earlier_version_is_repaired(pg18, catalog, zoo_db, capsys):
     """Restores before 2026-12 switched connections off for the swap and marked the target; a kill
     left it refusing connections. The next restore or doctor still gives it back."""
-    from backup_assets.core.engines import postgres as pg
-    from backup_assets.core.restore.logical import SWAP_MARK
-    marker = pg.marker(SWAP_MARK, target=zoo_db, temp="x", safety="y", comment="its own", allow=True)
-    data = pg.read_marker(marker, SWAP_MARK)
+    from backup_assets.core.engines import pg_databases
+    from backup_assets.core.restore.choose import SWAP_MARK
+    marker = pg_databases.marker(SWAP_MARK, target=zoo_db, temp="x", safety="y", comment="its own", allow=True)
+    data = pg_databases.read_marker(marker, SWAP_MARK)
     data.update(pid=999999)  # a dead owner
     with pg18.connect() as conn:
         conn.autocommit = True

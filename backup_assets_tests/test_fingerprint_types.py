@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
-from backup_assets.core.engines import postgres
+from backup_assets.core.engines import pg_content
 from backup_assets.core.engines.pgarchive import CopyFingerprint
 from backup_assets.core.names import TableName
 
@@ -84,7 +84,7 @@ VECTOR_VALUES = ["'[1,2.5,-3]'::vector(3)", "'[0,0,0]'::vector(3)"]
 
 def copy_fingerprint(conn, table: TableName) -> tuple[int, str]:
     """What pg_dump's data block for the table holds, fingerprinted as the archive reader does."""
-    postgres.use_output_settings(conn)
+    pg_content.use_output_settings(conn)
     fp = CopyFingerprint()
     with conn.cursor().copy(sql.SQL("COPY {} TO STDOUT").format(table.ident())) as copy:
         for chunk in copy:
@@ -143,18 +143,18 @@ def test_every_type_and_null_pattern_prints_as_copy_writes(typed_db):
                 values.append(sql.SQL(pool[row % len(pool)] if pool[row % len(pool)] == "NULL" else
                                       f"({pool[row % len(pool)]})::{t}"))
             conn.execute(sql.SQL("INSERT INTO {} VALUES ({})").format(table.ident(), sql.SQL(", ").join(values)))
-        assert postgres.fingerprint(conn, table) == copy_fingerprint(conn, table)
+        assert pg_content.fingerprint(conn, table) == copy_fingerprint(conn, table)
         # the reported case: a composite whose fields are all NULL beside one that is NULL itself
         conn.execute("CREATE TABLE t (id int PRIMARY KEY, p pr)")
         conn.execute("INSERT INTO t VALUES (1, ROW(NULL, NULL)), (2, ROW(1,'x')), (3, NULL)")
-        assert postgres.fingerprint(conn, TableName("public", "t")) == copy_fingerprint(conn, TableName("public", "t"))
-        assert postgres.fingerprint(conn, TableName("public", "t"))[1] != _fingerprint_without_row_semantics(conn)
+        assert pg_content.fingerprint(conn, TableName("public", "t")) == copy_fingerprint(conn, TableName("public", "t"))
+        assert pg_content.fingerprint(conn, TableName("public", "t"))[1] != _fingerprint_without_row_semantics(conn)
 
 
 def _fingerprint_without_row_semantics(conn) -> str:
     """The table t with its all-NULL composite turned into a SQL NULL: must fingerprint differently."""
     conn.execute("CREATE TABLE t2 AS SELECT id, CASE WHEN p IS NULL THEN NULL ELSE p END AS p FROM t")
-    return postgres.fingerprint(conn, TableName("public", "t2"))[1]
+    return pg_content.fingerprint(conn, TableName("public", "t2"))[1]
 
 
 SHAPES = st.sampled_from(["plain", "no columns", "dropped columns", "inheritance child", "partition"])
@@ -204,9 +204,9 @@ def test_generated_tables_fingerprint_as_copy_writes(pg18, data, shape):
                 else:
                     conn.execute(sql.SQL("INSERT INTO {} DEFAULT VALUES").format(table.ident()))
             leaf = TableName("public", "g")
-            assert postgres.fingerprint(conn, leaf) == copy_fingerprint(conn, leaf)
+            assert pg_content.fingerprint(conn, leaf) == copy_fingerprint(conn, leaf)
             if shape == "inheritance child":  # the parent's own rows: none (COPY reads ONLY the table)
-                assert postgres.fingerprint(conn, TableName("public", "parent")) == \
+                assert pg_content.fingerprint(conn, TableName("public", "parent")) == \
                     copy_fingerprint(conn, TableName("public", "parent"))
     finally:
         with pg18.connect() as conn:

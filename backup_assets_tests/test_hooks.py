@@ -12,7 +12,8 @@ import pytest
 from backup_assets.catalog import CatalogError, parse_catalog
 from backup_assets.cli import main
 from backup_assets.core.backup.take import run_backup
-from backup_assets.core.verify.checks import find_backup, restore_drill
+from backup_assets.core.verify.checks import find_backup
+from backup_assets.core.verify.restore_drill import restore_drill
 from backup_assets.defs.build import build_definitions
 
 from .conftest import pg_source

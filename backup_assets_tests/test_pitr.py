@@ -19,6 +19,8 @@ import pytest
 
 from backup_assets.catalog import load_catalog
 from backup_assets.core.pitr import recovery as pitr
+from backup_assets.core.pitr import base as pitr_base
+from backup_assets.core.pitr import checks as pitr_checks
 from backup_assets.core.pitr import wal
 from backup_assets.core.artifact import ArtifactWriter, open_decompressed
 from backup_assets.demo.cluster import LocalCluster, free_port
@@ -68,7 +70,7 @@ def test_incremental_base_backups_combine_and_restore_exactly_inside_each_window
     write_rows(cluster, 5, "before any base backup", pause=0)
     metas = []
     for k in range(3):
-        metas.append(pitr.base_backup(catalog, "app"))
+        metas.append(pitr_base.base_backup(catalog, "app"))
         write_rows(cluster, 25, f"after base {k}")
     archive_now(cluster)
     assert [m["kind"] for m in metas] == ["full", "incremental", "incremental"]
@@ -76,7 +78,7 @@ def test_incremental_base_backups_combine_and_restore_exactly_inside_each_window
     assert metas[2]["full"] == metas[0]["artifact"]
     assert metas[1]["size_bytes"] < metas[0]["size_bytes"]  # only the changed blocks
     for meta in metas:
-        check = pitr.verify_base(catalog, "app", meta)
+        check = pitr_checks.verify_base(catalog, "app", meta)
         assert check.passed, check.message
     stamped = commits(cluster)
     # a time inside each base backup's window, between two commits: the restore uses that backup (and the
@@ -85,7 +87,7 @@ def test_incremental_base_backups_combine_and_restore_exactly_inside_each_window
         window = [(i, ts) for i, ts in stamped if ts > dt.datetime.fromisoformat(meta["finished_at"])]
         (_, a), (_, b) = window[10], window[11]
         target = a + (b - a) / 2
-        assert pitr.pick_base(pitr.base_backups(catalog, "app"), "app", target)["artifact"] == meta["artifact"]
+        assert pitr_base.pick_base(pitr_base.base_backups(catalog, "app"), "app", target)["artifact"] == meta["artifact"]
         ids = restored_ids(cluster, catalog_path, tmp_path, ["--to-time", target.isoformat()], capsys)
         expected = {i for i, ts in stamped if ts <= target}
         assert ids == expected, (k, sorted(ids ^ expected))
@@ -102,10 +104,10 @@ def test_incremental_base_backups_combine_and_restore_exactly_inside_each_window
     assert values['backup_assets_pitr_window_start_timestamp_seconds{source="app"}'] == pytest.approx(start)
     assert values['backup_assets_base_backup_count{source="app"}'] == 3
     # an incremental whose parent is gone cannot be restored: said, nothing built
-    folder = pitr.base_dir(catalog, "app")
+    folder = pitr_base.base_dir(catalog, "app")
     (folder / f"{metas[1]['artifact']}.json").rename(folder / "parked.json")
     with pytest.raises(pitr.BackupError, match="is incremental on .*which is gone"):
-        pitr.chain_of(pitr.base_backups(catalog, "app"), metas[2])
+        pitr_base.chain_of(pitr_base.base_backups(catalog, "app"), metas[2])
     (folder / "parked.json").rename(folder / f"{metas[1]['artifact']}.json")
 
 
@@ -114,9 +116,9 @@ def test_pg_verifybackup_finds_a_changed_data_file(archiving):
     cluster, catalog_path, _ = archiving
     catalog = load_catalog(catalog_path)
     write_rows(cluster, 3, "row", pause=0)
-    meta = pitr.base_backup(catalog, "app")
+    meta = pitr_base.base_backup(catalog, "app")
     assert meta["kind"] == "full"  # incremental: false
-    folder = pitr.base_dir(catalog, "app")
+    folder = pitr_base.base_dir(catalog, "app")
     # rewrite the artifact with one byte of a table file changed (the same size; a valid tar and zstd stream)
     out, changed = io.BytesIO(), None
     with open_decompressed(folder / meta["artifact"], meta["raw_size_bytes"]) as reader, \
@@ -133,7 +135,7 @@ def test_pg_verifybackup_finds_a_changed_data_file(archiving):
         written = writer.commit()
     meta.update(sha256=written.sha256, size_bytes=written.size_bytes, raw_size_bytes=written.raw_size_bytes)
     (folder / f"{meta['artifact']}.json").write_text(json.dumps(meta))
-    check = pitr.verify_base(catalog, "app", meta)
+    check = pitr_checks.verify_base(catalog, "app", meta)
     assert not check.passed and "pg_verifybackup found" in check.message
     assert any(changed.rsplit("/", 1)[-1] in p for p in check.metadata["problems"]), check.metadata
 
@@ -143,14 +145,14 @@ def test_the_drill_proves_a_random_time_and_retention_keeps_exactly_the_window(a
     cluster, catalog_path, folder = archiving
     catalog = load_catalog(catalog_path)
     write_rows(cluster, 5, "before", pause=0)
-    first = pitr.base_backup(catalog, "app", kind="full")
+    first = pitr_base.base_backup(catalog, "app", kind="full")
     write_rows(cluster, 30, "window of the first")
     archive_now(cluster)
-    second = pitr.base_backup(catalog, "app", kind="full")
+    second = pitr_base.base_backup(catalog, "app", kind="full")
     write_rows(cluster, 30, "window of the second")
     archive_now(cluster)
     for seed in (1, 2):
-        drill = pitr.pitr_drill(catalog, "app", rng=random.Random(seed))
+        drill = pitr_checks.pitr_drill(catalog, "app", rng=random.Random(seed))
         assert drill.passed, (drill.message, drill.metadata)
         after_xid = int(drill.metadata["commit_after"].split()[0])
         assert f"recovery stopping before commit of transaction {after_xid}" in drill.metadata["reached"]
@@ -160,35 +162,35 @@ def test_the_drill_proves_a_random_time_and_retention_keeps_exactly_the_window(a
         src = catalog.sources["app"]
         bare = catalog.model_copy(update={"sources": {"app": src.model_copy(update={
             "pitr": src.pitr.model_copy(update={"run_as": None})})}})
-        refused = pitr.pitr_drill(bare, "app", rng=random.Random(3))
+        refused = pitr_checks.pitr_drill(bare, "app", rng=random.Random(3))
         assert not refused.passed and "set sources.app.pitr.run_as" in refused.message
-    assert pitr.wal_continuity(catalog, "app").passed
+    assert pitr_checks.wal_continuity(catalog, "app").passed
     # retention: once the window (14 days) starts after the second base backup ended, the first one and the WAL
     # before the second's start go; restoring to the latest still works, and the continuity check still passes
     later = dt.datetime.fromisoformat(second["finished_at"]) + dt.timedelta(days=14, minutes=1)
     # the files of a base backup killed before its JSON: never counted; gone once a day old, not before
-    folder_b = pitr.base_dir(catalog, "app")
+    folder_b = pitr_base.base_dir(catalog, "app")
     old_orphan = folder_b / "base-20261101T000000000000Z.tar.zst"
     new_orphan = folder_b / f"base-{(later - dt.timedelta(hours=1)).strftime('%Y%m%dT%H%M%S%fZ')}.manifest.zst"
     for orphan in (old_orphan, new_orphan):
         orphan.write_bytes(b"partial")
-    dry = pitr.prune_base(catalog, "app", dry_run=True, now=later)
+    dry = pitr_base.prune_base(catalog, "app", dry_run=True, now=later)
     assert dry["orphans_deleted"] == 1 and old_orphan.exists()
     assert dry["deleted"] == [first["artifact"]] and dry["wal_files_deleted"] > 0
-    assert len(pitr.base_backups(catalog, "app")) == 2
-    report = pitr.prune_base(catalog, "app", dry_run=False, now=later)
+    assert len(pitr_base.base_backups(catalog, "app")) == 2
+    report = pitr_base.prune_base(catalog, "app", dry_run=False, now=later)
     assert report == dry
     assert not old_orphan.exists() and new_orphan.exists()
     new_orphan.unlink()
-    assert [b["artifact"] for b in pitr.base_backups(catalog, "app")] == [second["artifact"]]
-    assert not list(pitr.base_dir(catalog, "app").glob(first["artifact"].split(".")[0] + "*"))
+    assert [b["artifact"] for b in pitr_base.base_backups(catalog, "app")] == [second["artifact"]]
+    assert not list(pitr_base.base_dir(catalog, "app").glob(first["artifact"].split(".")[0] + "*"))
     left = wal.verify(catalog, "app")
     assert left.first == second["start_wal"] and not left.gaps
-    assert pitr.wal_continuity(catalog, "app").passed
+    assert pitr_checks.wal_continuity(catalog, "app").passed
     assert restored_ids(cluster, catalog_path, tmp_path, ["--latest"], capsys) == {i for i, _ in commits(cluster)}
     # an hour before the oldest kept base backup: refused, with the reason
     with pytest.raises(pitr.BackupError, match="before the oldest base backup"):
-        pitr.pick_base(pitr.base_backups(catalog, "app"), "app",
+        pitr_base.pick_base(pitr_base.base_backups(catalog, "app"), "app",
                        dt.datetime.fromisoformat(second["finished_at"]) - dt.timedelta(hours=1))
 
 
@@ -203,7 +205,7 @@ def test_the_dagster_job_takes_the_base_backup_runs_every_check_and_replicates(a
     cluster, catalog_path, _ = archiving
     catalog = load_catalog(catalog_path)
     write_rows(cluster, 3, "before", pause=0)
-    pitr.base_backup(catalog, "app")  # yesterday's, say: the drill restores into its window
+    pitr_base.base_backup(catalog, "app")  # yesterday's, say: the drill restores into its window
     write_rows(cluster, 20, "today")
     archive_now(cluster)
     defs = build_definitions(catalog)
@@ -219,7 +221,7 @@ def test_the_dagster_job_takes_the_base_backup_runs_every_check_and_replicates(a
         assert mats[0].metadata["kind"].value == "incremental"  # on the earlier one (PostgreSQL 18, summarize_wal)
         replica = {m.asset_key.to_user_string(): m for m in mats}["app/base_backup_s3"]
         assert replica.metadata["base_backups"].value == 2 and replica.metadata["wal_files"].value > 0
-    base = pitr.base_backups(catalog, "app")[-1]
+    base = pitr_base.base_backups(catalog, "app")[-1]
     assert base["partition"] == yesterday and base["kind"] == "incremental"
 
 
@@ -248,7 +250,7 @@ def test_base_backups_and_wal_on_s3_are_pruned_there_and_restore_when_the_local_
     on_s3 = {k.rsplit("/", 1)[-1] for k, _ in storage.list("wal/app/") if k.endswith(".json")}
     assert local_wal and local_wal <= on_s3
     assert pitr_s3.replica_intact(catalog, "app", storage).passed
-    bases = pitr.base_backups(catalog, "app")
+    bases = pitr_base.base_backups(catalog, "app")
     later = dt.datetime.fromisoformat(bases[-1]["finished_at"]) + dt.timedelta(days=15)
     report = prune(catalog, dry_run=False, now=later)["pitr"]["app"]
     assert report["local"]["deleted"] == report["s3"]["deleted"] == [bases[0]["artifact"]]
@@ -257,12 +259,12 @@ def test_base_backups_and_wal_on_s3_are_pruned_there_and_restore_when_the_local_
     check = pitr_s3.replica_intact(catalog, "app", storage)
     assert check.passed, check.message
     # the local repository's base backups and WAL are lost: restore to the latest from S3 alone
-    shutil.rmtree(pitr.base_dir(catalog, "app"))
+    shutil.rmtree(pitr_base.base_dir(catalog, "app"))
     for p in list(folder.iterdir()):
         p.unlink()
     assert restored_ids(cluster, catalog_path, tmp_path, ["--latest", "--from", "s3"], capsys) == \
         {i for i, _ in commits(cluster)}
-    assert [b["artifact"] for b in pitr.base_backups(catalog, "app")] == [bases[1]["artifact"]]
+    assert [b["artifact"] for b in pitr_base.base_backups(catalog, "app")] == [bases[1]["artifact"]]
 
 
 @pytest.mark.pitr(incremental=False)
@@ -274,20 +276,20 @@ def test_restore_to_an_lsn_starts_from_the_base_backup_before_it(archiving, tmp_
     with cluster.connect() as conn:
         early = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
     write_rows(cluster, 5, "before the first base backup", pause=0)
-    first = pitr.base_backup(catalog, "app")
+    first = pitr_base.base_backup(catalog, "app")
     write_rows(cluster, 10, "between", pause=0)
     with cluster.connect() as conn:
         between = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
         ids_then = {r[0] for r in conn.execute('SELECT id FROM "Stamped rows"')}
     write_rows(cluster, 10, "after", pause=0)
-    second = pitr.base_backup(catalog, "app")
+    second = pitr_base.base_backup(catalog, "app")
     write_rows(cluster, 3, "after the second", pause=0)
     archive_now(cluster)
-    assert first["end_lsn"] and pitr.lsn_value(first["end_lsn"]) <= pitr.lsn_value(between) < pitr.lsn_value(
+    assert first["end_lsn"] and pitr_base.lsn_value(first["end_lsn"]) <= pitr_base.lsn_value(between) < pitr_base.lsn_value(
         second["end_lsn"])
-    bases = pitr.base_backups(catalog, "app")
-    chosen = pitr.pick_base(bases, "app", None, to_lsn=str(between),
-                            end_lsn=lambda b: pitr.base_end_lsn(catalog, "app", b))
+    bases = pitr_base.base_backups(catalog, "app")
+    chosen = pitr_base.pick_base(bases, "app", None, to_lsn=str(between),
+                            end_lsn=lambda b: pitr_base.base_end_lsn(catalog, "app", b))
     assert chosen["artifact"] == first["artifact"]
     assert restored_ids(cluster, catalog_path, tmp_path, ["--to-lsn", str(between)], capsys) == ids_then
     # before the oldest base backup is consistent: refused, nothing built
@@ -299,8 +301,8 @@ def test_restore_to_an_lsn_starts_from_the_base_backup_before_it(archiving, tmp_
     assert f"WAL location {early} is before every base backup of app is consistent" in err, err
     assert not pgdata.exists()
     # a base backup described before the end LSN was kept there: read from its stored backup_manifest
-    assert pitr.base_end_lsn(catalog, "app", {k: v for k, v in first.items() if k != "end_lsn"}) == \
-        pitr.lsn_value(first["end_lsn"])
+    assert pitr_base.base_end_lsn(catalog, "app", {k: v for k, v in first.items() if k != "end_lsn"}) == \
+        pitr_base.lsn_value(first["end_lsn"])
 
 
 @pytest.mark.pitr(incremental=False)
@@ -308,7 +310,7 @@ def test_a_failed_point_in_time_restore_removes_what_it_built(archiving, tmp_pat
     cluster, catalog_path, _ = archiving
     catalog = load_catalog(catalog_path)
     write_rows(cluster, 3, "row", pause=0)
-    pitr.base_backup(catalog, "app")
+    pitr_base.base_backup(catalog, "app")
     monkeypatch.setattr(pitr, "_wait_recovered", lambda *a, **k: (_ for _ in ()).throw(
         pitr.BackupError("recovery did not finish within 1s")))
     pgdata = tmp_path / "built"

@@ -22,7 +22,9 @@ from backup_assets.core.backup.take import run_backup
 from backup_assets.core.engines import postgres
 from backup_assets.core.names import TableName
 from backup_assets.core.repository import LocalRepository
-from backup_assets.core.verify.checks import archive_readable, artifact_intact, restore_drill
+from backup_assets.core.verify.checks import artifact_intact
+from backup_assets.core.verify.readable import archive_readable
+from backup_assets.core.verify.restore_drill import restore_drill
 
 from . import regression, zoo
 from .conftest import PG15_PASSWORD_ENV, pg_source

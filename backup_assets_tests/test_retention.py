@@ -19,7 +19,8 @@ from backup_assets.core.replica import replicate, storage_for
 from backup_assets.core.repository import LocalRepository, StoredBackup
 from backup_assets.core.retention.prune import prune
 from backup_assets.core.retention.rules import Entry, select
-from backup_assets.core.verify.checks import find_backup, restore_drill
+from backup_assets.core.verify.checks import find_backup
+from backup_assets.core.verify.restore_drill import restore_drill
 
 from .conftest import pg_source, reseal, s3_replication
 

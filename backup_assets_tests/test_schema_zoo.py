@@ -16,7 +16,9 @@ from backup_assets.cli import main
 from backup_assets.core.backup.take import run_backup
 from backup_assets.core.names import TableName
 from backup_assets.core.repository import LocalRepository
-from backup_assets.core.verify.checks import archive_readable, artifact_intact, restore_drill
+from backup_assets.core.verify.checks import artifact_intact
+from backup_assets.core.verify.readable import archive_readable
+from backup_assets.core.verify.restore_drill import restore_drill
 
 from . import zoo
 from .conftest import PG15_PASSWORD_ENV, PG18_PASSWORD_ENV, pg_source
@@ -113,9 +115,9 @@ def test_drill_fails_when_a_restored_value_differs(pg18, zoo18, write_catalog, m
     catalog = write_catalog({"zoo": pg_source(pg18, zoo18, groups=GROUPS)})
     run_backup(catalog, "zoo", "billing", "daily", P)
     backup = LocalRepository(catalog.repository_root).latest("zoo", "billing", "daily")
-    from backup_assets.core.verify import checks as verify
+    from backup_assets.core.verify import restore_drill as verify_restore_drill
 
-    real = verify.pg_restore_archive
+    real = verify_restore_drill.pg_restore_archive
 
     def restore_then_tamper(catalog_, backup_, target, raw, **kw):
         real(catalog_, backup_, target, raw, **kw)
@@ -124,7 +126,7 @@ def test_drill_fails_when_a_restored_value_differs(pg18, zoo18, write_catalog, m
         with postgres.connect(target) as conn:
             conn.execute('UPDATE billing."Invoices" SET note = note || \'!\' WHERE id = 7')
 
-    monkeypatch.setattr(verify, "pg_restore_archive", restore_then_tamper)
+    monkeypatch.setattr(verify_restore_drill, "pg_restore_archive", restore_then_tamper)
     outcome = restore_drill(catalog, backup)
     assert not outcome.passed
     assert 'billing."Invoices": restored rows differ in content from the archive' in outcome.message

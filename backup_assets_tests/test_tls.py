@@ -12,7 +12,7 @@ import pytest
 from backup_assets.cli import main
 from backup_assets.core.backup.take import run_backup
 from backup_assets.core.repository import LocalRepository
-from backup_assets.core.verify.checks import restore_drill
+from backup_assets.core.verify.restore_drill import restore_drill
 from backup_assets.demo.cluster import LocalCluster, _ensure_server_user, debian_bin_dir, free_port
 
 from .conftest import pg_source

@@ -178,7 +178,8 @@ def bench_postgres(c: LocalCluster, size: str, fresh: bool, work: Path) -> dict:
 def bench_drill(c: LocalCluster, cat: Path, artifact: Path, res: dict) -> dict:
     """The restore_drill check of the same dump against raw pg_restore -j2 (d)."""
     from backup_assets.catalog import load_catalog
-    from backup_assets.core.verify.checks import find_backup, restore_drill
+    from backup_assets.core.verify.checks import find_backup
+    from backup_assets.core.verify.restore_drill import restore_drill
 
     catalog = load_catalog(cat)
     backup = find_backup(catalog, "bench", "full", "daily", "2026-11-20")
@@ -191,7 +192,7 @@ def bench_drill(c: LocalCluster, cat: Path, artifact: Path, res: dict) -> dict:
 def timed_restore(c: LocalCluster, cat: Path, suffix: str):
     """backup_assets' restore of the catalog's bench backup into a new database: (seconds, backup)."""
     from backup_assets.catalog import load_catalog
-    from backup_assets.core.restore.logical import restore_postgres
+    from backup_assets.core.restore.postgres import restore_postgres
     from backup_assets.core.verify.checks import find_backup
 
     catalog = load_catalog(cat)

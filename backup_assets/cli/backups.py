@@ -70,7 +70,9 @@ def cmd_verify(args) -> int:
     from backup_assets.core.verify import records as verification
     from backup_assets.core.backup.take import repository_for
     from backup_assets.core.crypto import identities_if_any
-    from backup_assets.core.verify.checks import archive_readable, artifact_intact, restore_drill
+    from backup_assets.core.verify.checks import artifact_intact
+    from backup_assets.core.verify.readable import archive_readable
+    from backup_assets.core.verify.restore_drill import restore_drill
 
     catalog = _catalog(args)
     repository_for(catalog).sweep()
@@ -82,7 +84,7 @@ def cmd_verify(args) -> int:
     if args.drill:
         steps.append(("restore_drill", lambda: restore_drill(catalog, backup, jobs=args.jobs)))
     results = []
-    from backup_assets.core.verify.checks import Outcome
+    from backup_assets.core.outcome import Outcome
 
     for name, run in steps:
         try:
@@ -213,7 +215,7 @@ def cmd_drill(args) -> int:
 def cmd_basebackup(args) -> int:
     """A base backup. With --dagster it is taken through the `<source>/base_backup` asset (a run in
     DAGSTER_HOME), so it shows in the UI with its checks and replica, as `backup` does for dumps."""
-    from backup_assets.core.pitr import recovery as pitr
+    from backup_assets.core.pitr import base as pitr_base
 
     catalog = _catalog(args)
     cfg = catalog.sources[args.source].pitr
@@ -226,7 +228,7 @@ def cmd_basebackup(args) -> int:
             raise UsageError(f"source {args.source!r} has no pitr section: it has no base_backup asset")
         meta, failed_checks = _basebackup_through_dagster(catalog, args.source, replicate_too, debug=args.debug)
     else:
-        meta = pitr.base_backup(catalog, args.source, kind=args.kind, say=Reporter())
+        meta = pitr_base.base_backup(catalog, args.source, kind=args.kind, say=Reporter())
         if replicate_too:
             from backup_assets.core.pitr.s3 import replicate
             from backup_assets.core.pitr.locations import replica_storage
@@ -235,14 +237,14 @@ def cmd_basebackup(args) -> int:
     on = f" on {meta['parent']}" if meta.get("parent") else ""
     print(f"{meta['kind']} base backup {meta['artifact']}{on} ({meta['size_bytes']} bytes), WAL from "
           f"{meta['start_wal']}, finished {meta['finished_at']}")
-    oldest = pitr.base_backups(catalog, args.source)[0]
+    oldest = pitr_base.base_backups(catalog, args.source)[0]
     print(f"a point-in-time restore of {args.source} reaches any moment from {oldest['finished_at']} on "
           f"(backup-assets restore --source {args.source} --to-time '...' --pgdata DIR)")
     return 1 if failed_checks else 0
 
 
 def _basebackup_through_dagster(catalog, source: str, replicate_too: bool, *, debug: bool) -> dict:
-    from backup_assets.core.pitr import recovery as pitr
+    from backup_assets.core.pitr import base as pitr_base
     from backup_assets.defs import cli_runs
     from backup_assets.defs.build import build_definitions
     from backup_assets.defs.pitr import BASE_BACKUPS_JOB, base_key, base_replica_key
@@ -253,13 +255,13 @@ def _basebackup_through_dagster(catalog, source: str, replicate_too: bool, *, de
     partition = defs.resolve_assets_def(base_key(source)).partitions_def.get_last_partition_key()
     instance = _instance()
     _fail_dead_cli_runs(catalog, instance)
-    before = {b["artifact"] for b in pitr.base_backups(catalog, source)}
+    before = {b["artifact"] for b in pitr_base.base_backups(catalog, source)}
     result = job.execute_in_process(
         partition_key=partition, instance=instance, raise_on_error=False,
         asset_selection=[base_key(source)] + ([base_replica_key(source)] if replicate_too else []),
         tags={**cli_runs.run_tags(catalog), "backup_assets/command": f"backup-assets basebackup --source {source}"},
         run_config={"loggers": {"console": {"config": {"log_level": "DEBUG" if debug else "CRITICAL"}}}})
-    made = [b for b in pitr.base_backups(catalog, source) if b["artifact"] not in before]
+    made = [b for b in pitr_base.base_backups(catalog, source) if b["artifact"] not in before]
     import dagster as dg
 
     failed = []

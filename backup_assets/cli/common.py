@@ -96,7 +96,7 @@ def _check_partitions(args, catalog) -> None:
 
 
 def _selected_backup(args, catalog, say, *, to_restore: bool = True):
-    from backup_assets.core.restore.logical import backup_from_file, choose_backup
+    from backup_assets.core.restore.choose import backup_from_file, choose_backup
 
     _check_partitions(args, catalog)
     if args.file:

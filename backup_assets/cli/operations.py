@@ -29,11 +29,11 @@ def cmd_wal_fetch(args) -> int:
 def cmd_wal_verify(args) -> int:
     import datetime as dt
 
-    from backup_assets.core.pitr import recovery as pitr
+    from backup_assets.core.pitr import base as pitr_base
     from backup_assets.core.pitr import wal
 
     catalog = _catalog(args)
-    bases = pitr.base_backups(catalog, args.source)
+    bases = pitr_base.base_backups(catalog, args.source)
     since = bases[0]["start_wal"] if bases else None  # from the oldest kept base backup on
     result = wal.verify(catalog, args.source, since=since)
     age = None

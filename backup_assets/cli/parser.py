@@ -7,8 +7,10 @@ import argparse
 from backup_assets.catalog import TIER_NAMES
 from backup_assets.cli.backups import cmd_list, cmd_verify, cmd_backup, cmd_drill, cmd_basebackup
 from backup_assets.cli.restores import cmd_restore, cmd_restores, cmd_safety_list, cmd_safety_drop
-from backup_assets.cli.maintenance import cmd_retention_prune, cmd_retention_prune_tables, cmd_runs_prune, cmd_doctor, cmd_replicas_verify, cmd_rekey
-from backup_assets.cli.operations import cmd_wal_push, cmd_wal_fetch, cmd_wal_verify, cmd_alerts_test, cmd_metrics, cmd_metrics_serve
+from backup_assets.cli.maintenance import (cmd_retention_prune, cmd_retention_prune_tables, cmd_runs_prune,
+                                           cmd_doctor, cmd_replicas_verify, cmd_rekey)
+from backup_assets.cli.operations import (cmd_wal_push, cmd_wal_fetch, cmd_wal_verify, cmd_alerts_test, cmd_metrics,
+                                          cmd_metrics_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,8 @@ from backup_assets.cli.common import (UsageError, Reporter, _catalog, _print_tab
 def cmd_restore(args) -> int:
     if args.to_time or args.to_lsn or args.latest:
         return cmd_pitr_restore(args)  # without the logical restore's modules: the recovery time counts
-    from backup_assets.core.restore.logical import restore_plan, restore_postgres, restore_sqlite
+    from backup_assets.core.restore.postgres import restore_plan, restore_postgres
+    from backup_assets.core.restore.sqlite import restore_sqlite
 
     catalog = _catalog(args)
     say = Reporter()

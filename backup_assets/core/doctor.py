@@ -20,6 +20,7 @@ from backup_assets.catalog import Catalog
 from backup_assets.core import BackupError
 from backup_assets.core.backup.take import repository_for
 from backup_assets.core.engines import postgres
+from backup_assets.core.engines import pg_databases
 
 ORPHAN_AGE_S = 600  # an artifact renamed into place gets its manifest within moments
 SAFETY_DB = re.compile(r".+_before_restore_(\d{14})$")
@@ -32,7 +33,7 @@ def servers(catalog: Catalog, problems: list[str] | None = None) -> dict[str, po
     source whose credentials are not at hand is said in `problems` and skipped."""
     from backup_assets.catalog import CatalogError
     from backup_assets.core.backup.take import endpoint_for
-    from backup_assets.core.verify.checks import drill_endpoint
+    from backup_assets.core.verify.restore_drill import drill_endpoint
 
     found: dict[str, postgres.Endpoint] = {}
     for name, src in catalog.sources.items():
@@ -50,8 +51,8 @@ def servers(catalog: Catalog, problems: list[str] | None = None) -> dict[str, po
 
 
 def doctor(catalog: Catalog, *, say=lambda _m: None) -> list[str]:
-    from backup_assets.core.restore.logical import repair_interrupted_swaps
-    from backup_assets.core.verify.checks import DRILL_MARK
+    from backup_assets.core.restore.postgres import repair_interrupted_swaps
+    from backup_assets.core.verify.restore_drill import DRILL_MARK
 
     done: list[str] = []
     repo = repository_for(catalog)
@@ -76,7 +77,7 @@ def doctor(catalog: Catalog, *, say=lambda _m: None) -> list[str]:
         try:
             with postgres.connect(ep, what="doctor: ") as admin:
                 done += [f"{where}: {line}" for line in repair_interrupted_swaps(admin)]
-                for name in postgres.drop_marked_databases(admin, like="drill\\_%", mark=DRILL_MARK):
+                for name in pg_databases.drop_marked_databases(admin, like="drill\\_%", mark=DRILL_MARK):
                     done.append(f"{where}: dropped {name}, the scratch database of an interrupted drill")
         except BackupError as exc:
             done.append(f"{where}: not checked: {exc}")
@@ -139,7 +140,7 @@ def drop_safety_copy(catalog: Catalog, copy: SafetyCopy) -> None:
         if ep.host == host and str(ep.port) == port:
             with postgres.connect(ep.with_db(dbname or "postgres"), what="dropping a safety copy: ") as conn:
                 if copy.kind == "database":
-                    postgres.drop_database(conn, copy.name)
+                    pg_databases.drop_database(conn, copy.name)
                 else:
                     conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(copy.name)))
             return

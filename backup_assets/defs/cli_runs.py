@@ -42,7 +42,7 @@ def owner_alive(run) -> bool | None:
         data = json.loads(raw)
     except ValueError:
         return None
-    from backup_assets.core.engines.postgres import marker_owner_alive
+    from backup_assets.core.engines.pg_databases import marker_owner_alive
 
     return marker_owner_alive(data)
 

@@ -99,14 +99,15 @@ def build_base_backup(catalog: Catalog, source: str, partitions) -> dg.AssetsDef
 
 def run_base_backup(catalog: Catalog, context: AssetExecutionContext, source: str):
     from backup_assets.core import BackupError
-    from backup_assets.core.pitr import recovery as pitr
-    from backup_assets.core.verify.checks import Outcome
+    from backup_assets.core.pitr import base as pitr_base
+    from backup_assets.core.pitr import checks as pitr_checks
+    from backup_assets.core.outcome import Outcome
 
     key = base_key(source)
     meta = None
     if key in context.selected_asset_keys:
         try:
-            meta = pitr.base_backup(catalog, source, partition=context.partition_key, say=context.log.info)
+            meta = pitr_base.base_backup(catalog, source, partition=context.partition_key, say=context.log.info)
         except BackupError as exc:
             raise _failure(context, key, exc) from None
         yield dg.MaterializeResult(asset_key=key, metadata={
@@ -127,17 +128,17 @@ def run_base_backup(catalog: Catalog, context: AssetExecutionContext, source: st
     for name in [n for n in pitr_check_names(catalog, source) if n in selected]:  # cheap ones first
         try:
             if name == "base_verified":
-                bases = pitr.base_backups(catalog, source)
+                bases = pitr_base.base_backups(catalog, source)
                 target = meta or next((b for b in reversed(bases) if b.get("partition") == context.partition_key),
                                       bases[-1] if bases else None)
-                outcome = pitr.verify_base(catalog, source, target) if target else \
+                outcome = pitr_checks.verify_base(catalog, source, target) if target else \
                     Outcome(False, f"no base backup of {source} to verify", {})
             elif name in ("wal_continuity", "recovery_point"):
-                state = state or pitr.archive_state(catalog, source)  # one read of the archive for both
-                outcome = (pitr.wal_continuity if name == "wal_continuity" else pitr.recovery_point)(
+                state = state or pitr_checks.archive_state(catalog, source)  # one read of the archive for both
+                outcome = (pitr_checks.wal_continuity if name == "wal_continuity" else pitr_checks.recovery_point)(
                     catalog, source, state=state)
             else:
-                outcome = pitr.pitr_drill(catalog, source, say=context.log.info)
+                outcome = pitr_checks.pitr_drill(catalog, source, say=context.log.info)
         except BackupError as exc:
             outcome = Outcome(False, str(exc), {})
         if line := failure_line(name, outcome):

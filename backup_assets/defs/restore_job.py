@@ -27,7 +27,7 @@ def in_place_refusal(catalog: Catalog, manifest, config: RestoreConfig) -> str |
     name) or file (compared by real path: a symlinked folder or `..` is the same file), nor restore without a
     safety copy. The CLI may, after its confirmation."""
     from backup_assets.core.backup import roles
-    from backup_assets.core.restore.logical import catalog_targets
+    from backup_assets.core.restore.choose import catalog_targets
 
     if not config.safety_copy and not catalog.restore.allow_no_safety_copy_from_ui:
         return (f"refusing safety_copy: false from the restore job: set restore.allow_no_safety_copy_from_ui: true in "
@@ -60,7 +60,9 @@ def build_restore_job(catalog: Catalog) -> dg.JobDefinition:
     def restore_backup(context: OpExecutionContext, config: RestoreConfig) -> dg.Output:
         from backup_assets.core import BackupError
         from backup_assets.core.restore import restore_log as audit
-        from backup_assets.core.restore.logical import choose_backup, restore_plan, restore_postgres, restore_sqlite
+        from backup_assets.core.restore.choose import choose_backup
+        from backup_assets.core.restore.postgres import restore_plan, restore_postgres
+        from backup_assets.core.restore.sqlite import restore_sqlite
 
         def say(message: str, progress: bool = False) -> None:
             if not progress:

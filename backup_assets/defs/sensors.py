@@ -172,7 +172,7 @@ def build_sensors(catalog: Catalog) -> list:
     check_keys = [dg.AssetCheckKey(backup_key(*t), n) for t in catalog.backup_targets() for n in backup_check_names]
     if catalog.replication.s3:
         check_keys += [dg.AssetCheckKey(replica_key(*t), "replica_intact") for t in catalog.backup_targets()]
-    from backup_assets.defs.pitr import base_key, base_replica_key, pitr_check_names, replicated  # the physical tier's checks too
+    from backup_assets.defs.pitr import (base_key, base_replica_key, pitr_check_names, replicated)  # the physical tier's checks too
 
     for source in catalog.pitr_sources():
         check_keys += [dg.AssetCheckKey(base_key(source), n) for n in pitr_check_names(catalog, source)]
@@ -232,11 +232,11 @@ def build_sensors(catalog: Catalog) -> list:
         watched = {name: src.wal_rpo_seconds for name, src in catalog.sources.items() if src.wal_rpo_seconds}
         if not watched:
             return
-        from backup_assets.core.pitr import recovery as pitr
+        from backup_assets.core.pitr import base as pitr_base
         from backup_assets.core.pitr import wal
 
         for name, rpo in watched.items():
-            bases = pitr.base_backups(catalog, name)
+            bases = pitr_base.base_backups(catalog, name)
             result = wal.verify(catalog, name, since=bases[0]["start_wal"] if bases else None)
             newest = dt.datetime.fromisoformat(result.newest_pushed_at) if result.newest_pushed_at else None
             age = (now - newest).total_seconds() if newest else None

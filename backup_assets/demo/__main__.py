@@ -191,7 +191,7 @@ def refill_s3() -> None:
     if next(iter(storage.list("")), None) is not None:
         return
     backups = repository_for(catalog).backups()
-    from backup_assets.core.pitr.recovery import base_backups
+    from backup_assets.core.pitr.base import base_backups
 
     bases = [s for s in catalog.pitr_sources() if base_backups(catalog, s)]
     if not backups and not bases:

@@ -11,9 +11,7 @@ text passes through `scrub` before it leaves this module.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
-import re
 import subprocess
 import tempfile
 import threading
@@ -26,11 +24,14 @@ from psycopg import sql
 
 from backup_assets.core import BackupError
 from backup_assets.core.names import TableName
-from backup_assets.core.owner import Owner
 from backup_assets.core.secrets import scrub
-from backup_assets.core.engines.tools import embedded_bin_dir, find_tool, installed_tools  # noqa: F401  (found without a driver)
+from backup_assets.core.engines.tools import find_tool
+from backup_assets.core.engines.pg_databases import has_marker
+
 
 CONNECT_TIMEOUT_S = 10
+
+
 VECTOR_TYPES = ("vector", "halfvec", "sparsevec")
 
 
@@ -90,8 +91,6 @@ def server_major(conn: psycopg.Connection) -> int:
 def server_version(conn: psycopg.Connection) -> str:
     return conn.execute("SHOW server_version").fetchone()[0].split()[0]
 
-
-# -- snapshot facts ------------------------------------------------------------------------------
 
 _RELATIONS = """
     SELECT c.oid, n.nspname, c.relname, c.relkind, c.relispartition
@@ -208,87 +207,6 @@ def table_facts(conn: psycopg.Connection, tables: Iterable[TableName]) -> TableF
     return facts
 
 
-# -- content fingerprints of a restored database ---------------------------------------------------
-
-# The settings under which pg_dump writes COPY text, for our sessions and pg_dump's alike, so a
-# value prints the same way on both sides (pg_dump itself sets DateStyle, IntervalStyle and
-# extra_float_digits; time zone and bytea output are pinned here).
-OUTPUT_SETTINGS = {"DateStyle": "ISO", "IntervalStyle": "postgres", "extra_float_digits": "3",
-                   "TimeZone": "UTC", "bytea_output": "hex", "client_encoding": "UTF8"}
-
-
-def output_options() -> str:
-    return " ".join(f"-c {k}={v}" for k, v in OUTPUT_SETTINGS.items())
-
-
-# types whose text output never holds a backslash or a control character: no COPY escaping needed
-PLAIN_OUTPUT_CATEGORIES = {"N", "B", "D", "T", "V"}  # numeric, boolean, date/time, timespan, bit strings
-PLAIN_OUTPUT_TYPES = set(VECTOR_TYPES) | {"uuid", "oid", "inet", "cidr", "macaddr", "macaddr8", "pg_lsn"}
-
-
-def _copy_line_sql(columns: list[tuple[str, bool]]) -> sql.Composable:
-    """SQL for a row's COPY text line: each column's text output, escaped as COPY TO does
-    (backslash, \\b \\f \\n \\r \\t \\v) unless its type never needs it, NULL as \\N,
-    joined by tabs.
-
-    NULL is tested with num_nulls(), which asks whether the datum itself is NULL: `col IS NULL` is
-    also true for a composite whose fields are all NULL (SQL's row semantics), which COPY writes as
-    `(,)`, never as \\N."""
-    parts = []
-    for col, plain in columns:
-        # concat() prints through the type's output function, as COPY does (a cast to text
-        # would not: true::text is 'true' where COPY writes 't', char(n) would lose its padding)
-        value = sql.SQL("concat({})").format(sql.Identifier(col))
-        for raw, escaped in () if plain else (("\\", "\\\\"), ("\b", "\\b"), ("\f", "\\f"), ("\n", "\\n"),
-                             ("\r", "\\r"), ("\t", "\\t"), ("\v", "\\v")):
-            value = sql.SQL("replace({}, {}, {})").format(value, sql.Literal(raw), sql.Literal(escaped))
-        parts.append(sql.SQL("CASE WHEN num_nulls({}) = 1 THEN {} ELSE {} END").format(
-            sql.Identifier(col), sql.Literal("\\N"), value))
-    if not parts:
-        return sql.Literal("")
-    return sql.SQL(" || chr(9) || ").join(parts)
-
-
-def copy_columns(conn: psycopg.Connection, table: TableName) -> list[str]:
-    """The columns pg_dump writes for a table, in its order: not dropped, not generated."""
-    return [name for name, _plain in _copy_columns(conn, table)]
-
-
-def _copy_columns(conn: psycopg.Connection, table: TableName) -> list[tuple[str, bool]]:
-    """(column, whether its type's output needs no COPY escaping), in pg_dump's order."""
-    return [(name, category in PLAIN_OUTPUT_CATEGORIES or typname in PLAIN_OUTPUT_TYPES)
-            for name, category, typname in conn.execute(
-                "SELECT a.attname, t.typcategory, t.typname FROM pg_attribute a "
-                "JOIN pg_type t ON t.oid = a.atttypid "  # a domain has its base type's category
-                "WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' "
-                "ORDER BY a.attnum", (_regclass(table),)).fetchall()]
-
-
-def use_output_settings(conn: psycopg.Connection) -> None:
-    for name, value in OUTPUT_SETTINGS.items():
-        conn.execute("SELECT set_config(%s, %s, false)", (name, value))
-
-
-def fingerprint(conn: psycopg.Connection, table: TableName) -> tuple[int, str]:
-    """(rows, fingerprint) of a table as its archive's data block would give them (see
-    pgarchive.CopyFingerprint; the archive's text is UTF-8, so the rows are hashed as UTF-8
-    whatever the database's encoding); a partitioned table sums its leaf partitions."""
-    use_output_settings(conn)
-    kind = relkind(conn, table)
-    leaves = leaf_partitions(conn, table) if kind == "p" else [table]
-    rows, total = 0, 0
-    for leaf in leaves:
-        line = _copy_line_sql(_copy_columns(conn, leaf))
-        n, s = conn.execute(sql.SQL(
-            "SELECT count(*), coalesce(sum(('x' || substr(md5(convert_to({}, 'UTF8')), 1, 16))::bit(64)::bigint::numeric), 0) "
-            "FROM ONLY {}").format(line, leaf.ident())).fetchone()
-        rows += n
-        total += int(s)
-    return rows, f"{total & ((1 << 64) - 1):016x}"
-
-
-# -- safety copies ---------------------------------------------------------------------------------
-
 SAFETY_MARK = "backup_assets safety copy"
 
 
@@ -298,50 +216,20 @@ def safety_schemas(conn: psycopg.Connection) -> list[str]:
     return sorted(name for name, comment in rows if has_marker(comment, SAFETY_MARK))
 
 
-def fingerprints(ep: Endpoint, tables: list[TableName], *, workers: int = 2) -> dict[str, tuple[int, str]]:
-    """`fingerprint` of many tables, the biggest first, over `workers` connections at once (the
-    restored database is otherwise idle: this is what keeps a drill close to a raw restore)."""
-    with connect(ep) as conn:
-        sizes = {t: conn.execute("SELECT coalesce(sum(pg_relation_size(relid)), 0) FROM pg_partition_tree(%s::regclass)",
-                                 (_regclass(t),)).fetchone()[0] for t in tables}
-    queue = sorted(tables, key=lambda t: -sizes[t])
-    out: dict[str, tuple[int, str]] = {}
-    lock = threading.Lock()
-    errors: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            with connect(ep) as conn:
-                while True:
-                    with lock:
-                        if not queue or errors:
-                            return
-                        table = queue.pop(0)
-                    result = fingerprint(conn, table)
-                    with lock:
-                        out[str(table)] = result
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, daemon=True) for _ in range(max(1, min(workers, len(tables))))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return out
+OUTPUT_SETTINGS = {"DateStyle": "ISO", "IntervalStyle": "postgres", "extra_float_digits": "3",
+                   "TimeZone": "UTC", "bytea_output": "hex", "client_encoding": "UTF8"}
 
 
-# -- roles -----------------------------------------------------------------------------------------
+def output_options() -> str:
+    return " ".join(f"-c {k}={v}" for k, v in OUTPUT_SETTINGS.items())
+
+
 
 def missing_roles(conn: psycopg.Connection, roles: Iterable[str]) -> list[str]:
     wanted = sorted({r for r in roles if r})
     have = {r[0] for r in conn.execute("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", (wanted,)).fetchall()}
     return [r for r in wanted if r not in have]
 
-
-# -- dump ----------------------------------------------------------------------------------------
 
 @dataclass
 class DumpResult:
@@ -477,128 +365,6 @@ def role_cannot_dump(conn: psycopg.Connection, tables: set[TableName] | None) ->
 def _quoted(ident: str) -> str:
     """An exact pg_dump pattern for one name (double-quoted: no character is a wildcard)."""
     return '"' + ident.replace('"', '""') + '"'
-
-
-# -- restore -------------------------------------------------------------------------------------
-
-def valid_db_name(name: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", name))
-
-
-def database_exists(conn: psycopg.Connection, name: str) -> bool:
-    return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
-
-
-def create_database(conn: psycopg.Connection, name: str, *, comment: str | None = None) -> None:
-    try:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    except psycopg.errors.InsufficientPrivilege:
-        user = conn.execute("SELECT current_user").fetchone()[0]
-        raise BackupError(f"role {user} on {conn.info.host}:{conn.info.port} may not create databases (the drill's and "
-                          "a restore's scratch database): grant it CREATEDB, or name a drill_server in the catalog "
-                          "whose user may") from None
-    if comment:
-        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(comment)))
-
-
-def recreate_database(conn: psycopg.Connection, name: str, *, comment: str | None = None) -> None:
-    """Drop a scratch database and create it again, empty (a restore tried again from the start)."""
-    drop_database(conn, name)
-    create_database(conn, name, comment=comment)
-
-
-def drop_database(conn: psycopg.Connection, name: str) -> None:
-    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
-def database_comment(conn: psycopg.Connection, name: str) -> str | None:
-    row = conn.execute(
-        "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (name,)
-    ).fetchone()
-    return row[0] if row else None
-
-
-def marker(mark: str, **extra) -> str:
-    """A comment saying which of our operations owns a scratch database or schema, and which
-    process (host, pid, start time) runs it."""
-    return json.dumps({"mark": mark, **Owner.me().to_json(), **extra})
-
-
-def read_marker(comment: str | None, mark: str) -> dict | None:
-    try:
-        data = json.loads(comment or "")
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) and data.get("mark") == mark else None
-
-
-def has_marker(comment: str | None, mark: str) -> bool:
-    return read_marker(comment, mark) is not None
-
-
-def marker_owner_alive(data: dict) -> bool:
-    owner = Owner.from_json(data)
-    if owner is None:
-        return False
-    try:
-        created = dt.datetime.fromisoformat(data.get("created", ""))
-        age = (dt.datetime.now(dt.timezone.utc) - created).total_seconds()
-    except (TypeError, ValueError):
-        age = None
-    return owner.is_alive(age_s=age)
-
-
-_OWNED = re.compile(r"_([0-9a-f]{8})_(\d+)_(\d+)$")
-
-
-def owned_name(base: str) -> str:
-    """A scratch database's name that says who made it (host, pid, process start): CREATE DATABASE
-    cannot run in a transaction with the COMMENT that marks it, and a server finishes a CREATE
-    DATABASE whose client was killed, so the name is what a sweep can always judge."""
-    owner = Owner.me()
-    suffix = f"_{owner.host}_{owner.pid}_{owner.start}"
-    return _bytes_prefix(base, 63 - len(suffix.encode())) + suffix
-
-
-def owned_name_with(head: str, tail: str) -> str:
-    """`owned_name(head + tail)` where only `head` is shortened to fit (the tail, e.g. a time stamp, stays whole)."""
-    owner = Owner.me()
-    suffix = f"_{owner.host}_{owner.pid}_{owner.start}"
-    return _bytes_prefix(head, 63 - len(suffix.encode()) - len(tail.encode())) + tail + suffix
-
-
-def _bytes_prefix(text: str, limit: int) -> str:
-    """The longest prefix of `text` within `limit` bytes of UTF-8 (PostgreSQL's 63 are bytes, not characters;
-    a longer name would be cut by the server and no longer be the name we use)."""
-    return text.encode()[:max(limit, 0)].decode(errors="ignore")
-
-
-def name_owner(name: str) -> Owner | None:
-    match = _OWNED.search(name)
-    return Owner(match.group(1), int(match.group(2)), int(match.group(3))) if match else None
-
-
-def drop_marked_databases(conn: psycopg.Connection, *, like: str, mark: str, protect: set[str] = frozenset()) -> list[str]:
-    """Drop the leftovers of interrupted operations: databases named `like` that carry `mark` (or an
-    owner in their name, when the operation died before it could mark them) and whose owner process
-    is gone; never one that is neither, never one of a live operation."""
-    dropped = []
-    for name, comment in conn.execute(
-        "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database WHERE datname LIKE %s", (like,)
-    ).fetchall():
-        if name in protect:
-            continue
-        data = read_marker(comment, mark)
-        if data is not None:
-            dead = not marker_owner_alive(data)
-        elif comment is None and (owner := name_owner(name)) is not None:
-            dead = not owner.is_alive()
-        else:
-            continue
-        if dead:
-            drop_database(conn, name)
-            dropped.append(name)
-    return dropped
 
 
 def pg_restore(ep: Endpoint, archive: Path, *, tool: Path, jobs: int = 2, use_list: Path | None = None,

@@ -107,7 +107,7 @@ class RepositoryCollector:
     def _wal(self, gauge):
         """Point-in-time recovery: per PostgreSQL source with a WAL archive, its recovery point (the newest
         archived segment's time), its segments and gaps since the oldest base backup, its base backups."""
-        from backup_assets.core.pitr import recovery as pitr
+        from backup_assets.core.pitr import base as pitr_base
         from backup_assets.core.pitr import wal
 
         last = gauge("wal_last_archived_timestamp_seconds", "When the newest WAL segment was archived (the RPO).",
@@ -124,7 +124,7 @@ class RepositoryCollector:
         for name, src in self.catalog.sources.items():
             if src.engine != "postgres" or not (self.catalog.repository_root / "wal" / name).is_dir():
                 continue
-            kept = pitr.base_backups(self.catalog, name)
+            kept = pitr_base.base_backups(self.catalog, name)
             result = wal.verify(self.catalog, name, since=kept[0]["start_wal"] if kept else None)
             segments.add_metric([name], result.segments)
             gaps.add_metric([name], len(result.gaps))

@@ -27,7 +27,7 @@ def _files_of_base(meta: dict) -> list[tuple[str, int, str]]:
 
 def replicate(catalog: Catalog, source: str, storage, *, say=lambda _m: None) -> dict:
     """Upload every kept base backup and every archived WAL file that the replica lacks (one listing each)."""
-    from backup_assets.core.pitr import recovery as pitr
+    from backup_assets.core.pitr import base as pitr_base
     from backup_assets.core.pitr import wal
 
     local = catalog.repository_root
@@ -42,7 +42,7 @@ def replicate(catalog: Catalog, source: str, storage, *, say=lambda _m: None) ->
         uploaded += 1
         uploaded_bytes += size
 
-    bases = pitr.base_backups(catalog, source)
+    bases = pitr_base.base_backups(catalog, source)
     for meta in bases:
         for name, size, sha in _files_of_base(meta):
             ensure(base_prefix(source) + name, local / "base" / source / name, size, sha)
@@ -71,11 +71,11 @@ def replicate(catalog: Catalog, source: str, storage, *, say=lambda _m: None) ->
 def replica_intact(catalog: Catalog, source: str, storage):
     """Every kept base backup (artifact, manifest, JSON) is on the replica with its size and SHA-256, and every
     WAL file from the oldest kept base backup's start with its size (each was verified on upload)."""
-    from backup_assets.core.pitr import recovery as pitr
+    from backup_assets.core.pitr import base as pitr_base
     from backup_assets.core.pitr import wal
-    from backup_assets.core.verify.checks import Outcome
+    from backup_assets.core.outcome import Outcome
 
-    bases = pitr.base_backups(catalog, source)
+    bases = pitr_base.base_backups(catalog, source)
     present = dict(storage.list(base_prefix(source))) | dict(storage.list(wal_prefix(source)))
     problems = []
     for meta in bases:
@@ -110,13 +110,13 @@ def replica_intact(catalog: Catalog, source: str, storage):
 def download_bases(catalog: Catalog, source: str, storage, *, say=lambda _m: None) -> int:
     """Bring the replica's base backups that the local repository lacks back into it (verified), for a restore
     when the local copies are gone. WAL comes back one segment at a time through wal-fetch."""
-    from backup_assets.core.pitr import recovery as pitr
+    from backup_assets.core.pitr import base as pitr_base
     from backup_assets.core.artifact import sha256_file
 
-    folder = ensure_dir(pitr.base_dir(catalog, source))
-    local = {m["artifact"] for m in pitr.base_backups(catalog, source)}
+    folder = ensure_dir(pitr_base.base_dir(catalog, source))
+    local = {m["artifact"] for m in pitr_base.base_backups(catalog, source)}
     fetched = 0
-    for meta in pitr.base_backups(catalog, source, storage):
+    for meta in pitr_base.base_backups(catalog, source, storage):
         if meta["artifact"] in local:
             continue
         for name, size, sha in _files_of_base(meta):

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from backup_assets.core import BackupError, failpoints
-from backup_assets.core.artifact import ArtifactWriter, ensure_dir, fsync_dir, open_decompressed, partial_path, write_json_atomic
+from backup_assets.core.artifact import (ArtifactWriter, ensure_dir, fsync_dir, open_decompressed, partial_path,
+                                         write_json_atomic)
 
 if TYPE_CHECKING:
     from backup_assets.catalog import Catalog

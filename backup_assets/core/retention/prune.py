@@ -12,7 +12,7 @@ from backup_assets.core.retention.rules import prune_repository
 
 def prune(catalog: Catalog, *, dry_run: bool, storage=None, now: dt.datetime | None = None) -> dict:
     """Prune the local repository and the S3 replica, each by its own retention days."""
-    from backup_assets.core.replica import _as_repository, replica_repository  # the S3 client only where there is a replica
+    from backup_assets.core.replica import (_as_repository, replica_repository)  # the S3 client only where there is a replica
 
     now = now or dt.datetime.now(dt.timezone.utc)
     local = repository_for(catalog)
@@ -24,7 +24,7 @@ def prune(catalog: Catalog, *, dry_run: bool, storage=None, now: dt.datetime | N
         days = {t: catalog.retention_days(t, where) for t in catalog.tiers}
         report[where] = prune_repository(repo, days, dry_run=dry_run, now=now)
     if catalog.pitr_sources():  # base backups and WAL, on disk and on the replica, each by the source's pitr days
-        from backup_assets.core.pitr.recovery import prune_base
+        from backup_assets.core.pitr.base import prune_base
 
         report["pitr"] = {}
         for source in catalog.pitr_sources():

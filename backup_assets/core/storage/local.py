@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from backup_assets.core import BackupError
-from backup_assets.core.artifact import CHUNK, FILE_MODE, PARTIAL_MARK, ensure_dir, fsync_dir, partial_path, sha256_file
+from backup_assets.core.artifact import (CHUNK, FILE_MODE, PARTIAL_MARK, ensure_dir, fsync_dir, partial_path,
+                                         sha256_file)
 from backup_assets.core.storage import ObjectInfo
 
 SCRATCH = ".tmp"

@@ -10,7 +10,8 @@ from backup_assets.catalog import Catalog
 from backup_assets.core import BackupError
 from backup_assets.core.backup.take import repository_for
 from backup_assets.core.repository import StoredBackup
-from backup_assets.core.verify.checks import Outcome, artifact_intact, restore_drill
+from backup_assets.core.verify.checks import Outcome, artifact_intact
+from backup_assets.core.verify.restore_drill import restore_drill
 
 
 @dataclass

@@ -1,0 +1,178 @@
+"""The catalog's settings beside its sources: tiers, the DR drill, the repository, S3 replication, alert channels
+and metrics."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from backup_assets.catalog.common import CatalogError, IDENT, TIER_NAMES, WEEKDAYS, _Model, _check_timezone
+
+
+class TierConfig(_Model):
+    enabled: bool = True
+    time: str = "03:00"
+    timezone: str | None = None
+    retention_days: Annotated[int, Field(ge=1)] = 7
+    # weekly runs on this weekday, monthly on this day of the month
+    day_of_week: Literal[WEEKDAYS] = "monday"  # type: ignore[valid-type]
+    day_of_month: Annotated[int, Field(ge=1, le=28)] = 1
+    # restore drills: run the `restore_drill` check on every partition of this tier
+    drill: bool | None = None
+
+    @field_validator("time")
+    @classmethod
+    def _time(cls, value: str) -> str:
+        match = re.fullmatch(r"(\d{1,2}):(\d{2})", value)
+        if not match or int(match.group(1)) > 23 or int(match.group(2)) > 59:
+            raise ValueError(f"bad time {value!r}: expected HH:MM between 00:00 and 23:59")
+        return f"{int(match.group(1)):02d}:{match.group(2)}"
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_timezone(value)
+        return value
+
+    @property
+    def hour(self) -> int:
+        return int(self.time.split(":")[0])
+
+    @property
+    def minute(self) -> int:
+        return int(self.time.split(":")[1])
+
+
+class DrDrillConfig(_Model):
+    enabled: bool = True
+    # monthly by default: 05:00 on the 1st, after the night's backups
+    cron: str = "0 5 1 * *"
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        fields = value.split()
+        if len(fields) != 5 or not all(re.fullmatch(r"[0-9*/,\-]+|[A-Za-z]{3}(-[A-Za-z]{3})?", f) for f in fields):
+            raise ValueError(f"bad cron schedule {value!r}: expected five fields like '0 5 1 * *'")
+        return value
+
+
+class Repository(_Model):
+    root: str
+
+
+class S3Replication(_Model):
+    bucket: str
+    prefix: str = ""
+    region: str = "us-east-1"
+    # AWS, Cloudflare R2, MinIO... (None: AWS itself)
+    endpoint_url: str | None = None
+    # CA bundle to verify an https endpoint's certificate (default: the system's)
+    ca_bundle: str | None = None
+    # names of the environment variables with the credentials (None: boto3's default chain)
+    access_key_id_env: str | None = None
+    secret_access_key_env: str | None = None
+    sse: Literal["AES256", "aws:kms", "none"] = "AES256"
+    kms_key_id: str | None = None
+    storage_class: str = "STANDARD"
+    part_size_mb: Annotated[int, Field(ge=5, le=5120)] = 64
+    # per tier; a tier left out keeps the tier's own retention_days
+    retention_days: dict[Literal[TIER_NAMES], Annotated[int, Field(ge=1)]] = {}  # type: ignore[valid-type]
+    # every replica is downloaded and hashed (proven by its bytes) at least this often, by the maintenance
+    # job's replica_audit (0: never; the per-replication check then compares S3's own checksums only)
+    deep_verify_days: Annotated[int, Field(ge=0)] = 7
+    # at most this many replicas downloaded per audit run, the longest unproven first (None: all that are due)
+    deep_verify_per_run: Annotated[int, Field(ge=1)] | None = None
+
+    @field_validator("access_key_id_env", "secret_access_key_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(IDENT, value):
+            raise ValueError("must be the NAME of an environment variable, not the secret itself")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secret(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("access_key_id", "secret_access_key", "aws_secret_access_key", "aws_access_key_id"):
+                if key in data:
+                    raise ValueError(f"'{key}' is not allowed: name an environment variable in {key}_env instead")
+            if data.get("endpoint_url") == "":
+                data = {**data, "endpoint_url": None}
+        return data
+
+    @model_validator(mode="after")
+    def _kms(self) -> "S3Replication":
+        if self.sse == "aws:kms" and not self.kms_key_id:
+            raise ValueError("sse 'aws:kms' needs kms_key_id")
+        return self
+
+    def credentials(self) -> dict[str, str]:
+        out = {}
+        for env_field, arg in (("access_key_id_env", "aws_access_key_id"), ("secret_access_key_env", "aws_secret_access_key")):
+            name = getattr(self, env_field)
+            if name:
+                value = os.environ.get(name)
+                if value is None:
+                    raise CatalogError(f"environment variable {name} ({env_field}) is not set")
+                out[arg] = value
+        return out
+
+
+class SlackAlerts(_Model):
+    token_env: str
+    channel: str
+    # a stand-in for https://slack.com/api/ (tests, proxies)
+    base_url: str | None = None
+
+
+class EmailAlerts(_Model):
+    host: str
+    port: Annotated[int, Field(ge=1, le=65535)] = 587
+    starttls: bool = True
+    # CA bundle to verify the server's certificate (default: the system's)
+    ca_file: str | None = None
+    username: str | None = None
+    password_env: str | None = None
+    sender: str
+    recipients: list[str]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_password(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "password" in data:
+            raise ValueError("'password' is not allowed: name an environment variable in password_env")
+        return data
+
+
+class WebhookAlerts(_Model):
+    url: str
+    # HMAC-SHA256 of the body in X-Backup-Assets-Signature, with the secret from this variable
+    hmac_secret_env: str | None = None
+    timeout_s: Annotated[float, Field(gt=0)] = 10
+
+
+class Alerts(_Model):
+    dagster_url: str = "http://127.0.0.1:3000"
+    # one alert per failing asset and cause per window
+    window_minutes: Annotated[int, Field(ge=0)] = 60
+    sensor_interval_seconds: Annotated[int, Field(ge=5)] = 30
+    disk_free_min_gb: Annotated[float, Field(ge=0)] = 10
+    disk_free_min_percent: Annotated[float, Field(ge=0, le=100)] | None = None
+    slack: SlackAlerts | None = None
+    email: EmailAlerts | None = None
+    webhook: WebhookAlerts | None = None
+
+
+class Metrics(_Model):
+    # node_exporter textfile the backup_health asset writes (default: <repository>/metrics/backup_assets.prom)
+    textfile: str | None = None
+
+
+class Replication(_Model):
+    s3: S3Replication | None = None
