@@ -110,3 +110,9 @@ def test_the_code_speaks_of_the_product_not_of_issues():
                  for p in (ROOT / folder).rglob("*.py") for n, line in enumerate(p.read_text().splitlines(), 1)
                  if pattern.search(line)]
     assert offenders == []
+
+
+def test_no_module_is_much_over_500_lines():
+    """A module a newcomer can read in one sitting; a bigger one is split by what its parts do."""
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert {name: n for name, n in sizes.items() if n > 520} == {}

@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from backup_assets.core.engines.tools import embedded_bin_dir  # noqa: F401  (re-exported for the demo and tests)
+from backup_assets.core.engines.tools import embedded_bin_dir  # noqa: F401
+from backup_assets.core.net import free_port  # noqa: F401  (the tests' and the demo's)  (re-exported for the demo and tests)
 
 SERVER_USER = "backup_assets_pg"
 
@@ -28,12 +29,6 @@ SERVER_USER = "backup_assets_pg"
 def debian_bin_dir(major: int = 15) -> Path | None:
     path = Path(f"/usr/lib/postgresql/{major}/bin")
     return path if (path / "postgres").exists() else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ensure_server_user() -> pwd.struct_passwd | None:

@@ -16,8 +16,9 @@ from backup_assets.catalog import Catalog
 from backup_assets.core import BackupError
 from backup_assets.core.engines import tools
 from backup_assets.core.outcome import Outcome
+from backup_assets.core.net import free_port
 from backup_assets.core.pitr.base import _now, base_backups
-from backup_assets.core.pitr.recovery import (Recovered, _free_port, _scratch, _server_env, _unpack, recovered_major,
+from backup_assets.core.pitr.recovery import (Recovered, _scratch, _server_env, _unpack, recovered_major,
                                               restore_to_time)
 
 
@@ -160,7 +161,7 @@ def pitr_drill(catalog: Catalog, source: str, *, rng=None, say=lambda _m: None) 
     recovered = None
     md = _md_target(target, before, after)
     try:
-        recovered = restore_to_time(catalog, source, str(pgdata), to_time=target, port=_free_port(),
+        recovered = restore_to_time(catalog, source, str(pgdata), to_time=target, port=free_port(),
                                     run_as=cfg.run_as if cfg else None, say=say, local_trust=True)
         md["rto_s"] = round(time.monotonic() - started, 3)
         md["base_backups"] = recovered.chain

@@ -409,14 +409,6 @@ def _last_fatal(text: str) -> str:
     return fatal[-1].split("FATAL:", 1)[-1].strip() if fatal else (lines[-1].strip() if lines else "see the log")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _scratch(prefix: str, user: "pwd.struct_passwd | None" = None) -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix))
     if user is not None:

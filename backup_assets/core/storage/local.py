@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -80,20 +81,34 @@ class LocalStorage:
         os.replace(tmp, final)
         fsync_dir(final.parent)
 
-    def put_file(self, path: Path, key: str, *, sha256: str, metadata: dict[str, str] | None = None,
-                 move: bool = False) -> ObjectInfo:
-        """Copy (or with `move`, rename) a file in, checking its SHA-256 on the way."""
+    @contextlib.contextmanager
+    def _staged(self, key: str):
+        """(partial path, final path) of `key`: what the block writes at the partial path is committed (renamed
+        into place, the folder fsynced) when it ends, and removed when it raises."""
         final = self.local_path(key)
         ensure_dir(final.parent)
         tmp = partial_path(final)
         try:
+            yield tmp, final
+            self._commit(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    @staticmethod
+    def _private(tmp: Path):
+        return os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "wb")
+
+    def put_file(self, path: Path, key: str, *, sha256: str, metadata: dict[str, str] | None = None,
+                 move: bool = False) -> ObjectInfo:
+        """Copy (or with `move`, rename) a file in, checking its SHA-256 on the way."""
+        with self._staged(key) as (tmp, final):
             if move:
                 digest = sha256_file(path)
                 os.replace(path, tmp)
             else:
                 digest = hashlib.sha256()
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-                with open(path, "rb") as src, os.fdopen(fd, "wb") as out:
+                with open(path, "rb") as src, self._private(tmp) as out:
                     while chunk := src.read(CHUNK):
                         digest.update(chunk)
                         out.write(chunk)
@@ -103,43 +118,24 @@ class LocalStorage:
             if digest != sha256:
                 raise BackupError(f"{path}: sha256 {digest} differs from the manifest's {sha256}; not stored")
             os.chmod(tmp, FILE_MODE)
-            self._commit(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return ObjectInfo(key, final.stat().st_size, sha256)
 
     def put_bytes(self, data: bytes, key: str) -> None:
-        final = self.local_path(key)
-        ensure_dir(final.parent)
-        tmp = partial_path(final)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            self._commit(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with self._staged(key) as (tmp, _final), self._private(tmp) as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
 
     def copy(self, src_key: str, dst_key: str, *, size: int, sha256: str,
              metadata: dict[str, str] | None = None) -> ObjectInfo:
         """A hard link (a copy across filesystems): promotions cost no space."""
-        src, final = self.local_path(src_key), self.local_path(dst_key)
-        ensure_dir(final.parent)
-        tmp = partial_path(final)
-        try:
+        src = self.local_path(src_key)
+        with self._staged(dst_key) as (tmp, final):
             try:
                 os.link(src, tmp)
             except OSError:
                 shutil.copyfile(src, tmp)
                 os.chmod(tmp, FILE_MODE)
-            self._commit(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return ObjectInfo(dst_key, final.stat().st_size, sha256)
 
     def delete(self, keys: list[str]) -> None:

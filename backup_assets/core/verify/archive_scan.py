@@ -139,6 +139,16 @@ def _tables(archive: Archive, blocks: dict[tuple[str, str], tuple[int, str]], ma
     return result
 
 
+def stream_error(exc: BaseException, copy_to: Path | None = None) -> str:
+    """The one line a failed read of an artifact's stream says, the same whether `scan` read the file or a
+    StreamCheck read the stream as it was written."""
+    if isinstance(exc, zstandard.ZstdError):
+        return f"the zstd stream cannot be decoded: {exc}"
+    if isinstance(exc, OSError):
+        return f"writing the decoded copy to {copy_to} failed: {exc.strerror or exc}"
+    return str(exc)  # ArchiveFormatError: what in the archive is wrong, and where
+
+
 def scan(artifact: Path, manifest: Manifest, *, copy_to: Path | None = None, pipe: BinaryIO | None = None,
          on_progress: Callable[[int], None] | None = None, identities=None, sha256=None) -> ArchiveScan:
     """Read the whole artifact once. Raises BackupError naming the artifact when it does not
@@ -154,10 +164,8 @@ def scan(artifact: Path, manifest: Manifest, *, copy_to: Path | None = None, pip
             while tee.read(CHUNK):  # anything after the last block still has to decode (and is counted)
                 pass
         blocks.finish()
-    except zstandard.ZstdError as exc:
-        raise BackupError(f"{artifact}: the zstd stream cannot be decoded: {exc}") from None
-    except ArchiveFormatError as exc:
-        raise BackupError(f"{artifact}: {exc}") from None
+    except (zstandard.ZstdError, ArchiveFormatError) as exc:
+        raise BackupError(f"{artifact}: {stream_error(exc)}") from None
     finally:
         if out is not None:
             out.close()
@@ -336,10 +344,8 @@ def _decode_stream(copy_to: Path) -> dict:
             while chunk := reader.read(CHUNK):
                 decoded += len(chunk)
                 out.write(chunk)
-    except zstandard.ZstdError as exc:
-        return {"error": f"the zstd stream cannot be decoded: {exc}", "decoded": decoded}
-    except OSError as exc:
-        return {"error": f"writing the decoded copy to {copy_to} failed: {exc.strerror or exc}", "decoded": decoded}
+    except (zstandard.ZstdError, OSError) as exc:
+        return {"error": stream_error(exc, copy_to), "decoded": decoded}
     finally:
         while source.read(CHUNK):
             pass
@@ -363,13 +369,8 @@ def _read_stream(head_to: Path, copy_to: Path | None) -> dict:
         while tee.read(CHUNK):
             pass
         blocks.finish()
-    except zstandard.ZstdError as exc:
-        return {"error": f"the zstd stream cannot be decoded: {exc}", "decoded": tee.decoded if tee else 0}
-    except ArchiveFormatError as exc:
-        return {"error": str(exc), "decoded": tee.decoded}
-    except OSError as exc:
-        return {"error": f"writing the plain archive to {copy_to} failed: {exc.strerror or exc}",
-                "decoded": tee.decoded if tee else 0}
+    except (zstandard.ZstdError, ArchiveFormatError, OSError) as exc:
+        return {"error": stream_error(exc, copy_to), "decoded": tee.decoded if tee else 0}
     finally:
         if out is not None:
             out.close()
