@@ -10,7 +10,7 @@ unpacking and the server's own sync at start finds the files clean.
 
 Only what pg_basebackup writes is accepted: directories and regular files whose names stay inside the target.
 A link, a device, an extended header or a name with `..` is refused, naming the member; so is a stream that ends
-before its end-of-archive blocks."""
+before its end-of-archive blocks. Permissions come from the archive without set-id and sticky bits."""
 
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def unpack_tar(reader: BinaryIO, dest: Path, *, what: str, durable: bool = True)
             padding = -member.size % BLOCK
             if member.isdir():
                 os.makedirs(path, mode=0o700, exist_ok=True)
-                folders.append((path, member.mode & 0o7777))
+                folders.append((path, member.mode & 0o777))
                 src.read(member.size + padding)
             elif member.isreg():
                 parent = os.path.dirname(path)
@@ -130,7 +130,7 @@ def unpack_tar(reader: BinaryIO, dest: Path, *, what: str, durable: bool = True)
                     os.makedirs(parent, mode=0o700, exist_ok=True)
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
                 try:
-                    os.fchmod(fd, member.mode & 0o7777)
+                    os.fchmod(fd, member.mode & 0o777)  # never a set-id or sticky bit from an archive
                     left = member.size
                     while left:
                         piece = src.read(min(left, PIECE))
