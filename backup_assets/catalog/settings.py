@@ -65,6 +65,15 @@ class Repository(_Model):
     root: str
 
 
+class ObjectLock(_Model):
+    """S3 Object Lock on every replicated object: it cannot be deleted or overwritten, with the backup host's own
+    credentials, before its tier's retention would prune it anyway (plus a margin). The bucket must have Object
+    Lock enabled. governance: an account with s3:BypassGovernanceRetention can still remove it; compliance: nobody
+    can, not even the root account, until the date."""
+    mode: Literal["governance", "compliance"]
+    margin_days: Annotated[float, Field(ge=0)] = 1
+
+
 class S3Replication(_Model):
     bucket: str
     prefix: str = ""
@@ -87,6 +96,8 @@ class S3Replication(_Model):
     deep_verify_days: Annotated[int, Field(ge=0)] = 7
     # at most this many replicas downloaded per audit run, the longest unproven first (None: all that are due)
     deep_verify_per_run: Annotated[int, Field(ge=1)] | None = None
+    # immutable replicas (S3 Object Lock); None: objects can be deleted by whoever holds the credentials
+    object_lock: ObjectLock | None = None
 
     @field_validator("access_key_id_env", "secret_access_key_env")
     @classmethod

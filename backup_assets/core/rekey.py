@@ -218,7 +218,7 @@ def rekey(catalog: Catalog, c: Candidate, recipients: list[str], *, identity_env
         try:
             copy_backup(manifest, new_key, repo, other, say=say)
             failpoints.point("rekey.other_copied")
-            other.delete(ref)
+            _drop_old(other, ref)
         except BackupError as exc:
             pending[other.name] = str(exc)
             continue
@@ -239,10 +239,21 @@ def _finish(c: Candidate, *, say, started: float) -> Rekeyed:
             if holder is not srepo:
                 copy_backup(sman, sref.key, srepo, holder, say=say)
                 failpoints.point("rekey.other_copied")
-            holder.delete(c.ref)
+            _drop_old(holder, c.ref)
         except BackupError as exc:
             pending[holder.name] = str(exc)
             continue
         also.append(holder.name)
     return Rekeyed(c.ref.name, sref.name, sman.size_bytes, round(time.monotonic() - started, 3), also, resumed=True,
                    pending=pending)
+
+
+def _drop_old(repo, ref) -> None:
+    """The old-key copy goes; one S3 Object Lock still holds is reported as pending (a later rekey removes it once
+    the lock has expired), never as done."""
+    held = repo.delete(ref)
+    if held:
+        until = max(u for _k, u in held)
+        raise BackupError(f"{ref.name} (old key) is locked in {repo.name} until {until:%Y-%m-%d %H:%M} UTC; removed "
+                          "by a rekey after that date")
+

@@ -18,7 +18,7 @@ from backup_assets.core import BackupError
 from backup_assets.core.artifact import partial_path, sha256_file, write_json_atomic
 from backup_assets.core.backup.take import repository_for
 from backup_assets.core.manifest import MANIFEST_SUFFIX, Manifest
-from backup_assets.core.repository import BackupRef, Repository, StoredBackup
+from backup_assets.core.repository import CHECKS_SUFFIX, BackupRef, Repository, StoredBackup
 from backup_assets.core.storage.local import LocalStorage
 from backup_assets.core.storage.s3 import S3Storage, b64_digest, with_retries
 from backup_assets.core.verify.records import is_verified, read_status, record
@@ -31,7 +31,46 @@ __all__ = ["AuditResult", "ReplicaResult", "audit_replicas", "copy_backup", "ens
 def storage_for(catalog: Catalog, client=None) -> S3Storage:
     if catalog.replication.s3 is None:
         raise BackupError("the catalog has no replication.s3 section")
-    return S3Storage(catalog.replication.s3, client)
+    return S3Storage(catalog.replication.s3, client, lock_for=lock_policy(catalog))
+
+
+def lock_policy(catalog: Catalog):
+    """Until when an object written to the replica under a key stays locked (S3 Object Lock), or None: a backup,
+    its manifest: its creation + its tier's S3 retention; a base backup: its start + the source's pitr window;
+    a WAL segment: now + that window; each plus the catalog's margin. Check records (`.checks.json`) are
+    rewritten whenever checks run again and prove nothing alone: never locked."""
+    from backup_assets.catalog import Pitr
+    from backup_assets.core.repository import ARTIFACT_NAME, STAMP
+
+    cfg = catalog.replication.s3
+    if cfg is None or cfg.object_lock is None:
+        return None
+    margin = dt.timedelta(days=cfg.object_lock.margin_days)
+
+    def pitr_days(source: str) -> int:
+        src = catalog.sources.get(source)
+        return ((src.pitr if src is not None else None) or Pitr()).retention_days
+
+    def until(key: str) -> dt.datetime | None:
+        parts = key.split("/")
+        if key.endswith(CHECKS_SUFFIX) or len(parts) != 3:
+            return None
+        head, mid, name = parts
+        if head == "wal":
+            return _now() + dt.timedelta(days=pitr_days(mid)) + margin
+        if head == "base":
+            try:
+                stamp = dt.datetime.strptime(name[len("base-"):].split(".", 1)[0], STAMP).replace(tzinfo=dt.timezone.utc)
+            except ValueError:
+                stamp = _now()
+            return stamp + dt.timedelta(days=pitr_days(mid)) + margin
+        match = ARTIFACT_NAME.match(name.removesuffix(MANIFEST_SUFFIX))
+        if match is None or mid not in catalog.tiers:
+            return None
+        created = dt.datetime.strptime(match.group("stamp"), STAMP).replace(tzinfo=dt.timezone.utc)
+        return created + dt.timedelta(days=catalog.retention_days(mid, "s3")) + margin
+
+    return until
 
 
 def replica_repository(catalog: Catalog, client=None) -> Repository:
@@ -188,10 +227,20 @@ def replica_intact(catalog: Catalog, backup: StoredBackup, target, *, deep: bool
         return Outcome(False, f"{uri}: the sha256 in its metadata {info.sha256} differs from the manifest's {m.sha256}")
     if target.storage.head(key + MANIFEST_SUFFIX) is None:
         return Outcome(False, f"{uri}: its manifest is missing in the replica")
+    lock = getattr(target.storage, "lock_for", None)
+    wanted = lock(key) if lock is not None else None
+    if wanted is not None:  # the catalog asks for Object Lock: the stored version is locked in its mode, long enough
+        mode = catalog.replication.s3.object_lock.mode.upper()
+        if info.lock_mode != mode or info.lock_until is None or info.lock_until < wanted - dt.timedelta(seconds=1):
+            return Outcome(False, f"{uri}: not locked as the catalog asks ({mode} until {wanted:%Y-%m-%d %H:%M} UTC); "
+                                  f"it is {info.lock_mode or 'unlocked'}"
+                                  + (f" until {info.lock_until:%Y-%m-%d %H:%M} UTC" if info.lock_until else ""))
     proven, compared = _checksum_proof(target.storage, key, info, m, backup.artifact_path)
     if proven is False:
         return Outcome(False, f"{uri}: {compared}")
     said = [f"size {info.size} equals the manifest's"]
+    if wanted is not None:
+        said.append(f"locked ({info.lock_mode}) until {info.lock_until:%Y-%m-%d %H:%M} UTC")
     if proven:
         said.append(compared)
     downloaded = None
@@ -206,7 +255,8 @@ def replica_intact(catalog: Catalog, backup: StoredBackup, target, *, deep: bool
                    {"uri": uri, "size_bytes": info.size, "sse": info.server_side_encryption or "none",
                     "storage_class": info.storage_class or "STANDARD",
                     "compared": "bytes" if downloaded else "s3-checksum",
-                    **({"s3_checksum_sha256": info.checksum_sha256} if info.checksum_sha256 else {})})
+                    **({"s3_checksum_sha256": info.checksum_sha256} if info.checksum_sha256 else {}),
+                    **({"locked_until": info.lock_until.isoformat(), "lock_mode": info.lock_mode} if wanted else {})})
 
 
 AUDIT_STATE = ".replica_audit.json"

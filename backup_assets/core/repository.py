@@ -189,10 +189,11 @@ class Repository:
             found.append(ref.key)
         return found
 
-    def delete(self, ref: BackupRef) -> None:
+    def delete(self, ref: BackupRef) -> list:
+        """Delete a backup; returns what a lock keeps (S3 Object Lock: (key, until); then nothing was deleted)."""
         # the manifest first: from then on the artifact no longer counts as a backup (S3: one request for all,
         # so a kill cannot leave the artifact behind its deleted manifest)
-        self.storage.delete([ref.manifest_key, ref.key, ref.checks_key])
+        return self.storage.delete([ref.manifest_key, ref.key, ref.checks_key]) or []
 
 
 @dataclass(frozen=True)

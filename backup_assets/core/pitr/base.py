@@ -335,12 +335,17 @@ def prune_base(catalog: Catalog, source: str, *, dry_run: bool, now: dt.datetime
         freed += listed[key]
     if orphans and not dry_run:
         storage.delete(orphans)
-    for b in delete:
-        freed += b["size_bytes"] + (b["manifest"]["size_bytes"] if b.get("manifest") else 0)
+    locked: dict[str, str] = {}  # S3 Object Lock keeps these a little longer than the window: a later run prunes them
+    for b in list(delete):
         if not dry_run:
-            storage.delete([f"{base_prefix(source)}{b['artifact']}.json"])
+            held = storage.delete([f"{base_prefix(source)}{b['artifact']}.json"])
+            if held:
+                locked[b["artifact"]] = max(until for _k, until in held).isoformat()
+                delete.remove(b)
+                continue
             storage.delete([base_prefix(source) + name for name in
                             [b["artifact"]] + ([b["manifest"]["artifact"]] if b.get("manifest") else [])])
+        freed += b["size_bytes"] + (b["manifest"]["size_bytes"] if b.get("manifest") else 0)
     wal_deleted = 0
     if keep:
         first = min(m["start_wal"][8:] for m in keep.values())
@@ -352,16 +357,20 @@ def prune_base(catalog: Catalog, source: str, *, dry_run: bool, now: dt.datetime
             name = name[:-5]
             if name.endswith(".history") or not wal.ARCHIVABLE.match(name) or name[8:24] >= first:
                 continue
-            wal_deleted += 1
-            freed += sum(listed_wal.get(f"{wal_prefix(source)}{name}{ext}", 0) for ext in (".zst", ".zst.age"))
             if not dry_run:
-                storage.delete([key])
+                held = storage.delete([key])
+                if held:
+                    locked[name] = max(until for _k, until in held).isoformat()
+                    continue
                 storage.delete([f"{wal_prefix(source)}{name}{ext}" for ext in (".zst", ".zst.age")
                                 if f"{wal_prefix(source)}{name}{ext}" in listed_wal])
+            wal_deleted += 1
+            freed += sum(listed_wal.get(f"{wal_prefix(source)}{name}{ext}", 0) for ext in (".zst", ".zst.age"))
     return {"retention_days": days, "base_backups_kept": len(keep), "base_backups_deleted": len(delete),
             "orphans_deleted": len(orphans),
             "deleted": [b["artifact"] for b in delete], "wal_files_deleted": wal_deleted, "bytes_freed": freed,
-            "oldest_restorable": (min(keep.values(), key=lambda m: m["finished_at"])["finished_at"] if keep else None)}
+            "oldest_restorable": (min(keep.values(), key=lambda m: m["finished_at"])["finished_at"] if keep else None),
+            **({"locked_until": locked} if locked else {})}
 
 
 def _stamp(name: str) -> str | None:

@@ -82,13 +82,17 @@ def prune_repository(repo: Repository, retention_days: dict[str, int], *, dry_ru
     sel = select([e for e, _ in pairs], retention_days, now)
     present = {key for key, _ in repo.storage.list("")}
     files = freed = 0
+    deleted, locked = [], {}
     for e in sel.delete:
         ref = lookup[e.id]
-        files += sum(1 for k in (ref.manifest_key, ref.key, ref.checks_key) if k in present)
         path = repo.storage.local_path(ref.key)
-        if path is None or path.stat().st_nlink == 1:  # a hard-linked promotion frees nothing yet
-            freed += ref.size
-        if not dry_run:
-            repo.delete(ref)
-    return {"files": files, "backups": len(sel.delete), "bytes_freed": freed, "kept": len(sel.keep),
-            "deleted": sorted(e.id.rsplit("/", 1)[-1] for e in sel.delete)}
+        frees = path is None or path.stat().st_nlink == 1  # a hard-linked promotion frees nothing yet
+        held = [] if dry_run else repo.delete(ref)
+        if held:  # S3 Object Lock keeps it a little longer than retention: pruned on a run after this date
+            locked[e.id.rsplit("/", 1)[-1]] = max(until for _k, until in held).isoformat()
+            continue
+        files += sum(1 for k in (ref.manifest_key, ref.key, ref.checks_key) if k in present)
+        freed += ref.size if frees else 0
+        deleted.append(e.id.rsplit("/", 1)[-1])
+    return {"files": files, "backups": len(deleted), "bytes_freed": freed, "kept": len(sel.keep),
+            "deleted": sorted(deleted), **({"locked_until": locked} if locked else {})}

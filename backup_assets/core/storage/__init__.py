@@ -28,6 +28,11 @@ class ObjectInfo:
     checksum_sha256: str | None = None
     parts: int = 1
     modified: "dt.datetime | None" = None  # when it was stored (UTC)
+    # S3 Object Lock: the retention mode (GOVERNANCE, COMPLIANCE) and until when the stored version cannot be
+    # deleted or overwritten; the version the key names now
+    lock_mode: str | None = None
+    lock_until: "dt.datetime | None" = None
+    version_id: str | None = None
 
 
 class Storage(Protocol):
@@ -42,6 +47,6 @@ class Storage(Protocol):
     def put_bytes(self, data: bytes, key: str) -> None: ...
     def copy(self, src_key: str, dst_key: str, *, size: int, sha256: str,
              metadata: dict[str, str] | None = None) -> ObjectInfo: ...
-    def delete(self, keys: list[str]) -> None: ...
+    def delete(self, keys: list[str]) -> list[tuple[str, "dt.datetime"]]: ...  # what is locked: left, and until when
     def uri(self, key: str) -> str: ...
     def local_path(self, key: str) -> Path | None: ...

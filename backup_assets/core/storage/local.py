@@ -138,10 +138,11 @@ class LocalStorage:
                 os.chmod(tmp, FILE_MODE)
         return ObjectInfo(dst_key, final.stat().st_size, sha256)
 
-    def delete(self, keys: list[str]) -> None:
+    def delete(self, keys: list[str]) -> list:
         for key in keys:
             self.local_path(key).unlink(missing_ok=True)
         for parent in {self.local_path(k).parent for k in keys}:
             if parent.is_dir():
                 fsync_dir(parent)
+        return []  # nothing on disk is locked
 

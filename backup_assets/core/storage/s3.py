@@ -15,6 +15,7 @@ look like a replica.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import time
 from pathlib import Path
@@ -66,10 +67,14 @@ def _explain(exc: Exception, what: str) -> BackupError:
 class S3Storage:
     where = "s3"
 
-    def __init__(self, cfg: S3Replication, client=None):
+    def __init__(self, cfg: S3Replication, client=None, lock_for=None):
+        """`lock_for(key)`: until when an object written under `key` stays locked (None: not locked), when the
+        catalog asks for Object Lock (replica.lock_policy)."""
         self.cfg = cfg
         self.client = client or make_client(cfg)
         self.bucket = cfg.bucket
+        self.lock_for = lock_for if cfg.object_lock is not None else None
+        self._lockable: bool | None = None
 
     # -- keys ------------------------------------------------------------------------------
     def _full(self, key: str) -> str:
@@ -85,6 +90,38 @@ class S3Storage:
 
     def local_path(self, key: str) -> None:
         return None
+
+    def _check_lockable(self) -> None:
+        """Object Lock is asked for: the bucket must have it enabled (checked once, before the first write)."""
+        if self.lock_for is None or self._lockable:
+            return
+        try:
+            conf = self.client.get_object_lock_configuration(Bucket=self.bucket).get("ObjectLockConfiguration", {})
+            enabled = conf.get("ObjectLockEnabled") == "Enabled"
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "ObjectLockConfigurationNotFoundError":
+                raise _explain(exc, f"reading the Object Lock configuration of s3://{self.bucket}") from None
+            enabled = False
+        except BotoCoreError as exc:
+            raise _explain(exc, f"reading the Object Lock configuration of s3://{self.bucket}") from None
+        if not enabled:
+            raise BackupError(f"s3://{self.bucket}: replication.s3.object_lock is set but the bucket has no Object Lock "
+                              "(it can only be enabled when the bucket is created: --object-lock-enabled-for-bucket)")
+        self._lockable = True
+
+    def _lock_args(self, key: str) -> dict:
+        until = self.lock_for(key) if self.lock_for is not None else None
+        if until is None:
+            return {}
+        return {"ObjectLockMode": self.cfg.object_lock.mode.upper(), "ObjectLockRetainUntilDate": until}
+
+    def _lock_after(self, key: str) -> None:
+        """A multipart object is locked once complete (not every endpoint honours the headers on the upload)."""
+        args = self._lock_args(key)
+        if args:
+            self.client.put_object_retention(Bucket=self.bucket, Key=self._full(key), ChecksumAlgorithm="SHA256",
+                                             Retention={"Mode": args["ObjectLockMode"],
+                                                        "RetainUntilDate": args["ObjectLockRetainUntilDate"]})
 
     def _put_args(self) -> dict:
         args = {"StorageClass": self.cfg.storage_class}
@@ -113,7 +150,8 @@ class S3Storage:
         count = int(parts) if parts.isdigit() else int(etag_parts) if etag_parts.isdigit() else 1
         return ObjectInfo(key, r["ContentLength"], meta.get("sha256"), meta, r.get("ServerSideEncryption"),
                           r.get("StorageClass", "STANDARD"), checksum_sha256=checksum or None, parts=count,
-                          modified=r.get("LastModified"))
+                          modified=r.get("LastModified"), lock_mode=r.get("ObjectLockMode"),
+                          lock_until=r.get("ObjectLockRetainUntilDate"), version_id=r.get("VersionId"))
 
     def part_size(self, key: str) -> int:
         """The size of a multipart object's first part (all but the last are that size)."""
@@ -159,6 +197,7 @@ class S3Storage:
         part_size = self.cfg.part_size_mb * MIB
         meta = {"sha256": sha256, **(metadata or {})}
         what = f"uploading {path.name} to {self.uri(key)}"
+        self._check_lockable()
         self._abort_stale_uploads(key)
         try:
             if size <= part_size:
@@ -167,18 +206,21 @@ class S3Storage:
                 _same(path, hashlib.sha256(data).hexdigest(), sha256)
                 self.client.put_object(Bucket=self.bucket, Key=self._full(key), Body=data, Metadata=meta,
                                        ChecksumAlgorithm="SHA256", ChecksumSHA256=b64_digest(hashlib.sha256(data).digest()),
-                                       **self._put_args())
+                                       **self._put_args(), **self._lock_args(key))
             else:
                 self._multipart(path, key, part_size, meta)
+                self._lock_after(key)
         except (ClientError, BotoCoreError) as exc:
             raise _explain(exc, what) from None
         return self.verify(key, size=size, sha256=sha256)
 
     def put_bytes(self, data: bytes, key: str) -> None:
+        self._check_lockable()
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._full(key), Body=data,
                                    Metadata={"sha256": hashlib.sha256(data).hexdigest()}, ChecksumAlgorithm="SHA256",
-                                   ChecksumSHA256=b64_digest(hashlib.sha256(data).digest()), **self._put_args())
+                                   ChecksumSHA256=b64_digest(hashlib.sha256(data).digest()), **self._put_args(),
+                                   **self._lock_args(key))
         except (ClientError, BotoCoreError) as exc:
             raise _explain(exc, f"uploading {self.uri(key)}") from None
 
@@ -226,10 +268,12 @@ class S3Storage:
         """A server-side copy (promotions: daily → weekly/monthly), no second upload."""
         meta = {"sha256": sha256, **(metadata or {})}
         source = {"Bucket": self.bucket, "Key": self._full(src_key)}
+        self._check_lockable()
         try:
             if size <= COPY_LIMIT:
                 self.client.copy_object(Bucket=self.bucket, Key=self._full(dst_key), CopySource=source, Metadata=meta,
-                                        MetadataDirective="REPLACE", ChecksumAlgorithm="SHA256", **self._put_args())
+                                        MetadataDirective="REPLACE", ChecksumAlgorithm="SHA256", **self._put_args(),
+                                        **self._lock_args(dst_key))
             else:
                 upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=self._full(dst_key), Metadata=meta,
                                                                 ChecksumAlgorithm="SHA256", **self._put_args())["UploadId"]
@@ -247,6 +291,7 @@ class S3Storage:
                         start, number = end + 1, number + 1
                     self.client.complete_multipart_upload(Bucket=self.bucket, Key=self._full(dst_key), UploadId=upload_id,
                                                           MultipartUpload={"Parts": parts})
+                    self._lock_after(dst_key)
                 except BaseException:
                     self._abort(dst_key, upload_id)
                     raise
@@ -264,7 +309,12 @@ class S3Storage:
             raise BackupError(f"{self.uri(key)}: sha256 {info.sha256} differs from the manifest's {sha256}")
         return info
 
-    def delete(self, keys: list[str]) -> None:
+    def delete(self, keys: list[str]) -> list[tuple[str, dt.datetime]]:
+        """Delete objects. Under Object Lock the bucket is versioned: a delete without a version only hides the
+        object behind a delete marker, so each object's current version is deleted by its id, and one still
+        locked is left where it is and returned with its date (retention prunes it on a later run)."""
+        if self.cfg.object_lock is not None:
+            return self._delete_versions(keys)
         for start in range(0, len(keys), 1000):
             batch = keys[start:start + 1000]
             try:
@@ -275,6 +325,31 @@ class S3Storage:
             if r.get("Errors"):
                 first = r["Errors"][0]
                 raise BackupError(f"deleting {first['Key']} from s3://{self.bucket} failed: {first.get('Message')}")
+        return []
+
+    def _delete_versions(self, keys: list[str]) -> list[tuple[str, dt.datetime]]:
+        now = dt.datetime.now(dt.timezone.utc)
+        locked, versions = [], []
+        for key in keys:
+            info = self.head(key)
+            if info is None:
+                continue
+            if info.lock_until is not None and info.lock_until > now:
+                locked.append((key, info.lock_until))
+            else:
+                versions.append({"Key": self._full(key), **({"VersionId": info.version_id} if info.version_id else {})})
+        if locked:  # all or nothing: a backup's manifest never goes while its artifact stays locked
+            return locked
+        for start in range(0, len(versions), 1000):
+            try:
+                r = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": versions[start:start + 1000],
+                                                                          "Quiet": True})
+            except (ClientError, BotoCoreError) as exc:
+                raise _explain(exc, f"deleting from s3://{self.bucket}") from None
+            if r.get("Errors"):
+                first = r["Errors"][0]
+                raise BackupError(f"deleting {first['Key']} from s3://{self.bucket} failed: {first.get('Message')}")
+        return []
 
 
 def _same(path: Path, actual: str, expected: str) -> None:

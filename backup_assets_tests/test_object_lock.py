@@ -1,0 +1,113 @@
+"""Immutable replicas: with `replication.s3.object_lock` every replicated backup and manifest is written under S3
+Object Lock until its tier's retention ends (plus a margin), so the backup host's own credentials cannot delete
+or replace it; retention leaves a locked backup where it is and says until when; a bucket without Object Lock
+is refused in one line. Through moto's server over HTTP (which honours retention on single uploads and refuses
+a versioned delete of a locked version)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+
+import pytest
+from botocore.exceptions import ClientError
+
+from backup_assets.core import BackupError
+from backup_assets.core.backup.take import run_backup
+from backup_assets.core.retention.prune import prune
+from backup_assets.core.replica import replica_intact, replicate, storage_for
+from backup_assets.core.storage.s3 import S3Storage
+from backup_assets.core.verify.checks import find_backup
+
+from .conftest import s3_replication
+
+DAYS = 7  # the daily tier's retention, and so its S3 retention here
+
+
+@pytest.fixture
+def locked_bucket(moto_s3, request):
+    name = "lock-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-")
+    moto_s3.client().create_bucket(Bucket=name, ObjectLockEnabledForBucket=True)
+    return name
+
+
+def _catalog(write_catalog, miyabi_db, moto_s3, bucket, **lock):
+    return write_catalog({"miyabi": {"engine": "sqlite", "path": str(miyabi_db)}},
+                         replication=s3_replication(moto_s3, bucket, object_lock={"mode": "governance", **lock}))
+
+
+def test_a_bucket_without_object_lock_is_refused_in_one_line(miyabi_db, write_catalog, moto_s3, bucket):
+    catalog = _catalog(write_catalog, miyabi_db, moto_s3, bucket)
+    run_backup(catalog, "miyabi", "full", "daily", "2026-11-20")
+    backup = find_backup(catalog, "miyabi", "full", "daily", "2026-11-20")
+    with pytest.raises(BackupError, match=r"object_lock is set but the bucket has no Object Lock") as err:
+        replicate(catalog, backup, storage_for(catalog, moto_s3.client()))
+    assert "\n" not in str(err.value)
+    assert "Contents" not in moto_s3.client().list_objects_v2(Bucket=bucket)  # nothing went up unlocked
+
+
+def test_replicas_are_locked_until_retention_ends_and_the_host_cannot_remove_them(miyabi_db, write_catalog, moto_s3,
+                                                                                  locked_bucket):
+    catalog = _catalog(write_catalog, miyabi_db, moto_s3, locked_bucket)
+    client = moto_s3.client()
+    storage = storage_for(catalog, client)
+    backups = []
+    for partition in ("2026-11-19", "2026-11-20"):
+        run_backup(catalog, "miyabi", "full", "daily", partition)
+        backups.append(find_backup(catalog, "miyabi", "full", "daily", partition))
+        replicate(catalog, backups[-1], storage)
+    old = backups[0]
+    key = f"backups/sqlite/daily/{old.artifact_path.name}"
+    head = client.head_object(Bucket=locked_bucket, Key=key)
+    assert head["ObjectLockMode"] == "GOVERNANCE"
+    until = head["ObjectLockRetainUntilDate"]
+    now = dt.datetime.now(dt.timezone.utc)  # the lock counts from the artifact's time stamp: a moment ago
+    assert now + dt.timedelta(days=DAYS + 1) - dt.timedelta(minutes=5) < until <= now + dt.timedelta(days=DAYS + 1)
+    assert client.head_object(Bucket=locked_bucket, Key=key + ".meta")["ObjectLockMode"] == "GOVERNANCE"
+
+    # the proof says so, and a replica that is not locked as asked fails it
+    outcome = replica_intact(catalog, old, storage)
+    assert outcome.passed and "locked (GOVERNANCE) until" in outcome.message, outcome.message
+
+    # the host's own credentials: a versioned delete is refused, a batch delete too
+    version = head["VersionId"]
+    with pytest.raises(ClientError, match="AccessDenied"):
+        client.delete_object(Bucket=locked_bucket, Key=key, VersionId=version)
+    refused = client.delete_objects(Bucket=locked_bucket, Delete={"Objects": [{"Key": key, "VersionId": version}]})
+    assert refused["Errors"][0]["Code"] == "AccessDenied"
+    # an overwrite only adds a version: the locked one stays readable, and the proof sees the replaced bytes
+    client.put_object(Bucket=locked_bucket, Key=key, Body=b"ransom", ChecksumAlgorithm="SHA256")
+    assert client.get_object(Bucket=locked_bucket, Key=key, VersionId=version)["Body"].read() == \
+        old.artifact_path.read_bytes()
+    assert not replica_intact(catalog, old, storage).passed
+    client.delete_object(Bucket=locked_bucket, Key=key, VersionId=client.head_object(Bucket=locked_bucket,
+                                                                                       Key=key)["VersionId"])
+    assert replica_intact(catalog, old, storage).passed  # the attacker's unlocked version went; the locked one is back
+
+    # retention past the tier's days but inside the lock: the replica stays, and the report says until when
+    report = prune(catalog, dry_run=False, storage=storage, now=now + dt.timedelta(days=DAYS, hours=12))
+    assert old.artifact_path.name in report["s3"]["locked_until"], report
+    assert old.artifact_path.name not in report["s3"]["deleted"]
+    assert client.head_object(Bucket=locked_bucket, Key=key)["ContentLength"] == old.manifest.size_bytes
+
+
+def test_a_lock_that_has_expired_lets_the_object_go_for_good(moto_s3, locked_bucket, tmp_path, write_catalog,
+                                                              miyabi_db):
+    catalog = _catalog(write_catalog, miyabi_db, moto_s3, locked_bucket)
+    client = moto_s3.client()
+    until = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=3)
+    storage = S3Storage(catalog.replication.s3, client, lock_for=lambda key: until)
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(12 * 1024 * 1024))  # three parts of 5 MiB: locked once complete
+    import hashlib
+
+    storage.put_file(big, "x/big.bin", sha256=hashlib.sha256(big.read_bytes()).hexdigest())
+    storage.put_bytes(b"small", "x/small")
+    for key in ("x/big.bin", "x/small"):
+        assert storage.head(key).lock_mode == "GOVERNANCE"
+    assert storage.delete(["x/big.bin", "x/small"]) and storage.head("x/small") is not None  # locked: both stay
+    time.sleep(max(0.0, (until - dt.datetime.now(dt.timezone.utc)).total_seconds()) + 1)
+    assert storage.delete(["x/big.bin", "x/small"]) == []
+    versions = client.list_object_versions(Bucket=locked_bucket, Prefix="backups/x/")
+    assert not versions.get("Versions") and not versions.get("DeleteMarkers"), versions  # gone, not hidden
