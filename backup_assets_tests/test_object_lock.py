@@ -7,6 +7,7 @@ a versioned delete of a locked version)."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 import time
 
@@ -100,8 +101,6 @@ def test_a_lock_that_has_expired_lets_the_object_go_for_good(moto_s3, locked_buc
     storage = S3Storage(catalog.replication.s3, client, lock_for=lambda key: until)
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(12 * 1024 * 1024))  # three parts of 5 MiB: locked once complete
-    import hashlib
-
     storage.put_file(big, "x/big.bin", sha256=hashlib.sha256(big.read_bytes()).hexdigest())
     storage.put_bytes(b"small", "x/small")
     for key in ("x/big.bin", "x/small"):

@@ -315,17 +315,20 @@ class S3Storage:
         locked is left where it is and returned with its date (retention prunes it on a later run)."""
         if self.cfg.object_lock is not None:
             return self._delete_versions(keys)
-        for start in range(0, len(keys), 1000):
-            batch = keys[start:start + 1000]
+        self._delete_objects([{"Key": self._full(k)} for k in keys])
+        return []
+
+    def _delete_objects(self, objects: list[dict]) -> None:
+        """DeleteObjects in batches of 1000; the first object S3 would not delete is the error."""
+        for start in range(0, len(objects), 1000):
             try:
-                r = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": self._full(k)} for k in batch],
+                r = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects[start:start + 1000],
                                                                           "Quiet": True})
             except (ClientError, BotoCoreError) as exc:
                 raise _explain(exc, f"deleting from s3://{self.bucket}") from None
             if r.get("Errors"):
                 first = r["Errors"][0]
                 raise BackupError(f"deleting {first['Key']} from s3://{self.bucket} failed: {first.get('Message')}")
-        return []
 
     def _delete_versions(self, keys: list[str]) -> list[tuple[str, dt.datetime]]:
         now = dt.datetime.now(dt.timezone.utc)
@@ -340,15 +343,7 @@ class S3Storage:
                 versions.append({"Key": self._full(key), **({"VersionId": info.version_id} if info.version_id else {})})
         if locked:  # all or nothing: a backup's manifest never goes while its artifact stays locked
             return locked
-        for start in range(0, len(versions), 1000):
-            try:
-                r = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": versions[start:start + 1000],
-                                                                          "Quiet": True})
-            except (ClientError, BotoCoreError) as exc:
-                raise _explain(exc, f"deleting from s3://{self.bucket}") from None
-            if r.get("Errors"):
-                first = r["Errors"][0]
-                raise BackupError(f"deleting {first['Key']} from s3://{self.bucket} failed: {first.get('Message')}")
+        self._delete_objects(versions)
         return []
 
 
