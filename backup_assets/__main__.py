@@ -12,7 +12,18 @@ def main(argv: list[str] | None = None) -> int:
         return code
     from backup_assets.cli import main as full
 
-    return full(argv)
+    try:
+        return full(argv)
+    finally:
+        exiting()
+
+
+def exiting() -> None:
+    """The process ends next: Python's last garbage collection over everything Dagster loaded would take
+    about 0.4 s and free nothing the operating system does not take back anyway."""
+    import gc
+
+    gc.freeze()
 
 
 if __name__ == "__main__":

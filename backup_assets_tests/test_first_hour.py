@@ -119,3 +119,31 @@ def test_cli_backup_makes_one_run_per_partition_with_every_asset(miyabi_db, writ
         assert run.tags["backup_assets/command"] == "backup-assets backup --tier daily"
     assert sorted(r.tags["dagster/partition"] for r in runs) == ["2026-11-20", "2026-11-21"]
     instance.dispose()
+
+
+def test_cli_backup_timings_say_where_the_time_went(pg18, myloware_db, write_catalog, tmp_path, monkeypatch, capsys):
+    """`backup --timings`: the command's phases in order (imports, catalog, definitions, instance, the run's
+    start, each backup's dump and checks, the run's end) adding up to its total, and the drill's own phases."""
+    import re
+
+    from backup_assets.cli import main
+    from backup_assets_tests.conftest import pg_source
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dh"))
+    (tmp_path / "dh").mkdir()
+    catalog = write_catalog({"app": pg_source(pg18, myloware_db, groups={"core": {"tables": ["runs", "artifacts"]}},
+                                              globals=False)}, tiers={"daily": {"drill": True}})
+    assert main(["--catalog", catalog.catalog_path, "backup", "--partition", "2026-11-20", "--timings"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("timings: "))
+    steps = re.findall(r"([^;:]+?) (\d+\.\d\d)s", line[len("timings: "):])
+    names = [name.strip() for name, _ in steps]
+    assert names[:4] == ["imports", "catalog", "definitions", "instance"], line
+    assert names[4:] == ["run created and started", "app/core_daily dumped", "app/core_daily checked",
+                         names[7], "reporting", "total"], line
+    assert re.fullmatch(r"run ended \(\d+ events\)", names[7]), line
+    total = float(steps[-1][1])
+    assert abs(sum(float(s) for _, s in steps[:-1]) - total) <= 0.01 * len(steps), line
+    drill = next(ln for ln in out.splitlines() if "app/core_daily 2026-11-20: the drill: " in ln)
+    for phase in ("scratch database", "decode", "pg restore", "schema compare", "counts and fingerprints"):
+        assert re.search(rf"{phase} \d+\.\d\ds", drill), drill

@@ -517,7 +517,14 @@ def main(argv=None) -> int:
             os.chmod(work, 0o755)  # the throwaway PostgreSQL 15 server's user traverses it
             results["regression"] = rg = bench_regression(work / "regression")
             report_regression(rg)
-            print("== Point-in-time recovery against pgBackRest, side by side (PostgreSQL 15)", flush=True)
+            print("== A 65 MB database through the command line: backup with checks and drill against pg_dump -Fc",
+                  flush=True)
+            from bench.regression import bench_small_cli, report_small
+
+            (work / "small").mkdir()
+            results["small_cli"] = sm = bench_small_cli(work / "small")
+            report_small(sm)
+            print("== Point-in-time recovery against pgBackRest, side by side", flush=True)
             from bench.peer import bench_peer, report as report_peer
 
             (work / "peer").mkdir()

@@ -2,6 +2,11 @@
 
 import sys
 
+from backup_assets.__main__ import exiting
 from backup_assets.cli import main
 
-sys.exit(main())
+try:
+    code = main()
+finally:
+    exiting()
+sys.exit(code)

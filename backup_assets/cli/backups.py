@@ -120,6 +120,9 @@ def cmd_backup(args) -> int:
     """Run backups through Dagster (recorded in DAGSTER_HOME, visible in the UI): one run per partition with
     every selected asset, as the schedule does, with the backups' checks and, when configured, their S3
     replicas."""
+    import time
+
+    started = time.time()
     from backup_assets.core.verify import records as verification
     from backup_assets.core.monitoring.alerts import Alert
     from backup_assets.core.backup.take import repository_for
@@ -129,7 +132,9 @@ def cmd_backup(args) -> int:
     from backup_assets.defs.checks import FAILED_ASSETS, failed_assets
     from backup_assets.defs.sensors import root_cause
 
+    marks = [("imports", time.time())]
     catalog = _catalog(args)
+    marks.append(("catalog", time.time()))
     _check_partitions(args, catalog)
     targets = [t for t in catalog.backup_targets() if t[2] == args.tier]
     if args.select:
@@ -138,8 +143,10 @@ def cmd_backup(args) -> int:
         raise UsageError(f"no {args.tier} backup assets match {', '.join(args.select) if args.select else 'the catalog'}")
     defs = build_definitions(catalog)
     job = defs.resolve_job_def(f"{args.tier}_backups")
+    marks.append(("definitions", time.time()))
     instance = _instance()
     _fail_dead_cli_runs(catalog, instance)
+    marks.append(("instance", time.time()))
     last = defs.resolve_assets_def(backup_key(*targets[0])).partitions_def.get_last_partition_key()
     if not args.partition and last is None:
         raise UsageError(f"no {args.tier} partition is complete yet (the catalog's start_date is {catalog.start_date}): "
@@ -154,6 +161,8 @@ def cmd_backup(args) -> int:
             partition_key=partition, instance=instance, raise_on_error=False, asset_selection=selection,
             tags={**cli_runs.run_tags(catalog), "backup_assets/command": command},
             run_config={"loggers": {"console": {"config": {"log_level": "DEBUG" if args.debug else "CRITICAL"}}}})
+        if args.timings:
+            marks += run_timeline(instance, result.run_id, marks[-1][1])
         made = {e.asset_key for e in result.all_events if e.is_step_materialization}
         named: dict[str, str] = {}
         unnamed = []
@@ -196,7 +205,43 @@ def cmd_backup(args) -> int:
                 _alert(catalog, Alert(what=f"run of {args.tier}_backups failed", error=replica, source=source,
                                       group=group, tier=tier, partition=partition, asset=rname, cause="run-failure"),
                        instance=instance)
+            if args.timings and latest:
+                drill = verification.read_status(latest).get("restore_drill", {})
+                if drill.get("phases_s"):
+                    print(f"{name} {partition}: the drill: " + "; ".join(
+                        f"{k.replace('_', ' ')} {v:.2f}s" for k, v in drill["phases_s"].items()))
+    if args.timings:
+        marks.append(("reporting", time.time()))
+        steps = [(name, at - before) for (name, at), (_, before) in zip(marks, [("start", started), *marks])]
+        print("timings: " + "; ".join(f"{name} {s:.2f}s" for name, s in steps)
+              + f"; total {marks[-1][1] - started:.2f}s (after the command started)")
     return 1 if failed else 0
+
+
+def run_timeline(instance, run_id: str, since: float) -> list[tuple[str, float]]:
+    """Where a run's time went, from its events' times: the run's creation and start, each backup's dump
+    (until its materialization), its checks (until its last check result), and the run's end. Names end
+    with the event count of the run once."""
+    from dagster import DagsterEventType as T
+
+    marks, events = [], list(instance.all_logs(run_id))
+    for record in events:
+        event = record.dagster_event
+        if event is None:
+            continue
+        kind = event.event_type
+        if kind == T.RUN_START:
+            marks.append(("run created and started", record.timestamp))
+        elif kind == T.ASSET_MATERIALIZATION:
+            marks.append((f"{event.asset_key.to_user_string()} dumped", record.timestamp))
+        elif kind == T.ASSET_CHECK_EVALUATION:
+            name = f"{event.event_specific_data.asset_key.to_user_string()} checked"
+            if marks and marks[-1][0] == name:
+                marks.pop()
+            marks.append((name, record.timestamp))
+        elif kind in (T.RUN_SUCCESS, T.RUN_FAILURE):
+            marks.append((f"run ended ({len(events)} events)", record.timestamp))
+    return [(name, max(at, since)) for name, at in marks]
 
 
 def cmd_drill(args) -> int:

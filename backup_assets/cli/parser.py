@@ -185,5 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", nargs="+", help="partition key(s), e.g. 2026-11-18 2026-11-19 (a backfill: one "
                                                  "run each; default: the newest complete one)")
     p.add_argument("--select", nargs="*", help="source or source/group names")
+    p.add_argument("--timings", action="store_true", help="print where the time went: imports, catalog, Dagster's "
+                                                         "definitions and instance, the run's dumps, checks and events")
     p.set_defaults(func=cmd_backup)
     return parser

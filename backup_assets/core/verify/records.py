@@ -41,7 +41,8 @@ def record_outcomes(backup: StoredBackup, outcomes: dict[str, tuple[bool, str, d
             "passed": passed,
             "at": at,
             "message": message,
-            **({"rto_s": metadata["rto_s"]} if metadata and "rto_s" in metadata else {}),
+            # the drill's time and where it went (`backup --timings`, the metrics)
+            **{k: metadata[k] for k in ("rto_s", "phases_s") if metadata and k in metadata},
         }
     write_json_atomic(checks_path(backup), status)
 
