@@ -76,6 +76,40 @@ def _raw_serial(c: LocalCluster, per_server: int) -> float:
     return time.perf_counter() - start
 
 
+# the same backups and checks as the run's steps, one after another in one process without Dagster: the CPU
+# this process spends itself (not pg_dump's or zstd's) after its imports is the project's own work per backup
+CORE_ONLY = """
+import json, resource, sys, time
+from backup_assets.catalog import load_catalog
+from backup_assets.core.backup.take import run_backup
+from backup_assets.core.verify.checks import evaluate, find_backup, stream_check
+from backup_assets.defs.tier_op import check_names
+catalog = load_catalog(sys.argv[1])
+names = [n for n in check_names(catalog, "daily")]
+before = resource.getrusage(resource.RUSAGE_SELF)
+started = time.perf_counter()
+for source in catalog.sources:
+    stream = stream_check(catalog, source, "full", names)
+    try:
+        run_backup(catalog, source, "full", "daily", sys.argv[2], stream=stream)
+        outcomes = evaluate(catalog, find_backup(catalog, source, "full", "daily", sys.argv[2]), names, stream=stream)
+    finally:
+        if stream is not None:
+            stream.close()
+    assert all(o.passed for o in outcomes.values()), outcomes
+after = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"cpu_s": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
+                  "wall_s": time.perf_counter() - started, "backups": len(catalog.sources)}))
+"""
+
+
+def _python_cpu(processes: list[dict], since: float) -> tuple[float, int]:
+    """CPU seconds of the Python processes that started for the run (its worker and step processes), and
+    how many there were."""
+    ours = [p for p in processes if p["started"] >= since - 0.5 and "python" in p["name"].lower()]
+    return sum(p["cpu_s"] for p in ours), ours
+
+
 def bench_fleet_run(work: Path, servers: int = 3, per_server: int = 10) -> dict:
     import dagster as dg
     from dagster import DagsterEventType
@@ -109,10 +143,15 @@ def bench_fleet_run(work: Path, servers: int = 3, per_server: int = 10) -> dict:
         instance.get_runs(limit=1)
         from bench.daemon import daemon_run
 
-        record, _ = daemon_run(instance, env, "2026-11-20")
+        record, _, processes = daemon_run(instance, env, "2026-11-20", watch=True)
         run_id = record.dagster_run.run_id
         created = record.create_timestamp.timestamp()
         wall = record.end_time - created
+        dumps = sorted(p["started"] for p in processes if p["name"] == "pg_dump" and p["started"] >= created)
+        run_python_cpu, run_processes = _python_cpu(processes, created)
+        core = json.loads(subprocess.run([sys.executable, "-c", CORE_ONLY, str(catalog), "2026-11-21"], check=True,
+                                         env=env, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        databases = servers * per_server
         timeline: dict[str, dict] = {}
         trace = os.environ.get("BENCH_FLEET_TRACE")
         if trace:  # every event of the run with its time, to see where a step spends it
@@ -121,8 +160,11 @@ def bench_fleet_run(work: Path, servers: int = 3, per_server: int = 10) -> dict:
                     kind = rec.dagster_event.event_type_value if rec.dagster_event else "LOG"
                     fh.write(f"{rec.timestamp - created:8.2f} {rec.step_key or '-':30} {kind:28} "
                              f"{(rec.user_message or '')[:100]}\n")
+        run_started = None
         for rec in instance.all_logs(run_id):
             event = rec.dagster_event
+            if event is not None and event.event_type == DagsterEventType.RUN_START:
+                run_started = rec.timestamp
             if event is None or not rec.step_key:
                 continue
             step = timeline.setdefault(rec.step_key, {"assets": 0})
@@ -132,13 +174,24 @@ def bench_fleet_run(work: Path, servers: int = 3, per_server: int = 10) -> dict:
                 step["end_s"] = round(rec.timestamp - created, 2)
             elif event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
                 step["assets"] += 1
-        for c, seconds in zip(clusters, raw):
-            step = timeline.get(f"pg_{c.host.replace('.', '_')}_{c.port}__daily", {})
-            step["raw_serial_s"] = round(seconds, 2)
+        for i, seconds in enumerate(raw):  # a server's step is named after its sources
+            for name, step in timeline.items():
+                if f"s{i}_app00" in name:
+                    step["raw_serial_s"] = round(seconds, 2)
         return {"servers": servers, "databases": servers * per_server, "raw_serial_per_server_s": raw,
                 "slowest_server_serial_s": max(raw), "raw_all_servers_at_once_s": raw_parallel,
                 "run_wall_s": wall, "ratio_run_vs_slowest_serial": wall / max(raw),
                 "ratio_run_vs_raw_all_servers_at_once": wall / raw_parallel, "cpus": os.cpu_count(),
+                # Dagster's own CPU per backup: the run's Python processes (worker, steps; not pg_dump, zstd or
+                # the servers) less the same backups and checks in one process without Dagster
+                "run_python_cpu_s": run_python_cpu, "run_python_processes": len(run_processes),
+                "run_python_processes_cpu_s": sorted(([round(p["cpu_s"], 2), round(p["started"] - created, 2),
+                                                       p["cmdline"][:160]] for p in run_processes), reverse=True),
+                "core_only_cpu_s": core["cpu_s"],
+                "dagster_cpu_per_backup_s": (run_python_cpu - core["cpu_s"]) / databases,
+                # from the run's creation (a schedule tick queues it) and from its start to the first pg_dump
+                "first_dump_after_created_s": dumps[0] - created if dumps else None,
+                "first_dump_after_run_start_s": dumps[0] - run_started if dumps and run_started else None,
                 "timeline": timeline}
     finally:
         for c in clusters_and_storage:
@@ -150,6 +203,10 @@ def report(r: dict) -> None:
           f"raw dumps {r['slowest_server_serial_s']:.1f}s -> ratio {r['ratio_run_vs_slowest_serial']:.2f} (goal <= 1.25); "
           f"raw dumps of all servers at once {r['raw_all_servers_at_once_s']:.1f}s -> ratio "
           f"{r['ratio_run_vs_raw_all_servers_at_once']:.2f} ({r['cpus']} CPUs)")
+    print(f"  Dagster's own CPU per backup {r['dagster_cpu_per_backup_s']:.3f}s (goal <= 0.15): the run's "
+          f"{r['run_python_processes']} Python processes {r['run_python_cpu_s']:.1f}s of CPU, the same backups and "
+          f"checks without Dagster {r['core_only_cpu_s']:.1f}s; the first dump {r['first_dump_after_created_s']:.1f}s "
+          f"after the run was queued, {r['first_dump_after_run_start_s']:.1f}s after it started (goal <= 3)")
     for step, t in sorted(r["timeline"].items()):
         print(f"    {step:32} start {t.get('start_s', '?'):>7}s  end {t.get('end_s', '?'):>7}s  "
               f"{t['assets']:2d} backups  (raw serial {t.get('raw_serial_s', '?')}s)")

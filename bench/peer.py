@@ -16,7 +16,11 @@ data, then alternating pairs (the order flips every pair, so neither tool always
 Medians and per-pair ratios (ours / pgBackRest) in the JSON. Without `pgbackrest` on PATH (Debian: `apt-get
 install pgbackrest`) it says so and skips.
 
-    python -m bench.peer [--scale 20] [--pairs 2]
+`--postgres 18` runs the same pairs on the embedded PostgreSQL 18, which Debian's pgBackRest does not support,
+against the raw equivalent instead: `pg_basebackup -Ft -X none | zstd -T2 -3` for the backup, and for the
+restores untar + `zstd -d` + `restore_command = zstd -d` of the same archived segments, `pg_ctl start`.
+
+    python -m bench.peer [--scale 20] [--pairs 2] [--postgres 15|18]
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from pathlib import Path
 
 import yaml
 
-from backup_assets.demo.cluster import SERVER_USER, LocalCluster, _open_path_for, free_port
+from backup_assets.demo.cluster import SERVER_USER, LocalCluster, _open_path_for, embedded_bin_dir, free_port
 
 PG15 = Path("/usr/lib/postgresql/15/bin")
 STANZA = "bench"
@@ -97,8 +101,40 @@ class Peer:
         return done
 
 
-def _restore(who: str, kind: str, pgdata: Path, *, cli, env, peer: Peer, user, password: str, target: str,
-             expected: tuple[int, int]) -> tuple[float, bool, str]:
+class Raw:
+    """The raw tools a script would use, for the PostgreSQL pgBackRest does not support: pg_basebackup's tar to
+    zstd, and back with tar, zstd and a restore_command of `zstd -d` over our own archived segments."""
+
+    def __init__(self, work: Path, cluster: LocalCluster, wal: Path, user):
+        self.root, self.cluster, self.wal, self.user = work / "raw", cluster, wal, user
+        self.root.mkdir()
+        self.backups: list[Path] = []
+
+    def command(self) -> str:
+        return ""
+
+    def backup(self, env: dict) -> None:
+        out = self.root / f"base-{len(self.backups)}.tar.zst"
+        subprocess.run(["bash", "-o", "pipefail", "-c",
+                        f"'{self.cluster.bin_dir / 'pg_basebackup'}' -D - -Ft -X none --checkpoint=fast "
+                        f"| zstd -q -T2 -3 -o '{out}'"], check=True, env=env)
+        self.backups.append(out)
+
+    def restore(self, pgdata: Path, kind: str, target: str) -> None:
+        pgdata.mkdir(mode=0o700)
+        subprocess.run(["bash", "-o", "pipefail", "-c", f"zstd -q -d -c '{self.backups[-1]}' | tar -x -C '{pgdata}'"],
+                       check=True)
+        with open(pgdata / "postgresql.auto.conf", "a") as conf:
+            conf.write(f"restore_command = 'zstd -d -q -f {self.wal}/%f.zst -o %p'\n")
+            if kind == "restore_to_time":
+                conf.write(f"recovery_target_time = '{target}'\nrecovery_target_action = 'promote'\n")
+        (pgdata / "recovery.signal").touch()
+        if self.user:
+            subprocess.run(["chown", "-R", f"{self.user.pw_uid}:{self.user.pw_gid}", str(pgdata)], check=True)
+
+
+def _restore(who: str, kind: str, pgdata: Path, *, cli, env, peer, user, password: str, target: str,
+             expected: tuple[int, int], bin_dir: Path = PG15) -> tuple[float, bool, str]:
     """One restore (to the end of the archive, or to `target`) until the server accepts connections out of
     recovery; its seconds, whether it holds exactly the expected rows (pgbench_accounts, after_backup), and our
     restore's own timeline."""
@@ -114,21 +150,24 @@ def _restore(who: str, kind: str, pgdata: Path, *, cli, env, peer: Peer, user, p
         phases = next((ln.split("timings: ", 1)[1] for ln in done.stdout.splitlines() if ln.startswith("timings: ")),
                       "")
     else:
-        pgdata.mkdir(mode=0o700)
-        if user:
-            os.chown(pgdata, user.pw_uid, user.pw_gid)
-        how = ["--type=default"] if kind == "restore" else ["--type=time", f"--target={target}",
-                                                            "--target-action=promote"]
-        peer.run("restore", f"--pg1-path={pgdata}", *how, env=env)
+        if isinstance(peer, Raw):
+            peer.restore(pgdata, kind, target)
+        else:
+            pgdata.mkdir(mode=0o700)
+            if user:
+                os.chown(pgdata, user.pw_uid, user.pw_gid)
+            how = ["--type=default"] if kind == "restore" else ["--type=time", f"--target={target}",
+                                                                "--target-action=promote"]
+            peer.run("restore", f"--pg1-path={pgdata}", *how, env=env)
         with open(pgdata / "postgresql.auto.conf", "a") as conf:
             # the source ran with max_connections 200 (on its command line): a standby needs as many
             conf.write(f"archive_mode = off\nport = {port}\nlisten_addresses = '127.0.0.1'\n"
                        f"unix_socket_directories = '{pgdata}'\nmax_connections = 200\n")
-        started = subprocess.run([str(PG15 / "pg_ctl"), "-D", str(pgdata), "-l", str(pgdata / "server.log"), "start"],
+        started = subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(pgdata), "-l", str(pgdata / "server.log"), "start"],
                                  capture_output=True, text=True, **_as_server(user))
         if started.returncode != 0:
             log = pgdata / "server.log"
-            raise RuntimeError(f"the server pgBackRest restored did not start: {started.stderr[-1000:]}"
+            raise RuntimeError(f"the server {who} restored did not start: {started.stderr[-1000:]}"
                                f"{log.read_text()[-2000:] if log.exists() else ''}")
         _wait_out_of_recovery(port, password)
     seconds = time.perf_counter() - t0
@@ -137,25 +176,26 @@ def _restore(who: str, kind: str, pgdata: Path, *, cli, env, peer: Peer, user, p
             got = (c.execute("SELECT count(*) FROM pgbench_accounts").fetchone()[0],
                    c.execute("SELECT count(*) FROM after_backup").fetchone()[0])
     finally:
-        subprocess.run([str(PG15 / "pg_ctl"), "-D", str(pgdata), "-m", "immediate", "stop"], capture_output=True,
+        subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(pgdata), "-m", "immediate", "stop"], capture_output=True,
                        **_as_server(user))
         shutil.rmtree(pgdata, ignore_errors=True)
     return seconds, got == expected, phases
 
 
-def bench_peer(work: Path, *, scale: int = 20, pairs: int = 2) -> dict:
-    if shutil.which("pgbackrest") is None:
+def bench_peer(work: Path, *, scale: int = 20, pairs: int = 2, postgres: int = 15) -> dict:
+    if postgres == 15 and shutil.which("pgbackrest") is None:
         return {"skipped": "pgbackrest is not installed (Debian: apt-get install pgbackrest)"}
-    if not (PG15 / "postgres").exists():
+    if postgres == 15 and not (PG15 / "postgres").exists():
         return {"skipped": f"Debian's PostgreSQL 15 is not installed ({PG15})"}
+    bin_dir = PG15 if postgres == 15 else Path(embedded_bin_dir())
     user = pwd.getpwnam(SERVER_USER) if os.geteuid() == 0 else None
     shared = work / "shared"
     repo = shared / "backups"
     repo.mkdir(parents=True)
-    cluster = LocalCluster(PG15, work / "pg", free_port(), "peer-" + os.urandom(6).hex())
+    cluster = LocalCluster(bin_dir, work / "pg", free_port(), "peer-" + os.urandom(6).hex())
     catalog = shared / "catalog.yaml"
     catalog.write_text(yaml.safe_dump({"repository": {"root": str(repo)}, "sources": {"bench": {
-        "engine": "postgres", "groups": {"full": {}}, "pg_bin_dir": str(PG15),
+        "engine": "postgres", "groups": {"full": {}}, "pg_bin_dir": str(bin_dir),
         "pitr": {**({"run_as": SERVER_USER} if user else {})},
         "connection": {"host": cluster.host, "port": cluster.port, "dbname": "postgres",
                        "password_env": "BENCH_PEER_PASSWORD"}}}}))
@@ -166,20 +206,23 @@ def bench_peer(work: Path, *, scale: int = 20, pairs: int = 2) -> dict:
         catalog.chmod(0o644)
         os.chown(repo, user.pw_uid, user.pw_gid)
         _open_path_for(Path(sys.executable).resolve())
-    peer = Peer(work, cluster, user)
+    peer = Peer(work, cluster, user) if postgres == 15 else Raw(work, cluster, repo / "wal" / "bench", user)
     push = f"{sys.executable} -m backup_assets --catalog {catalog} wal-push --source bench %p"
+    both = f" && {peer.command()} archive-push %p" if postgres == 15 else ""
     with open(cluster.data_dir / "postgresql.auto.conf", "a") as conf:
         conf.write(f"archive_mode = on\nwal_level = replica\narchive_timeout = 60\n"
-                   f"archive_command = '{push} && {peer.command()} archive-push %p'\n")
+                   f"archive_command = '{push}{both}'\n")
     cluster.start()
     env = dict(os.environ, PGPASSWORD=cluster.password, BENCH_PEER_PASSWORD=cluster.password,
                PGHOST=cluster.host, PGPORT=str(cluster.port), PGUSER=cluster.superuser)
     cli = [sys.executable, "-m", "backup_assets.cli", "--catalog", str(catalog)]
-    result: dict = {"postgres": 15, "scale": scale, "pgbackrest": peer.run("version", env=env).stdout.strip(),
-                    "pairs": []}
+    result: dict = {"postgres": postgres, "scale": scale, "pairs": [],
+                    "pgbackrest": peer.run("version", env=env).stdout.strip() if postgres == 15 else
+                    "the raw tools (pg_basebackup | zstd; tar, zstd -d)"}
     try:
-        peer.run("stanza-create", env=env)
-        subprocess.run([str(PG15 / "pgbench"), "-i", "-s", str(scale), "-q", "postgres"], check=True, env=env,
+        if postgres == 15:
+            peer.run("stanza-create", env=env)
+        subprocess.run([str(bin_dir / "pgbench"), "-i", "-s", str(scale), "-q", "postgres"], check=True, env=env,
                        capture_output=True)
         with cluster.connect() as conn:
             result["database_bytes"] = conn.execute("SELECT pg_database_size('postgres')").fetchone()[0]
@@ -193,8 +236,10 @@ def bench_peer(work: Path, *, scale: int = 20, pairs: int = 2) -> dict:
                 if who == "ours":
                     subprocess.run([*cli, "basebackup", "--source", "bench", "--kind", "full", "--local-only"],
                                    check=True, env=env, capture_output=True)
-                else:
+                elif postgres == 15:
                     peer.run("backup", "--type=full", env=env)
+                else:
+                    peer.backup(env)
                 pair[f"backup_{who}_s"] = time.perf_counter() - t0
             with cluster.connect() as conn:  # a little WAL after both backups, archived by both, with a target
                 conn.execute("CREATE TABLE IF NOT EXISTS after_backup (i int)")  # time between two commits
@@ -219,7 +264,7 @@ def bench_peer(work: Path, *, scale: int = 20, pairs: int = 2) -> dict:
                 for who in order:
                     pair[f"{kind}_{who}_s"], pair[f"{kind}_{who}_exact"], phases = _restore(
                         who, kind, work / f"{kind}-{who}-{i}", cli=cli, env=env, peer=peer, user=user,
-                        password=cluster.password, target=target, expected=(accounts, expected))
+                        password=cluster.password, target=target, expected=(accounts, expected), bin_dir=bin_dir)
                     if phases:
                         pair[f"{kind}_ours_phases"] = phases
                 pair[f"{kind}_ratio"] = pair[f"{kind}_ours_s"] / pair[f"{kind}_peer_s"]
@@ -227,12 +272,16 @@ def bench_peer(work: Path, *, scale: int = 20, pairs: int = 2) -> dict:
             result["pairs"].append(pair)
         bases = sorted((repo / "base" / "bench").glob("base-*.json"))
         result["full_backup_bytes_ours"] = json.loads(bases[-1].read_text())["size_bytes"]
-        labels = sorted(p for p in (peer.root / "repo" / "backup" / STANZA).iterdir()
-                        if p.is_dir() and p.name.endswith("F"))
-        result["full_backup_bytes_peer"] = _size(labels[-1])
+        if postgres == 15:
+            labels = sorted(p for p in (peer.root / "repo" / "backup" / STANZA).iterdir()
+                            if p.is_dir() and p.name.endswith("F"))
+            result["full_backup_bytes_peer"] = _size(labels[-1])
+        else:
+            result["full_backup_bytes_peer"] = peer.backups[-1].stat().st_size
         result["size_ratio"] = result["full_backup_bytes_ours"] / result["full_backup_bytes_peer"]
         result["wal_archive_bytes_ours"] = _size(repo / "wal" / "bench")
-        result["wal_archive_bytes_peer"] = _size(peer.root / "repo" / "archive")
+        # the raw restores read our own archive: only pgBackRest has one of its own
+        result["wal_archive_bytes_peer"] = _size(peer.root / "repo" / "archive") if postgres == 15 else None
     finally:
         cluster.destroy()
     for name in ("backup", "restore", "restore_to_time"):
@@ -250,34 +299,40 @@ def report(r: dict) -> None:
     if "skipped" in r:
         print(f"  pgBackRest side by side: skipped: {r['skipped']}")
         return
+    # the goals are against pgBackRest; the raw tools are a floor to read the figures by, not a product
+    goals = ({"backup": "goal <= 1.0", "restore": "goal <= 1.1"} if r["postgres"] == 15 else
+             {"backup": "the raw tools: a floor, no goal", "restore": "the raw tools: a floor, no goal"})
     print(f"  against {r['pgbackrest']} on PostgreSQL {r['postgres']} (pgbench scale {r['scale']}, "
           f"{r['database_bytes'] / 1e6:.0f} MB), {len(r['pairs'])} alternating pairs:")
     print(f"    full backup: {r['backup_ours_median_s']:.2f}s vs {r['backup_peer_median_s']:.2f}s -> ratio "
           f"{r['backup_ratio_median']:.2f} (pairs {_ratios(r, 'backup')}; "
-          "goal <= 1.0)")
+          f"{goals['backup']})")
     print(f"    restore to the end of the archive, server up: {r['restore_ours_median_s']:.2f}s vs "
           f"{r['restore_peer_median_s']:.2f}s -> ratio {r['restore_ratio_median']:.2f} "
-          f"(pairs {_ratios(r, 'restore')}; goal <= 1.1)")
+          f"(pairs {_ratios(r, 'restore')}; {goals['restore']})")
     print(f"    restore to a time between two commits, server up: {r['restore_to_time_ours_median_s']:.2f}s vs "
           f"{r['restore_to_time_peer_median_s']:.2f}s -> ratio {r['restore_to_time_ratio_median']:.2f} "
-          f"(pairs {_ratios(r, 'restore_to_time')}; goal <= 1.1)")
+          f"(pairs {_ratios(r, 'restore_to_time')}; {goals['restore']})")
     for p in r["pairs"]:
         print(f"    where our restore's time goes: {p.get('restore_ours_phases') or '?'}")
     exact = all(p[f"{k}_{who}_exact"] for p in r["pairs"] for k in ("restore", "restore_to_time")
                 for who in ("ours", "peer"))
+    wal = (f"; WAL archive {r['wal_archive_bytes_ours'] / 1e6:.1f} MB vs {r['wal_archive_bytes_peer'] / 1e6:.1f} MB"
+           if r.get("wal_archive_bytes_peer") else "")
     print(f"    both restored exactly: {'yes' if exact else 'NO'}; one full backup {r['full_backup_bytes_ours'] / 1e6:.1f}"
-          f" MB vs {r['full_backup_bytes_peer'] / 1e6:.1f} MB (ratio {r['size_ratio']:.2f}); WAL archive "
-          f"{r['wal_archive_bytes_ours'] / 1e6:.1f} MB vs {r['wal_archive_bytes_peer'] / 1e6:.1f} MB")
+          f" MB vs {r['full_backup_bytes_peer'] / 1e6:.1f} MB (ratio {r['size_ratio']:.2f}){wal}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", type=int, default=20, help="pgbench scale (20: about 300 MB)")
     parser.add_argument("--pairs", type=int, default=2, help="alternating pairs of each measurement")
+    parser.add_argument("--postgres", type=int, choices=(15, 18), default=15,
+                        help="15: against pgBackRest; 18: against the raw tools (pgBackRest 2.45 has no 18)")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="backup_assets_peer_"))
     try:
-        r = bench_peer(work, scale=args.scale, pairs=args.pairs)
+        r = bench_peer(work, scale=args.scale, pairs=args.pairs, postgres=args.postgres)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(r)

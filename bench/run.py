@@ -530,6 +530,10 @@ def main(argv=None) -> int:
             (work / "peer").mkdir()
             results["peer"] = pe = bench_peer(work / "peer")
             report_peer(pe)
+            print("== The same pairs on PostgreSQL 18, against the raw tools (pgBackRest 2.45 has no 18)", flush=True)
+            (work / "peer18").mkdir()
+            results["peer18"] = pe18 = bench_peer(work / "peer18", postgres=18)
+            report_peer(pe18)
         for size in ([] if args.only_s3 or not args.sizes else args.sizes.split(",")):
             print(f"== PostgreSQL {size}", flush=True)
             results["postgres"][size] = bench_postgres(c, size, args.fresh, work)
