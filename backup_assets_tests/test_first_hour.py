@@ -140,10 +140,31 @@ def test_cli_backup_timings_say_where_the_time_went(pg18, myloware_db, write_cat
     names = [name.strip() for name, _ in steps]
     assert names[:4] == ["imports", "catalog", "definitions", "instance"], line
     assert names[4:] == ["run created and started", "app/core_daily dumped", "app/core_daily checked",
-                         names[7], "reporting", "total"], line
+                         names[7], "reporting", "total"], out
     assert re.fullmatch(r"run ended \(\d+ events\)", names[7]), line
     total = float(steps[-1][1])
     assert abs(sum(float(s) for _, s in steps[:-1]) - total) <= 0.01 * len(steps), line
     drill = next(ln for ln in out.splitlines() if "app/core_daily 2026-11-20: the drill: " in ln)
     for phase in ("scratch database", "decode", "pg restore", "schema compare", "counts and fingerprints"):
         assert re.search(rf"{phase} \d+\.\d\ds", drill), drill
+
+
+def test_cli_backup_fails_when_the_run_fails_between_a_backup_and_its_checks(miyabi_db, write_catalog, tmp_path,
+                                                                            monkeypatch, capsys):
+    """An unexpected error after the backup was written (its checks never ran) fails the command and says so; it
+    used to print the backup with 'checks unknown' and exit 0."""
+    from backup_assets.cli import main
+    from backup_assets.core.verify import checks
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dh"))
+    (tmp_path / "dh").mkdir()
+    catalog = write_catalog({"miyabi": {"engine": "sqlite", "path": str(miyabi_db)}})
+
+    def broken(*_a, **_k):
+        raise RuntimeError("the checks could not start")
+
+    monkeypatch.setattr(checks, "evaluate", broken)
+    assert main(["--catalog", catalog.catalog_path, "backup", "--partition", "2026-11-20"]) == 1
+    err = capsys.readouterr().err
+    assert "miyabi/full_daily 2026-11-20: FAILED the run failed after the backup, before its checks: " in err, err
+    assert "the checks could not start" in err, err

@@ -164,6 +164,8 @@ def cmd_backup(args) -> int:
         if args.timings:
             marks += run_timeline(instance, result.run_id, marks[-1][1])
         made = {e.asset_key for e in result.all_events if e.is_step_materialization}
+        checked = {e.event_specific_data.asset_key for e in result.all_events
+                   if e.event_type_value == "ASSET_CHECK_EVALUATION"}
         named: dict[str, str] = {}
         unnamed = []
         for event in (e for e in result.all_events if e.is_step_failure):
@@ -179,6 +181,8 @@ def cmd_backup(args) -> int:
             key = backup_key(source, group, tier)
             name = key.to_user_string()
             error = named.get(name) or (None if key in made else (unnamed[0] if unnamed else "not backed up"))
+            if error is None and unnamed and key not in checked:  # the step failed between the backup and its checks
+                error = f"the run failed after the backup, before its checks: {unnamed[0]}"
             if error is not None:
                 failed += 1
                 print(f"{name} {partition}: FAILED {scrub(error)}", file=sys.stderr)
