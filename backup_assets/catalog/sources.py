@@ -192,6 +192,10 @@ class Source(_Model):
     owners: list[str] = []
     # PostgreSQL
     connection: PostgresConnection | None = None
+    # when `connection` is a hot standby (backups read there, so the primary is not loaded): the primary,
+    # for what a standby cannot do (restores, pruning old rows, switching and archiving the WAL a base
+    # backup ends in)
+    primary: PostgresConnection | None = None
     pg_bin_dir: str | None = None
     groups: dict[str, TableGroup] | None = None
     drill_server: PostgresConnection | None = None
@@ -237,12 +241,18 @@ class Source(_Model):
         else:
             if not self.path:
                 raise ValueError("a sqlite source needs 'path'")
-            for field in ("connection", "groups", "pg_bin_dir", "drill_server", "globals", "wal_rpo_seconds", "pitr"):
+            for field in ("connection", "primary", "groups", "pg_bin_dir", "drill_server", "globals", "wal_rpo_seconds",
+                          "pitr"):
                 if getattr(self, field) is not None:
                     raise ValueError(f"'{field}' belongs to postgres sources")
             if self.prune:
                 raise ValueError("'prune' rules are supported for postgres sources only")
         return self
+
+    def written(self) -> PostgresConnection:
+        """The server this source's database is written on (restored into, pruned): its primary when its
+        backups are read from a standby."""
+        return self.primary or self.connection
 
     def group_names(self) -> list[str]:
         if self.engine == "sqlite":

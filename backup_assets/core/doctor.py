@@ -32,7 +32,7 @@ def servers(catalog: Catalog, problems: list[str] | None = None) -> dict[str, po
     """Every PostgreSQL server the catalog names (sources and drill servers), by host:port; a
     source whose credentials are not at hand is said in `problems` and skipped."""
     from backup_assets.catalog import CatalogError
-    from backup_assets.core.backup.take import endpoint_for
+    from backup_assets.core.backup.take import endpoint_for, primary_endpoint_for
     from backup_assets.core.verify.restore_drill import drill_endpoint
 
     found: dict[str, postgres.Endpoint] = {}
@@ -40,7 +40,7 @@ def servers(catalog: Catalog, problems: list[str] | None = None) -> dict[str, po
         if src.engine != "postgres":
             continue
         try:
-            endpoints = (endpoint_for(catalog, name), drill_endpoint(catalog, name))
+            endpoints = (endpoint_for(catalog, name), primary_endpoint_for(catalog, name), drill_endpoint(catalog, name))
         except CatalogError as exc:
             if problems is not None:
                 problems.append(f"source {name}: not checked: {exc}")
@@ -110,9 +110,9 @@ def safety_copies(catalog: Catalog) -> list[SafetyCopy]:
                     found.append(SafetyCopy("database", where, name, _stamp(m.group(1))))
     for source, src in catalog.sources.items():
         if src.engine == "postgres":
-            from backup_assets.core.backup.take import endpoint_for
+            from backup_assets.core.backup.take import primary_endpoint_for
 
-            ep = endpoint_for(catalog, source)
+            ep = primary_endpoint_for(catalog, source)  # restores (and their safety copies) go there
             try:
                 with postgres.connect(ep, what="safety copies: ") as conn:
                     for schema in postgres.safety_schemas(conn):

@@ -40,7 +40,7 @@ def in_place_refusal(catalog: Catalog, manifest, config: RestoreConfig) -> str |
         return None
     if src.engine == "postgres":
         target = config.target_database or src.connection.dbname
-        owner = catalog_targets(catalog).database_owner(src.connection.host, src.connection.port, target)
+        owner = catalog_targets(catalog).database_owner(src.written().host, src.written().port, target)
         what, other = f"database {target}", "target_database (a database no catalog source backs up)"
     else:
         target = str(catalog.resolve_path(src.path)) if config.target_file is None else config.target_file

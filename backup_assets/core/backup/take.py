@@ -25,7 +25,17 @@ from backup_assets.core.repository import LocalRepository, StoredBackup
 
 
 def endpoint_for(catalog: Catalog, source: str, dbname: str | None = None) -> postgres.Endpoint:
-    conn = catalog.sources[source].connection
+    """Where the source's backups are read: its `connection` (a hot standby, when it names one)."""
+    return _endpoint(catalog, catalog.sources[source].connection, dbname)
+
+
+def primary_endpoint_for(catalog: Catalog, source: str, dbname: str | None = None) -> postgres.Endpoint:
+    """Where the source is written: its `primary` when its backups are read from a standby, else `connection`."""
+    src = catalog.sources[source]
+    return _endpoint(catalog, src.primary or src.connection, dbname)
+
+
+def _endpoint(catalog: Catalog, conn, dbname: str | None) -> postgres.Endpoint:
     return postgres.Endpoint(conn.host, conn.port, conn.user, dbname or conn.dbname, conn.password(), conn.sslmode,
                              str(catalog.resolve_path(conn.sslrootcert)) if conn.sslrootcert else None)
 

@@ -261,7 +261,13 @@ def dump(ep: Endpoint, tables: list[str] | None, write: Callable[[BinaryIO], Non
         pg_dump, _ = find_tool("pg_dump", major, pg_bin_dir)
         tool_version = subprocess.run([str(pg_dump), "--version"], capture_output=True, text=True).stdout.strip()
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        snapshot_id, snapshot_at = conn.execute("SELECT pg_export_snapshot(), now()").fetchone()
+        snapshot_id, snapshot_at, replayed_at = conn.execute(
+            # on a hot standby the snapshot holds what was replayed: when WAL it received is still waiting to be
+            # replayed, the data is as of the last transaction replayed, not as of now
+            "SELECT pg_export_snapshot(), now(), CASE WHEN pg_is_in_recovery() AND pg_last_wal_receive_lsn() IS "
+            "DISTINCT FROM pg_last_wal_replay_lsn() THEN pg_last_xact_replay_timestamp() END").fetchone()
+        if replayed_at is not None:
+            snapshot_at = min(snapshot_at, replayed_at)
         excluded = sorted(set(exclude_schemas))
         args = [str(pg_dump), f"--snapshot={snapshot_id}", "--format=custom", "--compress=0", "--no-password"]
         args += [f"--exclude-schema={_quoted(s)}" for s in excluded]
@@ -312,6 +318,8 @@ def dump(ep: Endpoint, tables: list[str] | None, write: Callable[[BinaryIO], Non
         counter.join()
         if rc != 0:
             detail = ep.scrub(stderr.decode(errors="replace").strip()) or f"exit code {rc}"
+            if RECOVERY_CONFLICT in detail:
+                raise BackupError(f"{what}{standby_conflict(ep)}")
             raise BackupError(f"{what}pg_dump of {ep.describe()} failed: {detail}")
         if "error" in facts_box:
             raise facts_box["error"]
@@ -324,9 +332,21 @@ def dump(ep: Endpoint, tables: list[str] | None, write: Callable[[BinaryIO], Non
         return DumpResult([str(t) for t in group_tables], facts, version, tool_version,
                           snapshot_at.astimezone(dt.timezone.utc).isoformat())
     except psycopg.Error as exc:
+        if RECOVERY_CONFLICT in str(exc):
+            raise BackupError(f"{what}{standby_conflict(ep)}") from None
         raise BackupError(f"{what}PostgreSQL error on {ep.describe()}: {ep.scrub(str(exc).strip())}") from None
     finally:
         conn.close()
+
+
+RECOVERY_CONFLICT = "conflict with recovery"
+
+
+def standby_conflict(ep: Endpoint) -> str:
+    """What to change when a hot standby cancelled a dump to go on replaying the primary's WAL."""
+    return (f"the standby {ep.describe()} cancelled the dump to replay WAL (conflict with recovery): set "
+            "hot_standby_feedback = on on the standby (the primary then keeps the rows a running dump still "
+            "reads), or max_standby_streaming_delay = -1 (replay waits for the dump; the standby falls behind)")
 
 
 def role_cannot_dump(conn: psycopg.Connection, tables: set[TableName] | None) -> str | None:

@@ -15,6 +15,7 @@ import re
 import subprocess
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 from backup_assets.catalog import Catalog, Pitr
@@ -57,6 +58,7 @@ def _server_facts(ep, what: str) -> dict:
             "summarize_wal": conn.execute("SELECT current_setting('summarize_wal')").fetchone()[0]
             if major >= 17 else "off",
             "system_identifier": str(conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()[0]),
+            "in_recovery": conn.execute("SELECT pg_is_in_recovery()").fetchone()[0],
             # recovery refuses to run with less than the source had (set on its command line, these would not be
             # in the data directory): recorded and written into the recovered copy's settings
             "limits": dict(conn.execute("SELECT name, setting FROM pg_settings WHERE name = ANY(%s)",
@@ -99,11 +101,22 @@ def base_backup(catalog: Catalog, source: str, *, kind: str = "auto", partition:
     from the catalog's pitr settings and what the server can do; 'incremental' fails when it cannot)."""
     if kind not in ("auto", "full", "incremental"):
         raise BackupError(f"base backup kind {kind!r}: expected auto, full or incremental")
-    from backup_assets.core.backup.take import endpoint_for
+    from backup_assets.core.backup.take import endpoint_for, primary_endpoint_for
 
     folder = ensure_dir(base_dir(catalog, source))
     ep = endpoint_for(catalog, source)
     facts = _server_facts(ep, f"base backup of {source}: ")
+    if facts["in_recovery"]:
+        # from a standby: the WAL comes from the primary's archive, and only the primary can close the segment the
+        # backup ends in and archive it (a standby with archive_mode = on archives nothing)
+        if catalog.sources[source].primary is None:
+            raise BackupError(f"{source}: {ep.host}:{ep.port} is a standby: a base backup from it needs the source's "
+                              "`primary` in the catalog (which archives the WAL the backup ends in)")
+        primary = _server_facts(primary_endpoint_for(catalog, source), f"base backup of {source} (the primary): ")
+        if primary["system_identifier"] != facts["system_identifier"]:
+            raise BackupError(f"{source}: the standby {ep.host}:{ep.port} is not a standby of the catalog's primary "
+                              f"(system identifiers {facts['system_identifier']} and {primary['system_identifier']})")
+        facts["archive_mode"] = primary["archive_mode"]
     if facts["archive_mode"] == "off":
         raise BackupError(f"{source}: archive_mode is off on {ep.host}:{ep.port}; a base backup restores to a time "
                           "only with the WAL archive (archive_command = 'backup-assets ... wal-push ...')")
@@ -151,13 +164,17 @@ def _take(catalog: Catalog, source: str, ep, facts: dict, folder: Path, parent: 
                                   f"{ep.scrub(lines[-1] if lines else str(proc.returncode))}")
             written = writer.commit()
     finished = _now()
+    described = final.with_name(f"base-{stamp}.manifest.zst{suffix}")
     try:
         label, manifest = _read_back(final, catalog, source, encryption)
-        with ArtifactWriter(final.with_name(f"base-{stamp}.manifest.zst{suffix}"), recipients=recipients) as mw:
+        with ArtifactWriter(described, recipients=recipients) as mw:
             mw.write(manifest)
             man = mw.commit()
+        if facts.get("in_recovery"):
+            _archived_by_primary(catalog, source, _manifest_end_lsn(manifest), say)
     except BaseException:
-        final.unlink(missing_ok=True)  # never left as a base backup without its description
+        final.unlink(missing_ok=True)  # never left as a base backup without its description, or its WAL
+        described.unlink(missing_ok=True)
         raise
     meta = {
         "source": source, "artifact": final.name, "sha256": written.sha256, "size_bytes": written.size_bytes,
@@ -174,6 +191,30 @@ def _take(catalog: Catalog, source: str, ep, facts: dict, folder: Path, parent: 
     }
     write_json_atomic(final.with_name(final.name + ".json"), meta)
     return meta
+
+
+def _archived_by_primary(catalog: Catalog, source: str, end_lsn: str | None, say, timeout_s: float = 120) -> None:
+    """A base backup from a standby is restorable once the primary has archived the segment it ends in: the
+    primary switches to a new segment when it is still writing that one, and this waits until the archive
+    holds it (as pg_basebackup does itself on a primary)."""
+    from backup_assets.core.backup.take import primary_endpoint_for
+    from backup_assets.core.engines import postgres
+    from backup_assets.core.pitr.wal import read_meta, wal_dir
+
+    if end_lsn is None:
+        raise BackupError(f"base backup of {source}: its backup_manifest names no WAL range")
+    with postgres.connect(primary_endpoint_for(catalog, source), what=f"base backup of {source} (the primary): ") as conn:
+        segment, current = conn.execute("SELECT pg_walfile_name(%s::pg_lsn), pg_walfile_name(pg_current_wal_lsn())",
+                                        (end_lsn,)).fetchone()
+        if current <= segment:
+            conn.execute("SELECT pg_switch_wal()")
+    say(f"waiting for the primary to archive {segment}, where the base backup from the standby ends")
+    deadline = time.monotonic() + timeout_s
+    while read_meta(wal_dir(catalog, source), segment) is None:
+        if time.monotonic() > deadline:
+            raise BackupError(f"base backup of {source}: the primary did not archive {segment} (where the backup ends) "
+                              f"within {timeout_s:g}s: check its archive_command (wal-push) and pg_stat_archiver")
+        time.sleep(0.2)
 
 
 def _read_back(path: Path, catalog: Catalog, source: str, encryption) -> tuple[str, bytes]:

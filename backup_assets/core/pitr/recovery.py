@@ -249,7 +249,9 @@ def _recover(catalog: Catalog, source: str, base: dict, chain: list[dict], targe
     script.chmod(0o700)
     settings = [f"restore_command = '{script} %f %p'", "archive_mode = off", "recovery_target_timeline = 'latest'",
                 "recovery_target_action = 'promote'", f"port = {port}", "listen_addresses = '127.0.0.1'",
-                f"unix_socket_directories = '{target_dir}'"]
+                f"unix_socket_directories = '{target_dir}'",
+                # a base backup taken from a standby carries its settings: the copy never streams from the primary
+                "primary_conninfo = ''", "primary_slot_name = ''"]
     settings += [f"{name} = {int(value)}" for name, value in sorted(base.get("settings", {}).items())]
     if to_time is not None:
         settings.append(f"recovery_target_time = '{to_time.isoformat()}'")
@@ -262,7 +264,8 @@ def _recover(catalog: Catalog, source: str, base: dict, chain: list[dict], targe
         hba.write_text("local all all trust  # backup_assets drill: the socket is in the 0700 data directory\n"
                        + (hba.read_text() if hba.exists() else ""))
     (target_dir / "recovery.signal").touch()
-    for name in ("postmaster.pid", "postmaster.opts"):
+    # and its standby.signal: the copy recovers from the archive and is promoted, it does not stay a standby
+    for name in ("postmaster.pid", "postmaster.opts", "standby.signal"):
         (target_dir / name).unlink(missing_ok=True)
     if user is not None:
         for root, dirs, files in os.walk(target_dir):

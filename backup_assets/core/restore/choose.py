@@ -63,7 +63,8 @@ def catalog_targets(catalog: Catalog) -> CatalogTargets:
     databases, files = [], {}
     for name, src in catalog.sources.items():
         if src.engine == "postgres":
-            databases.append((_addresses(src.connection.host), src.connection.port, src.connection.dbname, name))
+            written = src.written()
+            databases.append((_addresses(written.host), written.port, src.connection.dbname, name))
         else:
             files[real_path(catalog.resolve_path(src.path))] = name
     return CatalogTargets(databases, files)

@@ -16,7 +16,7 @@ from backup_assets.core.verify import archive_scan
 from backup_assets.core.backup import roles
 from backup_assets.core.verify.schema_compare import database_properties
 from backup_assets.core.artifact import human_size
-from backup_assets.core.backup.take import endpoint_for, repository_for
+from backup_assets.core.backup.take import primary_endpoint_for, repository_for
 from backup_assets.core.engines import postgres
 from backup_assets.core.engines import pg_content
 from backup_assets.core.engines import pg_databases
@@ -59,7 +59,7 @@ def restore_plan(catalog: Catalog, backup: StoredBackup, *, target_db: str | Non
                 "UTC)") if safety_copy else ""
         return f"replace SQLite file {target} with {backup.artifact_path.name} (partition {m.partition}){keep}"
     db = target_db or (src.connection.dbname if src else m.database)
-    where = f"{src.connection.host}:{src.connection.port}" if src else "?"
+    where = f"{src.written().host}:{src.written().port}" if src else "?"
     if m.format == roles.FORMAT:
         return (f"create the roles of {backup.artifact_path.name} that the server {where} lacks, with their "
                 "memberships (existing roles are left as they are)")
@@ -102,7 +102,7 @@ def restore_postgres(catalog: Catalog, backup: StoredBackup, *, target_db: str |
         wanted = list(dict.fromkeys(wanted))
     repository_for(catalog).sweep()
     verify_before_restore(backup)
-    ep = endpoint_for(catalog, m.source, target)
+    ep = primary_endpoint_for(catalog, m.source, target)
     return _audited(catalog, backup, origin, say=say, target=f"database {target} on {ep.host}:{ep.port}",
                     tables=[str(t) for t in wanted], safety_copy=safety_copy,
                     action=lambda: _restore_postgres(catalog, backup, ep, src, target, wanted, jobs=jobs,

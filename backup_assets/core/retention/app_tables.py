@@ -16,7 +16,7 @@ from psycopg import sql
 
 from backup_assets.catalog import Catalog
 from backup_assets.core import BackupError
-from backup_assets.core.backup.take import endpoint_for, repository_for
+from backup_assets.core.backup.take import primary_endpoint_for, repository_for
 from backup_assets.core.engines import postgres
 from backup_assets.core.names import TableName
 from backup_assets.core.verify.records import passed_drill
@@ -39,7 +39,7 @@ def prune_tables(catalog: Catalog, source: str, *, dry_run: bool, now: dt.dateti
     if src.engine != "postgres":
         raise BackupError(f"source {source!r} is not a postgres source")
     now = now or dt.datetime.now(dt.timezone.utc)
-    ep = endpoint_for(catalog, source)
+    ep = primary_endpoint_for(catalog, source)
     report: dict = {"source": source, "dry_run": dry_run, "tables": {}}
     with postgres.connect(ep, what=f"pruning {source}: ") as conn:
         conn.execute("SET lock_timeout = '5s'")

@@ -70,7 +70,7 @@ def compare_with_manifest(m: Manifest, counts: dict[str, int], vectors: dict, in
 
 def drill_endpoint(catalog: Catalog, source: str) -> postgres.Endpoint:
     src = catalog.sources[source]
-    server = src.drill_server or src.connection
+    server = src.drill_server or src.written()  # a standby cannot hold a scratch database
     return postgres.Endpoint(server.host, server.port, server.user, server.dbname, server.password(), server.sslmode,
                              str(catalog.resolve_path(server.sslrootcert)) if server.sslrootcert else None)
 
