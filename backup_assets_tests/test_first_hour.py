@@ -133,8 +133,9 @@ def test_cli_backup_timings_say_where_the_time_went(pg18, myloware_db, write_cat
     (tmp_path / "dh").mkdir()
     catalog = write_catalog({"app": pg_source(pg18, myloware_db, groups={"core": {"tables": ["runs", "artifacts"]}},
                                               globals=False)}, tiers={"daily": {"drill": True}})
-    assert main(["--catalog", catalog.catalog_path, "backup", "--partition", "2026-11-20", "--timings"]) == 0
-    out = capsys.readouterr().out
+    code = main(["--catalog", catalog.catalog_path, "backup", "--partition", "2026-11-20", "--timings"])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
     line = next(ln for ln in out.splitlines() if ln.startswith("timings: "))
     steps = re.findall(r"([^;:]+?) (\d+\.\d\d)s", line[len("timings: "):])
     names = [name.strip() for name, _ in steps]
