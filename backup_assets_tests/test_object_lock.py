@@ -106,7 +106,48 @@ def test_a_lock_that_has_expired_lets_the_object_go_for_good(moto_s3, locked_buc
     for key in ("x/big.bin", "x/small"):
         assert storage.head(key).lock_mode == "GOVERNANCE"
     assert storage.delete(["x/big.bin", "x/small"]) and storage.head("x/small") is not None  # locked: both stay
+    # an overwrite and a delete marker over them: when the locks end, those go too
+    client.put_object(Bucket=locked_bucket, Key="backups/x/small", Body=b"ransom")
+    client.delete_object(Bucket=locked_bucket, Key="backups/x/big.bin")
+    assert storage.delete(["x/big.bin", "x/small"])
     time.sleep(max(0.0, (until - dt.datetime.now(dt.timezone.utc)).total_seconds()) + 1)
     assert storage.delete(["x/big.bin", "x/small"]) == []
     versions = client.list_object_versions(Bucket=locked_bucket, Prefix="backups/x/")
     assert not versions.get("Versions") and not versions.get("DeleteMarkers"), versions  # gone, not hidden
+
+
+def test_a_restore_from_the_replica_reads_the_locked_original_behind_an_overwrite_and_a_delete(
+        miyabi_db, write_catalog, moto_s3, locked_bucket, tmp_path, capsys):
+    """Whoever holds the backup host's credentials overwrites one backup (artifact and manifest) and deletes the
+    other: the bucket keeps the locked versions, and with the host's disk gone a restore from S3 gives back exactly
+    what was replicated, and says the newest versions were not it."""
+    import shutil
+    import sqlite3
+
+    from backup_assets.cli import main
+
+    catalog = _catalog(write_catalog, miyabi_db, moto_s3, locked_bucket)
+    client = moto_s3.client()
+    storage = storage_for(catalog, client)
+    originals = {}
+    for partition in ("2026-11-19", "2026-11-20"):
+        run_backup(catalog, "miyabi", "full", "daily", partition)
+        backup = find_backup(catalog, "miyabi", "full", "daily", partition)
+        replicate(catalog, backup, storage)
+        originals[partition] = f"backups/sqlite/daily/{backup.artifact_path.name}"
+    expected = "\n".join(sqlite3.connect(miyabi_db).iterdump())
+    overwritten, deleted = originals["2026-11-20"], originals["2026-11-19"]
+    for key in (overwritten, overwritten + ".meta"):
+        client.put_object(Bucket=locked_bucket, Key=key, Body=b"ransom", ChecksumAlgorithm="SHA256")
+    for key in (deleted, deleted + ".meta"):
+        client.delete_object(Bucket=locked_bucket, Key=key)  # a delete marker: the locked version stays
+    assert "Contents" not in client.list_objects_v2(Bucket=locked_bucket, Prefix=deleted)
+    shutil.rmtree(catalog.repository_root)  # the backup host's disk is gone
+    for partition, key in (("2026-11-20", overwritten), ("2026-11-19", deleted)):
+        target = tmp_path / f"restored-{partition}.db"
+        code = main(["--catalog", catalog.catalog_path, "restore", "--source", "miyabi", "--group", "full", "--tier",
+                     "daily", "--partition", partition, "--from", "s3", "--target-file", str(target), "--confirm"])
+        err = capsys.readouterr().err
+        assert code == 0, err
+        assert f"s3://{locked_bucket}/{key}" in err and "overwritten or deleted after replication" in err, err
+        assert "\n".join(sqlite3.connect(target).iterdump()) == expected

@@ -363,5 +363,9 @@ def fetch_from_s3(catalog: Catalog, *, source: str, group: str, tier: str | None
     local = repository_for(catalog)
     copy_backup(remote.manifest(ref), ref.key, remote, local, say=say)
     backup = local.stored(ref)
+    replaced = sorted(k for k in getattr(remote.storage, "replaced", ()) if k.startswith(ref.key))
+    if replaced:  # under Object Lock: the bucket's newest version of it is not what was replicated
+        say(f"{', '.join(remote.storage.uri(k) for k in replaced)}: overwritten or deleted after replication; "
+            "restoring the locked version the backup host wrote")
     say(f"downloaded and verified {backup.artifact_path.name}")
     return backup

@@ -75,6 +75,10 @@ class S3Storage:
         self.bucket = cfg.bucket
         self.lock_for = lock_for if cfg.object_lock is not None else None
         self._lockable: bool | None = None
+        # under Object Lock, the version of each key that reads use (None: the latest) and the keys whose latest
+        # version is not that one (overwritten or deleted after replication)
+        self._versions: dict[str, str | None] = {}
+        self.replaced: set[str] = set()
 
     # -- keys ------------------------------------------------------------------------------
     def _full(self, key: str) -> str:
@@ -160,7 +164,66 @@ class S3Storage:
         except (ClientError, BotoCoreError) as exc:
             raise _explain(exc, f"HEAD {self.uri(key)} part 1") from None
 
+    # -- under Object Lock: what the bucket still holds behind an overwrite or a delete ---------------------
+    def _held_version(self, full: str, versions: list[dict], deleted: bool) -> dict | None:
+        """The version of a key that reads use: the latest, unless the key was overwritten or deleted after it
+        was replicated; then its oldest version still locked (what the backup host wrote: whoever holds its
+        credentials can add versions and delete markers, never remove a locked version), else the latest."""
+        if not versions:
+            return None
+        if len(versions) == 1 and not deleted:
+            return versions[0]
+        now = dt.datetime.now(dt.timezone.utc)
+        for version in sorted(versions, key=lambda v: v["LastModified"]):  # oldest first
+            try:
+                r = self.client.head_object(Bucket=self.bucket, Key=full, VersionId=version["VersionId"])
+            except (ClientError, BotoCoreError) as exc:
+                raise _explain(exc, f"HEAD s3://{self.bucket}/{full} version {version['VersionId']}") from None
+            until = r.get("ObjectLockRetainUntilDate")
+            if until is not None and until > now:
+                return version
+        return None if deleted else max(versions, key=lambda v: v["LastModified"])
+
+    def _scan_versions(self, prefix_full: str, exact: str | None = None) -> Iterator[tuple[str, dict]]:
+        keys: dict[str, tuple[list[dict], bool]] = {}
+        try:
+            for page in self.client.get_paginator("list_object_versions").paginate(Bucket=self.bucket,
+                                                                                  Prefix=prefix_full):
+                for v in page.get("Versions", []):
+                    keys.setdefault(v["Key"], ([], False))[0].append(v)
+                for marker in page.get("DeleteMarkers", []):
+                    if marker.get("IsLatest"):
+                        found = keys.setdefault(marker["Key"], ([], False))
+                        keys[marker["Key"]] = (found[0], True)
+        except (ClientError, BotoCoreError) as exc:
+            raise _explain(exc, f"listing the versions under s3://{self.bucket}/{prefix_full}") from None
+        for full, (versions, deleted) in keys.items():
+            if exact is not None and full != exact:
+                continue
+            held = self._held_version(full, versions, deleted)
+            if held is None:
+                continue
+            key = self._rel(full)
+            self._versions[key] = None if held.get("IsLatest") else held["VersionId"]
+            if not held.get("IsLatest"):
+                self.replaced.add(key)
+            yield key, held
+
+    def _read_args(self, key: str) -> dict:
+        """The version reads take (see _held_version): nothing to add without Object Lock."""
+        if self.cfg.object_lock is None:
+            return {}
+        if key not in self._versions:
+            self._versions[key] = None
+            list(self._scan_versions(self._full(key), exact=self._full(key)))
+        version = self._versions[key]
+        return {"VersionId": version} if version else {}
+
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        if self.cfg.object_lock is not None:  # what a delete marker hides is still there, and still restores
+            for key, version in self._scan_versions(self._full(prefix)):
+                yield key, version["Size"]
+            return
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._full(prefix)):
                 for obj in page.get("Contents", []):
@@ -171,13 +234,13 @@ class S3Storage:
     def open(self, key: str) -> BinaryIO:
         """The object as a stream (read in parts, never held whole)."""
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"]
+            return self.client.get_object(Bucket=self.bucket, Key=self._full(key), **self._read_args(key))["Body"]
         except (ClientError, BotoCoreError) as exc:
             raise _explain(exc, f"downloading {self.uri(key)}") from None
 
     def get_file(self, key: str, dest: Path) -> None:
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"]
+            body = self.client.get_object(Bucket=self.bucket, Key=self._full(key), **self._read_args(key))["Body"]
             with open(dest, "wb") as out:
                 for chunk in body.iter_chunks(MIB):
                     out.write(chunk)
@@ -186,7 +249,7 @@ class S3Storage:
 
     def get_bytes(self, key: str) -> bytes:
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"].read()
+            return self.client.get_object(Bucket=self.bucket, Key=self._full(key), **self._read_args(key))["Body"].read()
         except (ClientError, BotoCoreError) as exc:
             raise _explain(exc, f"downloading {self.uri(key)}") from None
 
@@ -331,16 +394,29 @@ class S3Storage:
                 raise BackupError(f"deleting {first['Key']} from s3://{self.bucket} failed: {first.get('Message')}")
 
     def _delete_versions(self, keys: list[str]) -> list[tuple[str, dt.datetime]]:
+        """Every version of the keys and every delete marker over them (an overwrite's or a delete's), once none
+        is locked any more; else nothing, and until when the locks hold."""
         now = dt.datetime.now(dt.timezone.utc)
         locked, versions = [], []
         for key in keys:
-            info = self.head(key)
-            if info is None:
-                continue
-            if info.lock_until is not None and info.lock_until > now:
-                locked.append((key, info.lock_until))
-            else:
-                versions.append({"Key": self._full(key), **({"VersionId": info.version_id} if info.version_id else {})})
+            full = self._full(key)
+            try:
+                listed = self.client.list_object_versions(Bucket=self.bucket, Prefix=full)
+                held = None
+                for v in listed.get("Versions", []):
+                    if v["Key"] != full:
+                        continue
+                    r = self.client.head_object(Bucket=self.bucket, Key=full, VersionId=v["VersionId"])
+                    until = r.get("ObjectLockRetainUntilDate")
+                    if until is not None and until > now:
+                        held = max(held or until, until)
+                    versions.append({"Key": full, "VersionId": v["VersionId"]})
+                versions += [{"Key": full, "VersionId": d["VersionId"]} for d in listed.get("DeleteMarkers", [])
+                             if d["Key"] == full]
+            except (ClientError, BotoCoreError) as exc:
+                raise _explain(exc, f"listing the versions of {self.uri(key)}") from None
+            if held is not None:
+                locked.append((key, held))
         if locked:  # all or nothing: a backup's manifest never goes while its artifact stays locked
             return locked
         self._delete_objects(versions)
