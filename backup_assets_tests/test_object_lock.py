@@ -151,3 +151,34 @@ def test_a_restore_from_the_replica_reads_the_locked_original_behind_an_overwrit
         assert code == 0, err
         assert f"s3://{locked_bucket}/{key}" in err and "overwritten or deleted after replication" in err, err
         assert "\n".join(sqlite3.connect(target).iterdump()) == expected
+
+
+def test_scheduled_backups_replicate_under_the_lock_through_dagster_aws(miyabi_db, write_catalog, moto_s3,
+                                                                       locked_bucket, tmp_path, monkeypatch):
+    """The Dagster run (here `backup-assets backup`, as the schedule's run) replicates through dagster-aws's S3
+    client and writes every object locked; `replica_intact` in the run checks the lock. (The runs wrote unlocked
+    objects: their storage was made without the catalog's lock policy.) Loading the definitions imports no
+    dagster-aws."""
+    import subprocess
+    import sys
+
+    from backup_assets.cli import main
+
+    catalog = _catalog(write_catalog, miyabi_db, moto_s3, locked_bucket)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dh"))
+    (tmp_path / "dh").mkdir()
+    assert main(["--catalog", catalog.catalog_path, "backup", "--partition", "2026-11-20"]) == 0
+    client = moto_s3.client()
+    backup = find_backup(catalog, "miyabi", "full", "daily", "2026-11-20")
+    key = f"backups/sqlite/daily/{backup.artifact_path.name}"
+    for name in (key, key + ".meta"):
+        assert client.head_object(Bucket=locked_bucket, Key=name)["ObjectLockMode"] == "GOVERNANCE", name
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys; from backup_assets.catalog import load_catalog; "
+         "from backup_assets.defs.build import build_definitions; from backup_assets.defs.replication import s3_resource; "
+         f"c = load_catalog({catalog.catalog_path!r}); build_definitions(c); assert 'dagster_aws' not in sys.modules; "
+         "client = s3_resource(c).client(c.replication.s3); assert 'dagster_aws.s3' in sys.modules; "
+         "print(client.meta.config.retries, client.meta.endpoint_url)"],
+        capture_output=True, text=True, env={**os.environ})
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert "'total_max_attempts': 6" in loaded.stdout and moto_s3.endpoint in loaded.stdout, loaded.stdout

@@ -7,25 +7,39 @@ from backup_assets.defs.keys import backup_key, replica_key
 
 
 class S3Replica(dg.ConfigurableResource):
-    """The catalog's S3 replica, as the UI shows it. The client is made from the catalog's
-    `replication.s3` section (endpoint, CA bundle, SSE, part size; keys from the variables it
-    names), the same way the command line makes it."""
+    """The catalog's S3 replica, as the UI shows it, with the fields of dagster-aws's `S3Resource` (region,
+    endpoint, CA bundle, retry attempts, profile). The client is dagster-aws's, constructed in the run that uses
+    it (`client()`), so loading the definitions never imports dagster-aws; the keys come from the environment
+    variables the catalog names, never from this resource's configuration (which the UI shows)."""
 
     bucket: str
     prefix: str = ""
-    region: str | None = None
+    region_name: str | None = None
     endpoint_url: str | None = None
+    verify: str | None = None
+    max_attempts: int = 5
+    profile_name: str | None = None
+
+    def client(self, cfg):
+        from dagster_aws.s3 import S3Resource  # only in the steps that replicate
+
+        keys = cfg.credentials()
+        return S3Resource(region_name=self.region_name, endpoint_url=self.endpoint_url, verify=self.verify,
+                          max_attempts=self.max_attempts, profile_name=self.profile_name, **keys).get_client()
 
 
 def s3_resource(catalog: Catalog) -> S3Replica:
     cfg = catalog.replication.s3
-    return S3Replica(bucket=cfg.bucket, prefix=cfg.prefix, region=cfg.region, endpoint_url=cfg.endpoint_url)
+    return S3Replica(bucket=cfg.bucket, prefix=cfg.prefix, region_name=cfg.region, endpoint_url=cfg.endpoint_url,
+                     verify=cfg.ca_bundle or None)
 
 
 def _storage(catalog: Catalog, s3: S3Replica | None = None):
-    from backup_assets.core.storage.s3 import S3Storage  # boto3 is loaded by the steps that use S3
+    """The replica's storage in a run: dagster-aws's client from the `s3` resource, with the catalog's Object Lock
+    policy (as the command line's `storage_for`)."""
+    from backup_assets.core.replica import storage_for  # boto3 is loaded by the steps that use S3
 
-    return S3Storage(catalog.replication.s3)
+    return storage_for(catalog, s3.client(catalog.replication.s3) if s3 is not None else None)
 
 
 def replica_spec(catalog: Catalog, source: str, group: str, tier: str) -> dg.AssetSpec:
