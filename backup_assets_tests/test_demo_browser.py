@@ -74,6 +74,18 @@ def test_the_demo_replicates_to_s3_restores_from_it_and_alerts_reach_the_receive
     assert {"myloware", "miyabi_pg", "miyabi", "miyabi_persistence"} <= sources
     assert rows and all(r["where"] == "local+s3" for r in rows), rows
     assert all(r["verified"] == "drilled" for r in rows), rows  # the demo drills its daily tier
+    # its replicas are immutable: the bucket has Object Lock and every replicated backup is locked
+    import boto3
+
+    from backup_assets.catalog import demo_env
+    from backup_assets.demo.services import S3_BUCKET, S3_KEY_ENV, S3_SECRET_ENV
+
+    env = {**demo["env"], **demo_env(demo["home"])}
+    s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{env['BACKUP_ASSETS_DEMO_S3_PORT']}", region_name="us-east-1",
+                      aws_access_key_id=env[S3_KEY_ENV], aws_secret_access_key=env[S3_SECRET_ENV])
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=S3_BUCKET).get("Contents", []) if o["Key"].endswith(".meta")]
+    assert keys and all(s3.head_object(Bucket=S3_BUCKET, Key=k[:-len(".meta")])["ObjectLockMode"] == "GOVERNANCE"
+                        for k in keys), keys
 
     restored = cli(demo, "restore", "--from", "s3", "--source", "miyabi_pg", "--group", "full",
                    "--target-db", "miyabi_from_s3", "--confirm")

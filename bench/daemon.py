@@ -85,9 +85,11 @@ def daemon_run(instance, env: dict, partition: str, *, job: str = "daily_backups
                 raise RuntimeError(f"dagster-daemon exited ({daemon.returncode}) before the run ended")
             time.sleep(0.2)
     finally:
-        processes = tree.stop() if tree else None
-        os.killpg(daemon.pid, 15)
-        daemon.wait()
+        try:
+            processes = tree.stop() if tree else None
+        finally:  # the daemon never outlives the bench
+            os.killpg(daemon.pid, 15)
+            daemon.wait()
     if not run.is_success:
         raise RuntimeError(f"daemon-launched run {run_id} ended {run.status}")
     record = instance.get_run_record_by_id(run_id)

@@ -68,7 +68,8 @@ def start_s3(home: Path, port: int, env: dict[str, str]) -> None:
     client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
                           aws_access_key_id=env[S3_KEY_ENV], aws_secret_access_key=env[S3_SECRET_ENV])
     if S3_BUCKET not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
-        client.create_bucket(Bucket=S3_BUCKET)
+        # with Object Lock, as the catalog's replica asks (it can only be enabled when a bucket is created)
+        client.create_bucket(Bucket=S3_BUCKET, ObjectLockEnabledForBucket=True)
 
 
 def start_webhook(home: Path, port: int) -> Path:
