@@ -142,6 +142,14 @@ def test_a_restore_from_the_replica_reads_the_locked_original_behind_an_overwrit
     for key in (deleted, deleted + ".meta"):
         client.delete_object(Bucket=locked_bucket, Key=key)  # a delete marker: the locked version stays
     assert "Contents" not in client.list_objects_v2(Bucket=locked_bucket, Prefix=deleted)
+    # `list` shows both copies of each, the replica's state included
+    import json
+
+    assert main(["--catalog", catalog.catalog_path, "list", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["copies"] for r in rows] == [
+        {"local": "present", "s3": "replaced after replication (the locked original restores)"}] * 2, rows
+    assert all(r["where"] == "local+s3!" for r in rows), rows
     shutil.rmtree(catalog.repository_root)  # the backup host's disk is gone
     for partition, key in (("2026-11-20", overwritten), ("2026-11-19", deleted)):
         target = tmp_path / f"restored-{partition}.db"

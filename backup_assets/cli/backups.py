@@ -28,16 +28,22 @@ def cmd_list(args) -> int:
             print(f"backup-assets: {repo.name.replace('s3', 'S3')} not listed: {scrub(str(exc))}", file=sys.stderr)
             continue
         untrusted = repo.untrusted()
+        # under Object Lock: objects overwritten or deleted after replication (their locked original is listed)
+        replaced = getattr(repo.storage, "replaced", set())
         for ref in refs:
             if ref.key in untrusted:
                 continue
+            state = ("replaced after replication (the locked original restores)"
+                     if {ref.key, ref.manifest_key} & replaced else "present")
             if ref.key in rows:
-                rows[ref.key]["where"] += f"+{repo.name}"
+                rows[ref.key]["where"] += f"+{repo.name}" + ("!" if state != "present" else "")
+                rows[ref.key]["copies"][repo.name] = state
                 continue
             row = {"source": ref.source, "group": ref.group, "tier": ref.tier, "partition": ref.partition,
                    "created": ref.created.isoformat(timespec="seconds"), "size": human_size(ref.size),
                    "size_bytes": ref.size, "rows": "", "verified": "ok (replica)" if repo.replica else "unknown",
-                   "where": repo.name, "key": "", "path": repo.storage.uri(ref.key)}
+                   "where": repo.name + ("!" if state != "present" else ""), "key": "",
+                   "path": repo.storage.uri(ref.key), "copies": {repo.name: state}}
             if repo is local:  # the manifest and check record are at hand: say more
                 b = local.stored(ref)
                 row.update(created=b.manifest.timestamp, size=b.manifest.size_human, rows=b.manifest.total_rows,
@@ -55,6 +61,9 @@ def cmd_list(args) -> int:
         if not args.paths:
             print("(key: the fingerprints of the keys that open it, plain, or ? for a copy only S3 has; --paths "
                   "shows where each is)", file=sys.stderr)
+        if any("!" in r["where"] for r in ordered):
+            print("(where: s3! is a replica overwritten or deleted in the bucket after replication; the locked "
+                  "original is what restores, and replica_intact fails on it: see the alerts)", file=sys.stderr)
     else:
         print(f"no backups match in repository {local.root} (catalog {catalog.catalog_path or 'built in'})",
               file=sys.stderr)
