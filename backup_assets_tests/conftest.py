@@ -383,8 +383,16 @@ def archiving(tmp_path, monkeypatch, request):
         key_file.chmod(0o644 if os.geteuid() == 0 else 0o600)
         monkeypatch.setenv("WAL_AGE_IDENTITY", str(key_file))
         catalog["encryption"] = {"recipients": [str(identity.to_public())], "identity_file_env": "WAL_AGE_IDENTITY"}
-    if request.node.get_closest_marker("s3"):  # the catalog's S3 replica (moto's server)
-        catalog["replication"] = s3_replication(request.getfixturevalue("moto_s3"), request.getfixturevalue("bucket"))
+    s3_marker = request.node.get_closest_marker("s3")
+    if s3_marker:  # the catalog's S3 replica (moto's server); s3(object_lock=True): a bucket with Object Lock
+        server = request.getfixturevalue("moto_s3")
+        name = request.getfixturevalue("bucket")
+        lock = {}
+        if s3_marker.kwargs.get("object_lock"):
+            name = "lock-" + name[3:]
+            server.client().create_bucket(Bucket=name, ObjectLockEnabledForBucket=True)
+            lock = {"object_lock": {"mode": "governance"}}
+        catalog["replication"] = s3_replication(server, name, **lock)
     marker = request.node.get_closest_marker("pitr")
     if marker is not None:  # the physical tier in the catalog (its drill runs scratch clusters as the server's user)
         catalog["sources"]["app"]["pitr"] = {**({"run_as": WAL_SERVER_USER} if os.geteuid() == 0 else {}),

@@ -267,6 +267,39 @@ def test_base_backups_and_wal_on_s3_are_pruned_there_and_restore_when_the_local_
     assert [b["artifact"] for b in pitr_base.base_backups(catalog, "app")] == [bases[1]["artifact"]]
 
 
+@pytest.mark.s3(object_lock=True)
+@pytest.mark.pitr(wal_push_s3=True, incremental=False)
+def test_under_object_lock_base_backups_and_wal_restore_from_s3_behind_an_overwrite(archiving, tmp_path, capsys):
+    """In a locked bucket: the base backup and every WAL segment are locked; whoever holds the host's credentials
+    overwrites a segment and deletes the base backup (a delete marker); with the local copies gone, a restore to
+    the latest from S3 still recovers every commit, from the locked versions."""
+    import shutil
+
+    from backup_assets.core.pitr.locations import replica_storage
+
+    cluster, catalog_path, folder = archiving
+    catalog = load_catalog(catalog_path)
+    storage = replica_storage(catalog)
+    write_rows(cluster, 5, "before", pause=0)
+    assert cli(catalog_path, "basebackup", "--source", "app", "--kind", "full") == 0  # and replicates
+    write_rows(cluster, 10, "after")
+    archive_now(cluster)
+    client, bucket = storage.client, storage.bucket
+    segments = sorted(k for k, _ in storage.list("wal/app/") if not k.endswith(".json") and ".history" not in k)
+    bases = [k for k, _ in storage.list("base/app/")]
+    assert segments and bases
+    for key in [*segments, *bases]:
+        assert client.head_object(Bucket=bucket, Key=storage._full(key))["ObjectLockMode"] == "GOVERNANCE", key
+    client.put_object(Bucket=bucket, Key=storage._full(segments[-1]), Body=b"ransom")
+    for key in bases:
+        client.delete_object(Bucket=bucket, Key=storage._full(key))
+    shutil.rmtree(pitr_base.base_dir(catalog, "app"))
+    for p in list(folder.iterdir()):
+        p.unlink()
+    assert restored_ids(cluster, catalog_path, tmp_path, ["--latest", "--from", "s3"], capsys) == \
+        {i for i, _ in commits(cluster)}
+
+
 @pytest.mark.pitr(incremental=False)
 def test_restore_to_an_lsn_starts_from_the_base_backup_before_it(archiving, tmp_path, capsys):
     """An LSN between two base backups restores from the older one (it used to start from the newest and fail
