@@ -190,3 +190,22 @@ def test_scheduled_backups_replicate_under_the_lock_through_dagster_aws(miyabi_d
         capture_output=True, text=True, env={**os.environ})
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     assert "'total_max_attempts': 6" in loaded.stdout and moto_s3.endpoint in loaded.stdout, loaded.stdout
+
+
+def test_the_doctor_keeps_a_locked_orphan_and_says_until_when(miyabi_db, write_catalog, moto_s3, locked_bucket,
+                                                              monkeypatch):
+    """An artifact without its manifest in a locked bucket (an upload killed between its two objects) cannot go
+    before its lock ends: the doctor says so instead of saying it removed it."""
+    from backup_assets.core import doctor as doctor_module
+
+    catalog = _catalog(write_catalog, miyabi_db, moto_s3, locked_bucket)
+    storage = storage_for(catalog, moto_s3.client())
+    run_backup(catalog, "miyabi", "full", "daily", "2026-11-20")
+    backup = find_backup(catalog, "miyabi", "full", "daily", "2026-11-20")
+    orphan = f"sqlite/daily/{backup.artifact_path.name.replace('-2026-11-20-', '-2026-11-19-')}"
+    storage.put_file(backup.artifact_path, orphan, sha256=backup.manifest.sha256)
+    monkeypatch.setattr(doctor_module, "ORPHAN_AGE_S", 0)
+    said = doctor_module.doctor(catalog)
+    line = next(s for s in said if orphan in s)
+    assert line.startswith("kept ") and "locked until" in line, said
+    assert storage.head(orphan) is not None

@@ -67,8 +67,12 @@ def doctor(catalog: Catalog, *, say=lambda _m: None) -> list[str]:
         try:
             replica = replica_repository(catalog)
             for key in replica.orphan_keys(min_age_s=ORPHAN_AGE_S):
-                replica.storage.delete([key])
-                done.append(f"removed {replica.storage.uri(key)}: an artifact without a manifest is never a backup")
+                held = replica.storage.delete([key])
+                if held:  # under Object Lock: it goes when its lock ends (a later doctor or retention run)
+                    done.append(f"kept {replica.storage.uri(key)}: an artifact without a manifest (never a backup), "
+                                f"locked until {held[0][1]:%Y-%m-%d %H:%M} UTC")
+                else:
+                    done.append(f"removed {replica.storage.uri(key)}: an artifact without a manifest is never a backup")
         except BackupError as exc:
             done.append(f"S3 replica not checked: {exc}")
     for _path, error in repo.unreadable():  # evidence of damage or tampering: reported, kept
