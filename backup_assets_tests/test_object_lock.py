@@ -162,7 +162,7 @@ def test_a_restore_from_the_replica_reads_the_locked_original_behind_an_overwrit
 
 
 def test_scheduled_backups_replicate_under_the_lock_through_dagster_aws(miyabi_db, write_catalog, moto_s3,
-                                                                       locked_bucket, tmp_path, monkeypatch):
+                                                                       locked_bucket, tmp_path, monkeypatch, capsys):
     """The Dagster run (here `backup-assets backup`, as the schedule's run) replicates through dagster-aws's S3
     client and writes every object locked; `replica_intact` in the run checks the lock. (The runs wrote unlocked
     objects: their storage was made without the catalog's lock policy.) Loading the definitions imports no
@@ -175,7 +175,9 @@ def test_scheduled_backups_replicate_under_the_lock_through_dagster_aws(miyabi_d
     catalog = _catalog(write_catalog, miyabi_db, moto_s3, locked_bucket)
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dh"))
     (tmp_path / "dh").mkdir()
-    assert main(["--catalog", catalog.catalog_path, "backup", "--partition", "2026-11-20"]) == 0
+    assert main(["--catalog", catalog.catalog_path, "backup", "--partition", "2026-11-20", "--timings"]) == 0
+    timings = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("timings: "))
+    assert "miyabi/full_daily dumped" in timings and "miyabi/full_daily_s3 replicated" in timings, timings
     client = moto_s3.client()
     backup = find_backup(catalog, "miyabi", "full", "daily", "2026-11-20")
     key = f"backups/sqlite/daily/{backup.artifact_path.name}"

@@ -171,7 +171,8 @@ def cmd_backup(args) -> int:
             tags={**cli_runs.run_tags(catalog), "backup_assets/command": command},
             run_config={"loggers": {"console": {"config": {"log_level": "DEBUG" if args.debug else "CRITICAL"}}}})
         if args.timings:
-            marks += run_timeline(instance, result.run_id, marks[-1][1])
+            marks += run_timeline(instance, result.run_id, marks[-1][1],
+                                  replicas={replica_key(*t).to_user_string() for t in targets})
         made = {e.asset_key for e in result.all_events if e.is_step_materialization}
         checked = {e.event_specific_data.asset_key for e in result.all_events
                    if e.event_type_value == "ASSET_CHECK_EVALUATION"}
@@ -231,10 +232,10 @@ def cmd_backup(args) -> int:
     return 1 if failed else 0
 
 
-def run_timeline(instance, run_id: str, since: float) -> list[tuple[str, float]]:
+def run_timeline(instance, run_id: str, since: float, replicas: set[str] = frozenset()) -> list[tuple[str, float]]:
     """Where a run's time went, from its events' times: the run's creation and start, each backup's dump
-    (until its materialization), its checks (until its last check result), and the run's end. Names end
-    with the event count of the run once."""
+    (until its materialization), its checks (until its last check result), its S3 replica (`replicas`: their
+    keys), and the run's end with the run's event count."""
     from dagster import DagsterEventType as T
 
     marks, events = [], list(instance.all_logs(run_id))
@@ -246,7 +247,8 @@ def run_timeline(instance, run_id: str, since: float) -> list[tuple[str, float]]
         if kind == T.RUN_START:
             marks.append(("run created and started", record.timestamp))
         elif kind == T.ASSET_MATERIALIZATION:
-            marks.append((f"{event.asset_key.to_user_string()} dumped", record.timestamp))
+            key = event.asset_key.to_user_string()
+            marks.append((f"{key} {'replicated' if key in replicas else 'dumped'}", record.timestamp))
         elif kind == T.ASSET_CHECK_EVALUATION:
             name = f"{event.event_specific_data.asset_key.to_user_string()} checked"
             if marks and marks[-1][0] == name:
