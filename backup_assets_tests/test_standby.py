@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -52,6 +51,14 @@ def _standby(primary: LocalCluster, tmp_path: Path, **settings) -> LocalCluster:
     standby = LocalCluster(primary.bin_dir, data, free_port(), primary.password)
     standby.start()
     return standby
+
+
+def _pgbench_and_standby(primary: LocalCluster, tmp_path: Path) -> LocalCluster:
+    """pgbench's tables on the primary (scale 2), then a standby of it with hot_standby_feedback on."""
+    env = dict(os.environ, PGPASSWORD=primary.password)
+    subprocess.run([str(primary.bin_dir / "pgbench"), "-i", "-s", "2", "-q", "-h", primary.host, "-p",
+                    str(primary.port), "-U", primary.superuser, "postgres"], check=True, env=env, capture_output=True)
+    return _standby(primary, tmp_path, hot_standby_feedback="on")
 
 
 def _caught_up(primary: LocalCluster, standby: LocalCluster, timeout: float = 60) -> None:
@@ -97,10 +104,7 @@ def _consistent(conn) -> tuple:
 
 def test_a_dump_from_the_standby_under_load_is_one_consistent_snapshot(archiving, tmp_path):
     primary, catalog_path, _ = archiving
-    env = dict(os.environ, PGPASSWORD=primary.password)
-    subprocess.run([str(primary.bin_dir / "pgbench"), "-i", "-s", "2", "-q", "-h", primary.host, "-p",
-                    str(primary.port), "-U", primary.superuser, "postgres"], check=True, env=env, capture_output=True)
-    standby = _standby(primary, tmp_path, hot_standby_feedback="on")
+    standby = _pgbench_and_standby(primary, tmp_path)
     try:
         _point_at_standby(catalog_path, standby, primary)
         catalog = load_catalog(catalog_path)
@@ -175,10 +179,7 @@ def test_a_dump_the_standby_cancels_names_the_settings_to_change(archiving, tmp_
 @pytest.mark.pitr(incremental=False)
 def test_a_base_backup_from_the_standby_restores_to_the_end_of_the_primarys_archive(archiving, tmp_path, capsys):
     primary, catalog_path, _ = archiving
-    env = dict(os.environ, PGPASSWORD=primary.password)
-    subprocess.run([str(primary.bin_dir / "pgbench"), "-i", "-s", "2", "-q", "-h", primary.host, "-p",
-                    str(primary.port), "-U", primary.superuser, "postgres"], check=True, env=env, capture_output=True)
-    standby = _standby(primary, tmp_path, hot_standby_feedback="on")
+    standby = _pgbench_and_standby(primary, tmp_path)
     try:
         _point_at_standby(catalog_path, standby, None)
         with pytest.raises(BackupError, match="is a standby: a base backup from it needs the source's `primary`"):
