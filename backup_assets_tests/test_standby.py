@@ -147,7 +147,7 @@ def test_a_dump_the_standby_cancels_names_the_settings_to_change(archiving, tmp_
     primary, catalog_path, _ = archiving
     with primary.connect() as conn:
         conn.execute("CREATE TABLE big (id int PRIMARY KEY, filler text)")
-        conn.execute("INSERT INTO big SELECT g, repeat('x', 200) FROM generate_series(1, 50000) g")
+        conn.execute("INSERT INTO big SELECT g, repeat('x', 200) FROM generate_series(1, 100000) g")
         conn.execute("ALTER TABLE big SET (autovacuum_enabled = off)")
     standby = _standby(primary, tmp_path, hot_standby_feedback="off", max_standby_streaming_delay="0")
     try:
@@ -156,13 +156,21 @@ def test_a_dump_the_standby_cancels_names_the_settings_to_change(archiving, tmp_
         catalog = load_catalog(catalog_path)
 
         def write(stream) -> None:
-            # pg_dump is running on the standby (its COPY waits on this pipe): the primary removes the row versions
-            # the dump's snapshot still sees, and the standby replays that without waiting
+            # pg_dump is running on the standby: the primary removes the row versions the dump's snapshot still
+            # sees. The dump is read slowly meanwhile (a backend blocked writing to its client cannot take the
+            # standby's cancel, and replay would wait for it) until the standby has replayed that, then drained.
             stream.read(1024)
             with primary.connect() as conn:
                 conn.execute("UPDATE big SET filler = 'y'")
                 conn.execute("VACUUM big")
-            _caught_up(primary, standby)
+                lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+            deadline = time.monotonic() + 60
+            with standby.connect() as watch:
+                while not watch.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).fetchone()[0]:
+                    assert time.monotonic() < deadline, f"the standby did not replay up to {lsn} in 60s"
+                    if not stream.read(16 * 1024):
+                        break
+                    time.sleep(0.01)
             while stream.read(1 << 20):
                 pass
 
