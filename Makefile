@@ -12,10 +12,15 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,demo]'
+	$(PY) -m pip install --quiet -e '.[test,demo,gcs,azure]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# Azurite, the Azure Blob Storage emulator the tests run (npm; skipped where there is no npm: those tests say so)
+AZURITE := .tools/node_modules/.bin/azurite-blob
+$(AZURITE):
+	command -v npm >/dev/null && npm install --silent --no-audit --no-fund --prefix .tools azurite@3.35.0 || true
+
+install: $(STAMP) $(AZURITE)
 
 ## set up the demo databases (reused when present) and start Dagster with its daemon on :3000
 run: install

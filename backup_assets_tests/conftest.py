@@ -210,6 +210,61 @@ def s3_replication(moto_s3, bucket: str, **extra) -> dict:
                    "access_key_id_env": AWS_KEY_ENV, "secret_access_key_env": AWS_SECRET_ENV, **extra}}
 
 
+# -- the GCS and Azure emulators (emulators.py), one each for the session; a bucket or container per test ------
+
+@pytest.fixture(scope="session")
+def fake_gcs(session_dir):
+    from .emulators import FakeGCS
+
+    server = FakeGCS(session_dir / "fake-gcs")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def azurite(session_dir):
+    from .emulators import AZURE_KEY_ENV, AZURITE_KEY, Azurite
+
+    os.environ[AZURE_KEY_ENV] = AZURITE_KEY
+    server = Azurite(session_dir / "azurite")
+    server.start()
+    yield server
+    server.stop()
+
+
+def _container_name(request) -> str:
+    """A bucket or container name per test (lower case, digits and single dashes, at most 63 characters)."""
+    import hashlib
+    import re
+
+    slug = re.sub("-+", "-", "".join(c if c.isalnum() else "-" for c in request.node.name.lower()))[:40].strip("-")
+    return f"ba-{slug}-{hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:8]}"
+
+
+@pytest.fixture
+def gcs_bucket(fake_gcs, request):
+    name = _container_name(request)
+    fake_gcs.client().create_bucket(name)
+    return name
+
+
+@pytest.fixture
+def azure_container(azurite, request):
+    name = _container_name(request)
+    azurite.service().create_container(name)
+    return name
+
+
+def gcs_replication(fake_gcs, bucket: str, **extra) -> dict:
+    """A GCS replica on the emulator; a dead endpoint is given up on after a second (retry_s), not half a minute."""
+    return {"gcs": fake_gcs.catalog(bucket, prefix="backups", **{"retry_s": 1, **extra})}
+
+
+def azure_replication(azurite, container: str, **extra) -> dict:
+    return {"azure": azurite.catalog(container, prefix="backups", **{"retry_s": 1, **extra})}
+
+
 # -- alert receivers: SMTP (aiosmtpd, STARTTLS), a webhook / Slack stand-in over HTTP ----------------
 
 class SmtpSink:

@@ -11,7 +11,7 @@ import pytest
 from backup_assets.cli import main
 from backup_assets.core import BackupError
 from backup_assets.core.backup.take import run_backup
-from backup_assets.core.replica import fetch_from_s3, replica_intact, replicate, storage_for
+from backup_assets.core.replica import fetch_from_replica, replica_intact, replicate, storage_for
 from backup_assets.core.storage.s3 import S3Storage
 from backup_assets.core.verify.checks import find_backup
 from backup_assets.defs.build import build_definitions
@@ -220,7 +220,7 @@ def test_restore_from_s3_downloads_verifies_and_restores(miyabi_db, write_catalo
     shutil.rmtree(catalog.repository_root / "sqlite")
     moto_s3.client().put_object(Bucket=bucket, Key=f"backups/sqlite/daily/{backup.artifact_path.name}", Body=b"x" * 10)
     with pytest.raises(BackupError, match="downloaded sha256 .* differs"):
-        fetch_from_s3(catalog, source="miyabi", group="full", storage=storage_for(catalog, moto_s3.client()))
+        fetch_from_replica(catalog, source="miyabi", group="full", storage=storage_for(catalog, moto_s3.client()))
     assert not list((catalog.repository_root / "sqlite").rglob("*.zst"))
 
 

@@ -8,23 +8,31 @@ import pytest
 
 from backup_assets.core import BackupError
 from backup_assets.core.backup.take import run_backup
-from backup_assets.core.replica import copy_backup, fetch_from_s3, replica_repository, replicate
+from backup_assets.core.replica import copy_backup, fetch_from_replica, replica_repository, replicate
 from backup_assets.core.repository import LocalRepository
 from backup_assets.core.storage.local import LocalStorage
 from backup_assets.core.verify.checks import find_backup
 
-from .conftest import s3_replication
+from .conftest import azure_replication, gcs_replication, s3_replication
 
 P = "2026-11-20"
 
 
-@pytest.fixture(params=["local", "s3"])
-def storage(request, tmp_path, write_catalog, moto_s3, bucket):
+@pytest.fixture(params=["local", "s3", "gcs", "azure"])
+def storage(request, tmp_path, write_catalog):
     if request.param == "local":
         return LocalStorage(tmp_path / "repo")
-    catalog = write_catalog({"app": {"engine": "sqlite", "path": str(tmp_path / "app.db")}},
-                            replication=s3_replication(moto_s3, bucket))
-    return replica_repository(catalog, moto_s3.client()).storage
+    if request.param == "s3":
+        moto_s3 = request.getfixturevalue("moto_s3")
+        replication = s3_replication(moto_s3, request.getfixturevalue("bucket"))
+    elif request.param == "gcs":
+        replication = gcs_replication(request.getfixturevalue("fake_gcs"), request.getfixturevalue("gcs_bucket"),
+                                      part_size_mb=1)
+    else:
+        replication = azure_replication(request.getfixturevalue("azurite"),
+                                        request.getfixturevalue("azure_container"), block_size_mb=1)
+    catalog = write_catalog({"app": {"engine": "sqlite", "path": str(tmp_path / "app.db")}}, replication=replication)
+    return replica_repository(catalog, replica=request.param).storage
 
 
 def test_both_storages_put_list_read_copy_and_delete_alike(storage, tmp_path):
@@ -78,7 +86,7 @@ def test_a_damaged_replica_is_refused_on_download_and_nothing_counts_locally(miy
     damaged[len(damaged) // 2] ^= 0xFF
     moto_s3.client().put_object(Bucket=bucket, Key=f"backups/{key}", Body=bytes(damaged))
     with pytest.raises(BackupError, match="downloaded sha256 .* differs"):
-        fetch_from_s3(catalog, source="miyabi", group="full", storage=remote.storage)
+        fetch_from_replica(catalog, source="miyabi", group="full", storage=remote.storage)
     assert local.refs(complete=False) == [] and not [p for p in local.root.rglob("*") if p.is_file()]
 
 

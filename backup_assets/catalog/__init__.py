@@ -14,7 +14,8 @@ from backup_assets.catalog.common import (TIER_NAMES, DEFAULT_TIERS, GLOBALS_GRO
                                           DEFAULT_RETENTION, ENV_REF, CatalogError)  # noqa: F401
 from backup_assets.catalog.sources import (PostgresConnection, TableGroup, PruneRule, Encryption, HookCommand, Hooks,
                                            RestoreSettings, Pitr, Source)  # noqa: F401
-from backup_assets.catalog.settings import (ObjectLock, TierConfig, DrDrillConfig, Repository, S3Replication, SlackAlerts,
+from backup_assets.catalog.settings import (ObjectLock, TierConfig, DrDrillConfig, Repository, S3Replication, GCSReplication, AzureReplication,
+                                            REPLICA_KINDS, REPLICA_LABELS, ReplicaSettings, SlackAlerts,
                                             EmailAlerts, WebhookAlerts, Alerts, Metrics, Replication)  # noqa: F401
 from backup_assets.catalog.model import AUTO_STREAM_CPUS, Catalog  # noqa: F401
 from backup_assets.catalog.load import (parse_catalog, load_catalog, DEMO_CATALOG, PROJECT_ROOT, demo_home, demo_env,

@@ -110,8 +110,9 @@ class Catalog(_Model):
         return self.tiers[name]
 
     def retention_days(self, tier: str, where: str = "local") -> int:
-        if where == "s3" and self.replication.s3 and tier in self.replication.s3.retention_days:
-            return self.replication.s3.retention_days[tier]
+        replica = self.replication.replicas().get(where)
+        if replica is not None and tier in replica.retention_days:
+            return replica.retention_days[tier]
         return self.tiers[tier].retention_days
 
     def tier_timezone(self, name: str) -> str:

@@ -74,9 +74,41 @@ class ObjectLock(_Model):
     margin_days: Annotated[float, Field(ge=0)] = 1
 
 
-class S3Replication(_Model):
-    bucket: str
+def _env_name_only(value: str | None) -> str | None:
+    if value is not None and not re.fullmatch(IDENT, value):
+        raise ValueError("must be the NAME of an environment variable, not the secret itself")
+    return value
+
+
+def _from_env(name: str | None, field: str) -> str | None:
+    if not name:
+        return None
+    value = os.environ.get(name)
+    if value is None:
+        raise CatalogError(f"environment variable {name} ({field}) is not set")
+    return value
+
+
+class ReplicaSettings(_Model):
+    """What every replica (S3, Google Cloud Storage, Azure Blob Storage) has: where under its bucket or container
+    the repository's keys go, how long each tier is kept there, and how often its copies are proven by their bytes."""
     prefix: str = ""
+    # per tier; a tier left out keeps the tier's own retention_days
+    retention_days: dict[Literal[TIER_NAMES], Annotated[int, Field(ge=1)]] = {}  # type: ignore[valid-type]
+    # every replica is downloaded and hashed (proven by its bytes) at least this often, by the maintenance
+    # job's replica_audit (0: never; the per-replication check then compares the storage's own checksums only)
+    deep_verify_days: Annotated[int, Field(ge=0)] = 7
+    # at most this many replicas downloaded per audit run, the longest unproven first (None: all that are due)
+    deep_verify_per_run: Annotated[int, Field(ge=1)] | None = None
+
+
+class _Retrying(ReplicaSettings):
+    # how long a failing request (an endpoint that is gone, a throttled one) is retried before the step fails
+    retry_s: Annotated[float, Field(gt=0, le=3600)] = 30
+
+
+class S3Replication(ReplicaSettings):
+    bucket: str
     region: str = "us-east-1"
     # AWS, Cloudflare R2, MinIO... (None: AWS itself)
     endpoint_url: str | None = None
@@ -89,22 +121,13 @@ class S3Replication(_Model):
     kms_key_id: str | None = None
     storage_class: str = "STANDARD"
     part_size_mb: Annotated[int, Field(ge=5, le=5120)] = 64
-    # per tier; a tier left out keeps the tier's own retention_days
-    retention_days: dict[Literal[TIER_NAMES], Annotated[int, Field(ge=1)]] = {}  # type: ignore[valid-type]
-    # every replica is downloaded and hashed (proven by its bytes) at least this often, by the maintenance
-    # job's replica_audit (0: never; the per-replication check then compares S3's own checksums only)
-    deep_verify_days: Annotated[int, Field(ge=0)] = 7
-    # at most this many replicas downloaded per audit run, the longest unproven first (None: all that are due)
-    deep_verify_per_run: Annotated[int, Field(ge=1)] | None = None
     # immutable replicas (S3 Object Lock); None: objects can be deleted by whoever holds the credentials
     object_lock: ObjectLock | None = None
 
     @field_validator("access_key_id_env", "secret_access_key_env")
     @classmethod
     def _env_name(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(IDENT, value):
-            raise ValueError("must be the NAME of an environment variable, not the secret itself")
-        return value
+        return _env_name_only(value)
 
     @model_validator(mode="before")
     @classmethod
@@ -126,11 +149,8 @@ class S3Replication(_Model):
     def credentials(self) -> dict[str, str]:
         out = {}
         for env_field, arg in (("access_key_id_env", "aws_access_key_id"), ("secret_access_key_env", "aws_secret_access_key")):
-            name = getattr(self, env_field)
-            if name:
-                value = os.environ.get(name)
-                if value is None:
-                    raise CatalogError(f"environment variable {name} ({env_field}) is not set")
+            value = _from_env(getattr(self, env_field), env_field)
+            if value is not None:
                 out[arg] = value
         return out
 
@@ -185,5 +205,92 @@ class Metrics(_Model):
     textfile: str | None = None
 
 
+class GCSReplication(_Retrying):
+    """Google Cloud Storage. Credentials: the service-account key file whose PATH is in the environment variable
+    `credentials_file_env`, else Application Default Credentials; `anonymous` only for an emulator."""
+    bucket: str
+    project: str | None = None
+    # a private endpoint or an emulator (None: https://storage.googleapis.com)
+    endpoint_url: str | None = None
+    credentials_file_env: str | None = None
+    anonymous: bool = False
+    storage_class: str | None = None
+    # resumable uploads send the object in chunks of this size (a multiple of 256 KiB)
+    part_size_mb: Annotated[int, Field(ge=1, le=1024)] = 32
+
+    @field_validator("credentials_file_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        return _env_name_only(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secret(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("credentials", "credentials_file", "private_key", "service_account_json"):
+                if key in data:
+                    raise ValueError(f"'{key}' is not allowed: name an environment variable in credentials_file_env "
+                                     "instead")
+        return data
+
+    def credentials_file(self) -> str | None:
+        return _from_env(self.credentials_file_env, "credentials_file_env")
+
+
+class AzureReplication(_Retrying):
+    """Azure Blob Storage. Credentials, by environment variable name: a connection string, or the account key (the
+    account is the first label of `account_url`, or the path's first part on an emulator), or a SAS token."""
+    container: str
+    # https://<account>.blob.core.windows.net, or an emulator's http://127.0.0.1:10000/<account>
+    account_url: str | None = None
+    connection_string_env: str | None = None
+    account_key_env: str | None = None
+    sas_token_env: str | None = None
+    access_tier: Literal["Hot", "Cool", "Cold", "Archive"] | None = None
+    # uploads go in blocks of this size, each checked by its MD5 on arrival; an object up to it in one request
+    block_size_mb: Annotated[int, Field(ge=1, le=4000)] = 32
+
+    @field_validator("connection_string_env", "account_key_env", "sas_token_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        return _env_name_only(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secret(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("connection_string", "account_key", "sas_token", "credential"):
+                if key in data:
+                    raise ValueError(f"'{key}' is not allowed: name an environment variable in {key}_env instead")
+        return data
+
+    @model_validator(mode="after")
+    def _how(self) -> "AzureReplication":
+        if self.connection_string_env is None and self.account_url is None:
+            raise ValueError("needs account_url (with account_key_env or sas_token_env) or connection_string_env")
+        if self.connection_string_env is None and self.account_key_env is None and self.sas_token_env is None:
+            raise ValueError("needs one of connection_string_env, account_key_env, sas_token_env")
+        return self
+
+    def account_name(self) -> str:
+        from urllib.parse import urlsplit
+
+        url = urlsplit(self.account_url or "")
+        host = url.hostname or ""
+        if host in ("127.0.0.1", "localhost") or host.replace(".", "").isdigit():
+            return url.path.strip("/").split("/")[0]
+        return host.split(".")[0]
+
+
+REPLICA_KINDS = ("s3", "gcs", "azure")
+REPLICA_LABELS = {"s3": "S3", "gcs": "GCS", "azure": "Azure"}  # as messages name them
+
+
 class Replication(_Model):
     s3: S3Replication | None = None
+    gcs: GCSReplication | None = None
+    azure: AzureReplication | None = None
+
+    def replicas(self) -> dict[str, ReplicaSettings]:
+        """Every configured replica by its name (its kind), in a fixed order: s3, gcs, azure."""
+        return {name: getattr(self, name) for name in REPLICA_KINDS if getattr(self, name) is not None}

@@ -9,7 +9,7 @@ from backup_assets.catalog import CatalogError
 from backup_assets.core import BackupError
 from backup_assets.core.secrets import scrub
 from backup_assets.cli.common import (UsageError, Reporter, _catalog, _print_table, _repositories, _check_partitions,
-    _selected_backup, _instance, _fail_dead_cli_runs, _alert)
+    _selected_backup, _instance, _fail_dead_cli_runs, _alert, REPLICA_NAMES)
 
 
 def cmd_list(args) -> int:
@@ -25,7 +25,8 @@ def cmd_list(args) -> int:
         try:
             refs = repo.refs(source=args.source, group=args.group, tier=args.tier, partition=args.partition)
         except (BackupError, CatalogError) as exc:
-            print(f"backup-assets: {repo.name.replace('s3', 'S3')} not listed: {scrub(str(exc))}", file=sys.stderr)
+            print(f"backup-assets: {REPLICA_NAMES.get(repo.name, repo.name)} not listed: {scrub(str(exc))}",
+                  file=sys.stderr)
             continue
         untrusted = repo.untrusted()
         # under Object Lock: objects overwritten or deleted after replication (their locked original is listed)
@@ -161,7 +162,8 @@ def cmd_backup(args) -> int:
         raise UsageError(f"no {args.tier} partition is complete yet (the catalog's start_date is {catalog.start_date}): "
                          "name one with --partition")
     partitions = args.partition or [last]
-    selection = [backup_key(*t) for t in targets] + ([replica_key(*t) for t in targets] if catalog.replication.s3 else [])
+    replicas = list(catalog.replication.replicas())
+    selection = [backup_key(*t) for t in targets] + [replica_key(*t, r) for t in targets for r in replicas]
     command = " ".join(["backup-assets", "backup", "--tier", args.tier]
                        + (["--select", *args.select] if args.select else []))
     failed = 0
@@ -172,7 +174,7 @@ def cmd_backup(args) -> int:
             run_config={"loggers": {"console": {"config": {"log_level": "DEBUG" if args.debug else "CRITICAL"}}}})
         if args.timings:
             marks += run_timeline(instance, result.run_id, marks[-1][1],
-                                  replicas={replica_key(*t).to_user_string() for t in targets})
+                                  replicas={replica_key(*t, r).to_user_string() for t in targets for r in replicas})
         made = {e.asset_key for e in result.all_events if e.is_step_materialization}
         checked = {e.event_specific_data.asset_key for e in result.all_events
                    if e.event_type_value == "ASSET_CHECK_EVALUATION"}
@@ -203,21 +205,22 @@ def cmd_backup(args) -> int:
                 continue
             latest = repository_for(catalog).latest(source, group, tier, partition)
             summary = verification.summary(latest) if latest else "unknown"
-            replica = named.get(replica_key(source, group, tier).to_user_string())
+            broken = {r: named[rname] for r in replicas
+                      if (rname := replica_key(source, group, tier, r).to_user_string()) in named}
             print(f"{name} {partition}: {latest.artifact_path if latest else '?'} "
                   f"({latest.manifest.size_human if latest else '?'}, checks {summary})"
-                  + (f"; S3 replica FAILED: {scrub(replica)}" if replica else ""))
-            if summary.startswith("FAILED") or replica:
+                  + "".join(f"; {REPLICA_NAMES[r]} replica FAILED: {scrub(e)}" for r, e in broken.items()))
+            if summary.startswith("FAILED") or broken:
                 failed += 1
             for check, status in (verification.read_status(latest).items() if latest else []):
                 if not status.get("passed") and check != "size_anomaly":
                     _alert(catalog, Alert(what=f"check {check} failed", error=status.get("message", ""),
                                           source=source, group=group, tier=tier, partition=partition, asset=name,
                                           cause=f"check:{check}"), instance=instance)
-            if replica:
-                rname = replica_key(source, group, tier).to_user_string()
-                _alert(catalog, Alert(what=f"run of {args.tier}_backups failed", error=replica, source=source,
-                                      group=group, tier=tier, partition=partition, asset=rname, cause="run-failure"),
+            for r, error in broken.items():
+                _alert(catalog, Alert(what=f"run of {args.tier}_backups failed", error=error, source=source,
+                                      group=group, tier=tier, partition=partition,
+                                      asset=replica_key(source, group, tier, r).to_user_string(), cause="run-failure"),
                        instance=instance)
             if args.timings and latest:
                 drill = verification.read_status(latest).get("restore_drill", {})

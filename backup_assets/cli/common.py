@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from backup_assets.catalog import CatalogError, catalog_from_env, load_catalog
+from backup_assets.catalog import REPLICA_LABELS, CatalogError, catalog_from_env, load_catalog
 from backup_assets.core import BackupError
 from backup_assets.core.partition_keys import validate
 from backup_assets.core.secrets import scrub
@@ -76,18 +76,21 @@ def _print_table(rows: list[dict], columns: list[str]) -> None:
 
 
 def _repositories(catalog, args) -> list:
-    """The repositories to walk: the local one, and the S3 replica unless --local-only."""
+    """The repositories to walk: the local one, and every replica unless --local-only."""
     from backup_assets.core.backup.take import repository_for
 
     repos = [repository_for(catalog)]
-    if catalog.replication.s3 is not None and not getattr(args, "local_only", False):
+    for name in catalog.replication.replicas() if not getattr(args, "local_only", False) else ():
         from backup_assets.core.replica import replica_repository
 
         try:
-            repos.append(replica_repository(catalog))
+            repos.append(replica_repository(catalog, replica=name))
         except (BackupError, CatalogError) as exc:
-            print(f"backup-assets: S3 not listed: {scrub(str(exc))}", file=sys.stderr)
+            print(f"backup-assets: {REPLICA_NAMES[name]} not listed: {scrub(str(exc))}", file=sys.stderr)
     return repos
+
+
+REPLICA_NAMES = {**REPLICA_LABELS, "local": "local"}
 
 
 def _check_partitions(args, catalog) -> None:

@@ -61,30 +61,37 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_replicas_verify(args) -> int:
-    """Prove S3 replicas by their bytes: download and hash them (those due, or --all)."""
+    """Prove the replicas by their bytes: download and hash them (those due, or --all), replica by replica."""
     from backup_assets.core.replica import audit_replicas, storage_for
 
     catalog = _catalog(args)
-    if catalog.replication.s3 is None:
-        raise UsageError("the catalog has no replication.s3 section")
-    results = audit_replicas(catalog, storage_for(catalog), every=args.all, limit=args.limit,
-                             say=lambda m: print(m, file=sys.stderr))
+    replicas = list(catalog.replication.replicas())
+    if args.replica:
+        if args.replica not in replicas:
+            raise UsageError(f"--replica {args.replica}: the catalog has no replication.{args.replica} section")
+        replicas = [args.replica]
+    if not replicas:
+        raise UsageError("the catalog has no replication section (s3, gcs or azure)")
+    results = []
+    for replica in replicas:
+        results += [(replica, r) for r in audit_replicas(catalog, storage_for(catalog, replica=replica), every=args.all,
+                                                         limit=args.limit, say=lambda m: print(m, file=sys.stderr))]
     if args.json:
-        print(json.dumps([{"key": r.key, "passed": r.outcome.passed, "message": r.outcome.message}
-                          for r in results], indent=2))
+        print(json.dumps([{"replica": where, "key": r.key, "passed": r.outcome.passed, "message": r.outcome.message}
+                          for where, r in results], indent=2))
     else:
-        for r in results:
-            print(f"{'PASS' if r.outcome.passed else 'FAIL'} {r.key}: {r.outcome.message}")
+        for where, r in results:
+            print(f"{'PASS' if r.outcome.passed else 'FAIL'} {where} {r.key}: {r.outcome.message}")
         if not results:
             print("no replica is due for a byte-level verification", file=sys.stderr)
-    failed = [r for r in results if not r.outcome.passed]
-    for r in failed:
+    failed = [(where, r) for where, r in results if not r.outcome.passed]
+    for where, r in failed:
         from backup_assets.core.monitoring.alerts import Alert
         from backup_assets.defs.keys import replica_key
 
         _alert(catalog, Alert(what="replica audit failed", error=f"[{r.partition}] {r.outcome.message}",
                               source=r.source, group=r.group, tier=r.tier,
-                              asset=replica_key(r.source, r.group, r.tier).to_user_string(), cause="run-failure"))
+                              asset=replica_key(r.source, r.group, r.tier, where).to_user_string(), cause="run-failure"))
     return 1 if failed else 0
 
 

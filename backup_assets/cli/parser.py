@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("restore", help="restore a backup (asks first; keeps a safety copy)")
     backup_selector(p, file_arg=False)
-    p.add_argument("--from", dest="from_", choices=["local", "s3"], default="local")
+    p.add_argument("--from", dest="from_", choices=["local", "s3", "gcs", "azure"], default="local",
+                   help="the local repository or one of the catalog's replicas")
     p.add_argument("--target-db", help="restore into this PostgreSQL database (created if missing)")
     p.add_argument("--target-file", help="restore into this SQLite file (default: the source's path)")
     p.add_argument("--tables", nargs="+", help='replace only these tables (PostgreSQL), e.g. runs billing.invoices '
@@ -142,9 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--confirm", action="store_true")
     r.set_defaults(func=cmd_safety_drop)
 
-    p = sub.add_parser("replicas", help="the S3 replica")
+    p = sub.add_parser("replicas", help="the replicas (S3, GCS, Azure)")
     ssub = p.add_subparsers(dest="replicas_command", required=True)
-    r = ssub.add_parser("verify", help="download and hash the replicas that are due (replication.s3.deep_verify_days)")
+    r = ssub.add_parser("verify", help="download and hash the copies that are due (replication.*.deep_verify_days)")
+    r.add_argument("--replica", choices=["s3", "gcs", "azure"], help="only this replica (default: every one)")
     r.add_argument("--all", action="store_true", help="every replica, due or not")
     r.add_argument("--limit", type=int, metavar="N", help="at most N replicas (default: deep_verify_per_run)")
     r.add_argument("--json", action="store_true")

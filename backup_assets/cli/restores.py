@@ -21,11 +21,13 @@ def cmd_restore(args) -> int:
     catalog = _catalog(args)
     say = Reporter()
     _check_partitions(args, catalog)
-    if args.from_ == "s3":
-        from backup_assets.core.replica import fetch_from_s3
+    if args.from_ != "local":
+        from backup_assets.core.replica import fetch_from_replica
 
-        backup = fetch_from_s3(catalog, source=args.source, group=args.group, tier=args.tier,
-                               partition=args.partition, say=say)
+        if args.from_ not in catalog.replication.replicas():
+            raise UsageError(f"--from {args.from_}: the catalog has no replication.{args.from_} section")
+        backup = fetch_from_replica(catalog, source=args.source, group=args.group, tier=args.tier,
+                                    partition=args.partition, replica=args.from_, say=say)
     else:
         backup = _selected_backup(args, catalog, say)
     m = backup.manifest
@@ -84,13 +86,13 @@ def cmd_pitr_restore(args) -> int:
     plan = (f"build a new data directory {args.pgdata} from {args.source}'s base backup and WAL archive, recover it "
             f"to {what} and start it on port {args.port}; the running server is not touched")
     _confirm(args, plan, args.pgdata)
-    if args.from_ == "s3":  # the base backups come back into the local repository; WAL one segment at a time
+    if args.from_ != "local":  # the base backups come back into the local repository; WAL one segment at a time
         from backup_assets.core.pitr.s3 import download_bases
         from backup_assets.core.pitr.locations import replica_storage
 
-        if catalog.replication.s3 is None:
-            raise UsageError("--from s3: the catalog has no replication.s3 section")
-        download_bases(catalog, args.source, replica_storage(catalog), say=Reporter())
+        if args.from_ not in catalog.replication.replicas():
+            raise UsageError(f"--from {args.from_}: the catalog has no replication.{args.from_} section")
+        download_bases(catalog, args.source, replica_storage(catalog, replica=args.from_), say=Reporter())
     cfg = catalog.sources[args.source].pitr
     run_as = args.run_as or (cfg.run_as if cfg is not None else None)  # the catalog's server user by default
     result = pitr.restore_to_time(catalog, args.source, args.pgdata, to_time=target, to_lsn=args.to_lsn, port=args.port,

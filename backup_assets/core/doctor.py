@@ -61,11 +61,12 @@ def doctor(catalog: Catalog, *, say=lambda _m: None) -> list[str]:
     for path in repo.orphans(min_age_s=ORPHAN_AGE_S):
         path.unlink(missing_ok=True)
         done.append(f"removed {path}: an artifact without a manifest is never a backup")
-    if catalog.replication.s3 is not None:  # the replica's too: a kill between an upload's two objects
+    for name in catalog.replication.replicas():  # the replicas' too: a kill between an upload's two objects
+        from backup_assets.catalog import REPLICA_LABELS
         from backup_assets.core.replica import replica_repository
 
         try:
-            replica = replica_repository(catalog)
+            replica = replica_repository(catalog, replica=name)
             for key in replica.orphan_keys(min_age_s=ORPHAN_AGE_S):
                 held = replica.storage.delete([key])
                 if held:  # under Object Lock: it goes when its lock ends (a later doctor or retention run)
@@ -74,7 +75,7 @@ def doctor(catalog: Catalog, *, say=lambda _m: None) -> list[str]:
                 else:
                     done.append(f"removed {replica.storage.uri(key)}: an artifact without a manifest is never a backup")
         except BackupError as exc:
-            done.append(f"S3 replica not checked: {exc}")
+            done.append(f"{REPLICA_LABELS[name]} replica not checked: {exc}")
     for _path, error in repo.unreadable():  # evidence of damage or tampering: reported, kept
         done.append(f"not counted as a backup (left for you to look at): {error}")
     for where, ep in servers(catalog, done).items():

@@ -1,4 +1,5 @@
-"""Copying complete backups between repositories: replication to S3, and back for a restore.
+"""Copying complete backups between repositories: replication to the catalog's replicas (S3, Google Cloud
+Storage, Azure Blob Storage: `replication.s3|gcs|azure`, each named by its kind), and back for a restore.
 
 One function moves a backup from any repository to any other: the artifact first (verified by
 its SHA-256), the manifest last, as on disk, so an artifact without its manifest is never taken
@@ -24,14 +25,24 @@ from backup_assets.core.storage.s3 import S3Storage, b64_digest, with_retries
 from backup_assets.core.verify.records import is_verified, read_status, record
 from backup_assets.core.verify.checks import Outcome, artifact_intact
 
-__all__ = ["AuditResult", "ReplicaResult", "audit_replicas", "copy_backup", "ensure_replicable", "fetch_from_s3",
-           "replica_intact", "replica_repository", "replicate", "storage_for"]
+__all__ = ["AuditResult", "ReplicaResult", "audit_replicas", "copy_backup", "ensure_replicable",
+           "fetch_from_replica", "replica_intact", "replica_repository", "replicate", "storage_for"]
 
 
-def storage_for(catalog: Catalog, client=None) -> S3Storage:
-    if catalog.replication.s3 is None:
-        raise BackupError("the catalog has no replication.s3 section")
-    return S3Storage(catalog.replication.s3, client, lock_for=lock_policy(catalog))
+def storage_for(catalog: Catalog, client=None, *, replica: str = "s3"):
+    """The storage of one of the catalog's replicas (its SDK imported here, not before)."""
+    cfg = catalog.replication.replicas().get(replica)
+    if cfg is None:
+        raise BackupError(f"the catalog has no replication.{replica} section")
+    if replica == "gcs":
+        from backup_assets.core.storage.gcs import GCSStorage
+
+        return GCSStorage(cfg, client)
+    if replica == "azure":
+        from backup_assets.core.storage.azure import AzureStorage
+
+        return AzureStorage(cfg, client)
+    return S3Storage(cfg, client, lock_for=lock_policy(catalog))
 
 
 def lock_policy(catalog: Catalog):
@@ -73,9 +84,9 @@ def lock_policy(catalog: Catalog):
     return until
 
 
-def replica_repository(catalog: Catalog, client=None) -> Repository:
-    """The catalog's S3 replica as a repository."""
-    return Repository(storage_for(catalog, client), name="s3", replica=True)
+def replica_repository(catalog: Catalog, client=None, *, replica: str = "s3") -> Repository:
+    """One of the catalog's replicas as a repository."""
+    return Repository(storage_for(catalog, client, replica=replica), name=replica, replica=True)
 
 
 def _as_repository(target) -> Repository:
@@ -154,7 +165,7 @@ def ensure_replicable(backup: StoredBackup) -> None:
 
 
 def replicate(catalog: Catalog, backup: StoredBackup, target, *, say=lambda _m: None) -> ReplicaResult:
-    """Put a good local backup into a replica repository (an S3Storage is taken as one)."""
+    """Put a good local backup into a replica repository (a storage is taken as one)."""
     ensure_replicable(backup)
     target = _as_repository(target)
     local = repository_for(catalog)
@@ -163,37 +174,11 @@ def replicate(catalog: Catalog, backup: StoredBackup, target, *, say=lambda _m: 
     mode = copy_backup(backup.manifest, key, local, target, say=say,
                        metadata={"verified": "true" if is_verified(backup) else "unknown"})
     try:  # what the replica audit looks for later; a full volume must not undo a good replica
-        _update_audit(catalog, {key: {"replicated_at": _now().isoformat(timespec="seconds")}})
+        _update_audit(catalog, {key: {"replicated_at": _now().isoformat(timespec="seconds")}},
+                      target.storage.where)
     except OSError as exc:
         say(f"the replica audit's record could not be written ({exc.strerror}); the replica is listed instead")
     return ReplicaResult(target.storage.uri(key), mode, backup.manifest.size_bytes, round(time.monotonic() - started, 3))
-
-
-def composite_sha256(path, part_size: int) -> str:
-    """S3's composite SHA-256 of a file uploaded in parts of `part_size`: the SHA-256 of the parts'
-    SHA-256s, base64."""
-    digests = b""
-    with open(path, "rb") as fh:
-        while chunk := fh.read(part_size):
-            digests += hashlib.sha256(chunk).digest()
-    return b64_digest(hashlib.sha256(digests).digest())
-
-
-def _checksum_proof(storage, key: str, info, m: Manifest, local) -> tuple[bool | None, str]:
-    """Compare the storage's own SHA-256 of the stored bytes with the backup's: (True, what was compared),
-    (False, the difference), or (None, why it cannot be compared)."""
-    if info.checksum_sha256 is None:
-        return None, "the object has no SHA-256 checksum of S3's own"
-    if info.parts <= 1:
-        expected, basis = b64_digest(bytes.fromhex(m.sha256)), "the manifest's SHA-256"
-    elif local is None or not local.exists():
-        return None, f"the object's checksum is a composite of {info.parts} parts and the local artifact is gone"
-    else:
-        expected = composite_sha256(local, storage.part_size(key))
-        basis = f"the composite SHA-256 of the local artifact (sha256 as in the manifest) in {info.parts} parts"
-    if info.checksum_sha256 != expected:
-        return False, f"S3's SHA-256 checksum of the stored bytes {info.checksum_sha256} differs from {basis} ({expected})"
-    return True, f"S3's SHA-256 checksum of the stored bytes equals {basis}"
 
 
 def _download_sha256(storage, key: str) -> str:
@@ -210,9 +195,9 @@ def _download_sha256(storage, key: str) -> str:
 
 
 def replica_intact(catalog: Catalog, backup: StoredBackup, target, *, deep: bool = False) -> Outcome:
-    """The replica holds this backup's bytes: its size, S3's own SHA-256 checksum of the stored bytes
-    (checked by S3 on upload) against the manifest's, and, with `deep` or when the object has no such
-    checksum, its bytes downloaded and hashed. Object metadata alone (which whoever writes an object
+    """The replica holds this backup's bytes: its size, the storage's own checksum of the stored bytes (S3's
+    SHA-256, GCS's MD5, the MD5 Azure checked on a whole put: `storage.proof`) against the backup's, and, with
+    `deep` or when there is no such checksum to compare, its bytes downloaded and hashed. Object metadata alone (which whoever writes an object
     sets at will) never makes a replica intact. The message says exactly what was compared."""
     target = _as_repository(target)
     m = backup.manifest
@@ -235,7 +220,7 @@ def replica_intact(catalog: Catalog, backup: StoredBackup, target, *, deep: bool
             return Outcome(False, f"{uri}: not locked as the catalog asks ({mode} until {wanted:%Y-%m-%d %H:%M} UTC); "
                                   f"it is {info.lock_mode or 'unlocked'}"
                                   + (f" until {info.lock_until:%Y-%m-%d %H:%M} UTC" if info.lock_until else ""))
-    proven, compared = _checksum_proof(target.storage, key, info, m, backup.artifact_path)
+    proven, compared = target.storage.proof(key, info, m.sha256, backup.artifact_path)
     if proven is False:
         return Outcome(False, f"{uri}: {compared}")
     said = [f"size {info.size} equals the manifest's"]
@@ -254,7 +239,7 @@ def replica_intact(catalog: Catalog, backup: StoredBackup, target, *, deep: bool
     return Outcome(True, f"{uri}: {'; '.join(said)}",
                    {"uri": uri, "size_bytes": info.size, "sse": info.server_side_encryption or "none",
                     "storage_class": info.storage_class or "STANDARD",
-                    "compared": "bytes" if downloaded else "s3-checksum",
+                    "compared": "bytes" if downloaded else f"{target.storage.where}-checksum",
                     **({"s3_checksum_sha256": info.checksum_sha256} if info.checksum_sha256 else {}),
                     **({"locked_until": info.lock_until.isoformat(), "lock_mode": info.lock_mode} if wanted else {})})
 
@@ -266,25 +251,26 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def _audit_path(catalog: Catalog):
-    return repository_for(catalog).root / AUDIT_STATE
+def _audit_path(catalog: Catalog, replica: str = "s3"):
+    name = AUDIT_STATE if replica == "s3" else AUDIT_STATE.replace(".json", f"-{replica}.json")
+    return repository_for(catalog).root / name
 
 
-def read_audit(catalog: Catalog) -> dict[str, dict]:
-    """Per artifact key: when it was replicated, when its replica was last proven by its bytes, and how
-    that went."""
+def read_audit(catalog: Catalog, replica: str = "s3") -> dict[str, dict]:
+    """Per artifact key, for one replica: when it was replicated, when its copy was last proven by its bytes,
+    and how that went."""
     try:
-        data = json.loads(_audit_path(catalog).read_text())
+        data = json.loads(_audit_path(catalog, replica).read_text())
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
 
 
-def _update_audit(catalog: Catalog, changes: dict[str, dict]) -> None:
-    state = read_audit(catalog)
+def _update_audit(catalog: Catalog, changes: dict[str, dict], replica: str = "s3") -> None:
+    state = read_audit(catalog, replica)
     for key, change in changes.items():
         state[key] = {**state.get(key, {}), **change}
-    write_json_atomic(_audit_path(catalog), state)
+    write_json_atomic(_audit_path(catalog, replica), state)
 
 
 @dataclass
@@ -300,22 +286,23 @@ class AuditResult:
 def audit_replicas(catalog: Catalog, target, *, every: bool = False, limit: int | None = None,
                    now: dt.datetime | None = None, say=lambda _m: None) -> list[AuditResult]:
     """Download and hash the replicas that are due (never proven by their bytes, or last more than
-    `replication.s3.deep_verify_days` ago; `every`: all of them), the longest unproven first, at most
+    `replication.<replica>.deep_verify_days` ago; `every`: all of them), the longest unproven first, at most
     `limit` (default the catalog's `deep_verify_per_run`). A replica this repository wrote that is gone
     while the replica's retention would still keep it is a failure too."""
     from backup_assets.core.retention.rules import entries, select
 
-    cfg = catalog.replication.s3
     target = _as_repository(target)
+    where = target.storage.where
+    cfg = catalog.replication.replicas().get(where)
     now = now or _now()
     days = cfg.deep_verify_days if cfg is not None else 7
     if not every and days == 0:
         return []
     limit = limit if limit is not None else (cfg.deep_verify_per_run if cfg is not None else None)
     repo = repository_for(catalog)
-    state = read_audit(catalog)
+    state = read_audit(catalog, where)
     pairs = entries(repo)
-    kept = {e.id for e in select([e for e, _ in pairs], {t: catalog.retention_days(t, "s3") for t in catalog.tiers},
+    kept = {e.id for e in select([e for e, _ in pairs], {t: catalog.retention_days(t, where) for t in catalog.tiers},
                                  now).keep}
     present = {key for key, _ in target.storage.list("")}
     due = []
@@ -339,7 +326,7 @@ def audit_replicas(catalog: Catalog, target, *, every: bool = False, limit: int 
         changes[ref.key] = {"deep_at": now.isoformat(timespec="seconds"), "passed": outcome.passed,
                             "message": outcome.message}
     if changes:
-        _update_audit(catalog, changes)
+        _update_audit(catalog, changes, where)
     return results
 
 
@@ -349,12 +336,13 @@ def newest(repo: Repository, *, engine: str, source: str, group: str, tier: str 
     return max(refs, key=lambda r: r.stamp) if refs else None
 
 
-def fetch_from_s3(catalog: Catalog, *, source: str, group: str, tier: str | None = None, partition: str | None = None,
-                  storage=None, say=lambda _m, progress=False: None) -> StoredBackup:
-    """Copy the newest (or the named) complete replica into the local repository, checksum verified."""
+def fetch_from_replica(catalog: Catalog, *, source: str, group: str, tier: str | None = None,
+                       partition: str | None = None, storage=None, replica: str = "s3",
+                       say=lambda _m, progress=False: None) -> StoredBackup:
+    """Copy the newest (or the named) complete backup of a replica into the local repository, checksum verified."""
     if source not in catalog.sources:
         raise BackupError(f"unknown source {source!r}")
-    remote = _as_repository(storage) if storage is not None else replica_repository(catalog)
+    remote = _as_repository(storage) if storage is not None else replica_repository(catalog, replica=replica)
     ref = newest(remote, engine=catalog.sources[source].engine, source=source, group=group, tier=tier,
                  partition=partition)
     if ref is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from backup_assets.catalog import Catalog
+from backup_assets.catalog import REPLICA_LABELS, Catalog
 from backup_assets.defs.keys import backup_key
 from backup_assets.defs.checks import build_dr_drill
 from backup_assets.defs.replication import replica_key, s3_resource
@@ -43,13 +43,13 @@ def tier_jobs(catalog: Catalog) -> list:
         if not targets:
             continue
         keys = [backup_key(*t) for t in targets]
-        if catalog.replication.s3:
-            keys += [replica_key(*t) for t in targets]
+        replicas = list(catalog.replication.replicas())
+        keys += [replica_key(*t, r) for t in targets for r in replicas]
         jobs.append(dg.define_asset_job(
             f"{tier}_backups",
             selection=dg.AssetSelection.assets(*keys),
             description=f"The {tier} backups of every source and group, their checks"
-                        f"{' and S3 replicas' if catalog.replication.s3 else ''}.",
+                        f"{' and ' + ', '.join(REPLICA_LABELS[r] for r in replicas) + ' replicas' if replicas else ''}.",
             tags={"backup_assets/tier": tier},
             # a step is a server's backups (tier_op.py): few steps, each its own process, so servers
             # run side by side (all of them, not only as many as there are cores: a dump mostly waits on

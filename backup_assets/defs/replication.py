@@ -1,4 +1,5 @@
-"""S3 replica assets (one per backup asset, same partitions); they run in the tier op (tier_op.py)."""
+"""Replica assets (one per backup asset and replica: S3, GCS, Azure; same partitions); they run in the tier op
+(tier_op.py)."""
 
 import dagster as dg
 
@@ -34,21 +35,38 @@ def s3_resource(catalog: Catalog) -> S3Replica:
                      verify=cfg.ca_bundle or None)
 
 
-def _storage(catalog: Catalog, s3: S3Replica | None = None):
-    """The replica's storage in a run: dagster-aws's client from the `s3` resource, with the catalog's Object Lock
-    policy (as the command line's `storage_for`)."""
-    from backup_assets.core.replica import storage_for  # boto3 is loaded by the steps that use S3
+def _storage(catalog: Catalog, s3: S3Replica | None = None, replica: str = "s3"):
+    """A replica's storage in a run: for S3, dagster-aws's client from the `s3` resource, with the catalog's Object
+    Lock policy (as the command line's `storage_for`); GCS and Azure from the catalog (their SDKs load here)."""
+    from backup_assets.core.replica import storage_for  # the SDKs are loaded by the steps that use them
 
-    return storage_for(catalog, s3.client(catalog.replication.s3) if s3 is not None else None)
+    client = s3.client(catalog.replication.s3) if s3 is not None and replica == "s3" else None
+    return storage_for(catalog, client, replica=replica)
 
 
-def replica_spec(catalog: Catalog, source: str, group: str, tier: str) -> dg.AssetSpec:
-    cfg = catalog.replication.s3
-    where = f"s3://{cfg.bucket}/{cfg.prefix.strip('/') + '/' if cfg.prefix.strip('/') else ''}"
+def where(catalog: Catalog, replica: str) -> str:
+    cfg = catalog.replication.replicas()[replica]
+    prefix = cfg.prefix.strip("/") + "/" if cfg.prefix.strip("/") else ""
+    if replica == "gcs":
+        return f"gs://{cfg.bucket}/{prefix}"
+    if replica == "azure":
+        return f"the Azure container {cfg.container}/{prefix}"
+    return f"s3://{cfg.bucket}/{prefix}"
+
+
+KINDS = {"s3": "s3", "gcs": "gcs", "azure": "azure"}  # the UI's kind tag of each replica
+
+
+def replica_spec(catalog: Catalog, source: str, group: str, tier: str, replica: str = "s3") -> dg.AssetSpec:
+    cfg = catalog.replication.replicas()[replica]
     engine = catalog.sources[source].engine
+    detail = (f"SSE {cfg.sse}, storage class {cfg.storage_class}" if replica == "s3" else
+              f"storage class {cfg.storage_class or 'the bucket default'}" if replica == "gcs" else
+              f"access tier {cfg.access_tier or 'the account default'}")
     return dg.AssetSpec(
-        key=replica_key(source, group, tier), deps=[backup_key(source, group, tier)], group_name=source, kinds={"s3"},
-        description=f"Off-site copy of {source}/{group}/{tier} in {where}{engine}/{tier}/ (artifact and manifest, "
-                    f"SSE {cfg.sse}, storage class {cfg.storage_class}); promotions are server-side copies.",
-        tags={"backup_assets/tier": tier, "backup_assets/source": source},
+        key=replica_key(source, group, tier, replica), deps=[backup_key(source, group, tier)], group_name=source,
+        kinds={KINDS[replica]},
+        description=f"Off-site copy of {source}/{group}/{tier} in {where(catalog, replica)}{engine}/{tier}/ (artifact "
+                    f"and manifest, {detail}); promotions are server-side copies.",
+        tags={"backup_assets/tier": tier, "backup_assets/source": source, "backup_assets/replica": replica},
     )

@@ -5,7 +5,8 @@ import json
 import dagster as dg
 from dagster import AssetExecutionContext
 
-from backup_assets.catalog import Catalog
+from backup_assets.catalog import REPLICA_LABELS, Catalog
+from backup_assets.core import BackupError
 from backup_assets.defs.keys import backup_key
 from backup_assets.defs.replication import _storage
 
@@ -17,24 +18,23 @@ class PruneConfig(dg.Config):
 
 
 def build_retention(catalog: Catalog) -> list[dg.AssetsDefinition]:
-    replicated = catalog.replication.s3 is not None
+    replicas = list(catalog.replication.replicas())
     days = ", ".join(f"{t} {catalog.retention_days(t)}d" for t in catalog.tiers)
+    resource_keys = {"s3"} if "s3" in replicas else set()
 
-    resource_keys = {"s3"} if replicated else set()
-
-    @dg.asset(key=RETENTION_KEY, group_name="operations", kinds={"s3"} if replicated else None,
+    @dg.asset(key=RETENTION_KEY, group_name="operations", kinds=set(replicas) or None,
               required_resource_keys=resource_keys,
               description=f"Deletes backups past their tier's retention ({days}) from the local repository"
-                          f"{' and S3' if replicated else ''}; never the newest verified backup of any source, "
-                          "group and tier. Set dry_run to only report.")
+                          f"{''.join(' and ' + REPLICA_LABELS[r] for r in replicas)}; never the newest verified "
+                          "backup of any source, group and tier. Set dry_run to only report.")
     def retention(context: AssetExecutionContext, config: PruneConfig) -> dg.MaterializeResult:
         from backup_assets.core.retention.prune import prune
 
-        storage = _storage(catalog, context.resources.s3) if replicated else None
-        report = prune(catalog, dry_run=config.dry_run, storage=storage)
+        storages = {r: _storage(catalog, getattr(context.resources, "s3", None), r) for r in replicas}
+        report = prune(catalog, dry_run=config.dry_run, storages=storages)
         context.log.info(json.dumps({k: v for k, v in report.items()}, default=str)[:4000])
         md = {"report": dg.MetadataValue.json(report), "dry_run": dg.MetadataValue.bool(config.dry_run)}
-        for where in ("local", "s3"):
+        for where in ("local", *replicas):
             if where in report:
                 md[f"{where}_backups_deleted"] = dg.MetadataValue.int(report[where]["backups"])
                 md[f"{where}_bytes_freed"] = dg.MetadataValue.int(report[where]["bytes_freed"])
@@ -42,7 +42,7 @@ def build_retention(catalog: Catalog) -> list[dg.AssetsDefinition]:
         return dg.MaterializeResult(metadata=md)
 
     assets = [retention]
-    if replicated:
+    if replicas:
         assets.append(_replica_audit(catalog))
     for source, src in catalog.sources.items():
         if src.engine != "postgres" or not src.prune:
@@ -59,27 +59,38 @@ class AuditConfig(dg.Config):
 
 
 def _replica_audit(catalog: Catalog) -> dg.AssetsDefinition:
-    cfg = catalog.replication.s3
-    sample = f"at most {cfg.deep_verify_per_run} a run" if cfg.deep_verify_per_run else "all that are due"
+    replicas = catalog.replication.replicas()
+    cadence = "; ".join(
+        f"{REPLICA_LABELS[r]} every {cfg.deep_verify_days} days "
+        f"({f'at most {cfg.deep_verify_per_run} a run' if cfg.deep_verify_per_run else 'all that are due'})"
+        for r, cfg in replicas.items())
 
-    @dg.asset(key=REPLICA_AUDIT_KEY, group_name="operations", kinds={"s3"}, required_resource_keys={"s3"},
-              description=f"Proves the S3 replicas by their bytes: downloads and hashes each replica at least every "
-                          f"{cfg.deep_verify_days} days ({sample}, the longest unproven first) and fails naming every "
-                          "replica whose bytes differ from its manifest or that is gone while the replica's retention "
-                          "keeps it. The per-replication check compares S3's own checksums; this compares the bytes.")
+    @dg.asset(key=REPLICA_AUDIT_KEY, group_name="operations", kinds=set(replicas),
+              required_resource_keys={"s3"} if "s3" in replicas else set(),
+              description=f"Proves the replicas by their bytes: downloads and hashes each copy ({cadence}, the "
+                          "longest unproven first) and fails naming every copy whose bytes differ from its manifest "
+                          "or that is gone while the replica's retention keeps it. The per-replication check "
+                          "compares the storage's own checksums; this compares the bytes.")
     def replica_audit(context: AssetExecutionContext, config: AuditConfig) -> dg.MaterializeResult:
         from backup_assets.core.replica import audit_replicas
         from backup_assets.defs.keys import replica_key
         from backup_assets.defs.checks import FAILED_ASSETS
 
-        results = audit_replicas(catalog, _storage(catalog, context.resources.s3), every=config.every,
-                                 say=context.log.info)
-        failed = {}
-        for r in results:
-            if not r.outcome.passed:
-                name = replica_key(r.source, r.group, r.tier).to_user_string()
-                failed.setdefault(name, f"[{r.partition}] {r.outcome.message}")
-                context.log.error(f"{name} [{r.partition}]: {r.outcome.message}")
+        results, failed = [], {}
+        for replica in replicas:
+            try:
+                found = audit_replicas(catalog, _storage(catalog, getattr(context.resources, "s3", None), replica),
+                                       every=config.every, say=context.log.info)
+            except BackupError as exc:  # one replica unreachable: the others are still proven
+                failed[f"replication.{replica}"] = str(exc)
+                context.log.error(f"{REPLICA_LABELS[replica]}: {exc}")
+                continue
+            results += found
+            for r in found:
+                if not r.outcome.passed:
+                    name = replica_key(r.source, r.group, r.tier, replica).to_user_string()
+                    failed.setdefault(name, f"[{r.partition}] {r.outcome.message}")
+                    context.log.error(f"{name} [{r.partition}]: {r.outcome.message}")
         md = {"replicas_proven": dg.MetadataValue.int(sum(r.outcome.passed for r in results)),
               "replicas_failed": dg.MetadataValue.int(len(results) - sum(r.outcome.passed for r in results)),
               "bytes_downloaded": dg.MetadataValue.int(sum(r.outcome.metadata.get("size_bytes", 0) for r in results

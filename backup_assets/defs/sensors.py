@@ -170,8 +170,8 @@ def build_sensors(catalog: Catalog) -> list:
 
     backup_check_names = ("artifact_intact", "archive_readable", "restore_drill", "size_anomaly")
     check_keys = [dg.AssetCheckKey(backup_key(*t), n) for t in catalog.backup_targets() for n in backup_check_names]
-    if catalog.replication.s3:
-        check_keys += [dg.AssetCheckKey(replica_key(*t), "replica_intact") for t in catalog.backup_targets()]
+    check_keys += [dg.AssetCheckKey(replica_key(*t, r), "replica_intact") for t in catalog.backup_targets()
+                   for r in catalog.replication.replicas()]
     from backup_assets.defs.pitr import (base_key, base_replica_key, pitr_check_names, replicated)  # the physical tier's checks too
 
     for source in catalog.pitr_sources():

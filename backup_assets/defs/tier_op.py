@@ -22,7 +22,7 @@ from functools import lru_cache
 import dagster as dg
 from dagster import AssetExecutionContext
 
-from backup_assets.catalog import Catalog
+from backup_assets.catalog import REPLICA_LABELS, Catalog
 from backup_assets.defs.assets import backup_key, backup_metadata, backup_spec
 from backup_assets.defs.checks import failure_line, keyed_check_result
 from backup_assets.defs.keys import tier_op_name
@@ -54,6 +54,18 @@ def check_names(catalog: Catalog, tier: str) -> list[str]:
     return names + (["restore_drill"] if catalog.tier(tier).drill else [])
 
 
+REPLICA_CHECK = {
+    "s3": "The S3 object exists, its size is the manifest's and S3's own SHA-256 checksum of the stored bytes equals "
+          "the manifest's (an object without one is downloaded and hashed); metadata alone never passes it. "
+          "operations/replica_audit proves every replica by its bytes at least every deep_verify_days.",
+    "gcs": "The GCS object exists, its size is the manifest's and the MD5 GCS computed of the stored bytes equals the "
+           "local artifact's (without the local artifact: downloaded and hashed); metadata alone never passes it.",
+    "azure": "The blob exists, its size is the manifest's and the MD5 Azure checked on its upload equals the local "
+             "artifact's (a blob committed from blocks, or without the local artifact: downloaded and hashed); "
+             "metadata alone never passes it.",
+}
+
+
 def backup_check_specs(catalog: Catalog, source: str, group: str, tier: str, partitions) -> list[dg.AssetCheckSpec]:
     """The checks of one backup asset; partitioned like it, so every partition shows its own results."""
     key = backup_key(source, group, tier)
@@ -65,19 +77,16 @@ def backup_check_specs(catalog: Catalog, source: str, group: str, tier: str, par
 def build_tier_asset(catalog: Catalog, pool: str, tier: str, targets: list[tuple[str, str]],
                      partitions) -> dg.AssetsDefinition:
     """The op of one server (pool) and tier: the backups of every source and group on it."""
-    replicated = catalog.replication.s3 is not None
+    replicas = list(catalog.replication.replicas())
     specs, check_specs = [], []
     for source, group in targets:
         specs.append(backup_spec(catalog, source, group, tier))
         check_specs += backup_check_specs(catalog, source, group, tier, partitions)
-        if replicated:
-            specs.append(replica_spec(catalog, source, group, tier))
+        for replica in replicas:
+            specs.append(replica_spec(catalog, source, group, tier, replica))
             check_specs.append(dg.AssetCheckSpec(
-                "replica_intact", asset=replica_key(source, group, tier), blocking=True, partitions_def=partitions,
-                description="The S3 object exists, its size is the manifest's and S3's own SHA-256 checksum of the "
-                            "stored bytes equals the manifest's (an object without one is downloaded and hashed); "
-                            "metadata alone never passes it. operations/replica_audit proves every replica by its "
-                            "bytes at least every deep_verify_days."))
+                "replica_intact", asset=replica_key(source, group, tier, replica), blocking=True,
+                partitions_def=partitions, description=REPLICA_CHECK[replica]))
     sources = list(dict.fromkeys(s for s, _ in targets))
 
     @dg.multi_asset(
@@ -88,12 +97,12 @@ def build_tier_asset(catalog: Catalog, pool: str, tier: str, targets: list[tuple
         can_subset=True,
         pool=pool,
         backfill_policy=dg.BackfillPolicy.multi_run(1),
-        required_resource_keys={"s3"} if replicated else set(),
+        required_resource_keys={"s3"} if "s3" in replicas else set(),
         description=f"The {tier} backups of {', '.join(sources)} (the server {pool}), one after another, each with its checks"
-                    f"{' and S3 replica' if replicated else ''}.",
+                    f"{' and ' + ', '.join(REPLICA_LABELS[r] for r in replicas) + ' replicas' if replicas else ''}.",
     )
     def tier_backups(context: AssetExecutionContext):
-        yield from run_tier(catalog, context, tier, targets, s3=context.resources.s3 if replicated else None)
+        yield from run_tier(catalog, context, tier, targets, s3=context.resources.s3 if "s3" in replicas else None)
 
     return tier_backups
 
@@ -169,7 +178,7 @@ def _follow_up_steps(catalog: Catalog, source: str, group: str, tier: str, parti
     from backup_assets.core.replica import replica_intact, replicate
     from backup_assets.core.verify.checks import Outcome, evaluate, find_backup
 
-    key, rkey = backup_key(source, group, tier), replica_key(source, group, tier)
+    key = backup_key(source, group, tier)
     events, logs, failed = [], [], {}
     say = lambda message: logs.append(("info", message))  # noqa: E731
     names = [c.name for c in checks if c.asset_key == key]
@@ -186,28 +195,30 @@ def _follow_up_steps(catalog: Catalog, source: str, group: str, tier: str, parti
             if line := failure_line(name, outcome):
                 logs.append(line)
             events.append(keyed_check_result(key, name, outcome))
-    if s3 is not None and rkey in selected:
-        try:
-            backup = backup or find_backup(catalog, source, group, tier, partition)
-            result = replicate(catalog, backup, _storage(catalog, s3), say=say)
-        except BackupError as exc:
-            logs.append(("error", f"{rkey.to_user_string()}: {exc}"))
-            failed[rkey.to_user_string()] = str(exc)
-        else:
-            events.append(dg.MaterializeResult(asset_key=rkey, metadata={
-                "uri": dg.MetadataValue.text(result.uri),
-                "mode": dg.MetadataValue.text(result.mode),
-                "dagster/size_bytes": dg.MetadataValue.int(result.size_bytes),
-                "duration_s": dg.MetadataValue.float(result.duration_s),
-                "sha256": dg.MetadataValue.text(backup.manifest.sha256),
-            }))
-    if s3 is not None and any(c.asset_key == rkey for c in checks):
-        try:
-            backup = backup or find_backup(catalog, source, group, tier, partition)
-            outcome = replica_intact(catalog, backup, _storage(catalog, s3))
-        except BackupError as exc:
-            outcome = Outcome(False, str(exc))
-        events.append(keyed_check_result(rkey, "replica_intact", outcome))
+    for replica in catalog.replication.replicas():
+        rkey = replica_key(source, group, tier, replica)
+        if rkey in selected:
+            try:
+                backup = backup or find_backup(catalog, source, group, tier, partition)
+                result = replicate(catalog, backup, _storage(catalog, s3, replica), say=say)
+            except BackupError as exc:
+                logs.append(("error", f"{rkey.to_user_string()}: {exc}"))
+                failed[rkey.to_user_string()] = str(exc)
+            else:
+                events.append(dg.MaterializeResult(asset_key=rkey, metadata={
+                    "uri": dg.MetadataValue.text(result.uri),
+                    "mode": dg.MetadataValue.text(result.mode),
+                    "dagster/size_bytes": dg.MetadataValue.int(result.size_bytes),
+                    "duration_s": dg.MetadataValue.float(result.duration_s),
+                    "sha256": dg.MetadataValue.text(backup.manifest.sha256),
+                }))
+        if any(c.asset_key == rkey for c in checks):
+            try:
+                backup = backup or find_backup(catalog, source, group, tier, partition)
+                outcome = replica_intact(catalog, backup, _storage(catalog, s3, replica))
+            except BackupError as exc:
+                outcome = Outcome(False, str(exc))
+            events.append(keyed_check_result(rkey, "replica_intact", outcome))
     return events, logs, failed
 
 

@@ -1,5 +1,5 @@
 """Where the physical tier's files are kept: the keys of base backups and archived WAL (`base/<source>/…`,
-`wal/<source>/…`, the same on disk and on the S3 replica), and one WAL file pushed to or fetched from the
+`wal/<source>/…`, the same on disk and on every replica), and one WAL file pushed to or fetched from a
 replica. Below pitr.py, wal.py and pitr_s3.py, which all use it."""
 
 from __future__ import annotations
@@ -12,13 +12,21 @@ from backup_assets.core import BackupError
 from backup_assets.core.storage.local import LocalStorage
 
 
-def replica_storage(catalog: Catalog, client=None):
-    """The S3 replica when the catalog has one, else None."""
-    if catalog.replication.s3 is None:
+def replica_storage(catalog: Catalog, client=None, *, replica: str | None = None):
+    """A replica's storage (`replica`; None: the first the catalog has, S3 before GCS before Azure), else None."""
+    replicas = list(catalog.replication.replicas())
+    if not replicas or (replica is not None and replica not in replicas):
         return None
     from backup_assets.core.replica import storage_for
 
-    return storage_for(catalog, client)
+    return storage_for(catalog, client, replica=replica or replicas[0])
+
+
+def replica_storages(catalog: Catalog) -> list:
+    """Every replica's storage, in the catalog's order (s3, gcs, azure)."""
+    from backup_assets.core.replica import storage_for
+
+    return [storage_for(catalog, replica=name) for name in catalog.replication.replicas()]
 
 
 def base_prefix(source: str) -> str:

@@ -309,7 +309,7 @@ def restore_command_script(catalog: Catalog, source: str, spool: Path) -> str:
     from backup_assets.core.pitr.wal import wal_dir
 
     q = shlex.quote
-    absent = ("" if catalog.replication.s3 is not None else
+    absent = ("" if catalog.replication.replicas() else
               f'if [ ! -f {q(str(wal_dir(catalog, source)))}/"$1.json" ]; then exit 1; fi\n')
     return ("#!/bin/sh\n# backup_assets point-in-time recovery: restore_command %f %p\n"
             f"spool={q(str(spool))}\n"

@@ -125,14 +125,15 @@ def push(catalog: Catalog, source: str, path: str) -> Pushed:
 
 
 def _second_copy(catalog: Catalog, source: str, folder: Path, name: str, meta: dict) -> None:
-    """With pitr.wal_push_s3 the segment is on the S3 replica too before PostgreSQL hears it is archived
+    """With pitr.wal_push_s3 the segment is on every replica too before PostgreSQL hears it is archived
     (a failure exits non-zero: PostgreSQL keeps the segment and retries; the local copy is kept as is)."""
     cfg = catalog.sources[source].pitr
-    if cfg is None or not cfg.wal_push_s3 or catalog.replication.s3 is None:
+    if cfg is None or not cfg.wal_push_s3 or not catalog.replication.replicas():
         return
-    from backup_assets.core.pitr.locations import push_wal, replica_storage
+    from backup_assets.core.pitr.locations import push_wal, replica_storages
 
-    push_wal(catalog, source, folder, name, meta, replica_storage(catalog))
+    for storage in replica_storages(catalog):
+        push_wal(catalog, source, folder, name, meta, storage)
 
 
 def fetch(catalog: Catalog, source: str, name: str, dest: str, *, durable: bool = True) -> int:
@@ -147,17 +148,20 @@ def fetch(catalog: Catalog, source: str, name: str, dest: str, *, durable: bool 
     target = Path(dest)
     tmp = partial_path(target)
     try:
-        if meta is None and catalog.replication.s3 is not None:  # the local archive is gone or behind: the replica
+        replicas = list(catalog.replication.replicas())
+        if meta is None and replicas:  # the local archive is gone or behind: the replicas, in the catalog's order
             import tempfile
 
             from backup_assets.core.pitr.locations import fetch_wal, replica_storage
 
             scratch = Path(tempfile.mkdtemp(prefix="backup-assets-wal-"))
-            found = fetch_wal(catalog, source, name, replica_storage(catalog), scratch)
-            if found is not None:
-                stored, meta = found
+            for replica in replicas:
+                found = fetch_wal(catalog, source, name, replica_storage(catalog, replica=replica), scratch)
+                if found is not None:
+                    stored, meta = found
+                    break
         if meta is None:
-            where = f"{folder}" + (" nor on the S3 replica" if catalog.replication.s3 is not None else "")
+            where = f"{folder}" + (f" nor on the {', '.join(replicas)} replica" if replicas else "")
             raise BackupError(f"{name} is not in the WAL archive of {source} ({where})")
         from backup_assets.core.crypto import identities_for_record
 

@@ -41,7 +41,10 @@ class _Source:
 
 @dataclass
 class _Replication:
-    s3: object | None = None
+    s3: object | None = None  # True: the catalog has a replica (which ones: the full catalog's business)
+
+    def replicas(self) -> dict:
+        return {"replica": self.s3} if self.s3 else {}
 
 
 @dataclass
@@ -85,7 +88,7 @@ def _facts(catalog) -> dict:
                          "encryption": {"recipients": list(enc.recipients), "identity_file_env": enc.identity_file_env}
                          if enc is not None else None,
                          "wal_push_s3": bool(src.pitr is not None and src.pitr.wal_push_s3)}
-    return {"repository_root": str(catalog.repository_root), "s3": catalog.replication.s3 is not None,
+    return {"repository_root": str(catalog.repository_root), "s3": bool(catalog.replication.replicas()),
             "sources": sources}
 
 
@@ -149,13 +152,13 @@ def main(argv: list[str] | None = None) -> int | None:
         src = catalog.sources.get(source)
         if command == "wal-push":
             if src is not None and src.pitr.wal_push_s3 and catalog.replication.s3:
-                return None  # the S3 copy needs the full catalog (its client settings)
+                return None  # the replicas' copies need the full catalog (their client settings)
             done = wal.push(catalog, source, args[1])
             print(f"{done.name} already archived (identical)" if done.already
                   else f"archived {done.name} ({done.raw_size} bytes) as {done.stored}")
             return 0
         if catalog.replication.s3 and src is not None and wal.read_meta(wal.wal_dir(catalog, source), args[1]) is None:
-            return None  # not here: the replica may have it (the full catalog's S3 settings)
+            return None  # not here: a replica may have it (the full catalog's replica settings)
         wal.fetch(catalog, source, args[1], args[2])
         return 0
     except Exception as exc:  # noqa: BLE001 - the CLI's contract: one scrubbed line, non-zero

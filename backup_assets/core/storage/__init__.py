@@ -33,10 +33,12 @@ class ObjectInfo:
     lock_mode: str | None = None
     lock_until: "dt.datetime | None" = None
     version_id: str | None = None
+    # GCS, Azure: the service's MD5 of the stored bytes (base64) when the service computed or checked it on upload
+    md5: str | None = None
 
 
 class Storage(Protocol):
-    where: str  # "local", "s3": what `list` shows
+    where: str  # "local", "s3", "gcs", "azure": what `list` shows
 
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]: ...
     def head(self, key: str) -> ObjectInfo | None: ...
@@ -50,3 +52,80 @@ class Storage(Protocol):
     def delete(self, keys: list[str]) -> list[tuple[str, "dt.datetime"]]: ...  # what is locked: left, and until when
     def uri(self, key: str) -> str: ...
     def local_path(self, key: str) -> Path | None: ...
+
+
+class Prefixed:
+    """Repository keys under a replica's prefix (`cfg.prefix`), and what every replica checks after a write."""
+
+    cfg = None
+    where = ""
+
+    def _full(self, key: str) -> str:
+        prefix = self.cfg.prefix.strip("/")
+        return f"{prefix}/{key}" if prefix else key
+
+    def _rel(self, full: str) -> str:
+        prefix = self.cfg.prefix.strip("/")
+        return full[len(prefix) + 1:] if prefix and full.startswith(prefix + "/") else full
+
+    def local_path(self, key: str) -> None:
+        return None
+
+    def verify(self, key: str, *, size: int, sha256: str) -> ObjectInfo:
+        from backup_assets.core import BackupError
+
+        info = self.head(key)
+        if info is None:
+            raise BackupError(f"{self.uri(key)}: object is missing after upload")
+        if info.size != size:
+            raise BackupError(f"{self.uri(key)}: size {info.size} differs from the manifest's {size}")
+        if info.sha256 != sha256:
+            raise BackupError(f"{self.uri(key)}: sha256 {info.sha256} differs from the manifest's {sha256}")
+        return info
+
+    def md5_proof(self, info: ObjectInfo, sha256: str, local: Path | None, service: str) -> tuple[bool | None, str]:
+        """The storage's own MD5 of the stored bytes (`info.md5`, base64: computed or checked by the service on
+        upload) against the local artifact's, read once for both its SHA-256 (which must be the manifest's) and
+        its MD5: (True, what was compared), (False, the difference), (None, why it cannot be compared)."""
+        import base64
+
+        if info.md5 is None:
+            return None, f"the object has no MD5 that {service} computed or checked"
+        if local is None or not local.exists():
+            return None, "the local artifact is gone, so there is no MD5 to compare the stored one with"
+        digest, md5 = local_digests(local)
+        if digest != sha256:
+            return None, f"the local artifact's sha256 {digest} is not the manifest's"
+        expected = base64.b64encode(md5).decode()
+        if info.md5 != expected:
+            return False, (f"{service}'s MD5 of the stored bytes {info.md5} differs from the local artifact's "
+                           f"({expected}, sha256 as in the manifest)")
+        return True, f"{service}'s MD5 of the stored bytes equals the local artifact's (sha256 as in the manifest)"
+
+
+def local_digests(path: Path) -> tuple[str, bytes]:
+    """(SHA-256 hex, MD5 digest) of a file, one read."""
+    import hashlib
+
+    sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            sha.update(chunk)
+            md5.update(chunk)
+    return sha.hexdigest(), md5.digest()
+
+
+class Watched:
+    """A file being written by a download, with a fault-injection point at each write (core/failpoints.py)."""
+
+    def __init__(self, out, point: str):
+        self.out, self.point = out, point
+
+    def write(self, data) -> int:
+        from backup_assets.core import failpoints
+
+        failpoints.point(self.point)
+        return self.out.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.out, name)

@@ -372,6 +372,23 @@ class S3Storage:
             raise BackupError(f"{self.uri(key)}: sha256 {info.sha256} differs from the manifest's {sha256}")
         return info
 
+    def proof(self, key: str, info: ObjectInfo, sha256: str, local: Path | None) -> tuple[bool | None, str]:
+        """S3's own SHA-256 of the stored bytes against the backup's: (True, what was compared), (False, the
+        difference), or (None, why it cannot be compared)."""
+        if info.checksum_sha256 is None:
+            return None, "the object has no SHA-256 checksum of S3's own"
+        if info.parts <= 1:
+            expected, basis = b64_digest(bytes.fromhex(sha256)), "the manifest's SHA-256"
+        elif local is None or not local.exists():
+            return None, f"the object's checksum is a composite of {info.parts} parts and the local artifact is gone"
+        else:
+            expected = composite_sha256(local, self.part_size(key))
+            basis = f"the composite SHA-256 of the local artifact (sha256 as in the manifest) in {info.parts} parts"
+        if info.checksum_sha256 != expected:
+            return False, (f"S3's SHA-256 checksum of the stored bytes {info.checksum_sha256} differs from {basis} "
+                           f"({expected})")
+        return True, f"S3's SHA-256 checksum of the stored bytes equals {basis}"
+
     def delete(self, keys: list[str]) -> list[tuple[str, dt.datetime]]:
         """Delete objects. Under Object Lock the bucket is versioned: a delete without a version only hides the
         object behind a delete marker, so each object's current version is deleted by its id, and one still
@@ -421,6 +438,16 @@ class S3Storage:
             return locked
         self._delete_objects(versions)
         return []
+
+
+def composite_sha256(path, part_size: int) -> str:
+    """S3's composite SHA-256 of a file uploaded in parts of `part_size`: the SHA-256 of the parts'
+    SHA-256s, base64."""
+    digests = b""
+    with open(path, "rb") as fh:
+        while chunk := fh.read(part_size):
+            digests += hashlib.sha256(chunk).digest()
+    return b64_digest(hashlib.sha256(digests).digest())
 
 
 def _same(path: Path, actual: str, expected: str) -> None:

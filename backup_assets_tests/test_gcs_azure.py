@@ -1,0 +1,247 @@
+"""Replicas on Google Cloud Storage and Azure Blob Storage (fake-gcs-server and Azurite on 127.0.0.1), beside S3:
+several replicas at once, each its own asset; their own checksums proven; tampering, an endpoint killed mid-upload
+and mid-download; restore from each; retention and the byte audit on each."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import sqlite3
+
+import dagster as dg
+import pytest
+
+from backup_assets.cli import main
+from backup_assets.core import BackupError, failpoints
+from backup_assets.core.backup.take import run_backup
+from backup_assets.core.replica import audit_replicas, fetch_from_replica, replica_intact, replicate, storage_for
+from backup_assets.core.repository import LocalRepository
+from backup_assets.core.verify.checks import find_backup
+from backup_assets.defs.build import build_definitions
+from backup_assets.defs.keys import backup_key, parse_key, replica_key
+from backup_assets.demo.seed import seed_miyabi
+
+from .conftest import azure_replication, gcs_replication, s3_replication
+
+P = "2026-11-20"
+
+
+@pytest.fixture
+def bigger_store(tmp_path):
+    """About 9.6 MB compressed: above the 8 MB the GCS client sends in one request, three Azure ranges."""
+    path = tmp_path / "data" / "bigger.db"
+    seed_miyabi(path, runs=2600, checkpoints_per_run=3, payload_bytes=1024)
+    return path
+
+
+@pytest.fixture
+def big_store(tmp_path):
+    """A SQLite store whose compressed backup (about 4 MB of random blobs) spans several 1 MiB chunks and blocks."""
+    path = tmp_path / "data" / "big.db"
+    seed_miyabi(path, runs=1000, checkpoints_per_run=3, payload_bytes=1024)
+    return path
+
+
+def _dump(path) -> list[str]:
+    with sqlite3.connect(path) as conn:
+        return list(conn.iterdump())
+
+
+def _catalog(write_catalog, path, fake_gcs, gcs_bucket, azurite, azure_container, **more):
+    return write_catalog({"big": {"engine": "sqlite", "path": str(path)}},
+                         replication={**gcs_replication(fake_gcs, gcs_bucket, part_size_mb=1),
+                                      **azure_replication(azurite, azure_container, block_size_mb=1), **more})
+
+
+def test_one_backup_three_replicas_each_its_asset_proven_listed_and_restorable(
+        big_store, tmp_path, write_catalog, fake_gcs, gcs_bucket, azurite, azure_container, moto_s3, bucket, capsys):
+    catalog = _catalog(write_catalog, big_store, fake_gcs, gcs_bucket, azurite, azure_container,
+                       **s3_replication(moto_s3, bucket, part_size_mb=5))
+    defs = build_definitions(catalog)
+    keys = [replica_key("big", "full", "daily", r) for r in ("s3", "gcs", "azure")]
+    assert [parse_key(k) for k in keys] == [("big", "full", "daily", r) for r in ("s3", "gcs", "azure")]
+    job = defs.resolve_job_def("daily_backups")
+    assert set(keys) <= set(job.asset_layer.executable_asset_keys)
+    result = job.execute_in_process(partition_key=P, asset_selection=[backup_key("big", "full", "daily"), *keys],
+                                    instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    assert result.success
+    made = {e.asset_key for e in result.all_events if e.is_step_materialization}
+    assert set(keys) <= made
+    evals = {(e.asset_key.path[-1], e.check_name): e for e in result.get_asset_check_evaluations()}
+    for r in ("s3", "gcs", "azure"):
+        assert evals[(f"full_daily_{r}", "replica_intact")].passed, evals[(f"full_daily_{r}", "replica_intact")]
+    backup = find_backup(catalog, "big", "full", "daily", P)
+    assert backup.manifest.size_bytes > 3 * 1024 * 1024
+    # what each check compared: GCS's own MD5 of the stored object; the Azure blob committed from blocks carries
+    # an MD5 Azure never checked, so its bytes were downloaded
+    gcs = replica_intact(catalog, backup, storage_for(catalog, replica="gcs"))
+    assert gcs.passed and gcs.metadata["compared"] == "gcs-checksum" and "GCS's MD5 of the stored bytes" in gcs.message
+    azure = replica_intact(catalog, backup, storage_for(catalog, replica="azure"))
+    assert azure.passed and azure.metadata["compared"] == "bytes" and "committed from" in azure.message
+
+    assert main(["--catalog", catalog.catalog_path, "list", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["copies"] == {"local": "present", "s3": "present", "gcs": "present", "azure": "present"}
+    assert rows[0]["where"] == "local+s3+gcs+azure"
+
+    # the local disk is lost: each replica restores the store exactly
+    for path in LocalRepository(catalog.repository_root).root.rglob("*"):
+        if path.is_file():
+            path.unlink()
+    for replica in ("gcs", "azure"):
+        target = tmp_path / f"restored-{replica}.db"
+        assert main(["--catalog", catalog.catalog_path, "restore", "--source", "big", "--group", "full", "--from",
+                     replica, "--target-file", str(target), "--confirm"]) == 0
+        assert _dump(target) == _dump(big_store)
+        for path in LocalRepository(catalog.repository_root).root.rglob("*"):
+            if path.is_file():
+                path.unlink()
+
+
+def test_a_forged_replica_fails_its_check_whatever_its_metadata_says(
+        miyabi_db, write_catalog, fake_gcs, gcs_bucket, azurite, azure_container):
+    catalog = _catalog(write_catalog, miyabi_db, fake_gcs, gcs_bucket, azurite, azure_container)
+    run_backup(catalog, "big", "full", "daily", P)
+    backup = find_backup(catalog, "big", "full", "daily", P)
+    for replica in ("gcs", "azure"):
+        replicate(catalog, backup, storage_for(catalog, replica=replica))
+    key = f"backups/sqlite/daily/{backup.artifact_path.name}"
+    data = backup.artifact_path.read_bytes()
+    forged = bytes(len(data))  # same size, other bytes, the right sha256 in the metadata
+
+    fake_gcs.client().bucket(gcs_bucket).blob(key).upload_from_string(forged)
+    blob = fake_gcs.client().bucket(gcs_bucket).blob(key)
+    blob.metadata = {"sha256": backup.manifest.sha256}
+    blob.patch()
+    outcome = replica_intact(catalog, backup, storage_for(catalog, replica="gcs"))
+    assert not outcome.passed and "GCS's MD5 of the stored bytes" in outcome.message and "differs" in outcome.message
+
+    # Azure: a blob committed from blocks with the original's MD5 declared (Azure does not check that one)
+    from azure.storage.blob import ContentSettings
+
+    forger = azurite.service().get_container_client(azure_container).get_blob_client(key)
+    forger.stage_block(base64.b64encode(b"forged-0").decode(), forged)
+    forger.commit_block_list([base64.b64encode(b"forged-0").decode()], metadata={"sha256": backup.manifest.sha256},
+                             content_settings=ContentSettings(content_md5=bytearray(hashlib.md5(data).digest())))
+    outcome = replica_intact(catalog, backup, storage_for(catalog, replica="azure"))
+    assert not outcome.passed and "downloaded, hash to sha256" in outcome.message
+    # and without the local artifact, the bytes decide too
+    backup.artifact_path.rename(backup.artifact_path.with_name("moved"))
+    outcome = replica_intact(catalog, backup, storage_for(catalog, replica="gcs"))
+    assert not outcome.passed and "downloaded, hash to sha256" in outcome.message
+
+
+def _kill_at(monkeypatch, name: str, emulator, after: int = 1):
+    """Kill the emulator (SIGKILL) the `after`-th time the code passes the failpoint `name`."""
+    seen = []
+    original = failpoints.point
+
+    def point(at: str) -> None:
+        if at == name:
+            seen.append(at)
+            if len(seen) == after:
+                emulator.kill()
+        original(at)
+
+    monkeypatch.setattr(failpoints, "point", point)
+    return seen
+
+
+@pytest.mark.parametrize("replica", ["gcs", "azure"])
+def test_an_endpoint_killed_mid_upload_leaves_nothing_counted_and_the_next_run_completes(
+        replica, bigger_store, write_catalog, fake_gcs, gcs_bucket, azurite, azure_container, monkeypatch):
+    # GCS: a resumable upload in 1 MiB chunks (the client sends up to 8 MB in one request); Azure: 1 MiB blocks
+    catalog = _catalog(write_catalog, bigger_store, fake_gcs, gcs_bucket, azurite, azure_container)
+    run_backup(catalog, "big", "full", "daily", P)
+    backup = find_backup(catalog, "big", "full", "daily", P)
+    emulator = fake_gcs if replica == "gcs" else azurite
+    seen = _kill_at(monkeypatch, "gcs.chunk_read" if replica == "gcs" else "azure.block_staged", emulator, after=2)
+    try:
+        with pytest.raises(BackupError, match="unreachable|upload"):
+            replicate(catalog, backup, storage_for(catalog, replica=replica))
+        assert len(seen) >= 2
+    finally:
+        emulator.start()  # the same port and data: the endpoint comes back
+    storage = storage_for(catalog, replica=replica)
+    key = f"sqlite/daily/{backup.artifact_path.name}"
+    assert storage.head(key) is None and storage.head(key + ".meta") is None  # nothing half-written is there
+    assert not replica_intact(catalog, backup, storage).passed
+    monkeypatch.undo()
+    assert replicate(catalog, backup, storage).mode == "upload"
+    assert replica_intact(catalog, backup, storage).passed
+
+
+@pytest.mark.parametrize("replica", ["gcs", "azure"])
+def test_an_endpoint_killed_mid_download_restores_nothing_and_the_next_attempt_does(
+        replica, bigger_store, write_catalog, fake_gcs, gcs_bucket, azurite, azure_container, monkeypatch):
+    catalog = _catalog(write_catalog, bigger_store, fake_gcs, gcs_bucket, azurite, azure_container)
+    run_backup(catalog, "big", "full", "daily", P)
+    backup = find_backup(catalog, "big", "full", "daily", P)
+    replicate(catalog, backup, storage_for(catalog, replica=replica))
+    local = LocalRepository(catalog.repository_root)
+    for path in local.root.rglob("*"):
+        if path.is_file():
+            path.unlink()
+    emulator = fake_gcs if replica == "gcs" else azurite
+    seen = _kill_at(monkeypatch, f"{replica}.download_write", emulator, after=2)
+    try:
+        with pytest.raises(BackupError):
+            fetch_from_replica(catalog, source="big", group="full", replica=replica)
+        assert len(seen) >= 2  # it was cut off mid-way, after bytes had arrived
+        assert local.refs(complete=False) == [] and not [p for p in local.root.rglob("*") if p.is_file()]
+    finally:
+        emulator.start()
+    monkeypatch.undo()
+    fetched = fetch_from_replica(catalog, source="big", group="full", replica=replica)
+    assert fetched.manifest.sha256 == backup.manifest.sha256
+
+
+def test_retention_and_the_byte_audit_reach_every_replica(
+        miyabi_db, write_catalog, fake_gcs, gcs_bucket, azurite, azure_container, capsys):
+    from backup_assets.core.retention.prune import prune
+
+    catalog = _catalog(write_catalog, miyabi_db, fake_gcs, gcs_bucket, azurite, azure_container)
+    old, new = "2026-11-19", "2026-11-20"
+    for partition in (old, new):
+        run_backup(catalog, "big", "full", "daily", partition)
+        for replica in ("gcs", "azure"):
+            replicate(catalog, find_backup(catalog, "big", "full", "daily", partition),
+                      storage_for(catalog, replica=replica))
+    assert main(["--catalog", catalog.catalog_path, "replicas", "verify", "--all", "--json"]) == 0
+    proven = json.loads(capsys.readouterr().out)
+    assert sorted((r["replica"], r["passed"]) for r in proven) == [("azure", True)] * 2 + [("gcs", True)] * 2
+    # eight days on, a daily tier (7 days) keeps only the newest backup, locally and on each replica
+    report = prune(catalog, dry_run=False, now=dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=8))
+    for where in ("local", "gcs", "azure"):
+        assert report[where]["backups"] == 1, report[where]
+    for replica in ("gcs", "azure"):
+        names = [k for k, _ in storage_for(catalog, replica=replica).list("sqlite/")]
+        assert len(names) == 2 and all(f"big-full-{new}-" in n for n in names), names
+    # a replica whose copy went missing while its retention keeps it: the audit fails, naming it
+    storage = storage_for(catalog, replica="azure")
+    kept = next(k for k, _ in storage.list("sqlite/") if not k.endswith(".meta"))
+    storage.delete([kept])
+    results = audit_replicas(catalog, storage, every=True)
+    assert [r.outcome.passed for r in results] == [False] and "missing" in results[0].outcome.message
+
+
+def test_bad_replica_settings_are_one_line(write_catalog, tmp_path, miyabi_db, capsys):
+    from backup_assets.catalog import CatalogError
+
+    with pytest.raises(CatalogError, match="account_key.*not allowed"):
+        write_catalog({"m": {"engine": "sqlite", "path": str(miyabi_db)}},
+                      replication={"azure": {"container": "c", "account_url": "https://a.blob.core.windows.net",
+                                             "account_key": "secret"}})
+    with pytest.raises(CatalogError, match="NAME of an environment variable"):
+        write_catalog({"m": {"engine": "sqlite", "path": str(miyabi_db)}},
+                      replication={"gcs": {"bucket": "b", "credentials_file_env": "/etc/key.json"}})
+    catalog = write_catalog({"m": {"engine": "sqlite", "path": str(miyabi_db)}},
+                            replication={"azure": {"container": "c", "account_url": "http://127.0.0.1:9/acct",
+                                                   "account_key_env": "BA_TEST_UNSET_AZURE_KEY"}})
+    assert main(["--catalog", catalog.catalog_path, "restore", "--source", "m", "--from", "azure", "--confirm"]) != 0
+    err = capsys.readouterr().err
+    assert "BA_TEST_UNSET_AZURE_KEY" in err and "not set" in err and len(err.strip().splitlines()) == 1
+    assert main(["--catalog", catalog.catalog_path, "restore", "--source", "m", "--from", "gcs", "--confirm"]) != 0
+    assert "no replication.gcs section" in capsys.readouterr().err
