@@ -448,6 +448,14 @@ def archiving(tmp_path, monkeypatch, request):
             server.client().create_bucket(Bucket=name, ObjectLockEnabledForBucket=True)
             lock = {"object_lock": {"mode": "governance"}}
         catalog["replication"] = s3_replication(server, name, **lock)
+    more = request.node.get_closest_marker("replicas")
+    if more:  # replicas("gcs", "azure"): those replicas too, on the emulators
+        if "gcs" in more.args:
+            catalog.setdefault("replication", {}).update(gcs_replication(
+                request.getfixturevalue("fake_gcs"), request.getfixturevalue("gcs_bucket"), part_size_mb=1))
+        if "azure" in more.args:
+            catalog.setdefault("replication", {}).update(azure_replication(
+                request.getfixturevalue("azurite"), request.getfixturevalue("azure_container"), block_size_mb=1))
     marker = request.node.get_closest_marker("pitr")
     if marker is not None:  # the physical tier in the catalog (its drill runs scratch clusters as the server's user)
         catalog["sources"]["app"]["pitr"] = {**({"run_as": WAL_SERVER_USER} if os.geteuid() == 0 else {}),

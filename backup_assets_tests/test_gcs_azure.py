@@ -245,3 +245,49 @@ def test_bad_replica_settings_are_one_line(write_catalog, tmp_path, miyabi_db, c
     assert "BA_TEST_UNSET_AZURE_KEY" in err and "not set" in err and len(err.strip().splitlines()) == 1
     assert main(["--catalog", catalog.catalog_path, "restore", "--source", "m", "--from", "gcs", "--confirm"]) != 0
     assert "no replication.gcs section" in capsys.readouterr().err
+
+
+@pytest.mark.replicas("gcs", "azure")
+@pytest.mark.pitr(wal_push_s3=True, incremental=False)
+def test_base_backups_and_wal_on_gcs_and_azure_restore_exactly_when_the_local_copies_are_gone(
+        archiving, tmp_path, capsys):
+    import shutil
+
+    from backup_assets.catalog import load_catalog
+    from backup_assets.core.pitr import base as pitr_base
+    from backup_assets.core.pitr import s3 as pitr_s3
+    from backup_assets.core.pitr.locations import replica_storage
+    from backup_assets.core.retention.prune import prune
+    from backup_assets.defs.pitr import base_replica_key
+
+    from .test_pitr import archive_now, cli, commits, restored_ids, write_rows
+
+    cluster, catalog_path, folder = archiving
+    catalog = load_catalog(catalog_path)
+    keys = build_definitions(catalog).resolve_asset_graph().get_all_asset_keys()
+    assert {base_replica_key("app", "gcs"), base_replica_key("app", "azure")} <= set(keys)
+    write_rows(cluster, 5, "before", pause=0)
+    assert cli(catalog_path, "basebackup", "--source", "app", "--kind", "full") == 0  # and replicates to both
+    write_rows(cluster, 10, "first window")
+    archive_now(cluster)
+    assert cli(catalog_path, "basebackup", "--source", "app", "--kind", "full") == 0
+    write_rows(cluster, 10, "second window")
+    archive_now(cluster)
+    local_wal = {p.name for p in folder.glob("*.json")}
+    for replica in ("gcs", "azure"):  # wal_push_s3: on every replica before PostgreSQL heard it was archived
+        storage = replica_storage(catalog, replica=replica)
+        assert local_wal <= {k.rsplit("/", 1)[-1] for k, _ in storage.list("wal/app/") if k.endswith(".json")}
+        assert pitr_s3.replica_intact(catalog, "app", storage).passed
+    bases = pitr_base.base_backups(catalog, "app")
+    report = prune(catalog, dry_run=False, now=dt.datetime.fromisoformat(bases[-1]["finished_at"])
+                   + dt.timedelta(days=15))["pitr"]["app"]
+    assert report["gcs"]["deleted"] == report["azure"]["deleted"] == [bases[0]["artifact"]]
+    expected = {i for i, _ in commits(cluster)}
+    for replica in ("gcs", "azure"):  # the local base backups and WAL are lost: each replica alone restores
+        shutil.rmtree(pitr_base.base_dir(catalog, "app"), ignore_errors=True)
+        for p in list(folder.iterdir()):
+            p.unlink()
+        if replica == "azure":  # and the other replica is gone too: WAL comes from this one
+            gcs = replica_storage(catalog, replica="gcs")
+            gcs.delete([k for k, _ in gcs.list("")])
+        assert restored_ids(cluster, catalog_path, tmp_path, ["--latest", "--from", replica], capsys) == expected

@@ -320,8 +320,8 @@ def test_a_replica_is_proven_by_s3_checksums_or_its_bytes_never_by_metadata(miya
     client.put_object(Bucket=bucket, Key=skey, Body=bytes(evil), Metadata={"sha256": small.manifest.sha256})
     assert main(["--catalog", catalog.catalog_path, "replicas", "verify", "--all"]) == 1
     out = capsys.readouterr().out
-    assert f"FAIL {bkey.removeprefix('backups/')}: s3://{bucket}/{bkey}: replica is missing" in out, out
-    assert f"FAIL {skey.removeprefix('backups/')}" in out and "downloaded, hash to sha256" in out, out
+    assert f"FAIL s3 {bkey.removeprefix('backups/')}: s3://{bucket}/{bkey}: replica is missing" in out, out
+    assert f"FAIL s3 {skey.removeprefix('backups/')}" in out and "downloaded, hash to sha256" in out, out
 
 
 def test_the_maintenance_job_audits_replicas_and_names_the_bad_one(miyabi_db, write_catalog, moto_s3, bucket):

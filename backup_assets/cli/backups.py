@@ -282,7 +282,7 @@ def cmd_basebackup(args) -> int:
 
     catalog = _catalog(args)
     cfg = catalog.sources[args.source].pitr
-    replicate_too = catalog.replication.s3 is not None and (cfg is None or cfg.s3) and not args.local_only
+    replicate_too = [] if args.local_only or (cfg is not None and not cfg.s3) else list(catalog.replication.replicas())
     failed_checks = []
     if args.dagster:
         if args.kind != "auto":
@@ -292,11 +292,11 @@ def cmd_basebackup(args) -> int:
         meta, failed_checks = _basebackup_through_dagster(catalog, args.source, replicate_too, debug=args.debug)
     else:
         meta = pitr_base.base_backup(catalog, args.source, kind=args.kind, say=Reporter())
-        if replicate_too:
-            from backup_assets.core.pitr.s3 import replicate
-            from backup_assets.core.pitr.locations import replica_storage
+        from backup_assets.core.pitr.s3 import replicate
+        from backup_assets.core.pitr.locations import replica_storage
 
-            replicate(catalog, args.source, replica_storage(catalog), say=Reporter())
+        for replica in replicate_too:
+            replicate(catalog, args.source, replica_storage(catalog, replica=replica), say=Reporter())
     on = f" on {meta['parent']}" if meta.get("parent") else ""
     print(f"{meta['kind']} base backup {meta['artifact']}{on} ({meta['size_bytes']} bytes), WAL from "
           f"{meta['start_wal']}, finished {meta['finished_at']}")
@@ -306,7 +306,7 @@ def cmd_basebackup(args) -> int:
     return 1 if failed_checks else 0
 
 
-def _basebackup_through_dagster(catalog, source: str, replicate_too: bool, *, debug: bool) -> dict:
+def _basebackup_through_dagster(catalog, source: str, replicate_too: list[str], *, debug: bool) -> dict:
     from backup_assets.core.pitr import base as pitr_base
     from backup_assets.defs import cli_runs
     from backup_assets.defs.build import build_definitions
@@ -321,7 +321,7 @@ def _basebackup_through_dagster(catalog, source: str, replicate_too: bool, *, de
     before = {b["artifact"] for b in pitr_base.base_backups(catalog, source)}
     result = job.execute_in_process(
         partition_key=partition, instance=instance, raise_on_error=False,
-        asset_selection=[base_key(source)] + ([base_replica_key(source)] if replicate_too else []),
+        asset_selection=[base_key(source)] + [base_replica_key(source, r) for r in replicate_too],
         tags={**cli_runs.run_tags(catalog), "backup_assets/command": f"backup-assets basebackup --source {source}"},
         run_config={"loggers": {"console": {"config": {"log_level": "DEBUG" if debug else "CRITICAL"}}}})
     made = [b for b in pitr_base.base_backups(catalog, source) if b["artifact"] not in before]
@@ -334,8 +334,12 @@ def _basebackup_through_dagster(catalog, source: str, replicate_too: bool, *, de
               f"{'failed' if error else 'warns'}: {check.description}", file=sys.stderr)
         if error:
             failed.append(check)
+    errors = [root_cause(e.event_specific_data.error) for e in result.all_events
+              if e.is_step_failure and e.event_specific_data and e.event_specific_data.error
+              and e.event_specific_data.error.cls_name != "DagsterAssetCheckFailedError"]
     if not made:
-        errors = [root_cause(e.event_specific_data.error) for e in result.all_events
-                  if e.is_step_failure and e.event_specific_data and e.event_specific_data.error]
         raise BackupError(errors[0] if errors else f"the base backup of {source} was not taken")
+    for error in errors:  # the base backup was taken; a replica of it was not
+        print(f"backup-assets: {scrub(error)}", file=sys.stderr)
+        failed.append(error)
     return made[-1], failed

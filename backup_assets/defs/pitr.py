@@ -16,11 +16,13 @@ import warnings
 import dagster as dg
 from dagster import AssetExecutionContext
 
-from backup_assets.catalog import Catalog
+from backup_assets.catalog import REPLICA_LABELS, Catalog
+from backup_assets.core import BackupError
 from backup_assets.defs.checks import failure_line, keyed_check_result
 from backup_assets.defs.partitions import partitions_for
 from backup_assets.defs.checks import FAILED_ASSETS
 from backup_assets.defs.partitions import freshness_policy
+from backup_assets.defs.replication import _storage, where
 
 BASE_BACKUPS_JOB = "base_backups"
 
@@ -41,12 +43,13 @@ def base_key(source: str) -> dg.AssetKey:
     return dg.AssetKey([source, "base_backup"])
 
 
-def base_replica_key(source: str) -> dg.AssetKey:
-    return dg.AssetKey([source, "base_backup_s3"])
+def base_replica_key(source: str, replica: str = "s3") -> dg.AssetKey:
+    return dg.AssetKey([source, f"base_backup_{replica}"])
 
 
-def replicated(catalog: Catalog, source: str) -> bool:
-    return catalog.replication.s3 is not None and catalog.sources[source].pitr.s3
+def replicated(catalog: Catalog, source: str) -> list[str]:
+    """The replicas that hold the source's base backups and WAL (every replica, unless its pitr.s3 is off)."""
+    return list(catalog.replication.replicas()) if catalog.sources[source].pitr.s3 else []
 
 
 def pitr_check_names(catalog: Catalog, source: str) -> list[str]:
@@ -72,25 +75,24 @@ def build_base_backup(catalog: Catalog, source: str, partitions) -> dg.AssetsDef
     checks = [dg.AssetCheckSpec(name, asset=key, blocking=name != "recovery_point", partitions_def=partitions,
                                 description=PITR_CHECKS[name]) for name in pitr_check_names(catalog, source)]
     specs = [spec]
-    s3 = replicated(catalog, source)
-    if s3:
-        cfg3 = catalog.replication.s3
+    replicas = replicated(catalog, source)
+    for replica in replicas:
         specs.append(dg.AssetSpec(
-            key=base_replica_key(source), group_name=source, kinds={"s3"}, deps=[key],
-            tags={"backup_assets/tier": "physical", "backup_assets/source": source},
-            description=f"The base backups and WAL archive of {source} on s3://{cfg3.bucket}/{cfg3.prefix}: every "
+            key=base_replica_key(source, replica), group_name=source, kinds={replica}, deps=[key],
+            tags={"backup_assets/tier": "physical", "backup_assets/source": source, "backup_assets/replica": replica},
+            description=f"The base backups and WAL archive of {source} on {where(catalog, replica)}: every "
                         "kept base backup and archived WAL file the replica lacks, each verified by its SHA-256, "
                         "its JSON last."))
         checks.append(dg.AssetCheckSpec(
-            "replica_intact", asset=base_replica_key(source), blocking=True, partitions_def=partitions,
+            "replica_intact", asset=base_replica_key(source, replica), blocking=True, partitions_def=partitions,
             description="Every kept base backup is on the replica with its size and SHA-256, and every WAL file "
                         "from the oldest kept base backup on."))
 
     @dg.multi_asset(name=f"{source}__base_backup", specs=specs, check_specs=checks, partitions_def=partitions,
                     can_subset=True, pool=src.pool_name(), backfill_policy=dg.BackfillPolicy.multi_run(1),
-                    required_resource_keys={"s3"} if s3 else set(),
+                    required_resource_keys={"s3"} if "s3" in replicas else set(),
                     description=f"The base backup of {source}'s server and its checks"
-                                f"{', then its S3 replica' if s3 else ''}.")
+                                f"{', then its ' + ', '.join(REPLICA_LABELS[r] for r in replicas) + ' replicas' if replicas else ''}.")
     def base_backup(context: AssetExecutionContext):
         yield from run_base_backup(catalog, context, source)
 
@@ -98,7 +100,6 @@ def build_base_backup(catalog: Catalog, source: str, partitions) -> dg.AssetsDef
 
 
 def run_base_backup(catalog: Catalog, context: AssetExecutionContext, source: str):
-    from backup_assets.core import BackupError
     from backup_assets.core.pitr import base as pitr_base
     from backup_assets.core.pitr import checks as pitr_checks
     from backup_assets.core.outcome import Outcome
@@ -144,33 +145,43 @@ def run_base_backup(catalog: Catalog, context: AssetExecutionContext, source: st
         if line := failure_line(name, outcome):
             getattr(context.log, line[0])(line[1])
         yield keyed_check_result(key, name, outcome)
-    if not replicated(catalog, source):
-        return
     from backup_assets.core.pitr import s3 as pitr_s3
-    from backup_assets.core.pitr.locations import replica_storage
 
-    rkey = base_replica_key(source)
-    storage = replica_storage(catalog)
-    if rkey in context.selected_asset_keys:
+    failed = {}
+    for replica in replicated(catalog, source):  # one replica down: the others are still written
+        rkey = base_replica_key(source, replica)
         try:
-            report = pitr_s3.replicate(catalog, source, storage, say=context.log.info)
+            storage = _storage(catalog, getattr(context.resources, "s3", None), replica)
         except BackupError as exc:
-            raise _failure(context, rkey, exc) from None
-        yield dg.MaterializeResult(asset_key=rkey, metadata={
-            "uri": dg.MetadataValue.text(report["uri"]),
-            "base_backups": dg.MetadataValue.int(report["base_backups"]),
-            "wal_files": dg.MetadataValue.int(report["wal_files"]),
-            "uploaded_files": dg.MetadataValue.int(report["uploaded_files"]),
-            "uploaded_bytes": dg.MetadataValue.int(report["uploaded_bytes"]),
-        })
-    if any(c.name == "replica_intact" for c in context.selected_asset_check_keys):
-        try:
-            outcome = pitr_s3.replica_intact(catalog, source, storage)
-        except BackupError as exc:
-            outcome = Outcome(False, str(exc), {})
-        if line := failure_line("replica_intact", outcome):
-            getattr(context.log, line[0])(line[1])
-        yield keyed_check_result(rkey, "replica_intact", outcome)
+            storage, failed[rkey.to_user_string()] = None, str(exc)
+            context.log.error(f"{rkey.to_user_string()}: {exc}")
+        if storage is not None and rkey in context.selected_asset_keys:
+            try:
+                report = pitr_s3.replicate(catalog, source, storage, say=context.log.info)
+            except BackupError as exc:
+                failed[rkey.to_user_string()] = str(exc)
+                context.log.error(f"{rkey.to_user_string()}: {exc}")
+            else:
+                yield dg.MaterializeResult(asset_key=rkey, metadata={
+                    "uri": dg.MetadataValue.text(report["uri"]),
+                    "base_backups": dg.MetadataValue.int(report["base_backups"]),
+                    "wal_files": dg.MetadataValue.int(report["wal_files"]),
+                    "uploaded_files": dg.MetadataValue.int(report["uploaded_files"]),
+                    "uploaded_bytes": dg.MetadataValue.int(report["uploaded_bytes"]),
+                })
+        if any(c.name == "replica_intact" and c.asset_key == rkey for c in context.selected_asset_check_keys):
+            try:
+                if storage is None:
+                    raise BackupError(failed[rkey.to_user_string()])
+                outcome = pitr_s3.replica_intact(catalog, source, storage)
+            except BackupError as exc:
+                outcome = Outcome(False, str(exc), {})
+            if line := failure_line("replica_intact", outcome):
+                getattr(context.log, line[0])(line[1])
+            yield keyed_check_result(rkey, "replica_intact", outcome)
+    if failed:
+        raise dg.Failure(description="; ".join(f"{k}: {v}" for k, v in failed.items()),
+                         metadata={FAILED_ASSETS: dg.MetadataValue.json(failed)})
 
 
 def _failure(context, key: dg.AssetKey, exc: Exception) -> dg.Failure:
@@ -190,7 +201,7 @@ def build_pitr(catalog: Catalog) -> tuple[list[dg.AssetsDefinition], list, list]
         warnings.simplefilter("ignore", dg.BetaWarning)
         warnings.simplefilter("ignore", dg.PreviewWarning)
         assets = [build_base_backup(catalog, s, partitions) for s in sources]
-    keys = [base_key(s) for s in sources] + [base_replica_key(s) for s in sources if replicated(catalog, s)]
+    keys = [base_key(s) for s in sources] + [base_replica_key(s, r) for s in sources for r in replicated(catalog, s)]
     job = dg.define_asset_job(
         BASE_BACKUPS_JOB, selection=dg.AssetSelection.assets(*keys),
         description="Base backups of the servers that archive their WAL, with their checks (pg_verifybackup, WAL "

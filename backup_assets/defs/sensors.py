@@ -176,8 +176,8 @@ def build_sensors(catalog: Catalog) -> list:
 
     for source in catalog.pitr_sources():
         check_keys += [dg.AssetCheckKey(base_key(source), n) for n in pitr_check_names(catalog, source)]
-        if replicated(catalog, source):
-            check_keys.append(dg.AssetCheckKey(base_replica_key(source), "replica_intact"))
+        check_keys += [dg.AssetCheckKey(base_replica_key(source, r), "replica_intact")
+                       for r in replicated(catalog, source)]
     watched = set(check_keys)
 
     @dg.sensor(name="check_failure_alerts", minimum_interval_seconds=interval,
