@@ -225,6 +225,16 @@ def test_retention_and_the_byte_audit_reach_every_replica(
     storage.delete([kept])
     results = audit_replicas(catalog, storage, every=True)
     assert [r.outcome.passed for r in results] == [False] and "missing" in results[0].outcome.message
+    # the metrics say so, per replica, from this host's records
+    from backup_assets.core.monitoring.metrics import render
+
+    text = render(catalog).decode()
+    for replica in ("gcs", "azure"):
+        labels = f'group="full",replica="{replica}",source="big",tier="daily"'
+        assert f"backup_assets_replica_last_replicated_timestamp_seconds{{{labels}}}" in text
+        assert f"backup_assets_replica_last_proven_timestamp_seconds{{{labels}}}" in text
+    assert 'backup_assets_replica_audit_failures{replica="azure"} 1.0' in text
+    assert 'backup_assets_replica_audit_failures{replica="gcs"} 0.0' in text
 
 
 def test_bad_replica_settings_are_one_line(write_catalog, tmp_path, miyabi_db, capsys):
@@ -291,3 +301,41 @@ def test_base_backups_and_wal_on_gcs_and_azure_restore_exactly_when_the_local_co
             gcs = replica_storage(catalog, replica="gcs")
             gcs.delete([k for k, _ in gcs.list("")])
         assert restored_ids(cluster, catalog_path, tmp_path, ["--latest", "--from", replica], capsys) == expected
+
+
+def test_rekey_reaches_every_replica_even_when_only_the_replicas_hold_the_backup(
+        miyabi_db, write_catalog, fake_gcs, gcs_bucket, azurite, azure_container, monkeypatch, tmp_path, capsys):
+    """The local disk was lost: the backup is re-encrypted in the first replica that holds it (GCS) and its new
+    bytes reach the other (Azure) through this host; the old-key copies go from both."""
+    import pyrage
+
+    old_key, new_key = pyrage.x25519.Identity.generate(), pyrage.x25519.Identity.generate()
+    (tmp_path / "old.key").write_text(f"{old_key}\n")
+    monkeypatch.setenv("BA_TEST_AGE_KEY", str(tmp_path / "old.key"))
+    catalog = write_catalog({"big": {"engine": "sqlite", "path": str(miyabi_db)}},
+                            encryption={"recipients": [str(old_key.to_public())], "identity_file_env": "BA_TEST_AGE_KEY"},
+                            replication={**gcs_replication(fake_gcs, gcs_bucket),
+                                         **azure_replication(azurite, azure_container)})
+    run_backup(catalog, "big", "full", "daily", P)
+    old = find_backup(catalog, "big", "full", "daily", P)
+    for replica in ("gcs", "azure"):
+        replicate(catalog, old, storage_for(catalog, replica=replica))
+    for path in LocalRepository(catalog.repository_root).root.rglob("*"):
+        if path.is_file():
+            path.unlink()
+    assert main(["--catalog", catalog.catalog_path, "rekey", "--recipients", str(new_key.to_public()),
+                 "--apply"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    for replica in ("gcs", "azure"):
+        names = [k.rsplit("/", 1)[-1] for k, _ in storage_for(catalog, replica=replica).list("sqlite/")]
+        assert old.artifact_path.name not in names and old.artifact_path.name + ".meta" not in names, names
+        [new_name] = [n for n in names if n.endswith(".age")]
+        assert new_name + ".meta" in names
+    # the new key restores it from either replica, exactly
+    (tmp_path / "new.key").write_text(f"{new_key}\n")
+    monkeypatch.setenv("BA_TEST_AGE_KEY", str(tmp_path / "new.key"))
+    for replica in ("azure", "gcs"):
+        target = tmp_path / f"restored-{replica}.db"
+        assert main(["--catalog", catalog.catalog_path, "restore", "--source", "big", "--group", "full", "--from",
+                     replica, "--target-file", str(target), "--confirm"]) == 0, capsys.readouterr().err
+        assert _dump(target) == _dump(miyabi_db)

@@ -96,7 +96,7 @@ def _as_repository(target) -> Repository:
 @dataclass
 class ReplicaResult:
     uri: str
-    mode: str  # upload, copy, download or already-replicated
+    mode: str  # upload, copy, download, relay (replica to replica) or already-replicated
     size_bytes: int
     duration_s: float
 
@@ -142,8 +142,20 @@ def copy_backup(m: Manifest, key: str, src: Repository, dst: Repository, *, meta
         finally:
             tmp.unlink(missing_ok=True)
         mode = "download"
-    else:
-        raise BackupError(f"{src.storage.uri(key)} to {dst.storage.uri(key)}: one side must be local")
+    else:  # one replica to another (a rekey that reached a backup only the replicas hold): through a scratch file
+        import tempfile
+        from pathlib import Path
+
+        say(f"copying {src.storage.uri(key)} to {dst.storage.uri(key)} through this host")
+        with tempfile.TemporaryDirectory(prefix="backup-assets-copy-") as scratch:
+            tmp = Path(scratch) / "artifact"
+            with_retries(lambda: src.storage.get_file(key, tmp))
+            digest = sha256_file(tmp)
+            if digest != m.sha256:
+                raise BackupError(f"{src.storage.uri(key)}: downloaded sha256 {digest} differs from the manifest's "
+                                  f"{m.sha256}")
+            with_retries(lambda: dst.storage.put_file(tmp, key, sha256=m.sha256, metadata=meta))
+        mode = "relay"
     # the manifest goes last: an object without its manifest is not a backup
     data = src.storage.get_bytes(key + MANIFEST_SUFFIX)
     if not _holds(dst, key + MANIFEST_SUFFIX, len(data), hashlib.sha256(data).hexdigest()):

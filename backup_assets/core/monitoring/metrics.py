@@ -15,6 +15,8 @@ durations in seconds, one label set per backup kind); ours are per source, group
     backup_assets_wal_last_archived_timestamp_seconds, _wal_since_last_archived_seconds, _wal_segments,
     _wal_gaps, _base_backup_count, _base_backup_last_timestamp_seconds{kind},
     _pitr_window_start_timestamp_seconds        per source with a WAL archive (point-in-time recovery)
+    backup_assets_replica_last_replicated_timestamp_seconds{replica}, _replica_last_proven_timestamp_seconds{replica},
+    _replica_audit_failures{replica}                per replica (s3, gcs, azure), from this host's records
     backup_assets_repository_bytes, _disk_free_bytes, _disk_total_bytes
     backup_assets_exporter_scrape_duration_seconds
 
@@ -92,6 +94,7 @@ class RepositoryCollector:
                 rto.add_metric(labels, r.last_rto_s)
         yield from (last, since, rpo, met, size, raw, duration, rows_, count, passed, ran, rto)
         yield from self._wal(gauge)
+        yield from self._replicas(gauge)
         disk = forecast["disk"]
         repo = gauge("repository_bytes", "Bytes stored in the local backup repository.", ["repository"])
         repo.add_metric(["local"], forecast["repository_bytes"])
@@ -137,6 +140,45 @@ class RepositoryCollector:
                 last.add_metric([name], at)
                 age.add_metric([name], max(0.0, now - at))
         yield from (last, age, segments, gaps, bases, newest, window)
+
+
+    def _replicas(self, gauge):
+        """Per replica (s3, gcs, azure), from this host's record of what it replicated and proved (no request to
+        the storage at a scrape): the newest copy made and the newest proven by its bytes per source, group and
+        tier, and how many copies failed their last byte-level audit."""
+        replicas = list(self.catalog.replication.replicas())
+        labels = LABELS + ["replica"]
+        made = gauge("replica_last_replicated_timestamp_seconds", "When the newest backup was copied to the replica.",
+                     labels)
+        proven = gauge("replica_last_proven_timestamp_seconds", "When a copy on the replica was last downloaded and "
+                       "hashed with its manifest's SHA-256 (replica_audit).", labels)
+        failures = gauge("replica_audit_failures", "Copies whose last byte-level audit failed (missing or differing).",
+                         ["replica"])
+        if replicas:
+            from backup_assets.core.replica import read_audit
+            from backup_assets.core.repository import parse_artifact_name
+
+            for replica in replicas:
+                newest: dict[tuple, list[float]] = {}
+                failed = 0
+                for key, record in read_audit(self.catalog, replica).items():
+                    parts = parse_artifact_name(key.rsplit("/", 1)[-1])
+                    if parts is None:
+                        continue
+                    tier = key.split("/")[1] if key.count("/") >= 2 else ""
+                    times = newest.setdefault((parts["source"], parts["group"], tier), [0.0, 0.0])
+                    times[0] = max(times[0], _timestamp(record.get("replicated_at")) or 0.0)
+                    if record.get("passed"):
+                        times[1] = max(times[1], _timestamp(record.get("deep_at")) or 0.0)
+                    elif "passed" in record:
+                        failed += 1
+                for (source, group, tier), (at, deep) in sorted(newest.items()):
+                    if at:
+                        made.add_metric([source, group, tier, replica], at)
+                    if deep:
+                        proven.add_metric([source, group, tier, replica], deep)
+                failures.add_metric([replica], failed)
+        yield from (made, proven, failures)
 
 
 def _timestamp(text) -> float | None:
