@@ -127,6 +127,15 @@ def test_a_forged_replica_fails_its_check_whatever_its_metadata_says(
                              content_settings=ContentSettings(content_md5=bytearray(hashlib.md5(data).digest())))
     outcome = replica_intact(catalog, backup, storage_for(catalog, replica="azure"))
     assert not outcome.passed and "downloaded, hash to sha256" in outcome.message
+    # replicating again is never fooled by the forgery: both are uploaded again, and then proven
+    for replica in ("gcs", "azure"):
+        assert replicate(catalog, backup, storage_for(catalog, replica=replica)).mode == "upload"
+        assert replica_intact(catalog, backup, storage_for(catalog, replica=replica)).passed
+        assert replicate(catalog, backup, storage_for(catalog, replica=replica)).mode == "already-replicated"
+    fake_gcs.client().bucket(gcs_bucket).blob(key).upload_from_string(forged)
+    blob = fake_gcs.client().bucket(gcs_bucket).blob(key)
+    blob.metadata = {"sha256": backup.manifest.sha256}
+    blob.patch()
     # and without the local artifact, the bytes decide too
     backup.artifact_path.rename(backup.artifact_path.with_name("moved"))
     outcome = replica_intact(catalog, backup, storage_for(catalog, replica="gcs"))

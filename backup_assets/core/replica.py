@@ -101,7 +101,11 @@ class ReplicaResult:
     duration_s: float
 
 
-def _holds(repo: Repository, key: str, size: int, sha256: str) -> bool:
+def _holds(repo: Repository, key: str, size: int, sha256: str, *, local=None, small: bool = False) -> bool:
+    """Whether `repo` already holds these bytes under `key`, by the storage's own checksum where there is one (S3's
+    SHA-256; GCS's or Azure's MD5 against the `local` artifact's, an Azure blob committed from blocks by its bytes),
+    a `small` object (a manifest) by reading it, and only without a local artifact to compare with by the size and
+    the SHA-256 in its metadata."""
     info = repo.storage.head(key)
     if info is None or info.size != size:
         return False
@@ -110,6 +114,13 @@ def _holds(repo: Repository, key: str, size: int, sha256: str) -> bool:
     if info.sha256 is None:  # a local file: read it
         path = repo.storage.local_path(key)
         return path is not None and sha256_file(path) == sha256
+    if small:
+        return hashlib.sha256(repo.storage.get_bytes(key)).hexdigest() == sha256
+    if info.md5 is not None and local is not None:
+        proven, _ = repo.storage.proof(key, info, sha256, local)
+        if proven is None and info.sha256 == sha256:  # an Azure blob committed from blocks: its bytes decide
+            return _download_sha256(repo.storage, key) == sha256
+        return bool(proven)
     return info.sha256 == sha256
 
 
@@ -118,7 +129,7 @@ def copy_backup(m: Manifest, key: str, src: Repository, dst: Repository, *, meta
     """Put the backup `key` (described by `m`) of `src` into `dst`; says how (upload, copy, download,
     already-replicated). The artifact's SHA-256 is checked on arrival."""
     meta = {"partition": m.partition, "asset-key": m.asset_key, **(metadata or {})}
-    if _holds(dst, key, m.size_bytes, m.sha256):
+    if _holds(dst, key, m.size_bytes, m.sha256, local=src.storage.local_path(key)):
         mode = "already-replicated"
     elif m.promoted_from and _holds(dst, m.promoted_from, m.size_bytes, m.sha256):
         say(f"server-side copy of {m.promoted_from} to {dst.storage.uri(key)}")
@@ -158,7 +169,7 @@ def copy_backup(m: Manifest, key: str, src: Repository, dst: Repository, *, meta
         mode = "relay"
     # the manifest goes last: an object without its manifest is not a backup
     data = src.storage.get_bytes(key + MANIFEST_SUFFIX)
-    if not _holds(dst, key + MANIFEST_SUFFIX, len(data), hashlib.sha256(data).hexdigest()):
+    if not _holds(dst, key + MANIFEST_SUFFIX, len(data), hashlib.sha256(data).hexdigest(), small=True):
         with_retries(lambda: dst.storage.put_bytes(data, key + MANIFEST_SUFFIX))
     return mode
 
