@@ -134,9 +134,13 @@ class _Emulator:
             _wait(self.backend_port, self.proc, log, self.what)
         self.endpoint_relay.start()
 
-    def kill(self) -> None:
-        """The endpoint dies: open connections reset, new ones refused."""
+    def kill(self, process: bool = False) -> None:
+        """The endpoint dies: open connections reset, new ones refused; `process`: the emulator itself is killed
+        (SIGKILL) too, and `start` starts it again on its data."""
         self.endpoint_relay.kill()
+        if process and self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
     def stop(self) -> None:
         self.endpoint_relay.kill()

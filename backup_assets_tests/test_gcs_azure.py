@@ -142,8 +142,9 @@ def test_a_forged_replica_fails_its_check_whatever_its_metadata_says(
     assert not outcome.passed and "downloaded, hash to sha256" in outcome.message
 
 
-def _kill_at(monkeypatch, name: str, emulator, after: int = 1):
-    """Kill the emulator (SIGKILL) the `after`-th time the code passes the failpoint `name`."""
+def _kill_at(monkeypatch, name: str, emulator, after: int = 1, process: bool = False):
+    """Cut the emulator's endpoint off (`process`: and SIGKILL the emulator) the `after`-th time the code passes
+    the failpoint `name`."""
     seen = []
     original = failpoints.point
 
@@ -151,22 +152,24 @@ def _kill_at(monkeypatch, name: str, emulator, after: int = 1):
         if at == name:
             seen.append(at)
             if len(seen) == after:
-                emulator.kill()
+                emulator.kill(process=process)
         original(at)
 
     monkeypatch.setattr(failpoints, "point", point)
     return seen
 
 
-@pytest.mark.parametrize("replica", ["gcs", "azure"])
+@pytest.mark.parametrize("replica,process", [("gcs", False), ("gcs", True), ("azure", False)],
+                         ids=["gcs", "gcs-process-killed", "azure"])
 def test_an_endpoint_killed_mid_upload_leaves_nothing_counted_and_the_next_run_completes(
-        replica, bigger_store, write_catalog, fake_gcs, gcs_bucket, azurite, azure_container, monkeypatch):
+        replica, process, bigger_store, write_catalog, fake_gcs, gcs_bucket, azurite, azure_container, monkeypatch):
     # GCS: a resumable upload in 1 MiB chunks (the client sends up to 8 MB in one request); Azure: 1 MiB blocks
     catalog = _catalog(write_catalog, bigger_store, fake_gcs, gcs_bucket, azurite, azure_container)
     run_backup(catalog, "big", "full", "daily", P)
     backup = find_backup(catalog, "big", "full", "daily", P)
     emulator = fake_gcs if replica == "gcs" else azurite
-    seen = _kill_at(monkeypatch, "gcs.chunk_read" if replica == "gcs" else "azure.block_staged", emulator, after=2)
+    seen = _kill_at(monkeypatch, "gcs.chunk_read" if replica == "gcs" else "azure.block_staged", emulator, after=2,
+                    process=process)
     try:
         with pytest.raises(BackupError, match="unreachable|upload"):
             replicate(catalog, backup, storage_for(catalog, replica=replica))
