@@ -86,6 +86,18 @@ def test_one_backup_three_replicas_each_its_asset_proven_listed_and_restorable(
     assert rows[0]["copies"] == {"local": "present", "s3": "present", "gcs": "present", "azure": "present"}
     assert rows[0]["where"] == "local+s3+gcs+azure"
 
+    # loading the definitions imports neither SDK (every process that loads them would pay for it)
+    import subprocess
+    import sys
+
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys; from backup_assets.catalog import load_catalog; "
+         "from backup_assets.defs.build import build_definitions; "
+         f"build_definitions(load_catalog({catalog.catalog_path!r})); "
+         "assert not [m for m in sys.modules if m.startswith(('google.cloud', 'azure'))], 'an SDK was imported'"],
+        capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+
     # the local disk is lost: each replica restores the store exactly
     for path in LocalRepository(catalog.repository_root).root.rglob("*"):
         if path.is_file():
