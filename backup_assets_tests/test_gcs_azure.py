@@ -363,3 +363,28 @@ def test_rekey_reaches_every_replica_even_when_only_the_replicas_hold_the_backup
         assert main(["--catalog", catalog.catalog_path, "restore", "--source", "big", "--group", "full", "--from",
                      replica, "--target-file", str(target), "--confirm"]) == 0, capsys.readouterr().err
         assert _dump(target) == _dump(miyabi_db)
+
+
+def test_the_doctor_removes_an_artifact_left_without_its_manifest_on_every_replica(
+        miyabi_db, write_catalog, fake_gcs, gcs_bucket, azurite, azure_container, monkeypatch, capsys):
+    """An upload killed between an artifact and its manifest leaves an object that is never a backup: `list` does
+    not show it, `doctor` removes it (once it is older than an upload in progress could be)."""
+    from backup_assets.core import doctor
+
+    catalog = _catalog(write_catalog, miyabi_db, fake_gcs, gcs_bucket, azurite, azure_container)
+    run_backup(catalog, "big", "full", "daily", P)
+    backup = find_backup(catalog, "big", "full", "daily", P)
+    key = f"sqlite/daily/{backup.artifact_path.name}"
+    for replica in ("gcs", "azure"):
+        storage_for(catalog, replica=replica).put_file(backup.artifact_path, key, sha256=backup.manifest.sha256)
+    assert main(["--catalog", catalog.catalog_path, "list", "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["copies"] == {"local": "present"}  # an artifact without its manifest is no copy
+    assert main(["--catalog", catalog.catalog_path, "doctor"]) == 0
+    assert "removed gs://" not in capsys.readouterr().out  # too young: it may be an upload in progress
+    monkeypatch.setattr(doctor, "ORPHAN_AGE_S", 0)
+    assert main(["--catalog", catalog.catalog_path, "doctor"]) == 0
+    out = capsys.readouterr().out
+    assert f"removed gs://{gcs_bucket}/backups/{key}" in out and f"{azure_container}/backups/{key}" in out, out
+    for replica in ("gcs", "azure"):
+        assert storage_for(catalog, replica=replica).head(key) is None
