@@ -295,8 +295,12 @@ def cmd_basebackup(args) -> int:
         from backup_assets.core.pitr.s3 import replicate
         from backup_assets.core.pitr.locations import replica_storage
 
-        for replica in replicate_too:
-            replicate(catalog, args.source, replica_storage(catalog, replica=replica), say=Reporter())
+        for replica in replicate_too:  # one replica down: the others are still written, and the exit says so
+            try:
+                replicate(catalog, args.source, replica_storage(catalog, replica=replica), say=Reporter())
+            except BackupError as exc:
+                print(f"backup-assets: the {REPLICA_NAMES[replica]} replica: {scrub(str(exc))}", file=sys.stderr)
+                failed_checks.append(str(exc))
     on = f" on {meta['parent']}" if meta.get("parent") else ""
     print(f"{meta['kind']} base backup {meta['artifact']}{on} ({meta['size_bytes']} bytes), WAL from "
           f"{meta['start_wal']}, finished {meta['finished_at']}")
