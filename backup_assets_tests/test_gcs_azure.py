@@ -388,3 +388,21 @@ def test_the_doctor_removes_an_artifact_left_without_its_manifest_on_every_repli
     assert f"removed gs://{gcs_bucket}/backups/{key}" in out and f"{azure_container}/backups/{key}" in out, out
     for replica in ("gcs", "azure"):
         assert storage_for(catalog, replica=replica).head(key) is None
+
+
+@pytest.mark.replicas("gcs", "azure")
+@pytest.mark.pitr(incremental=False)
+def test_a_base_backup_reaches_the_replicas_that_are_up_and_says_which_is_not(
+        archiving, fake_gcs, gcs_bucket, capfd):
+    from backup_assets.catalog import load_catalog
+    from backup_assets.core.pitr.locations import replica_storage
+
+    from .test_pitr import cli
+
+    _cluster, catalog_path, _folder = archiving
+    fake_gcs.client().bucket(gcs_bucket).delete(force=True)  # the GCS bucket is gone
+    assert cli(catalog_path, "basebackup", "--source", "app", "--kind", "full") == 1
+    err = capfd.readouterr().err
+    assert "the GCS replica" in err and "does not exist" in err, err
+    azure = replica_storage(load_catalog(catalog_path), replica="azure")
+    assert [k for k, _ in azure.list("base/app/") if k.endswith(".json")], "Azure got the base backup all the same"
