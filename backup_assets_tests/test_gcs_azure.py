@@ -12,6 +12,8 @@ import sqlite3
 
 import dagster as dg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from backup_assets.cli import main
 from backup_assets.core import BackupError, failpoints
@@ -406,3 +408,28 @@ def test_a_base_backup_reaches_the_replicas_that_are_up_and_says_which_is_not(
     assert "the GCS replica" in err and "does not exist" in err, err
     azure = replica_storage(load_catalog(catalog_path), replica="azure")
     assert [k for k, _ in azure.list("base/app/") if k.endswith(".json")], "Azure got the base backup all the same"
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.binary(min_size=1, max_size=5000), steps=st.lists(st.tuples(st.integers(1, 900), st.integers(0, 5000)),
+                                                                  max_size=30))
+def test_an_upload_reader_hashes_what_it_hands_over_whatever_the_reads_and_rewinds(tmp_path_factory, data, steps):
+    """The GCS upload's reader (read sizes and rewinds as a resumable upload retrying a chunk makes them) hands
+    over the last bytes only when the whole file's SHA-256 is the manifest's; otherwise that read raises."""
+    import io
+
+    from backup_assets.core.storage.gcs import _Checked
+
+    path = tmp_path_factory.mktemp("reader") / "artifact"
+    path.write_bytes(data)
+    for expected, good in ((hashlib.sha256(data).hexdigest(), True), ("0" * 64, False)):
+        reader = _Checked(io.BytesIO(data), len(data), expected, path)
+        try:
+            for size, rewind in steps:  # reads, each followed by a rewind to an earlier point
+                reader.read(size)
+                reader.seek(min(rewind, reader.tell()))
+            sent = reader.read(-1)
+        except BackupError as exc:
+            assert not good and "differs from the manifest's" in str(exc)
+        else:
+            assert good and data.endswith(sent)

@@ -121,6 +121,7 @@ def run_tier(catalog: Catalog, context: AssetExecutionContext, tier: str, target
     partition = context.partition_key
     failed: dict[str, str] = {}
     pending: deque = deque()
+    storages: dict = {}  # one client per replica for the whole step (S3: one Object Lock probe, not one a backup)
 
     def finished(wait: bool):
         while pending and (wait or pending[0].done()):
@@ -152,7 +153,7 @@ def run_tier(catalog: Catalog, context: AssetExecutionContext, tier: str, target
                 path = repository_for(catalog).folder(catalog.sources[source].engine, tier) / backup.manifest.artifact
                 yield dg.MaterializeResult(asset_key=key, metadata=backup_metadata(backup.manifest, str(path)))
             pending.append(follow_ups.submit(_follow_up, catalog, source, group, tier, partition, backup,
-                                             selected, checks, s3, stream))
+                                             selected, checks, s3, stream, storages))
         yield from finished(wait=True)
     if failed:
         raise dg.Failure(description="; ".join(f"{k}: {v}" for k, v in failed.items()),
@@ -160,19 +161,20 @@ def run_tier(catalog: Catalog, context: AssetExecutionContext, tier: str, target
 
 
 def _follow_up(catalog: Catalog, source: str, group: str, tier: str, partition: str, backup, selected, checks, s3,
-               stream=None):
+               stream=None, storages=None):
     """A backup's checks (from the `stream` that read it while it was written, when there is one),
     then its replica and the replica's check. Returns (events, log lines, failures); logs are
     written by the op's thread."""
     try:
-        return _follow_up_steps(catalog, source, group, tier, partition, backup, selected, checks, s3, stream)
+        return _follow_up_steps(catalog, source, group, tier, partition, backup, selected, checks, s3, stream,
+                                {} if storages is None else storages)
     finally:
         if stream is not None:
             stream.close()
 
 
 def _follow_up_steps(catalog: Catalog, source: str, group: str, tier: str, partition: str, backup, selected, checks,
-                     s3, stream):
+                     s3, stream, storages: dict):
     from backup_assets.core import BackupError
     from backup_assets.core.verify import records as verification
     from backup_assets.core.replica import replica_intact, replicate
@@ -195,12 +197,17 @@ def _follow_up_steps(catalog: Catalog, source: str, group: str, tier: str, parti
             if line := failure_line(name, outcome):
                 logs.append(line)
             events.append(keyed_check_result(key, name, outcome))
+    def storage(replica: str):  # built on first use, inside the step that needs it (its errors are the step's)
+        if replica not in storages:
+            storages[replica] = _storage(catalog, s3, replica)
+        return storages[replica]
+
     for replica in catalog.replication.replicas():
         rkey = replica_key(source, group, tier, replica)
         if rkey in selected:
             try:
                 backup = backup or find_backup(catalog, source, group, tier, partition)
-                result = replicate(catalog, backup, _storage(catalog, s3, replica), say=say)
+                result = replicate(catalog, backup, storage(replica), say=say)
             except BackupError as exc:
                 logs.append(("error", f"{rkey.to_user_string()}: {exc}"))
                 failed[rkey.to_user_string()] = str(exc)
@@ -215,7 +222,7 @@ def _follow_up_steps(catalog: Catalog, source: str, group: str, tier: str, parti
         if any(c.asset_key == rkey for c in checks):
             try:
                 backup = backup or find_backup(catalog, source, group, tier, partition)
-                outcome = replica_intact(catalog, backup, _storage(catalog, s3, replica))
+                outcome = replica_intact(catalog, backup, storage(replica))
             except BackupError as exc:
                 outcome = Outcome(False, str(exc))
             events.append(keyed_check_result(rkey, "replica_intact", outcome))
