@@ -283,6 +283,22 @@ def test_bad_replica_settings_are_one_line(write_catalog, tmp_path, miyabi_db, c
     assert "no replication.gcs section" in capsys.readouterr().err
 
 
+def test_an_azure_refusal_is_one_line_with_the_service_s_code(miyabi_db, write_catalog, azurite, azure_container,
+                                                              tmp_path):
+    from backup_assets.core.storage.azure import AzureStorage
+
+    catalog = write_catalog({"m": {"engine": "sqlite", "path": str(miyabi_db)}},
+                            replication=azure_replication(azurite, azure_container))
+    storage = storage_for(catalog, replica="azure")
+    assert isinstance(storage, AzureStorage)
+    src = tmp_path / "a"
+    src.write_bytes(b"x" * 10)
+    with pytest.raises(BackupError) as exc:  # metadata Azure refuses (a name that is no identifier)
+        storage.put_file(src, "k/a", sha256=hashlib.sha256(b"x" * 10).hexdigest(), metadata={"1bad name": "v"})
+    message = str(exc.value)
+    assert "StorageErrorCode" not in message and "(400)" in message and len(message.splitlines()) == 1, message
+
+
 @pytest.mark.replicas("gcs", "azure")
 @pytest.mark.pitr(wal_push_s3=True, incremental=False)
 def test_base_backups_and_wal_on_gcs_and_azure_restore_exactly_when_the_local_copies_are_gone(

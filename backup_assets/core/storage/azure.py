@@ -61,6 +61,7 @@ def _explain(exc: Exception, what: str) -> BackupError:
                                        ServiceRequestError, ServiceResponseError)
 
     code = getattr(exc, "error_code", None) or ""
+    code = getattr(code, "value", code)  # the SDK's StorageErrorCode enum: the service's own name
     if isinstance(exc, ResourceNotFoundError):
         text = "container does not exist" if "Container" in str(code) else "blob does not exist"
         return BackupError(f"{what}: {text} ({code or 404})")
