@@ -103,6 +103,14 @@ class Prefixed:
         return True, f"{service}'s MD5 of the stored bytes equals the local artifact's (sha256 as in the manifest)"
 
 
+def same_digest(path: Path, actual: str, expected: str) -> None:
+    """An upload's bytes hashed as they were read: refused before the object exists unless they are the manifest's."""
+    from backup_assets.core import BackupError
+
+    if actual != expected:
+        raise BackupError(f"{path}: sha256 {actual} differs from the manifest's {expected}; not uploaded")
+
+
 def local_digests(path: Path) -> tuple[str, bytes]:
     """(SHA-256 hex, MD5 digest) of a file, one read."""
     import hashlib

@@ -22,7 +22,7 @@ from typing import BinaryIO, Iterator
 
 from backup_assets.catalog import AzureReplication
 from backup_assets.core import BackupError, failpoints
-from backup_assets.core.storage import ObjectInfo, Prefixed, Watched
+from backup_assets.core.storage import ObjectInfo, Prefixed, Watched, same_digest as _same
 
 MIB = 1024 * 1024
 def make_client(cfg: AzureReplication):
@@ -257,8 +257,3 @@ class _Reader(io.RawIOBase):
         data = self.read(len(buffer))
         buffer[:len(data)] = data
         return len(data)
-
-
-def _same(path: Path, actual: str, expected: str) -> None:
-    if actual != expected:
-        raise BackupError(f"{path}: sha256 {actual} differs from the manifest's {expected}; not uploaded")

@@ -27,7 +27,7 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 
 from backup_assets.catalog import S3Replication
 from backup_assets.core import BackupError, failpoints
-from backup_assets.core.storage import ObjectInfo
+from backup_assets.core.storage import ObjectInfo, Prefixed, same_digest as _same
 
 MIB = 1024 * 1024
 COPY_LIMIT = 5 * 1024 * MIB  # copy_object's limit; larger objects are copied in parts
@@ -64,7 +64,7 @@ def _explain(exc: Exception, what: str) -> BackupError:
     return BackupError(f"{what}: {exc}")
 
 
-class S3Storage:
+class S3Storage(Prefixed):
     where = "s3"
 
     def __init__(self, cfg: S3Replication, client=None, lock_for=None):
@@ -81,19 +81,8 @@ class S3Storage:
         self.replaced: set[str] = set()
 
     # -- keys ------------------------------------------------------------------------------
-    def _full(self, key: str) -> str:
-        prefix = self.cfg.prefix.strip("/")
-        return f"{prefix}/{key}" if prefix else key
-
-    def _rel(self, full: str) -> str:
-        prefix = self.cfg.prefix.strip("/")
-        return full[len(prefix) + 1:] if prefix and full.startswith(prefix + "/") else full
-
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._full(key)}"
-
-    def local_path(self, key: str) -> None:
-        return None
 
     def _check_lockable(self) -> None:
         """Object Lock is asked for: the bucket must have it enabled (checked once, before the first write)."""
@@ -362,16 +351,6 @@ class S3Storage:
             raise _explain(exc, f"copying {self.uri(src_key)} to {dst_key}") from None
         return self.verify(dst_key, size=size, sha256=sha256)
 
-    def verify(self, key: str, *, size: int, sha256: str) -> ObjectInfo:
-        info = self.head(key)
-        if info is None:
-            raise BackupError(f"{self.uri(key)}: object is missing after upload")
-        if info.size != size:
-            raise BackupError(f"{self.uri(key)}: size {info.size} differs from the manifest's {size}")
-        if info.sha256 != sha256:
-            raise BackupError(f"{self.uri(key)}: sha256 {info.sha256} differs from the manifest's {sha256}")
-        return info
-
     def proof(self, key: str, info: ObjectInfo, sha256: str, local: Path | None) -> tuple[bool | None, str]:
         """S3's own SHA-256 of the stored bytes against the backup's: (True, what was compared), (False, the
         difference), or (None, why it cannot be compared)."""
@@ -448,11 +427,6 @@ def composite_sha256(path, part_size: int) -> str:
         while chunk := fh.read(part_size):
             digests += hashlib.sha256(chunk).digest()
     return b64_digest(hashlib.sha256(digests).digest())
-
-
-def _same(path: Path, actual: str, expected: str) -> None:
-    if actual != expected:
-        raise BackupError(f"{path}: sha256 {actual} differs from the manifest's {expected}; not uploaded")
 
 
 def with_retries(fn, *, attempts: int = 3, first_delay: float = 1.0, retry_on=(BackupError,)):
