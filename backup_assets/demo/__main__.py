@@ -279,6 +279,18 @@ def _quiet_env(home: Path) -> dict[str, str]:
     return {**os.environ, "XDG_RUNTIME_DIR": os.environ.get("XDG_RUNTIME_DIR") or str(_runtime_dir())}
 
 
+def prepare_instance() -> None:
+    """Create the instance's SQLite storages (runs, event log, schedules) here, once, before the webserver and the
+    daemon start: two processes migrating a fresh instance at the same moment can leave its `alembic_version` table
+    with two heads, after which every Dagster command against it fails."""
+    import dagster as dg
+
+    with dg.DagsterInstance.get() as instance:
+        instance.get_runs(limit=1)
+        instance.event_log_storage.get_event_records(dg.EventRecordsFilter(dg.DagsterEventType.RUN_SUCCESS), limit=1)
+        instance.all_instigator_state()
+
+
 def run() -> int:
     """The demo's Dagster: webserver and daemon side by side (each in a process group of its own, with its code
     servers), stopped together by Ctrl-C here or `make stop` anywhere. Refused while the demo already runs."""
@@ -295,6 +307,7 @@ def run() -> int:
         return 2
     setup()
     dh = dagster_home()
+    prepare_instance()
     bin_dir = Path(sys.executable).parent
     workspace = str(PROJECT_ROOT / "workspace.yaml")
     env = _quiet_env(home)
