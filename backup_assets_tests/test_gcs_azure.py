@@ -302,7 +302,7 @@ def test_an_azure_refusal_is_one_line_with_the_service_s_code(miyabi_db, write_c
 @pytest.mark.replicas("gcs", "azure")
 @pytest.mark.pitr(wal_push_s3=True, incremental=False)
 def test_base_backups_and_wal_on_gcs_and_azure_restore_exactly_when_the_local_copies_are_gone(
-        archiving, tmp_path, capsys):
+        archiving, fake_gcs, gcs_bucket, tmp_path, capsys):
     import shutil
 
     from backup_assets.catalog import load_catalog
@@ -312,7 +312,7 @@ def test_base_backups_and_wal_on_gcs_and_azure_restore_exactly_when_the_local_co
     from backup_assets.core.retention.prune import prune
     from backup_assets.defs.pitr import base_replica_key
 
-    from .test_pitr import archive_now, cli, commits, restored_ids, write_rows
+    from .test_pitr import archive_now, cli, commits, forge_physical_copies, restored_ids, write_rows
 
     cluster, catalog_path, folder = archiving
     catalog = load_catalog(catalog_path)
@@ -330,6 +330,16 @@ def test_base_backups_and_wal_on_gcs_and_azure_restore_exactly_when_the_local_co
         storage = replica_storage(catalog, replica=replica)
         assert local_wal <= {k.rsplit("/", 1)[-1] for k, _ in storage.list("wal/app/") if k.endswith(".json")}
         assert pitr_s3.replica_intact(catalog, "app", storage).passed
+    gcs, azure = replica_storage(catalog, replica="gcs"), replica_storage(catalog, replica="azure")
+
+    def gcs_put(key, data, meta):
+        blob = fake_gcs.client().bucket(gcs_bucket).blob(gcs._full(key))
+        blob.metadata = meta
+        blob.upload_from_string(data)
+
+    forge_physical_copies(catalog, gcs, gcs_put)
+    forge_physical_copies(catalog, azure, lambda key, data, meta: azure._blob(key).upload_blob(
+        data, overwrite=True, metadata=meta))
     bases = pitr_base.base_backups(catalog, "app")
     report = prune(catalog, dry_run=False, now=dt.datetime.fromisoformat(bases[-1]["finished_at"])
                    + dt.timedelta(days=15))["pitr"]["app"]

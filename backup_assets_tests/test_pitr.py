@@ -64,6 +64,28 @@ def restored_ids(cluster, catalog_path, tmp_path, how: list[str], capsys) -> set
 
 
 @pytest.mark.pitr
+def forge_physical_copies(catalog, storage, put) -> None:
+    """Whoever holds the replica's credentials replaces a WAL segment (same size, same metadata, other bytes) and a
+    base backup's description there: `replica_intact` names both, `replicate` puts both right, and they are proven
+    again. `put(key, data, metadata)` writes an object past our checks, with the replica's own SDK."""
+    from backup_assets.core.pitr import s3 as pitr_s3
+
+    segment = sorted(k for k, _ in storage.list("wal/app/") if not k.endswith(".json"))[-1]
+    info = storage.head(segment)
+    put(segment, bytes(info.size), info.metadata)
+    described = sorted(k for k, _ in storage.list("base/app/") if k.endswith(".json"))[0]
+    text = storage.get_bytes(described)
+    put(described, text.replace(b'"full"', b'"FULL"'), {})
+    check = pitr_s3.replica_intact(catalog, "app", storage)
+    assert not check.passed and len(check.metadata["problems"]) == 2, check
+    problems = " / ".join(check.metadata["problems"])
+    assert segment.rsplit("/", 1)[-1] in problems and described.rsplit("/", 1)[-1] in problems, problems
+    assert pitr_s3.replicate(catalog, "app", storage)["uploaded_files"] == 2
+    check = pitr_s3.replica_intact(catalog, "app", storage)
+    assert check.passed, check.message
+    assert pitr_s3.replicate(catalog, "app", storage)["uploaded_files"] == 0
+
+
 def test_incremental_base_backups_combine_and_restore_exactly_inside_each_window(archiving, tmp_path, capsys):
     cluster, catalog_path, _ = archiving
     catalog = load_catalog(catalog_path)
@@ -250,6 +272,8 @@ def test_base_backups_and_wal_on_s3_are_pruned_there_and_restore_when_the_local_
     on_s3 = {k.rsplit("/", 1)[-1] for k, _ in storage.list("wal/app/") if k.endswith(".json")}
     assert local_wal and local_wal <= on_s3
     assert pitr_s3.replica_intact(catalog, "app", storage).passed
+    forge_physical_copies(catalog, storage, lambda key, data, meta: storage.client.put_object(
+        Bucket=storage.bucket, Key=storage._full(key), Body=data, Metadata=meta))
     bases = pitr_base.base_backups(catalog, "app")
     later = dt.datetime.fromisoformat(bases[-1]["finished_at"]) + dt.timedelta(days=15)
     report = prune(catalog, dry_run=False, now=later)["pitr"]["app"]

@@ -20,6 +20,7 @@ from backup_assets.core.artifact import partial_path, sha256_file, write_json_at
 from backup_assets.core.backup.take import repository_for
 from backup_assets.core.manifest import MANIFEST_SUFFIX, Manifest
 from backup_assets.core.repository import CHECKS_SUFFIX, BackupRef, Repository, StoredBackup
+from backup_assets.core.storage import download_sha256
 from backup_assets.core.storage.local import LocalStorage
 from backup_assets.core.storage.s3 import S3Storage, b64_digest, with_retries
 from backup_assets.core.verify.records import is_verified, read_status, record
@@ -119,7 +120,7 @@ def _holds(repo: Repository, key: str, size: int, sha256: str, *, local=None, sm
     if info.md5 is not None and local is not None:
         proven, _ = repo.storage.proof(key, info, sha256, local)
         if proven is None and info.sha256 == sha256:  # an Azure blob committed from blocks: its bytes decide
-            return _download_sha256(repo.storage, key) == sha256
+            return download_sha256(repo.storage, key) == sha256
         return bool(proven)
     return info.sha256 == sha256
 
@@ -204,19 +205,6 @@ def replicate(catalog: Catalog, backup: StoredBackup, target, *, say=lambda _m: 
     return ReplicaResult(target.storage.uri(key), mode, backup.manifest.size_bytes, round(time.monotonic() - started, 3))
 
 
-def _download_sha256(storage, key: str) -> str:
-    digest = hashlib.sha256()
-    body = storage.open(key)
-    try:
-        for chunk in iter(lambda: body.read(1 << 20), b""):
-            digest.update(chunk)
-    finally:
-        close = getattr(body, "close", None)
-        if close:
-            close()
-    return digest.hexdigest()
-
-
 def replica_intact(catalog: Catalog, backup: StoredBackup, target, *, deep: bool = False) -> Outcome:
     """The replica holds this backup's bytes: its size, the storage's own checksum of the stored bytes (S3's
     SHA-256, GCS's MD5, the MD5 Azure checked on a whole put: `storage.proof`) against the backup's, and, with
@@ -253,7 +241,7 @@ def replica_intact(catalog: Catalog, backup: StoredBackup, target, *, deep: bool
         said.append(compared)
     downloaded = None
     if deep or not proven:
-        downloaded = _download_sha256(target.storage, key)
+        downloaded = download_sha256(target.storage, key)
         if downloaded != m.sha256:
             return Outcome(False, f"{uri}: its bytes, downloaded, hash to sha256 {downloaded}, not the manifest's "
                                   f"{m.sha256}" + ("" if proven else f" ({compared})"))

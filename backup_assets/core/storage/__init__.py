@@ -111,6 +111,40 @@ def same_digest(path: Path, actual: str, expected: str) -> None:
         raise BackupError(f"{path}: sha256 {actual} differs from the manifest's {expected}; not uploaded")
 
 
+def download_sha256(storage: Storage, key: str) -> str:
+    """The SHA-256 of an object's bytes, downloaded (streamed, never held whole)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    body = storage.open(key)
+    try:
+        for chunk in iter(lambda: body.read(1 << 20), b""):
+            digest.update(chunk)
+    finally:
+        close = getattr(body, "close", None)
+        if close:
+            close()
+    return digest.hexdigest()
+
+
+def proven_copy(storage: Storage, key: str, local: Path, size: int, sha256: str) -> str | None:
+    """None when the object under `key` is the bytes of `local` (its size, then the storage's own checksum of the
+    stored bytes against them: `proof`, or, where there is none to compare, the object downloaded and hashed);
+    else what differs, in words. Object metadata alone never proves a copy."""
+    info = storage.head(key)
+    if info is None:
+        return "is missing"
+    if info.size != size:
+        return f"has size {info.size}, not {size}"
+    proven, compared = storage.proof(key, info, sha256, local)
+    if proven:
+        return None
+    if proven is False:
+        return compared
+    digest = download_sha256(storage, key)
+    return None if digest == sha256 else f"downloaded, hashes to sha256 {digest}, not {sha256} ({compared})"
+
+
 def local_digests(path: Path) -> tuple[str, bytes]:
     """(SHA-256 hex, MD5 digest) of a file, one read."""
     import hashlib
