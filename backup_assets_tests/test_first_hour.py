@@ -139,12 +139,17 @@ def test_cli_backup_timings_say_where_the_time_went(pg18, myloware_db, write_cat
     line = next(ln for ln in out.splitlines() if ln.startswith("timings: "))
     steps = re.findall(r"([^;:]+?) (\d+\.\d\d)s", line[len("timings: "):])
     names = [name.strip() for name, _ in steps]
-    assert names[:4] == ["imports", "catalog", "definitions", "instance"], line
+    assert names[:4] == ["catalog", "imports", "definitions", "instance"], line
     assert names[4:] == ["run created and started", "app/core_daily dumped", "app/core_daily checked",
                          names[7], "reporting", "total"], out
     assert re.fullmatch(r"run ended \(\d+ events\)", names[7]), line
     total = float(steps[-1][1])
     assert abs(sum(float(s) for _, s in steps[:-1]) - total) <= 0.01 * len(steps), line
+    # the backup was started beside Dagster's start, and its run took it over (one backup, not two)
+    early = next(ln for ln in out.splitlines() if ln.startswith("head start: "))
+    assert re.fullmatch(r"head start: app/core 2026-11-20 began beside Dagster's start: dumped \d+\.\d\ds; "
+                        r"checked \d+\.\d\ds after the command started", early), early
+    assert len(list(Path(catalog.repository_root).rglob("*.dump.zst"))) == 1
     drill = next(ln for ln in out.splitlines() if "app/core_daily 2026-11-20: the drill: " in ln)
     for phase in ("scratch database", "decode", "pg restore", "schema compare", "counts and fingerprints"):
         assert re.search(rf"{phase} \d+\.\d\ds", drill), drill
@@ -169,3 +174,33 @@ def test_cli_backup_fails_when_the_run_fails_between_a_backup_and_its_checks(miy
     err = capsys.readouterr().err
     assert "miyabi/full_daily 2026-11-20: FAILED the run failed after the backup, before its checks: " in err, err
     assert "the checks could not start" in err, err
+
+
+def test_a_backup_started_beside_dagster_that_no_run_took_over_is_waited_for_and_reported(
+        miyabi_db, write_catalog, tmp_path, monkeypatch, capsys):
+    """The command's first backup starts while Dagster starts; when Dagster then fails before its run takes the
+    backup over, the command waits for it (no half-written artifact left behind), records what its checks found
+    on the artifact, names it as not recorded in Dagster, and fails."""
+    from backup_assets.cli import main
+    from backup_assets.core.verify.checks import find_backup
+    from backup_assets.core.verify.records import read_status
+    from backup_assets.defs import build
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dh"))
+    (tmp_path / "dh").mkdir()
+    catalog = write_catalog({"miyabi": {"engine": "sqlite", "path": str(miyabi_db)}})
+
+    def broken(*_a, **_k):
+        raise RuntimeError("the definitions could not load")
+
+    monkeypatch.setattr(build, "build_definitions", broken)
+    assert main(["--catalog", catalog.catalog_path, "backup", "--partition", "2026-11-20"]) == 1
+    err = capsys.readouterr().err
+    assert "the definitions could not load" in err, err
+    assert ("backup-assets: miyabi/full daily 2026-11-20 was backed up while Dagster started, but no run took it "
+            "over (not recorded in Dagster): ") in err, err
+    backup = find_backup(catalog, "miyabi", "full", "daily", "2026-11-20")
+    assert str(backup.artifact_path) in err
+    assert not list(backup.artifact_path.parent.glob("*.partial*"))
+    status = read_status(backup)
+    assert status["artifact_intact"]["passed"] and status["archive_readable"]["passed"], status

@@ -138,9 +138,15 @@ def _dry_run(args) -> bool:
 
 
 def _instance():
-    import os
-
     import dagster as dg
+
+    _instance_home()
+    return dg.DagsterInstance.get()
+
+
+def _instance_home() -> None:
+    """DAGSTER_HOME is set (the demo's when it is the demo), else a UsageError: checked before anything runs."""
+    import os
 
     from backup_assets.catalog import PROJECT_ROOT
 
@@ -150,7 +156,6 @@ def _instance():
             raise UsageError("DAGSTER_HOME is not set: point it at the Dagster instance's folder (the demo's is "
                              f"{demo}; `make env` prints the settings)")
         os.environ["DAGSTER_HOME"] = str(demo)
-    return dg.DagsterInstance.get()
 
 
 def _fail_dead_cli_runs(catalog, instance) -> list[str]:

@@ -23,6 +23,7 @@ import dagster as dg
 from dagster import AssetExecutionContext
 
 from backup_assets.catalog import REPLICA_LABELS, Catalog
+from backup_assets.core.backup.head_start import backup_check_names
 from backup_assets.defs.assets import backup_key, backup_metadata, backup_spec
 from backup_assets.defs.checks import failure_line, keyed_check_result
 from backup_assets.defs.keys import tier_op_name
@@ -49,11 +50,6 @@ CHECK_DESCRIPTIONS = {  # the check table of docs/checks.md, in short
 }
 
 
-def check_names(catalog: Catalog, tier: str) -> list[str]:
-    names = ["artifact_intact", "archive_readable", "size_anomaly"]
-    return names + (["restore_drill"] if catalog.tier(tier).drill else [])
-
-
 REPLICA_CHECK = {
     "s3": "The S3 object exists, its size is the manifest's and S3's own SHA-256 checksum of the stored bytes equals "
           "the manifest's (an object without one is downloaded and hashed); metadata alone never passes it. "
@@ -71,7 +67,7 @@ def backup_check_specs(catalog: Catalog, source: str, group: str, tier: str, par
     key = backup_key(source, group, tier)
     return [dg.AssetCheckSpec(name, asset=key, blocking=name != "size_anomaly", partitions_def=partitions,
                               description=CHECK_DESCRIPTIONS[name].format(threshold=catalog.size_anomaly_threshold))
-            for name in check_names(catalog, tier)]
+            for name in backup_check_names(catalog, tier)]
 
 
 def build_tier_asset(catalog: Catalog, pool: str, tier: str, targets: list[tuple[str, str]],
@@ -113,6 +109,7 @@ def run_tier(catalog: Catalog, context: AssetExecutionContext, tier: str, target
     and every event is yielded from this thread as the follow-ups finish."""
     # the core is imported when a backup runs, not by every process that loads the definitions
     from backup_assets.core import BackupError
+    from backup_assets.core.backup import head_start
     from backup_assets.core.backup.take import repository_for, run_backup
     from backup_assets.core.verify.checks import find_backup, stream_check
 
@@ -135,13 +132,23 @@ def run_tier(catalog: Catalog, context: AssetExecutionContext, tier: str, target
         for source, group in targets:
             yield from finished(wait=False)
             key = backup_key(source, group, tier)
-            backup = stream = None
+            backup = stream = early = None
             if key in selected:
+                # this process's command started this very backup while Dagster started: taken over, not redone
+                early = head_start.take(source, group, tier, partition)
                 # the backup's checks read its stream while it is written, where they can
-                stream = stream_check(catalog, source, group, [c.name for c in checks if c.asset_key == key])
+                stream = None if early else stream_check(catalog, source, group,
+                                                         [c.name for c in checks if c.asset_key == key])
                 try:
-                    run_backup(catalog, source, group, tier, partition, log=context.log.info, stream=stream)
-                    backup = find_backup(catalog, source, group, tier, partition)
+                    if early:
+                        try:
+                            backup = early.dumped.result()
+                        finally:
+                            for line in early.lines:
+                                context.log.info(line)
+                    else:
+                        run_backup(catalog, source, group, tier, partition, log=context.log.info, stream=stream)
+                        backup = find_backup(catalog, source, group, tier, partition)
                 except BaseException as exc:
                     if stream is not None:
                         stream.close()
@@ -153,7 +160,7 @@ def run_tier(catalog: Catalog, context: AssetExecutionContext, tier: str, target
                 path = repository_for(catalog).folder(catalog.sources[source].engine, tier) / backup.manifest.artifact
                 yield dg.MaterializeResult(asset_key=key, metadata=backup_metadata(backup.manifest, str(path)))
             pending.append(follow_ups.submit(_follow_up, catalog, source, group, tier, partition, backup,
-                                             selected, checks, s3, stream, storages))
+                                             selected, checks, s3, stream, storages, early))
         yield from finished(wait=True)
     if failed:
         raise dg.Failure(description="; ".join(f"{k}: {v}" for k, v in failed.items()),
@@ -161,22 +168,22 @@ def run_tier(catalog: Catalog, context: AssetExecutionContext, tier: str, target
 
 
 def _follow_up(catalog: Catalog, source: str, group: str, tier: str, partition: str, backup, selected, checks, s3,
-               stream=None, storages=None):
+               stream=None, storages=None, early=None):
     """A backup's checks (from the `stream` that read it while it was written, when there is one),
     then its replica and the replica's check. Returns (events, log lines, failures); logs are
     written by the op's thread."""
     try:
         return _follow_up_steps(catalog, source, group, tier, partition, backup, selected, checks, s3, stream,
-                                {} if storages is None else storages)
+                                {} if storages is None else storages, early)
     finally:
         if stream is not None:
             stream.close()
 
 
 def _follow_up_steps(catalog: Catalog, source: str, group: str, tier: str, partition: str, backup, selected, checks,
-                     s3, stream, storages: dict):
+                     s3, stream, storages: dict, early=None):
     from backup_assets.core import BackupError
-    from backup_assets.core.verify import records as verification
+    from backup_assets.core.backup.head_start import record
     from backup_assets.core.replica import replica_intact, replicate
     from backup_assets.core.verify.checks import Outcome, evaluate, find_backup
 
@@ -187,12 +194,14 @@ def _follow_up_steps(catalog: Catalog, source: str, group: str, tier: str, parti
     if names:
         try:
             backup = backup or find_backup(catalog, source, group, tier, partition)
-            outcomes = evaluate(catalog, backup, names, stream=stream)
+            # the head start's checks of this backup (its thread ran them), and any it did not run
+            outcomes = {n: o for n, o in early.checked.result().items() if n in names} if early else {}
+            if rest := [n for n in names if n not in outcomes]:
+                outcomes |= evaluate(catalog, backup, rest, stream=stream)
         except BackupError as exc:
             outcomes = {n: Outcome(False, str(exc)) for n in names}
         if backup is not None:  # one write of the backup's .checks.json for all of them
-            verification.record_outcomes(backup, {n: (o.passed, o.message, o.metadata) for n, o in outcomes.items()
-                                                   if not o.not_checked})  # never over a result it could not get
+            record(backup, outcomes)
         for name, outcome in outcomes.items():
             if line := failure_line(name, outcome):
                 logs.append(line)
