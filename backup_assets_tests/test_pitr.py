@@ -63,7 +63,6 @@ def restored_ids(cluster, catalog_path, tmp_path, how: list[str], capsys) -> set
         LocalCluster(cluster.bin_dir, pgdata, port, cluster.password).stop()
 
 
-@pytest.mark.pitr
 def forge_physical_copies(catalog, storage, put) -> None:
     """Whoever holds the replica's credentials replaces a WAL segment (same size, same metadata, other bytes) and a
     base backup's description there: `replica_intact` names both, `replicate` puts both right, and they are proven
@@ -86,6 +85,7 @@ def forge_physical_copies(catalog, storage, put) -> None:
     assert pitr_s3.replicate(catalog, "app", storage)["uploaded_files"] == 0
 
 
+@pytest.mark.pitr
 def test_incremental_base_backups_combine_and_restore_exactly_inside_each_window(archiving, tmp_path, capsys):
     cluster, catalog_path, _ = archiving
     catalog = load_catalog(catalog_path)
