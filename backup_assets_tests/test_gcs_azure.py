@@ -375,9 +375,21 @@ def test_rekey_reaches_every_replica_even_when_only_the_replicas_hold_the_backup
     for path in LocalRepository(catalog.repository_root).root.rglob("*"):
         if path.is_file():
             path.unlink()
+    from backup_assets.core.repository import SCRATCH
+
+    scratches = []  # the bytes pass through the local repository's scratch (owned, swept), not the system's temp
+    real_scratch = LocalRepository.scratch
+
+    def spy(self, what, **kwargs):
+        scratches.append((what, kwargs.get("need_bytes")))
+        return real_scratch(self, what, **kwargs)
+
+    monkeypatch.setattr(LocalRepository, "scratch", spy)
     assert main(["--catalog", catalog.catalog_path, "rekey", "--recipients", str(new_key.to_public()),
                  "--apply"]) == 0, capsys.readouterr().err
     capsys.readouterr()
+    assert any(what == "relay" and need for what, need in scratches), scratches  # and its room checked first
+    assert not list((catalog.repository_root / SCRATCH).glob("*")), "a scratch folder was left behind"
     for replica in ("gcs", "azure"):
         names = [k.rsplit("/", 1)[-1] for k, _ in storage_for(catalog, replica=replica).list("sqlite/")]
         assert old.artifact_path.name not in names and old.artifact_path.name + ".meta" not in names, names

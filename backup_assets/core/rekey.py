@@ -149,9 +149,10 @@ def rekey(catalog: Catalog, c: Candidate, recipients: list[str], *, identity_env
     from backup_assets.core.replica import copy_backup
 
     repo, ref, m = c.repo, c.ref, c.manifest
+    local = repository_for(catalog)  # its scratch: where bytes pass between two replicas
     started = time.monotonic()
     if c.successor is not None:
-        return _finish(c, say=say, started=started)
+        return _finish(c, say=say, started=started, local=local)
     for r in recipients:
         try:
             crypto.parse_recipient(r)
@@ -216,7 +217,7 @@ def rekey(catalog: Catalog, c: Candidate, recipients: list[str], *, identity_env
     also, pending = [], {}
     for other in c.others:  # an outage here leaves the old copy there; the next run copies these bytes
         try:
-            copy_backup(manifest, new_key, repo, other, say=say)
+            copy_backup(manifest, new_key, repo, other, say=say, scratch=local)
             failpoints.point("rekey.other_copied")
             _drop_old(other, ref)
         except BackupError as exc:
@@ -227,7 +228,7 @@ def rekey(catalog: Catalog, c: Candidate, recipients: list[str], *, identity_env
                    pending=pending)
 
 
-def _finish(c: Candidate, *, say, started: float) -> Rekeyed:
+def _finish(c: Candidate, *, say, started: float, local: Repository) -> Rekeyed:
     """An interrupted rotation of this backup, finished: every repository that still holds the old copy
     receives the successor's very bytes (copied, not encrypted again), then loses the old copy."""
     from backup_assets.core.replica import copy_backup
@@ -237,7 +238,7 @@ def _finish(c: Candidate, *, say, started: float) -> Rekeyed:
     for holder in (c.repo, *c.others):
         try:
             if holder is not srepo:
-                copy_backup(sman, sref.key, srepo, holder, say=say)
+                copy_backup(sman, sref.key, srepo, holder, say=say, scratch=local)
                 failpoints.point("rekey.other_copied")
             _drop_old(holder, c.ref)
         except BackupError as exc:

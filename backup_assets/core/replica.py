@@ -126,9 +126,11 @@ def _holds(repo: Repository, key: str, size: int, sha256: str, *, local=None, sm
 
 
 def copy_backup(m: Manifest, key: str, src: Repository, dst: Repository, *, metadata: dict[str, str] | None = None,
-                say=lambda _m: None) -> str:
+                say=lambda _m: None, scratch: Repository | None = None) -> str:
     """Put the backup `key` (described by `m`) of `src` into `dst`; says how (upload, copy, download,
-    already-replicated). The artifact's SHA-256 is checked on arrival."""
+    already-replicated, relay). The artifact's SHA-256 is checked on arrival. Between two replicas the bytes pass
+    through a scratch folder of `scratch` (the local repository: owned, 0700, swept after a kill, refused
+    before it would fill the volume)."""
     meta = {"partition": m.partition, "asset-key": m.asset_key, **(metadata or {})}
     if _holds(dst, key, m.size_bytes, m.sha256, local=src.storage.local_path(key)):
         mode = "already-replicated"
@@ -155,12 +157,11 @@ def copy_backup(m: Manifest, key: str, src: Repository, dst: Repository, *, meta
             tmp.unlink(missing_ok=True)
         mode = "download"
     else:  # one replica to another (a rekey that reached a backup only the replicas hold): through a scratch file
-        import tempfile
-        from pathlib import Path
-
+        if scratch is None:
+            raise BackupError(f"copying {src.storage.uri(key)} to {dst.storage.uri(key)} needs a local scratch folder")
         say(f"copying {src.storage.uri(key)} to {dst.storage.uri(key)} through this host")
-        with tempfile.TemporaryDirectory(prefix="backup-assets-copy-") as scratch:
-            tmp = Path(scratch) / "artifact"
+        with scratch.scratch("relay", need_bytes=m.size_bytes) as folder:
+            tmp = folder / "artifact"
             with_retries(lambda: src.storage.get_file(key, tmp))
             digest = sha256_file(tmp)
             if digest != m.sha256:
