@@ -74,6 +74,16 @@ class ObjectLock(_Model):
     margin_days: Annotated[float, Field(ge=0)] = 1
 
 
+def refuse_inline(data: Any, keys: dict[str, str]) -> Any:
+    """A secret written into the catalog (each key, with the setting that names its environment variable instead)
+    is refused in one line, before anything else is read."""
+    if isinstance(data, dict):
+        for key, instead in keys.items():
+            if key in data:
+                raise ValueError(f"'{key}' is not allowed: name an environment variable in {instead} instead")
+    return data
+
+
 def _env_name_only(value: str | None) -> str | None:
     if value is not None and not re.fullmatch(IDENT, value):
         raise ValueError("must be the NAME of an environment variable, not the secret itself")
@@ -132,10 +142,10 @@ class S3Replication(ReplicaSettings):
     @model_validator(mode="before")
     @classmethod
     def _no_inline_secret(cls, data: Any) -> Any:
+        data = refuse_inline(data, {"access_key_id": "access_key_id_env", "aws_access_key_id": "access_key_id_env",
+                                    "secret_access_key": "secret_access_key_env",
+                                    "aws_secret_access_key": "secret_access_key_env"})
         if isinstance(data, dict):
-            for key in ("access_key_id", "secret_access_key", "aws_secret_access_key", "aws_access_key_id"):
-                if key in data:
-                    raise ValueError(f"'{key}' is not allowed: name an environment variable in {key}_env instead")
             if data.get("endpoint_url") == "":
                 data = {**data, "endpoint_url": None}
         return data
@@ -176,9 +186,7 @@ class EmailAlerts(_Model):
     @model_validator(mode="before")
     @classmethod
     def _no_inline_password(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "password" in data:
-            raise ValueError("'password' is not allowed: name an environment variable in password_env")
-        return data
+        return refuse_inline(data, {"password": "password_env"})
 
 
 class WebhookAlerts(_Model):
@@ -226,12 +234,8 @@ class GCSReplication(_Retrying):
     @model_validator(mode="before")
     @classmethod
     def _no_inline_secret(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for key in ("credentials", "credentials_file", "private_key", "service_account_json"):
-                if key in data:
-                    raise ValueError(f"'{key}' is not allowed: name an environment variable in credentials_file_env "
-                                     "instead")
-        return data
+        return refuse_inline(data, dict.fromkeys(("credentials", "credentials_file", "private_key",
+                                                  "service_account_json"), "credentials_file_env"))
 
     def credentials_file(self) -> str | None:
         return _from_env(self.credentials_file_env, "credentials_file_env")
@@ -258,11 +262,8 @@ class AzureReplication(_Retrying):
     @model_validator(mode="before")
     @classmethod
     def _no_inline_secret(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for key in ("connection_string", "account_key", "sas_token", "credential"):
-                if key in data:
-                    raise ValueError(f"'{key}' is not allowed: name an environment variable in {key}_env instead")
-        return data
+        return refuse_inline(data, {"connection_string": "connection_string_env", "account_key": "account_key_env",
+                                    "sas_token": "sas_token_env", "credential": "account_key_env or sas_token_env"})
 
     @model_validator(mode="after")
     def _how(self) -> "AzureReplication":
