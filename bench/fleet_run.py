@@ -83,9 +83,9 @@ import json, resource, sys, time
 from backup_assets.catalog import load_catalog
 from backup_assets.core.backup.take import run_backup
 from backup_assets.core.verify.checks import evaluate, find_backup, stream_check
-from backup_assets.defs.tier_op import check_names
+from backup_assets.core.backup.head_start import backup_check_names
 catalog = load_catalog(sys.argv[1])
-names = [n for n in check_names(catalog, "daily")]
+names = backup_check_names(catalog, "daily")
 before = resource.getrusage(resource.RUSAGE_SELF)
 started = time.perf_counter()
 for source in catalog.sources:
