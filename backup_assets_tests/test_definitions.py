@@ -134,3 +134,52 @@ def test_a_fleet_of_100_sources_loads(tmp_path, monkeypatch):
     daily = jobs["daily_backups"]
     assert len(daily.asset_layer.executable_asset_keys) == 600  # 300 backups and their 300 replicas
     assert len(list(graph.asset_check_keys)) == 900 * 4 + 900  # 3 checks and a drill per backup, replica_intact
+
+
+PRELOAD_PROBE = r"""
+import json, sys, time
+started = time.monotonic()
+from backup_assets.defs import step_preload
+print(json.dumps({"missing": step_preload.preload(), "seconds": time.monotonic() - started,
+                  "loaded": [m for m in ("sqlalchemy", "psycopg2", "dagster_postgres", "psycopg", "backup_assets.definitions",
+                                         "backup_assets.core.verify.checks", "backup_assets.core.replica")
+                             if m in sys.modules]}))
+"""
+
+
+def test_the_tier_jobs_forkserver_imports_what_every_step_needs_and_connects_to_nothing(tmp_path, write_catalog):
+    """The tier jobs' step processes are forked from a forkserver that preloads defs/step_preload.py: the
+    definitions, the core a step runs, and the instance's storage classes named by dagster.yaml (here
+    production's: PostgreSQL, at an address where nothing listens, so a connection attempt would fail), built
+    by none. A module it cannot import (no catalog) is left to the step: the forkserver itself never fails."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from backup_assets.defs.build import PRELOAD, tier_jobs
+
+    root = Path(__file__).resolve().parent.parent
+    loaded = write_catalog({"m": {"engine": "sqlite", "path": str(tmp_path / "m.db")}})
+    catalog = tmp_path / "catalog.yaml"
+    assert tier_jobs(loaded)
+    for job in tier_jobs(loaded):
+        config = job.executor_def.apply_config_mapping({}).value["config"]
+        assert config["start_method"] == {"forkserver": {"preload_modules": [PRELOAD]}}
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(root / "dagster.yaml", home / "dagster.yaml")
+    env = {"PATH": "/usr/bin:/bin", "DAGSTER_HOME": str(home), "BACKUP_ASSETS_CATALOG": str(catalog),
+           "DAGSTER_PG_HOST": "127.0.0.1", "DAGSTER_PG_PORT": "9", "DAGSTER_PG_DB": "nowhere",
+           "DAGSTER_PG_USER": "nobody", "DAGSTER_PG_PASSWORD": "never-used"}
+    probe = lambda env: json.loads(subprocess.run(  # noqa: E731
+        [sys.executable, "-c", PRELOAD_PROBE], env=env, cwd=root, check=True, capture_output=True,
+        text=True).stdout.strip().splitlines()[-1])
+    got = probe(env)
+    assert got["missing"] == []
+    assert got["loaded"] == ["sqlalchemy", "psycopg2", "dagster_postgres", "psycopg", "backup_assets.definitions",
+                             "backup_assets.core.verify.checks", "backup_assets.core.replica"]
+    without_catalog = probe(dict(env, BACKUP_ASSETS_CATALOG=str(tmp_path / "missing.yaml")))
+    assert without_catalog["missing"] == ["backup_assets.definitions"]
+    assert "backup_assets.core.replica" in without_catalog["loaded"]

@@ -35,6 +35,9 @@ def build_definitions(catalog: Catalog) -> dg.Definitions:
     )
 
 
+PRELOAD = "backup_assets.defs.step_preload"
+
+
 def tier_jobs(catalog: Catalog) -> list:
     """One partitioned job per tier: its backups, their checks and their replicas, one partition a run."""
     jobs = []
@@ -55,9 +58,10 @@ def tier_jobs(catalog: Catalog) -> list:
             # run side by side (all of them, not only as many as there are cores: a dump mostly waits on
             # its server) while each server's pool keeps it to one dump at a time. The step processes are
             # forked from a forkserver that has loaded the definitions once, rather than each started afresh
-            # (Python, Dagster and the definitions again: about 2 s of CPU per step on a small machine)
+            # (Python, Dagster and the definitions again: about 2 s of CPU per step on a small machine);
+            # the forkserver also imports what each step would import before its first dump (step_preload.py)
             executor_def=dg.multiprocess_executor.configured(
                 {"max_concurrent": len({catalog.sources[t[0]].pool_name() for t in targets}),
-                 "start_method": {"forkserver": {}}}),
+                 "start_method": {"forkserver": {"preload_modules": [PRELOAD]}}}),
         ))
     return jobs
