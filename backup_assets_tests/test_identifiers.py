@@ -82,3 +82,46 @@ def test_any_identifier_round_trips(pg18, tmp_path_factory, schema, table, colum
         with pg18.connect() as conn:
             for d in (db, f"{db}_r"):
                 conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(d)))
+
+
+def test_table_facts_of_many_awkward_tables_at_once(pg18):
+    """What the dump, the drill and the restore read of every table (kind, owner, vector columns, indexes, exact
+    counts) comes from one look at the catalog for all the tables: each table still gets its own facts, whatever
+    its name, a table named like another in a different schema is not confused with it, and what is not a table
+    (a view, a name that does not exist) is left out."""
+    from backup_assets.core.engines import postgres
+
+    db = "facts_" + secrets.token_hex(4)
+    pg18.create_database(db)
+    with pg18.connect(db) as conn:
+        conn.execute('CREATE EXTENSION IF NOT EXISTS vector')
+        conn.execute('CREATE ROLE "Facts Owner ' + db + '"')
+        conn.execute('CREATE SCHEMA "a.b"; CREATE SCHEMA "Q""s"')
+        conn.execute('CREATE TABLE "a.b"."t x" (id int PRIMARY KEY, "E m" vector(3)); '
+                     'CREATE INDEX "by e" ON "a.b"."t x" ("E m")')
+        conn.execute('INSERT INTO "a.b"."t x" SELECT g, CASE WHEN g % 2 = 0 THEN \'[1,2,3]\'::vector END '
+                     'FROM generate_series(1, 5) g')
+        conn.execute('CREATE TABLE "Q""s"."t x" (v text); INSERT INTO "Q""s"."t x" VALUES (\'a\'), (\'b\')')
+        conn.execute(f'ALTER TABLE "Q""s"."t x" OWNER TO "Facts Owner {db}"')
+        conn.execute('CREATE TABLE public.p (k int, v text) PARTITION BY RANGE (k); '
+                     'CREATE TABLE public."p 1" PARTITION OF public.p FOR VALUES FROM (0) TO (10); '
+                     'CREATE TABLE public."p 2" PARTITION OF public.p FOR VALUES FROM (10) TO (20); '
+                     'INSERT INTO public.p SELECT g, g::text FROM generate_series(0, 14) g')
+        conn.execute('CREATE TABLE public.parent (id int); CREATE TABLE public.child () INHERITS (public.parent); '
+                     'INSERT INTO public.parent VALUES (1); INSERT INTO public.child VALUES (2), (3)')
+        conn.execute('CREATE VIEW public.v AS SELECT 1 AS one')
+        wanted = [TableName("a.b", "t x"), TableName('Q"s', "t x"), TableName("public", "p"),
+                  TableName("public", "p 1"), TableName("public", "parent"), TableName("public", "child"),
+                  TableName("public", "v"), TableName("nowhere", "t x")]
+        facts = postgres.table_facts(conn, wanted)
+        me = conn.execute("SELECT current_user").fetchone()[0]
+    with pg18.connect() as conn:  # the role is the cluster's: gone with the database, not left to other tests
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(f"Facts Owner {db}")))
+    assert facts.row_counts == {'"a.b"."t x"': 5, '"Q""s"."t x"': 2, "public.p": 15, 'public."p 1"': 10,
+                                "public.parent": 1, "public.child": 2}
+    assert facts.vectors == {'"a.b"."t x"': {"E m": {"type": "vector", "dims": 3, "non_null": 2}}}
+    assert facts.owners['"Q""s"."t x"'] == f"Facts Owner {db}" and facts.owners['"a.b"."t x"'] == me
+    assert facts.partitions == {"public.p": ['public."p 1"', 'public."p 2"']}
+    assert [(i["table"], i["name"]) for i in facts.indexes] == [('"a.b"."t x"', "by e"), ('"a.b"."t x"', "t x_pkey")]
+    assert "vector" in facts.extensions

@@ -161,44 +161,62 @@ class TableFacts:
 
 def table_facts(conn: psycopg.Connection, tables: Iterable[TableName]) -> TableFacts:
     """Exact row counts (a table's own rows, as its data block holds them; a partitioned table's
-    are those of its partitions), vector columns (dimensions, non-null count), indexes and owners."""
+    are those of its partitions), vector columns (dimensions, non-null count), indexes and owners.
+    What the catalog knows of all the tables is read in three queries, whatever their number; what
+    remains per table is its count (and a partitioned table's leaves)."""
     facts = TableFacts()
-    for table in tables:
-        key = str(table)
-        kind = relkind(conn, table)
-        if kind is None:
+    tables = list(tables)
+    found = {i - 1: (oid, kind, owner) for i, oid, kind, owner in conn.execute(
+        """
+        SELECT w.i, c.oid, c.relkind, pg_get_userbyid(c.relowner)
+        FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS w(nsp, rel, i)
+        JOIN pg_namespace n ON n.nspname = w.nsp
+        JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = w.rel
+        WHERE c.relkind IN ('r', 'p')
+        """,
+        ([t.schema for t in tables], [t.name for t in tables]),
+    ).fetchall()}
+    oids = [oid for oid, _kind, _owner in found.values()]
+    vec_cols: dict[int, list] = {}
+    for relid, col, typname, typmod in conn.execute(
+        """
+        SELECT a.attrelid, a.attname, t.typname, a.atttypmod
+        FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+        WHERE a.attrelid = ANY(%s::oid[]) AND a.attnum > 0 AND NOT a.attisdropped AND t.typname = ANY(%s)
+        ORDER BY a.attrelid, a.attnum
+        """,
+        (oids, list(VECTOR_TYPES)),
+    ).fetchall():
+        vec_cols.setdefault(relid, []).append((col, typname, typmod))
+    indexes: dict[int, list] = {}
+    for relid, idx_name, method, definition in conn.execute(
+        """
+        SELECT x.indrelid, i.relname, am.amname, pg_get_indexdef(i.oid)
+        FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_am am ON am.oid = i.relam
+        WHERE x.indrelid = ANY(%s::oid[])
+        ORDER BY x.indrelid, i.relname
+        """,
+        (oids,),
+    ).fetchall():
+        indexes.setdefault(relid, []).append((idx_name, method, definition))
+    for i, table in enumerate(tables):
+        if i not in found:
             continue
-        regclass = _regclass(table)
-        vec_cols = conn.execute(
-            """
-            SELECT a.attname, t.typname, a.atttypmod
-            FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
-            WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped AND t.typname = ANY(%s)
-            ORDER BY a.attnum
-            """,
-            (regclass, list(VECTOR_TYPES)),
-        ).fetchall()
-        selects = [sql.SQL("count(*)")] + [sql.SQL("count({})").format(sql.Identifier(col)) for col, _, _ in vec_cols]
+        oid, kind, owner = found[i]
+        key = str(table)
+        cols = vec_cols.get(oid, [])
+        selects = [sql.SQL("count(*)")] + [sql.SQL("count({})").format(sql.Identifier(col)) for col, _, _ in cols]
         only = sql.SQL("ONLY ") if kind == "r" else sql.SQL("")
         row = conn.execute(
             sql.SQL("SELECT {} FROM {}{}").format(sql.SQL(", ").join(selects), only, table.ident())
         ).fetchone()
         facts.row_counts[key] = row[0]
-        for (col, typname, typmod), non_null in zip(vec_cols, row[1:]):
+        for (col, typname, typmod), non_null in zip(cols, row[1:]):
             facts.vectors.setdefault(key, {})[col] = {"type": typname, "dims": typmod, "non_null": non_null}
         if kind == "p":
             facts.partitions[key] = [str(t) for t in leaf_partitions(conn, table)]
-        facts.owners[key] = conn.execute("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = %s::regclass",
-                                         (regclass,)).fetchone()[0]
-        for idx_name, method, definition in conn.execute(
-            """
-            SELECT i.relname, am.amname, pg_get_indexdef(i.oid)
-            FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_am am ON am.oid = i.relam
-            WHERE x.indrelid = %s::regclass
-            ORDER BY i.relname
-            """,
-            (regclass,),
-        ).fetchall():
+        facts.owners[key] = owner
+        for idx_name, method, definition in indexes.get(oid, []):
             facts.indexes.append({"table": key, "name": idx_name, "method": method, "definition": definition})
     for ext, version in conn.execute(
         "SELECT extname, extversion FROM pg_extension WHERE extname <> 'plpgsql' ORDER BY 1"
