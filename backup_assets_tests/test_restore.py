@@ -281,3 +281,37 @@ def test_restore_job_refuses_without_confirm_and_restores_with_it(pg18, myloware
     assert result.success
     assert count(pg18, target, "runs") == 300
     drop_like(pg18, target)
+
+
+def test_pg_restore_into_a_fresh_database_does_not_wait_for_a_wal_flush_per_object(pg18, tmp_path):
+    """pg_restore into a drill's scratch or a restore's temporary database runs its sessions with
+    synchronous_commit off (a commit per object otherwise waits for its WAL flush: thousands for a schema-rich
+    database); what it restored is all there, and the commit that follows (a restore's swap) flushes it."""
+    import secrets
+
+    from backup_assets.core.engines import postgres
+    from backup_assets.demo.cluster import embedded_bin_dir
+
+    src, dst = "sc_src_" + secrets.token_hex(3), "sc_dst_" + secrets.token_hex(3)
+    pg18.create_database(src)
+    pg18.create_database(dst)
+    with pg18.connect(src) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 100)")
+        conn.execute("CREATE FUNCTION setting() RETURNS text LANGUAGE sql AS $$ SELECT current_setting('synchronous_commit') $$")
+    archive = tmp_path / "src.dump"
+    env = dict(os.environ, PGPASSWORD=pg18.password)
+    subprocess.run([str(embedded_bin_dir() / "pg_dump"), "-Fc", "-h", pg18.host, "-p", str(pg18.port), "-U",
+                    pg18.superuser, "-f", str(archive), src], check=True, env=env)
+    seen = tmp_path / "seen"
+    tool = tmp_path / "pg_restore"  # the real pg_restore, telling what its sessions were given
+    tool.write_text(f'#!/bin/sh\nprintf "%s" "$PGOPTIONS" > {seen}\nexec {embedded_bin_dir() / "pg_restore"} "$@"\n')
+    tool.chmod(0o755)
+    ep = postgres.Endpoint(pg18.host, pg18.port, pg18.superuser, dst, pg18.password)
+    postgres.pg_restore(ep, archive, tool=tool, jobs=2)
+    assert seen.read_text() == "-c synchronous_commit=off"
+    with pg18.connect(dst) as conn:
+        assert conn.execute("SELECT count(*), sum(id) FROM t").fetchone() == (100, 5050)
+        assert conn.execute("SELECT setting()").fetchone() == ("on",)  # a later session: the server's default
+    with pg18.connect() as conn:
+        for db in (src, dst):
+            conn.execute(f'DROP DATABASE "{db}" WITH (FORCE)')
