@@ -194,8 +194,9 @@ def test_group_restore_and_drill_keep_a_trigger_whose_function_nothing_else_sele
 
 
 def test_a_failed_parallel_restore_is_tried_once_serially(hostile, monkeypatch):
-    """Item 8: PostgreSQL races in some parallel restores; the catalog sets the jobs, and a failed parallel
-    restore is tried again serially into a fresh database (said in the metadata) before it counts."""
+    """Item 8: PostgreSQL races in some parallel restores; the catalog sets the jobs (for archives of 64 MiB and
+    more; smaller ones restore serially unless --jobs asks otherwise), and a failed parallel restore is tried
+    again serially into a fresh database (said in the metadata) before it counts."""
     cluster, db, catalog = hostile
     run_backup(catalog, "h", "full", "daily", P)
     real, seen = postgres.pg_restore, []
@@ -207,6 +208,14 @@ def test_a_failed_parallel_restore_is_tried_once_serially(hostile, monkeypatch):
             raise BackupError('pg_restore failed: there is no unique constraint matching given keys for "x"')
 
     monkeypatch.setattr(postgres, "pg_restore", racy)
+    # a small archive restores serially unless jobs are asked for (parallelism only costs there)
+    outcome = restore_drill(catalog, latest(catalog, "full"))
+    assert outcome.passed and seen == [1] and "pg_restore_retried_serially" not in outcome.metadata
+    # an archive as big as the threshold gets the catalog's jobs
+    from backup_assets.core.verify import restore_drill as drill_module
+
+    monkeypatch.setattr(drill_module, "SERIAL_BELOW_BYTES", 0)
+    seen.clear()
     outcome = restore_drill(catalog, latest(catalog, "full"))
     assert outcome.passed, outcome.message
     assert seen == [2, 1]

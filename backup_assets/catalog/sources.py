@@ -154,8 +154,9 @@ class RestoreSettings(_Model):
     allow_in_place_from_ui: bool = False
     # the `restore` job may restore without keeping the replaced data (safety_copy: false) only when this is set
     allow_no_safety_copy_from_ui: bool = False
-    # parallel pg_restore jobs of restores and drills (the CLI's --jobs and the job's config override it); a
-    # parallel restore that fails is tried once more serially (PostgreSQL itself races on some schemas)
+    # parallel pg_restore jobs of restores and drills of archives of 64 MiB and more (smaller ones: one job); the
+    # CLI's --jobs and the job's config override it. A parallel restore that fails is tried once more serially
+    # (PostgreSQL itself races on some schemas)
     jobs: Annotated[int, Field(ge=1, le=64)] = 2
 
 

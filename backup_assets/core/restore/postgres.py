@@ -24,7 +24,7 @@ from backup_assets.core.names import NameError_, TableName
 from backup_assets.core.repository import StoredBackup
 from backup_assets.core.verify.checks import artifact_intact
 from backup_assets.core.verify.restore_drill import (compare_content, compare_with_manifest, pg_restore_archive,
-                                                     prove_schema, version_problem)
+                                                     prove_schema, restore_jobs, version_problem)
 from backup_assets.core.restore.choose import (RESTORE_MARK, RestoreResult, SWAP_MARK, _Hooks, _audited, _progress,
                                                _stamp, quiet, verify_before_restore)
 from backup_assets.core.restore.tables import _restore_tables
@@ -224,7 +224,7 @@ def _restore_whole(catalog: Catalog, backup: StoredBackup, admin, ep: postgres.E
             saved = saved_globals(catalog, m.source, say)
             created_roles = ensure_roles(admin, archive_scan.roles_needed(scanned.archive, entries), saved,
                                          create=create_roles, say=say)
-            jobs = catalog.restore.jobs if jobs is None else jobs
+            jobs = restore_jobs(catalog, raw, jobs)
             say(f"pg_restore --jobs={jobs} into {temp}")
             failpoints.point("restore.temp")
             temp_comment = pg_databases.marker(RESTORE_MARK, target=target)
