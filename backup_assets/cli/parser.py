@@ -12,6 +12,8 @@ from backup_assets.cli.maintenance import (cmd_retention_prune, cmd_retention_pr
 from backup_assets.cli.operations import (cmd_wal_push, cmd_wal_fetch, cmd_wal_verify, cmd_alerts_test, cmd_metrics,
                                           cmd_metrics_serve)
 
+JOBS_HELP = "parallel pg_restore jobs (default: the catalog's restore.jobs, 2; one for an archive under 64 MiB)"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="backup-assets", description=__doc__.split("\n\n")[0])
@@ -42,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check a backup: checksum, readability, optionally a restore drill")
     backup_selector(p)
     p.add_argument("--drill", action="store_true", help="also restore it into a scratch target and compare")
-    p.add_argument("--jobs", type=int, help="parallel pg_restore jobs (default: the catalog's restore.jobs, 2)")
+    p.add_argument("--jobs", type=int, help=JOBS_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
 
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-file", help="restore into this SQLite file (default: the source's path)")
     p.add_argument("--tables", nargs="+", help='replace only these tables (PostgreSQL), e.g. runs billing.invoices '
                                                 "'public.\"Order Items\"' (a partitioned table with its partitions)")
-    p.add_argument("--jobs", type=int, help="parallel pg_restore jobs (default: the catalog's restore.jobs, 2)")
+    p.add_argument("--jobs", type=int, help=JOBS_HELP)
     p.add_argument("--confirm", action="store_true", help="do not ask")
     p.add_argument("--no-safety-copy", action="store_true", help="do not keep the replaced data")
     p.add_argument("--terminate-connections", action="store_true", help="end other sessions on the target")
@@ -85,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("drill", help="the disaster-recovery drill: restore the newest backup of everything, compare")
     p.add_argument("--source", nargs="*")
-    p.add_argument("--jobs", type=int, help="parallel pg_restore jobs (default: the catalog's restore.jobs, 2)")
+    p.add_argument("--jobs", type=int, help=JOBS_HELP)
     p.set_defaults(func=cmd_drill)
 
     p = sub.add_parser("retention", help="retention: prune old backups, prune old application rows")

@@ -15,7 +15,8 @@ class RestoreConfig(dg.Config):
     target_database: str | None = Field(default=None, description="PostgreSQL: restore into this database instead")
     target_file: str | None = Field(default=None, description="SQLite: restore into this file instead")
     tables: list[str] = Field(default=[], description="PostgreSQL: replace only these tables")
-    jobs: int | None = Field(default=None, description="parallel pg_restore jobs (default: the catalog's restore.jobs)")
+    jobs: int | None = Field(default=None, description="parallel pg_restore jobs (default: the catalog's restore.jobs; "
+                                                       "one for an archive under 64 MiB)")
     safety_copy: bool = Field(default=True, description="keep the replaced data")
     terminate_connections: bool = Field(default=False, description="end other sessions on the target database")
     confirm: bool = Field(default=False, description="must be true: this replaces data")
