@@ -321,9 +321,10 @@ def server_major_of(m: Manifest) -> int | None:
 
 
 # a decoded archive smaller than this restores serially unless jobs are asked for: a parallel pg_restore
-# dispatches each object to a worker, which costs more than it saves where there is little data to share
-# (PostgreSQL's regression database, 3 MB in 2,400 objects: 2.0-2.3 s with one job, 3.1-3.6 s with two; a 48 MB
-# archive the same either way; a 480 MB one 20% faster with two)
+# dispatches each object to a worker, which gains nothing where there is little data to share and loses on a
+# busy machine (PostgreSQL's regression database, 3 MB in 2,400 objects: idle, 2.0-2.1 s with one job and 2.2 s
+# with two; beside other work 2.0-2.3 s and 3.1-3.6 s; a 48 MB archive the same either way; a 480 MB one 20%
+# faster with two), and one job never meets PostgreSQL's parallel-restore race
 SERIAL_BELOW_BYTES = 64 << 20
 
 
