@@ -95,14 +95,15 @@ def test_table_facts_of_many_awkward_tables_at_once(pg18):
     pg18.create_database(db)
     with pg18.connect(db) as conn:
         conn.execute('CREATE EXTENSION IF NOT EXISTS vector')
-        conn.execute('CREATE ROLE "Facts Owner ' + db + '"')
+        owner = sql.Identifier(f"Facts Owner {db}")
+        conn.execute(sql.SQL("CREATE ROLE {}").format(owner))
         conn.execute('CREATE SCHEMA "a.b"; CREATE SCHEMA "Q""s"')
         conn.execute('CREATE TABLE "a.b"."t x" (id int PRIMARY KEY, "E m" vector(3)); '
                      'CREATE INDEX "by e" ON "a.b"."t x" ("E m")')
         conn.execute('INSERT INTO "a.b"."t x" SELECT g, CASE WHEN g % 2 = 0 THEN \'[1,2,3]\'::vector END '
                      'FROM generate_series(1, 5) g')
         conn.execute('CREATE TABLE "Q""s"."t x" (v text); INSERT INTO "Q""s"."t x" VALUES (\'a\'), (\'b\')')
-        conn.execute(f'ALTER TABLE "Q""s"."t x" OWNER TO "Facts Owner {db}"')
+        conn.execute(sql.SQL('ALTER TABLE "Q""s"."t x" OWNER TO {}').format(owner))
         conn.execute('CREATE TABLE public.p (k int, v text) PARTITION BY RANGE (k); '
                      'CREATE TABLE public."p 1" PARTITION OF public.p FOR VALUES FROM (0) TO (10); '
                      'CREATE TABLE public."p 2" PARTITION OF public.p FOR VALUES FROM (10) TO (20); '

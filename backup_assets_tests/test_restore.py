@@ -289,6 +289,8 @@ def test_pg_restore_into_a_fresh_database_does_not_wait_for_a_wal_flush_per_obje
     database); what it restored is all there, and the commit that follows (a restore's swap) flushes it."""
     import secrets
 
+    from psycopg import sql
+
     from backup_assets.core.engines import postgres
     from backup_assets.demo.cluster import embedded_bin_dir
 
@@ -314,4 +316,4 @@ def test_pg_restore_into_a_fresh_database_does_not_wait_for_a_wal_flush_per_obje
         assert conn.execute("SELECT setting()").fetchone() == ("on",)  # a later session: the server's default
     with pg18.connect() as conn:
         for db in (src, dst):
-            conn.execute(f'DROP DATABASE "{db}" WITH (FORCE)')
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
