@@ -13,11 +13,13 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backup_assets.catalog import load_catalog
 from backup_assets.core import BackupError
+from backup_assets.core.artifact import PAGE_WRITE, decompress_to
 from backup_assets.core.pitr.recovery import _Prefetcher, restore_command_script
 from backup_assets.core.pitr.unpack import unpack_tar
 
@@ -135,6 +137,29 @@ def test_a_truncated_or_damaged_stream_is_an_error_never_a_short_data_directory(
     damaged[512 + 100_352 + 100:512 + 100_352 + 110] = b"?" * 10  # inside the second member's header
     with pytest.raises(BackupError, match="not a readable tar stream"):
         unpack_tar(io.BytesIO(bytes(damaged)), tmp_path / "cut100", what="damaged.tar")
+
+
+def test_files_a_server_writes_pages_into_are_written_in_small_pieces(tmp_path, monkeypatch):
+    """A base backup's data files and a restored SQLite store are written into by their server afterwards, in 8 KiB
+    pages; the page cache keeps a file in folios as large as the writes that filled it, and small writes into 1 MiB
+    folios cost three times the system time (see artifact.PAGE_WRITE). So no write is larger than PAGE_WRITE,
+    whatever size the decoded pieces come in, and every byte still lands."""
+    sizes: list[int] = []
+    real = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: sizes.append(len(data)) or real(fd, data))
+    content = os.urandom(3 * (1 << 20) + 8195)
+    dest = tmp_path / "pgdata"
+    dest.mkdir()
+    unpack_tar(io.BytesIO(tar_of([("base", None, 0o700), ("base/16384", content, 0o600)])), dest, what="b.tar")
+    assert (dest / "base" / "16384").read_bytes() == content
+    assert max(sizes) == PAGE_WRITE and sum(sizes) == len(content)
+
+    sizes.clear()
+    artifact = tmp_path / "store.sqlite.zst"
+    artifact.write_bytes(zstandard.ZstdCompressor().compress(content))
+    decompress_to(artifact, tmp_path / "store.sqlite", expected_size=len(content))
+    assert (tmp_path / "store.sqlite").read_bytes() == content
+    assert max(sizes) == PAGE_WRITE and sum(sizes) == len(content)
 
 
 def test_a_full_disk_is_one_line_naming_the_artifact_and_folder(small_volume):  # noqa: F811
