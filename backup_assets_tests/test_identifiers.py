@@ -126,3 +126,40 @@ def test_table_facts_of_many_awkward_tables_at_once(pg18):
     assert facts.partitions == {"public.p": ['public."p 1"', 'public."p 2"']}
     assert [(i["table"], i["name"]) for i in facts.indexes] == [('"a.b"."t x"', "by e"), ('"a.b"."t x"', "t x_pkey")]
     assert "vector" in facts.extensions
+
+
+def test_counts_and_fingerprints_of_more_tables_than_one_query_takes(pg18):
+    """Counts go COUNTS_AT_ONCE tables to a query (UNION ALL): over more tables than one query takes, with awkward
+    names in two schemas, a partitioned table and an inheritance parent among them, every table gets its own count,
+    the count its fingerprint (over two connections at once) finds, and the same fingerprint it gets alone."""
+    from backup_assets.core.engines import pg_content, postgres
+
+    db = "many_" + secrets.token_hex(4)
+    pg18.create_database(db)
+    names = [TableName("S p.a\"ce" if i % 2 else "public", f'T "{i}".x') for i in range(130)]
+    rows = {str(t): 3000 if i % 40 == 0 else i * 3 for i, t in enumerate(names)}
+    with pg18.connect(db) as conn:
+        conn.execute('CREATE SCHEMA "S p.a""ce"')
+        for t in names:
+            conn.execute(sql.SQL('CREATE TABLE {} (id int, "Note" text, at timestamptz DEFAULT now())').format(t.ident()))
+            conn.execute(sql.SQL("INSERT INTO {} (id, \"Note\") SELECT g, repeat(%s, g %% 5) FROM generate_series(1, %s) g")
+                         .format(t.ident()), (f"{t.name}\t\\\n", rows[str(t)]))
+        conn.execute('CREATE TABLE public.p (k int, v text) PARTITION BY RANGE (k); '
+                     'CREATE TABLE public."p 1" PARTITION OF public.p FOR VALUES FROM (0) TO (10); '
+                     'CREATE TABLE public."p 2" PARTITION OF public.p FOR VALUES FROM (10) TO (20); '
+                     'INSERT INTO public.p SELECT g, g::text FROM generate_series(0, 14) g')
+        conn.execute('CREATE TABLE public.parent (id int); CREATE TABLE public.child () INHERITS (public.parent); '
+                     'INSERT INTO public.parent VALUES (1); INSERT INTO public.child VALUES (2), (3)')
+        extra = [TableName("public", "p"), TableName("public", "parent"), TableName("public", "child")]
+        rows.update({"public.p": 15, "public.parent": 1, "public.child": 2})
+        facts = postgres.table_facts(conn, names + extra)
+        alone = {str(t): pg_content.fingerprint(conn, t) for t in names + extra}
+        assert len(names) + len(extra) > postgres.COUNTS_AT_ONCE
+    at_once = pg_content.fingerprints(postgres.Endpoint(pg18.host, pg18.port, pg18.superuser, db, pg18.password),
+                                      list(reversed(names + extra)))
+    with pg18.connect() as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
+    assert facts.row_counts == rows
+    assert at_once == alone
+    assert {k: n for k, (n, _f) in at_once.items()} == rows
+    assert len({f for _n, f in at_once.values()}) == len(at_once)  # different content, different fingerprints

@@ -162,8 +162,8 @@ class TableFacts:
 def table_facts(conn: psycopg.Connection, tables: Iterable[TableName]) -> TableFacts:
     """Exact row counts (a table's own rows, as its data block holds them; a partitioned table's
     are those of its partitions), vector columns (dimensions, non-null count), indexes and owners.
-    What the catalog knows of all the tables is read in three queries, whatever their number; what
-    remains per table is its count (and a partitioned table's leaves)."""
+    What the catalog knows of all the tables is read in three queries, whatever their number, and the
+    counts in one query per COUNTS_AT_ONCE tables; what remains per table is a partitioned table's leaves."""
     facts = TableFacts()
     tables = list(tables)
     found = {i - 1: (oid, kind, owner) for i, oid, kind, owner in conn.execute(
@@ -199,19 +199,16 @@ def table_facts(conn: psycopg.Connection, tables: Iterable[TableName]) -> TableF
         (oids,),
     ).fetchall():
         indexes.setdefault(relid, []).append((idx_name, method, definition))
+    counted = _counts(conn, [(i, tables[i], found[i][1], vec_cols.get(found[i][0], [])) for i in sorted(found)])
     for i, table in enumerate(tables):
         if i not in found:
             continue
         oid, kind, owner = found[i]
         key = str(table)
         cols = vec_cols.get(oid, [])
-        selects = [sql.SQL("count(*)")] + [sql.SQL("count({})").format(sql.Identifier(col)) for col, _, _ in cols]
-        only = sql.SQL("ONLY ") if kind == "r" else sql.SQL("")
-        row = conn.execute(
-            sql.SQL("SELECT {} FROM {}{}").format(sql.SQL(", ").join(selects), only, table.ident())
-        ).fetchone()
-        facts.row_counts[key] = row[0]
-        for (col, typname, typmod), non_null in zip(cols, row[1:]):
+        rows, non_nulls = counted[i]
+        facts.row_counts[key] = rows
+        for (col, typname, typmod), non_null in zip(cols, non_nulls):
             facts.vectors.setdefault(key, {})[col] = {"type": typname, "dims": typmod, "non_null": non_null}
         if kind == "p":
             facts.partitions[key] = [str(t) for t in leaf_partitions(conn, table)]
@@ -223,6 +220,25 @@ def table_facts(conn: psycopg.Connection, tables: Iterable[TableName]) -> TableF
     ).fetchall():
         facts.extensions[ext] = version
     return facts
+
+
+COUNTS_AT_ONCE = 100  # tables counted per query: a small database has hundreds, and a round trip each was most of it
+
+
+def _counts(conn: psycopg.Connection, tables: list[tuple[int, TableName, str, list]]) -> dict[int, tuple[int, list]]:
+    """{i: (rows, non-null count of each vector column)} of (i, table, relkind, vector columns), in queries of
+    COUNTS_AT_ONCE tables joined by UNION ALL (a plain table's own rows: ONLY; a partitioned table's: its
+    partitions')."""
+    out: dict[int, tuple[int, list]] = {}
+    for at in range(0, len(tables), COUNTS_AT_ONCE):
+        selects = []
+        for i, table, kind, cols in tables[at:at + COUNTS_AT_ONCE]:
+            non_null = sql.SQL(", ").join(sql.SQL("count({})").format(sql.Identifier(col)) for col, _, _ in cols)
+            selects.append(sql.SQL("SELECT {}::int, count(*), ARRAY[{}]::bigint[] FROM {}{}").format(
+                sql.Literal(i), non_null, sql.SQL("ONLY ") if kind == "r" else sql.SQL(""), table.ident()))
+        for i, rows, non_nulls in conn.execute(sql.SQL(" UNION ALL ").join(selects)).fetchall():
+            out[i] = (rows, list(non_nulls))
+    return out
 
 
 SAFETY_MARK = "backup_assets safety copy"
