@@ -94,6 +94,47 @@ def test_generated_streams_read_in_any_piece_size_unpack_exactly(tmp_path_factor
     assert all(got[name] == (content, mode) for name, content, mode in members)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["base/1/2", "backup_label.old", "global/backup_label", "a b", "x"]),
+                          st.binary(max_size=3000)), max_size=6, unique_by=lambda m: m[0]),
+       st.binary(max_size=700), st.binary(max_size=5000), st.lists(st.integers(min_value=1, max_value=4000), min_size=1))
+def test_a_base_backups_label_and_manifest_are_picked_out_of_the_stream_in_any_pieces(others, label, manifest, cuts):
+    """What a base backup records (its backup_label's start WAL, its backup_manifest) is read from pg_basebackup's
+    stream as it is written: in pieces of any size, among members of any size, and only the top-level ones
+    (a member named like it in a folder, or with a suffix, is not it)."""
+    from backup_assets.core.pitr.unpack import TarPicker
+
+    members = [(name, content, 0o600) for name, content in others]
+    data = tar_of([("./backup_label", label, 0o600), *members, ("./backup_manifest", manifest, 0o600)])
+    picker = TarPicker({"backup_label", "backup_manifest"}, what="base.tar")
+    at, i = 0, 0
+    while at < len(data):
+        picker.feed(data[at:at + cuts[i % len(cuts)]])
+        at += cuts[i % len(cuts)]
+        i += 1
+    assert picker.finish() == {"backup_label": label, "backup_manifest": manifest}
+
+
+def test_a_stream_without_its_end_or_a_member_is_not_a_base_backup():
+    from backup_assets.core.pitr.unpack import TarPicker
+
+    data = tar_of([("backup_label", b"START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n", 0o600),
+                   ("base/1/1", os.urandom(2000), 0o600), ("backup_manifest", b"{}", 0o600)])
+    members_end = 3 * 512 + 512 + 2048 + 512  # three headers and their data, without the end-of-archive blocks
+    for cut in (100, 1024 + 700, members_end):  # inside a header, inside a member, before the end block
+        picker = TarPicker({"backup_label", "backup_manifest"}, what="base-x.tar.zst")
+        picker.feed(data[:cut])
+        with pytest.raises(BackupError, match="base-x.tar.zst: the tar stream ended before its end-of-archive block"):
+            picker.finish()
+    picker = TarPicker({"backup_label", "backup_manifest", "tablespace_map"}, what="base-x.tar.zst")
+    picker.feed(data)
+    with pytest.raises(BackupError, match="base-x.tar.zst holds no tablespace_map: not a base backup"):
+        picker.finish()
+    picker = TarPicker({"backup_label"}, what="base-x.tar.zst")
+    with pytest.raises(BackupError, match="base-x.tar.zst: not a readable tar stream"):
+        picker.feed(b"?" * 512)
+
+
 @pytest.mark.parametrize("name,kind,needle", [
     ("../outside", tarfile.REGTYPE, "would be written outside the data directory"),
     ("base/../../outside", tarfile.REGTYPE, "would be written outside the data directory"),

@@ -5,6 +5,7 @@ survive kill -9 at the narrow points, and the continuity check finds a missing s
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import tempfile
@@ -297,12 +298,20 @@ def test_wal_rpo_is_for_postgres_sources(tmp_path):
 
 @pytest.mark.encrypted
 def test_an_encrypted_base_backup_and_wal_restore_to_the_latest(archiving, tmp_path, capsys):
+    """The base backup is taken on a host that only encrypts (no private key in its environment: its backup_label
+    and manifest are read from the stream as it is written); the restore, with the key, reaches the latest."""
     import psycopg
 
     cluster, catalog_path, folder = archiving
     with cluster.connect() as conn:
         conn.execute("CREATE TABLE secret_rows (id serial PRIMARY KEY, note text)")
-    assert cli(catalog_path, "basebackup", "--source", "app") == 0
+    key = os.environ.pop("WAL_AGE_IDENTITY")
+    try:
+        assert cli(catalog_path, "basebackup", "--source", "app") == 0, capsys.readouterr().err[-2000:]
+    finally:
+        os.environ["WAL_AGE_IDENTITY"] = key
+    meta = json.loads(next((catalog_path.parent / "backups" / "base" / "app").glob("base-*.json")).read_text())
+    assert meta["start_wal"] and meta["end_lsn"] and meta["manifest"]["raw_size_bytes"] > 0
     base = next((catalog_path.parent / "backups" / "base" / "app").glob("base-*.tar.zst.age"))
     assert base.read_bytes()[:21] == b"age-encryption.org/v1"
     with cluster.connect() as conn:

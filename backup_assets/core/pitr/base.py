@@ -3,27 +3,27 @@ listing them locally or on the replica, choosing the one a target needs, and pru
 
 `pg_basebackup -Ft -D - -X none` is streamed through the same compression, encryption, hashing and atomic write
 as every artifact, to `<repository>/base/<source>/base-<UTC time>.tar.zst[.age]`, with a JSON beside it (start
-WAL file and timeline from the backup_label, start and finish times, sizes, SHA-256). The WAL it needs comes
-from the archive (`wal-push`); pg_basebackup waits until the last segment is archived."""
+WAL file and timeline from the backup_label, start and finish times, sizes, SHA-256). The backup_label and
+backup_manifest are picked out of the stream as it is written (unpack.TarPicker): nothing is read back, so a host
+that only encrypts needs no private key. The WAL it needs comes from the archive (`wal-push`); pg_basebackup
+waits until the last segment is archived."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import re
 import subprocess
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 from backup_assets.catalog import Catalog, Pitr
 from backup_assets.core import BackupError
-from backup_assets.core.artifact import (ArtifactWriter, decompress_to, ensure_dir, open_decompressed,
-                                         write_json_atomic)
+from backup_assets.core.artifact import CHUNK, ArtifactWriter, decompress_to, ensure_dir, write_json_atomic
 from backup_assets.core.crypto import identities_for_record
 from backup_assets.core.engines import tools
+from backup_assets.core.pitr.unpack import TarPicker
 
 
 LABEL_WAL = re.compile(r"START WAL LOCATION: \S+ \(file ([0-9A-F]{24})\)")
@@ -154,19 +154,29 @@ def _take(catalog: Catalog, source: str, ep, facts: dict, folder: Path, parent: 
                           identities=identities_for_record(catalog, source, parent, what=parent["manifest"]["artifact"]))
             args.append(f"--incremental={reference}")
         say(f"{' '.join(Path(a).name if i == 0 else a for i, a in enumerate(args))} from {ep.host}:{ep.port}")
+        # the backup_label and backup_manifest are picked out of the stream as it is written
+        picker = TarPicker({"backup_label", "backup_manifest"}, what=final.name)
         with ArtifactWriter(final, recipients=recipients) as writer:
             proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ep.child_env())
-            writer.copy_from(proc.stdout)
+            try:
+                while chunk := proc.stdout.read1(CHUNK):
+                    picker.feed(chunk)
+                    writer.write(chunk)
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
             err = proc.stderr.read().decode(errors="replace")
             if proc.wait() != 0:
                 lines = [line for line in err.strip().splitlines() if "skipping special file" not in line]
                 raise BackupError(f"pg_basebackup of {source} failed: "
                                   f"{ep.scrub(lines[-1] if lines else str(proc.returncode))}")
+            picked = picker.finish()
             written = writer.commit()
     finished = _now()
     described = final.with_name(f"base-{stamp}.manifest.zst{suffix}")
+    label, manifest = picked["backup_label"].decode(), picked["backup_manifest"]
     try:
-        label, manifest = _read_back(final, catalog, source, encryption)
         with ArtifactWriter(described, recipients=recipients) as mw:
             mw.write(manifest)
             man = mw.commit()
@@ -215,33 +225,6 @@ def _archived_by_primary(catalog: Catalog, source: str, end_lsn: str | None, say
             raise BackupError(f"base backup of {source}: the primary did not archive {segment} (where the backup ends) "
                               f"within {timeout_s:g}s: check its archive_command (wal-push) and pg_stat_archiver")
         time.sleep(0.2)
-
-
-def _read_back(path: Path, catalog: Catalog, source: str, encryption) -> tuple[str, bytes]:
-    """The backup_label and backup_manifest of a written base backup, in one pass that also proves the
-    artifact decodes to its end."""
-    ids = None
-    if encryption is not None:
-        from backup_assets.core.crypto import Identities
-
-        if not encryption.identity_file_env or not os.environ.get(encryption.identity_file_env):
-            raise BackupError(f"{path.name}: the backup_label and manifest are read back to record the start WAL: "
-                              f"set {encryption.identity_file_env or 'encryption.identity_file_env'}")
-        ids = Identities.load(encryption.identity_file_env)
-    label = manifest = None
-    with open_decompressed(path, None, ids) as reader, tarfile.open(fileobj=reader, mode="r|") as tar:
-        for member in tar:
-            name = member.name.removeprefix("./")
-            if name == "backup_label":
-                label = tar.extractfile(member).read().decode()
-            elif name == "backup_manifest":
-                manifest = tar.extractfile(member).read()
-        while reader.read(1 << 20):  # to the end of the stream (tar padding), so every byte is proven
-            pass
-    if label is None or manifest is None:
-        raise BackupError(f"{path.name} holds no {'backup_label' if label is None else 'backup_manifest'}: "
-                          "not a base backup")
-    return label, manifest
 
 
 def base_backups(catalog: Catalog, source: str, storage=None) -> list[dict]:

@@ -170,3 +170,67 @@ def unpack_tar(reader: BinaryIO, dest: Path, *, what: str, durable: bool = True)
             finally:
                 os.close(fd)
     return files
+
+
+class TarPicker:
+    """The contents of a few named members of a tar stream, picked out as the stream passes by (`feed` it every
+    piece in order, then `finish`): how a base backup's backup_label and backup_manifest are read while
+    pg_basebackup's stream is compressed and written, without reading the artifact back (which would take the
+    private key on a host that only encrypts). `finish` refuses a stream that did not reach its end-of-archive
+    block, or lacks a wanted member."""
+
+    def __init__(self, wanted: set[str], *, what: str):
+        self.wanted, self.what = wanted, what
+        self.found: dict[str, bytes] = {}
+        self._header = b""
+        self._data_left = self._pad_left = 0
+        self._name: str | None = None
+        self._parts: list[bytes] = []
+        self._ended = False
+
+    def feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view and not self._ended:
+            if self._data_left:
+                piece = view[:self._data_left]
+                if self._name is not None:
+                    self._parts.append(bytes(piece))
+                self._data_left -= len(piece)
+                view = view[len(piece):]
+                if not self._data_left and self._name is not None:
+                    self.found[self._name] = b"".join(self._parts)
+                    self._name, self._parts = None, []
+            elif self._pad_left:
+                piece = view[:self._pad_left]
+                self._pad_left -= len(piece)
+                view = view[len(piece):]
+            else:
+                need = BLOCK - len(self._header)
+                self._header += bytes(view[:need])
+                view = view[need:]
+                if len(self._header) == BLOCK:
+                    self._next_member(self._header)
+                    self._header = b""
+
+    def _next_member(self, header: bytes) -> None:
+        if header == bytes(BLOCK):
+            self._ended = True  # what follows is the end-of-archive padding
+            return
+        try:
+            member = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as exc:
+            raise BackupError(f"{self.what}: not a readable tar stream ({exc})") from None
+        name = member.name.removeprefix("./")
+        self._name = name if member.isreg() and name in self.wanted else None
+        self._data_left, self._pad_left = member.size, -member.size % BLOCK
+        if not member.size and self._name is not None:
+            self.found[self._name] = b""
+            self._name = None
+
+    def finish(self) -> dict[str, bytes]:
+        if not self._ended:
+            raise BackupError(f"{self.what}: the tar stream ended before its end-of-archive block: incomplete")
+        missing = sorted(self.wanted - set(self.found))
+        if missing:
+            raise BackupError(f"{self.what} holds no {' and no '.join(missing)}: not a base backup")
+        return self.found
