@@ -133,6 +133,26 @@ def test_incremental_base_backups_combine_and_restore_exactly_inside_each_window
     (folder / "parked.json").rename(folder / f"{metas[1]['artifact']}.json")
 
 
+@pytest.mark.pitr
+@pytest.mark.encrypted
+def test_a_host_without_the_private_key_takes_full_base_backups_and_says_why_not_incremental(archiving, monkeypatch):
+    """An encrypting host needs only the recipients for a full base backup; an incremental one needs the parent's
+    manifest in plaintext, so without the key the base backup is a full one that says why; with it, incremental."""
+    cluster, catalog_path, _ = archiving
+    catalog = load_catalog(catalog_path)
+    key = os.environ["WAL_AGE_IDENTITY"]
+    monkeypatch.delenv("WAL_AGE_IDENTITY")
+    said: list[str] = []
+    first = pitr_base.base_backup(catalog, "app", say=said.append)
+    write_rows(cluster, 5, "after the first", pause=0)
+    second = pitr_base.base_backup(catalog, "app", say=said.append)
+    assert (first["kind"], second["kind"], second["encrypted"]) == ("full", "full", True)
+    assert any("the incremental base backup failed" in m and "WAL_AGE_IDENTITY" in m for m in said), said
+    monkeypatch.setenv("WAL_AGE_IDENTITY", key)
+    third = pitr_base.base_backup(catalog, "app")
+    assert third["kind"] == "incremental" and third["parent"] == second["artifact"]
+
+
 @pytest.mark.pitr(incremental=False)
 def test_pg_verifybackup_finds_a_changed_data_file(archiving):
     cluster, catalog_path, _ = archiving
