@@ -137,7 +137,8 @@ def test_incremental_base_backups_combine_and_restore_exactly_inside_each_window
 @pytest.mark.encrypted
 def test_a_host_without_the_private_key_takes_full_base_backups_and_says_why_not_incremental(archiving, monkeypatch):
     """An encrypting host needs only the recipients for a full base backup; an incremental one needs the parent's
-    manifest in plaintext, so without the key the base backup is a full one that says why; with it, incremental."""
+    manifest in plaintext, so without the key the base backup is a full one that says why, and the checks that
+    read the plaintext say "not checked here"; with the key, incremental, and verified."""
     cluster, catalog_path, _ = archiving
     catalog = load_catalog(catalog_path)
     key = os.environ["WAL_AGE_IDENTITY"]
@@ -148,7 +149,12 @@ def test_a_host_without_the_private_key_takes_full_base_backups_and_says_why_not
     second = pitr_base.base_backup(catalog, "app", say=said.append)
     assert (first["kind"], second["kind"], second["encrypted"]) == ("full", "full", True)
     assert any("the incremental base backup failed" in m and "WAL_AGE_IDENTITY" in m for m in said), said
+    # what needs the plaintext is not checked here (a warning that names the variable), never failed
+    for outcome in (pitr_checks.verify_base(catalog, "app", second), pitr_checks.pitr_drill(catalog, "app")):
+        assert (outcome.passed, outcome.not_checked, outcome.warn) == (False, True, True), outcome.message
+        assert "WAL_AGE_IDENTITY" in outcome.message, outcome.message
     monkeypatch.setenv("WAL_AGE_IDENTITY", key)
+    assert pitr_checks.verify_base(catalog, "app", second).passed
     third = pitr_base.base_backup(catalog, "app")
     assert third["kind"] == "incremental" and third["parent"] == second["artifact"]
 

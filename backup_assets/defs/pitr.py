@@ -140,8 +140,8 @@ def run_base_backup(catalog: Catalog, context: AssetExecutionContext, source: st
                     catalog, source, state=state)
             else:
                 outcome = pitr_checks.pitr_drill(catalog, source, say=context.log.info)
-        except BackupError as exc:
-            outcome = Outcome(False, str(exc), {})
+        except BackupError as exc:  # a missing key: not checked here, never failed
+            outcome = Outcome.failure(exc, str(exc))
         if line := failure_line(name, outcome):
             getattr(context.log, line[0])(line[1])
         yield keyed_check_result(key, name, outcome)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from backup_assets.catalog import Catalog
 from backup_assets.core import BackupError
+from backup_assets.core.crypto import NoIdentity, identities_for_record
 from backup_assets.core.engines import tools
 from backup_assets.core.outcome import Outcome
 from backup_assets.core.net import free_port
@@ -32,8 +33,8 @@ def verify_base(catalog: Catalog, source: str, meta: dict) -> Outcome:
     try:
         _unpack(catalog, source, meta, scratch, durable=False)
         done = subprocess.run([str(tool), "--no-parse-wal", "--quiet", str(scratch)], capture_output=True, text=True)
-    except BackupError as exc:
-        return Outcome(False, f"{meta['artifact']}: {exc}", {"artifact": meta["artifact"]})
+    except BackupError as exc:  # not checked here when the key is not at hand
+        return Outcome.failure(exc, f"{meta['artifact']}: {exc}", {"artifact": meta["artifact"]})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     md = {"artifact": meta["artifact"], "kind": meta.get("kind", "full"), "raw_size_bytes": meta["raw_size_bytes"],
@@ -146,7 +147,12 @@ def pitr_drill(catalog: Catalog, source: str, *, rng=None, say=lambda _m: None) 
 
     rng = rng or random.Random()
     cfg = catalog.sources[source].pitr
-    picked = drill_target(catalog, source, rng)
+    try:  # the drill reads the WAL and unpacks base backups: without the key they open with, not checked here
+        for meta in base_backups(catalog, source)[-1:]:
+            identities_for_record(catalog, source, meta, what=meta["artifact"])
+        picked = drill_target(catalog, source, rng)
+    except NoIdentity as exc:
+        return Outcome.failure(exc, str(exc))
     if picked is None:
         return Outcome(False, "no two commits after the oldest base backup in the archive: nothing to restore to "
                             "(is anything written to the server, is archive_timeout set?)", {}, warn=True)
