@@ -76,13 +76,22 @@ class Load:
 
     def __init__(self, primary: LocalCluster):
         env = dict(os.environ, PGPASSWORD=primary.password)
+        self.primary = primary
         self.proc = subprocess.Popen([str(primary.bin_dir / "pgbench"), "-h", primary.host, "-p", str(primary.port),
                                       "-U", primary.superuser, "-c", "2", "-T", "600", "-n", "postgres"], env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def stop(self) -> None:
+        """pgbench stopped, and its sessions gone: a COMMIT it sent just before it ended still lands after it
+        exits, so what the primary holds is read once no pgbench session is left."""
         self.proc.terminate()
         self.proc.wait(30)
+        deadline = time.monotonic() + 30
+        with self.primary.connect() as conn:
+            while conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgbench'"
+                               ).fetchone()[0]:
+                assert time.monotonic() < deadline, "pgbench's sessions did not end"
+                time.sleep(0.05)
 
 
 def _point_at_standby(catalog_path: Path, standby: LocalCluster, primary: LocalCluster | None) -> None:
