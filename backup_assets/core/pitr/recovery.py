@@ -25,7 +25,7 @@ from pathlib import Path
 from backup_assets.catalog import Catalog
 from backup_assets.core import BackupError
 from backup_assets.core.artifact import ensure_dir, open_decompressed, write_json_atomic
-from backup_assets.core.crypto import identities_for_record
+from backup_assets.core.crypto import NoIdentity, identities_for_record
 from backup_assets.core.engines import tools
 from backup_assets.core.pitr.base import base_backups, base_dir, base_end_lsn, chain_of, pick_base
 
@@ -168,8 +168,9 @@ def restore_to_time(catalog: Catalog, source: str, pgdata: str, *, to_time: dt.d
     except BaseException as exc:
         # what this restore built is of no use: the server (if it started) stopped, the folder emptied
         _discard(target_dir, keep_folder=existed)
-        if isinstance(exc, BackupError):
-            raise BackupError(f"{exc}; what the restore built in {target_dir} was removed") from None
+        if isinstance(exc, BackupError):  # a missing key stays one (a check says "not checked here")
+            kind = NoIdentity if isinstance(exc, NoIdentity) else BackupError
+            raise kind(f"{exc}; what the restore built in {target_dir} was removed") from None
         raise
 
 
