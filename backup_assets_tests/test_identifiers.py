@@ -84,6 +84,16 @@ def test_any_identifier_round_trips(pg18, tmp_path_factory, schema, table, colum
                 conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(d)))
 
 
+def _partitioned_and_inherited(conn) -> None:
+    """public.p (15 rows) partitioned into "p 1" (10) and "p 2" (5); public.parent (1 row of its own) and its child (2)."""
+    conn.execute('CREATE TABLE public.p (k int, v text) PARTITION BY RANGE (k); '
+                 'CREATE TABLE public."p 1" PARTITION OF public.p FOR VALUES FROM (0) TO (10); '
+                 'CREATE TABLE public."p 2" PARTITION OF public.p FOR VALUES FROM (10) TO (20); '
+                 'INSERT INTO public.p SELECT g, g::text FROM generate_series(0, 14) g')
+    conn.execute('CREATE TABLE public.parent (id int); CREATE TABLE public.child () INHERITS (public.parent); '
+                 'INSERT INTO public.parent VALUES (1); INSERT INTO public.child VALUES (2), (3)')
+
+
 def test_table_facts_of_many_awkward_tables_at_once(pg18):
     """What the dump, the drill and the restore read of every table (kind, owner, vector columns, indexes, exact
     counts) comes from one look at the catalog for all the tables: each table still gets its own facts, whatever
@@ -104,12 +114,7 @@ def test_table_facts_of_many_awkward_tables_at_once(pg18):
                      'FROM generate_series(1, 5) g')
         conn.execute('CREATE TABLE "Q""s"."t x" (v text); INSERT INTO "Q""s"."t x" VALUES (\'a\'), (\'b\')')
         conn.execute(sql.SQL('ALTER TABLE "Q""s"."t x" OWNER TO {}').format(owner))
-        conn.execute('CREATE TABLE public.p (k int, v text) PARTITION BY RANGE (k); '
-                     'CREATE TABLE public."p 1" PARTITION OF public.p FOR VALUES FROM (0) TO (10); '
-                     'CREATE TABLE public."p 2" PARTITION OF public.p FOR VALUES FROM (10) TO (20); '
-                     'INSERT INTO public.p SELECT g, g::text FROM generate_series(0, 14) g')
-        conn.execute('CREATE TABLE public.parent (id int); CREATE TABLE public.child () INHERITS (public.parent); '
-                     'INSERT INTO public.parent VALUES (1); INSERT INTO public.child VALUES (2), (3)')
+        _partitioned_and_inherited(conn)
         conn.execute('CREATE VIEW public.v AS SELECT 1 AS one')
         wanted = [TableName("a.b", "t x"), TableName('Q"s', "t x"), TableName("public", "p"),
                   TableName("public", "p 1"), TableName("public", "parent"), TableName("public", "child"),
@@ -144,12 +149,7 @@ def test_counts_and_fingerprints_of_more_tables_than_one_query_takes(pg18):
             conn.execute(sql.SQL('CREATE TABLE {} (id int, "Note" text, at timestamptz DEFAULT now())').format(t.ident()))
             conn.execute(sql.SQL("INSERT INTO {} (id, \"Note\") SELECT g, repeat(%s, g %% 5) FROM generate_series(1, %s) g")
                          .format(t.ident()), (f"{t.name}\t\\\n", rows[str(t)]))
-        conn.execute('CREATE TABLE public.p (k int, v text) PARTITION BY RANGE (k); '
-                     'CREATE TABLE public."p 1" PARTITION OF public.p FOR VALUES FROM (0) TO (10); '
-                     'CREATE TABLE public."p 2" PARTITION OF public.p FOR VALUES FROM (10) TO (20); '
-                     'INSERT INTO public.p SELECT g, g::text FROM generate_series(0, 14) g')
-        conn.execute('CREATE TABLE public.parent (id int); CREATE TABLE public.child () INHERITS (public.parent); '
-                     'INSERT INTO public.parent VALUES (1); INSERT INTO public.child VALUES (2), (3)')
+        _partitioned_and_inherited(conn)
         extra = [TableName("public", "p"), TableName("public", "parent"), TableName("public", "child")]
         rows.update({"public.p": 15, "public.parent": 1, "public.child": 2})
         facts = postgres.table_facts(conn, names + extra)
