@@ -12,7 +12,7 @@ from psycopg import sql
 
 from backup_assets.catalog import Catalog
 from backup_assets.core import BackupError, crypto, failpoints
-from backup_assets.core.verify import archive_scan
+from backup_assets.core.verify import archive_scan, toc_selection
 from backup_assets.core.backup import roles
 from backup_assets.core.verify.schema_compare import database_properties
 from backup_assets.core.artifact import human_size
@@ -219,10 +219,10 @@ def _restore_whole(catalog: Catalog, backup: StoredBackup, admin, ep: postgres.E
             if problems:
                 raise BackupError(f"{backup.artifact_path.name} does not hold what its manifest says, target left "
                                   f"unchanged: {'; '.join(problems[:5])}")
-            entries = None if m.whole_database else archive_scan.group_entries(
+            entries = None if m.whole_database else toc_selection.group_entries(
                 scanned.archive, [TableName.parse(t) for t in m.tables], m.partitions)
             saved = saved_globals(catalog, m.source, say)
-            created_roles = ensure_roles(admin, archive_scan.roles_needed(scanned.archive, entries), saved,
+            created_roles = ensure_roles(admin, toc_selection.roles_needed(scanned.archive, entries), saved,
                                          create=create_roles, say=say)
             jobs = restore_jobs(catalog, raw, jobs)
             say(f"pg_restore --jobs={jobs} into {temp}")

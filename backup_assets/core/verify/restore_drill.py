@@ -15,7 +15,7 @@ import zstandard
 
 from backup_assets.catalog import Catalog
 from backup_assets.core import BackupError, crypto, failpoints
-from backup_assets.core.verify import archive_scan
+from backup_assets.core.verify import archive_scan, toc_selection
 from backup_assets.core.restore import hooks
 from backup_assets.core.backup import roles
 from backup_assets.core.verify import schema_compare
@@ -188,9 +188,9 @@ def _postgres_drill_steps(catalog: Catalog, backup: StoredBackup, *, jobs: int |
                 decompress_s = time.monotonic() - t0 if prepared is None else archive.seconds
                 failpoints.point("drill.decoded")
                 target = ep.with_db(name)
-                entries = None if m.whole_database else archive_scan.group_entries(
+                entries = None if m.whole_database else toc_selection.group_entries(
                     archive.archive, [TableName.parse(t) for t in m.tables], m.partitions)
-                missing = postgres.missing_roles(admin, archive_scan.roles_needed(archive.archive, entries))
+                missing = postgres.missing_roles(admin, toc_selection.roles_needed(archive.archive, entries))
                 # a role that is not a superuser cannot give objects to other roles: it restores without owners
                 superuser = admin.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
                 t1 = time.monotonic()
@@ -345,7 +345,7 @@ def pg_restore_archive(catalog: Catalog, backup: StoredBackup, target: postgres.
     some schemas (two ATTACH PARTITIONs of one partitioned index on two levels). Returns what happened then
     (for the log and the metadata), None when the first try succeeded."""
     tool = _pg_restore_for(catalog, backup.manifest, at_most=target_major)
-    list_file = archive_scan.write_list_file(entries, raw.with_suffix(".list")) if entries is not None else None
+    list_file = toc_selection.write_list_file(entries, raw.with_suffix(".list")) if entries is not None else None
     jobs = restore_jobs(catalog, raw, jobs)
     try:
         postgres.pg_restore(target, raw, tool=tool, jobs=jobs, use_list=list_file, no_owner=no_owner, what=what)
