@@ -1,15 +1,18 @@
 """The structural reader of pg_dump's custom format, on generated data blocks: every row chunk
-comes out whole and in order wherever the reader's buffer happens to end."""
+comes out whole and in order wherever the reader's buffer happens to end; and the rows' count and
+fingerprint, the same however the block is cut into pieces."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import struct
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backup_assets.core.engines.pgarchive import ArchiveFormatError, _read_chunks, _Reader
+from backup_assets.core.engines.pgarchive import LONG_ROW, ArchiveFormatError, CopyFingerprint, _read_chunks, _Reader
 
 
 def encode_int(value: int, size: int = 4) -> bytes:
@@ -54,3 +57,48 @@ def test_a_block_cut_short_is_an_error(step):
     block = encode_int(10) + b"abc"
     with pytest.raises(ArchiveFormatError, match="ends early"):
         _read_chunks(_Reader(Trickle(block, step)), lambda _data: None)
+
+
+# COPY text rows: never a newline inside (COPY escapes it), never the end marker; short and long ones
+# (the fingerprint hashes a piece with OpenSSL's MD5 or CPython's by the piece's average row length)
+ROWS = st.lists(st.one_of(st.binary(max_size=40), st.binary(min_size=1, max_size=40).map(lambda b: b * (LONG_ROW // len(b) + 1)))
+                .map(lambda b: b.replace(b"\n", b"n")).filter(lambda b: b != b"\\."), max_size=30)
+
+
+def expected(rows: list[bytes]) -> tuple[int, int]:
+    return len(rows), sum(struct.unpack(">Q", hashlib.md5(r).digest()[:8])[0] for r in rows) % (1 << 64)
+
+
+def block_pieces(rows: list[bytes], cuts: list[int]) -> list[bytes]:
+    text = b"".join(r + b"\n" for r in rows) + b"\\.\n"
+    at = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
+    return [text[a:b] for a, b in zip(at, at[1:])]
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=ROWS, cuts=st.lists(st.integers(min_value=0, max_value=20_000), max_size=12))
+def test_rows_count_and_fingerprint_the_same_however_the_block_is_cut(rows, cuts):
+    pieces = block_pieces(rows, cuts)
+    loaded, fed, counted = b"", CopyFingerprint(), CopyFingerprint()
+    for piece in pieces:
+        loaded += fed.feed(piece)
+        counted.account(piece)
+    assert loaded == b"".join(r + b"\n" for r in rows)  # what a restore loads: every row, never the marker
+    for fp in (fed.finish(), counted.finish()):
+        assert (fp.rows, fp.total) == expected(rows)
+
+
+DAMAGED = {
+    "after the end": ([b"a\n", b"\\.\n", b"b\n"], "data after the end of a table's rows"),
+    "mid-row": ([b"a\nb"], "a data block ends in the middle of a row"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGED))
+def test_a_damaged_block_is_refused(damage):
+    pieces, message = DAMAGED[damage]
+    fp = CopyFingerprint()
+    with pytest.raises(ArchiveFormatError, match=message):
+        for piece in pieces:
+            fp.account(piece)
+        fp.finish()

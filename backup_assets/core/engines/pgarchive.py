@@ -316,6 +316,14 @@ def _read_chunks(r: _Reader, sink: Callable[[bytes], None] | None) -> None:
 
 MASK64 = (1 << 64) - 1
 
+try:  # CPython's own MD5: the same digest, but a third less time per row than OpenSSL's, whose per-object
+    # set-up outweighs the hashing of a line of a few dozen bytes (0.74 -> 0.48 µs per row with its sum here)
+    from _md5 import md5 as row_md5
+except ImportError:  # a Python built without it
+    row_md5 = hashlib.md5
+# the average row length above which OpenSSL's MD5 is the faster one (its per-byte speed wins from about 1 KB)
+LONG_ROW = 1024
+
 
 class CopyFingerprint:
     """Row count and an order-independent fingerprint of COPY text: the sum, modulo 2**64, of the
@@ -333,15 +341,23 @@ class CopyFingerprint:
         """Account for a piece of a data block. Returns the complete row lines it finishes (a
         partial last line is held back until its newline comes), never the end marker, for a
         caller that also loads the rows."""
+        if self._tail:
+            data, self._tail = self._tail + data, b""
+        return data[:self.account(data)]
+
+    def account(self, data: bytes) -> int:
+        """`feed` for a caller that only counts and fingerprints: no copy of the rows is made. Returns how
+        many bytes of the held-back partial line and `data` are complete rows."""
         if self._ended:
             if data.strip(b"\n"):
                 raise ArchiveFormatError("data after the end of a table's rows (\\.): the archive is damaged")
-            return b""
-        if self._tail:
-            data = self._tail + data
+            return 0
         lines = data.split(b"\n")
+        held = len(self._tail)
+        if held:
+            lines[0] = self._tail + lines[0]
         self._tail = lines.pop()
-        complete = len(data) - len(self._tail)
+        complete = held + len(data) - len(self._tail)
         try:  # pg_dump ends a table's rows with a line "\." (a row never is: COPY escapes backslashes)
             end = lines.index(b"\\.")
         except ValueError:
@@ -353,14 +369,15 @@ class CopyFingerprint:
             lines = lines[:end]
             self._tail = b""
             self._ended = True
-        md5 = hashlib.md5
+        # OpenSSL's MD5 hashes long lines faster, CPython's short ones (its set-up per object is cheaper)
+        md5 = hashlib.md5 if complete > LONG_ROW * len(lines) else row_md5
         unpack = struct.Struct(">Q").unpack_from
         total = self.total
         for line in lines:
             total += unpack(md5(line).digest())[0]
         self.total = total & MASK64
         self.rows += len(lines)
-        return data[:complete]
+        return complete
 
     def finish(self) -> "CopyFingerprint":
         if self._tail:

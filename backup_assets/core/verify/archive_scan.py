@@ -99,7 +99,7 @@ class _Blocks:
     def on_data(self, entry: TocEntry):
         fp = CopyFingerprint()
         self.per_entry[(entry.namespace or "", entry.tag)] = fp
-        return fp.feed
+        return fp.account
 
     def finish(self) -> None:
         for fp in self.per_entry.values():
