@@ -284,6 +284,30 @@ def test_every_corruption_is_caught_by_verify_and_refused_by_restore(pg18, catal
     assert b.artifact_path.name in out.out + out.err or "no backup" in out.err
 
 
+def test_a_killed_row_hashing_process_fails_the_checks_naming_the_artifact(pg18, catalog, monkeypatch, capsys):
+    """A big archive's rows are hashed in a second process (row_hasher): killed mid-pass, nothing passes."""
+    from backup_assets.core.verify import row_hasher
+
+    monkeypatch.setattr(row_hasher, "wanted", lambda _decoded: True)
+    sink = row_hasher.RowHasher.sink
+
+    def sink_then_die(self):
+        send = sink(self)
+
+        def killing(data):
+            send(data)
+            self._proc.kill()
+        return killing
+
+    monkeypatch.setattr(row_hasher.RowHasher, "sink", sink_then_die)
+    b = LocalRepository(catalog.repository_root).latest("zoo", "full", "daily", P)
+    assert main(["--catalog", catalog.catalog_path, "verify", "--source", "zoo", "--group", "full", "--partition", P,
+                 "--drill"]) == 1
+    out = capsys.readouterr()
+    assert f"{b.artifact_path}: the process fingerprinting the rows ended with exit code -9" in out.out + out.err, out
+    assert not leftovers(catalog, pg18)
+
+
 @pytest.mark.parametrize("value", ["../../etc", "2026-13-45", "*", "2026-11-20; rm -rf /", "2099-01-01"])
 @pytest.mark.parametrize("command", ["backup", "verify", "restore"])
 def test_bad_partitions_get_one_line_and_exit_2(catalog, command, value, capsys, monkeypatch):

@@ -1,6 +1,6 @@
 """The structural reader of pg_dump's custom format, on generated data blocks: every row chunk
 comes out whole and in order wherever the reader's buffer happens to end; and the rows' count and
-fingerprint, the same however the block is cut into pieces."""
+fingerprint, the same however the block is cut into pieces and whichever process hashes them."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backup_assets.core.engines.pgarchive import LONG_ROW, ArchiveFormatError, CopyFingerprint, _read_chunks, _Reader
+from backup_assets.core.verify.row_hasher import HasherFailed, RowHasher
 
 
 def encode_int(value: int, size: int = 4) -> bytes:
@@ -88,17 +89,62 @@ def test_rows_count_and_fingerprint_the_same_however_the_block_is_cut(rows, cuts
         assert (fp.rows, fp.total) == expected(rows)
 
 
+@settings(max_examples=15, deadline=None)
+@given(blocks=st.lists(st.tuples(ROWS, st.lists(st.integers(min_value=0, max_value=20_000), max_size=6)),
+                       min_size=1, max_size=4))
+def test_rows_hashed_in_a_second_process_equal_the_readers_own(blocks):
+    """Pieces of several blocks, interleaved as they never are in an archive, still land in their own block."""
+    hasher = RowHasher()
+    try:
+        sinks = [hasher.sink() for _ in blocks]
+        queues = [block_pieces(rows, cuts) for rows, cuts in blocks]
+        while any(queues):
+            for sink, queue in zip(sinks, queues):
+                if queue:
+                    sink(queue.pop(0))
+        got = hasher.finish()
+    finally:
+        hasher.close()
+    assert [(fp.rows, fp.total) for fp in got] == [expected(rows) for rows, _cuts in blocks]
+
+
 DAMAGED = {
     "after the end": ([b"a\n", b"\\.\n", b"b\n"], "data after the end of a table's rows"),
     "mid-row": ([b"a\nb"], "a data block ends in the middle of a row"),
 }
 
 
+@pytest.mark.parametrize("where", ["here", "apart"])
 @pytest.mark.parametrize("damage", sorted(DAMAGED))
-def test_a_damaged_block_is_refused(damage):
+def test_a_damaged_block_is_refused_with_the_same_words_wherever_it_is_hashed(damage, where):
     pieces, message = DAMAGED[damage]
-    fp = CopyFingerprint()
     with pytest.raises(ArchiveFormatError, match=message):
-        for piece in pieces:
-            fp.account(piece)
-        fp.finish()
+        if where == "here":
+            fp = CopyFingerprint()
+            for piece in pieces:
+                fp.account(piece)
+            fp.finish()
+        else:
+            hasher = RowHasher()
+            try:
+                good, bad = hasher.sink(), hasher.sink()
+                good(b"fine\n\\.\n")
+                for piece in pieces:
+                    bad(piece)
+                hasher.finish()
+            finally:
+                hasher.close()
+
+
+def test_a_hashing_process_that_dies_fails_the_pass_and_says_so():
+    hasher = RowHasher()
+    try:
+        sink = hasher.sink()
+        sink(b"a\n")
+        hasher._proc.kill()
+        hasher._proc.wait()
+        sink(b"b\n" * 100_000)  # into a closed pipe: no error here, the pass ends saying why
+        with pytest.raises(HasherFailed, match="fingerprinting the rows ended with exit code -9"):
+            hasher.finish()
+    finally:
+        hasher.close()

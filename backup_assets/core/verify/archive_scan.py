@@ -29,6 +29,7 @@ from backup_assets.core.engines.pgarchive import (Archive, ArchiveFormatError, A
                                TocEntry, combine, read_archive)
 from backup_assets.core.manifest import Manifest
 from backup_assets.core.names import TableName
+from backup_assets.core.verify import row_hasher
 
 
 @dataclass
@@ -90,20 +91,35 @@ class _Tee:
 
 
 class _Blocks:
-    """The data blocks of an archive being read: a row count and fingerprint per TOC entry."""
+    """The data blocks of an archive being read: a row count and fingerprint per TOC entry, computed here or,
+    given a `RowHasher`, in its process."""
 
-    def __init__(self) -> None:
+    def __init__(self, hasher: row_hasher.RowHasher | None = None) -> None:
         self.per_entry: dict[tuple[str, str], CopyFingerprint] = {}
         self.large_objects = LargeObjectFingerprint()
+        self._hasher = hasher
+        self._keys: list[tuple[str, str]] = []
 
     def on_data(self, entry: TocEntry):
+        key = (entry.namespace or "", entry.tag)
+        if self._hasher is not None:
+            self._keys.append(key)
+            return self._hasher.sink()
         fp = CopyFingerprint()
-        self.per_entry[(entry.namespace or "", entry.tag)] = fp
+        self.per_entry[key] = fp
         return fp.account
 
     def finish(self) -> None:
+        if self._hasher is not None:
+            for key, fp in zip(self._keys, self._hasher.finish()):
+                self.per_entry[key] = fp
+            return
         for fp in self.per_entry.values():
             fp.finish()
+
+    def close(self) -> None:
+        if self._hasher is not None:
+            self._hasher.close()
 
     def as_blocks(self) -> dict[tuple[str, str], tuple[int, str]]:
         """(rows, fingerprint) per data block, and the large objects under LARGE_OBJECTS as
@@ -149,14 +165,24 @@ def stream_error(exc: BaseException, copy_to: Path | None = None) -> str:
     return str(exc)  # ArchiveFormatError: what in the archive is wrong, and where
 
 
+def _new_blocks(decoded_bytes: int) -> _Blocks:
+    """The rows hashed in a second process when that pays (see row_hasher), else here."""
+    if row_hasher.wanted(decoded_bytes):
+        try:
+            return _Blocks(row_hasher.RowHasher())
+        except OSError:
+            pass
+    return _Blocks()
+
+
 def scan(artifact: Path, manifest: Manifest, *, copy_to: Path | None = None, pipe: BinaryIO | None = None,
          on_progress: Callable[[int], None] | None = None, identities=None, sha256=None) -> ArchiveScan:
     """Read the whole artifact once. Raises BackupError naming the artifact when it does not
     decode, is not a readable archive, or ends early. Given a hashlib object as `sha256`, the
     artifact's bytes are hashed into it in the same pass."""
     started = time.monotonic()
-    blocks = _Blocks()
     out = os.fdopen(os.open(copy_to, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") if copy_to is not None else None
+    blocks = _new_blocks(manifest.raw_size_bytes or 0)
     try:
         with open_decompressed(artifact, manifest.raw_size_bytes, identities, sha256) as reader:
             tee = _Tee(reader, out, pipe, on_progress)
@@ -166,7 +192,10 @@ def scan(artifact: Path, manifest: Manifest, *, copy_to: Path | None = None, pip
         blocks.finish()
     except (zstandard.ZstdError, ArchiveFormatError) as exc:
         raise BackupError(f"{artifact}: {stream_error(exc)}") from None
+    except row_hasher.HasherFailed as exc:
+        raise BackupError(f"{artifact}: {exc}") from None
     finally:
+        blocks.close()
         if out is not None:
             out.close()
     return blocks.scan(archive, manifest, tee.decoded, time.monotonic() - started)
