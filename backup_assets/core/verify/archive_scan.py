@@ -165,9 +165,9 @@ def stream_error(exc: BaseException, copy_to: Path | None = None) -> str:
     return str(exc)  # ArchiveFormatError: what in the archive is wrong, and where
 
 
-def _new_blocks(decoded_bytes: int) -> _Blocks:
+def _new_blocks(apart: bool) -> _Blocks:
     """The rows hashed in a second process when that pays (see row_hasher), else here."""
-    if row_hasher.wanted(decoded_bytes):
+    if apart:
         try:
             return _Blocks(row_hasher.RowHasher())
         except OSError:
@@ -182,7 +182,7 @@ def scan(artifact: Path, manifest: Manifest, *, copy_to: Path | None = None, pip
     artifact's bytes are hashed into it in the same pass."""
     started = time.monotonic()
     out = os.fdopen(os.open(copy_to, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") if copy_to is not None else None
-    blocks = _new_blocks(manifest.raw_size_bytes or 0)
+    blocks = _new_blocks(row_hasher.wanted(manifest.raw_size_bytes or 0))
     try:
         with open_decompressed(artifact, manifest.raw_size_bytes, identities, sha256) as reader:
             tee = _Tee(reader, out, pipe, on_progress)
@@ -256,7 +256,8 @@ class StreamCheck:
     def _start(self) -> None:
         self._started = time.monotonic()
         self._err = tempfile.TemporaryFile(dir=self.folder)
-        args = [sys.executable, "-m", __name__, "plain" if self.plain else "archive", str(self.folder / "head")]
+        mode = "plain" if self.plain else "archive-rows-apart" if row_hasher.beside_a_dump() else "archive"
+        args = [sys.executable, "-m", __name__, mode, str(self.folder / "head")]
         if self.copy_to is not None:
             args.append(str(self.copy_to))
         self._proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,
@@ -381,11 +382,11 @@ def _decode_stream(copy_to: Path) -> dict:
     return {"decoded": decoded}
 
 
-def _read_stream(head_to: Path, copy_to: Path | None) -> dict:
+def _read_stream(head_to: Path, copy_to: Path | None, *, rows_apart: bool = False) -> dict:
     """The child's side of StreamCheck: the zstd stream on stdin, read as `scan` reads a file."""
     source = sys.stdin.buffer
     out = os.fdopen(os.open(copy_to, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") if copy_to else None
-    blocks = _Blocks()
+    blocks = _new_blocks(rows_apart)
     tee = None
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(source, read_size=CHUNK, read_across_frames=True)
@@ -400,7 +401,10 @@ def _read_stream(head_to: Path, copy_to: Path | None) -> dict:
         blocks.finish()
     except (zstandard.ZstdError, ArchiveFormatError, OSError) as exc:
         return {"error": stream_error(exc, copy_to), "decoded": tee.decoded if tee else 0}
+    except row_hasher.HasherFailed as exc:
+        return {"error": str(exc), "decoded": tee.decoded if tee else 0}
     finally:
+        blocks.close()
         if out is not None:
             out.close()
         while source.read(CHUNK):  # the writer never waits on a reader that stopped
@@ -437,9 +441,10 @@ def archive_problems(scan_: ArchiveScan, manifest: Manifest) -> list[str]:
     return problems
 
 
-if __name__ == "__main__":  # StreamCheck's reader: archive|plain head-file [copy]
+if __name__ == "__main__":  # StreamCheck's reader: archive|archive-rows-apart|plain head-file [copy]
     if sys.argv[1] == "plain":
         _result = _decode_stream(Path(sys.argv[3]))
     else:
-        _result = _read_stream(Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None)
+        _result = _read_stream(Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None,
+                               rows_apart=sys.argv[1] == "archive-rows-apart")
     sys.stdout.write(json.dumps(_result))

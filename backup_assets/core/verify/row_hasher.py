@@ -8,7 +8,7 @@ hashing take a core each. The result is the same `CopyFingerprint` per block (th
 a damaged block is refused with the same message, at the end of the pass instead of where it was read.
 
 On one core there is nothing to gain, and for a small archive the child's start costs more than it saves:
-`wanted` says when to use it.
+`wanted` says when to use it (`beside_a_dump` for a stream read while it is written).
 """
 
 from __future__ import annotations
@@ -36,13 +36,22 @@ class HasherFailed(BackupError):
     """The second process itself failed (not the archive): the pass proves nothing."""
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def wanted(decoded_bytes: int) -> bool:
     """Worth a second process: a core to spare and an archive big enough."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return cores >= 2 and decoded_bytes >= MIN_BYTES
+    return _cores() >= 2 and decoded_bytes >= MIN_BYTES
+
+
+def beside_a_dump() -> bool:
+    """Worth a second process for a stream read while it is written (`StreamCheck`): the database server,
+    pg_dump and zstd keep about two cores busy, the reader a third, the hashing wants a fourth."""
+    return _cores() >= 4
 
 
 class RowHasher:
