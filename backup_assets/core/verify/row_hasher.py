@@ -55,14 +55,18 @@ def beside_a_dump() -> bool:
 
 
 class RowHasher:
-    """The reading side: `sink(n)` is block n's data sink (as `read_archive`'s callbacks return), `finish()`
-    the rows and fingerprint of every block. Raises ArchiveFormatError where a block is damaged (as the
+    """The reading side: `sink()` is the next data block's sink (what `read_archive`'s `on_data` returns),
+    `finish()` the rows and fingerprint of every block, in the order of the `sink()` calls. Raises ArchiveFormatError where a block is damaged (as the
     inline fingerprint would), HasherFailed when the child itself failed."""
 
     def __init__(self) -> None:
         self._err = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=self._err, bufsize=0)
+        try:
+            self._proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=self._err, bufsize=0)
+        except OSError:
+            self._err.close()
+            raise
         try:  # a deeper pipe: the reader does not wait on the child for every piece
             import fcntl
 
