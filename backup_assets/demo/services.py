@@ -80,9 +80,10 @@ def start_webhook(home: Path, port: int) -> Path:
     return log
 
 
-def stop_services(home: Path) -> list[str]:
+def stop_services(home: Path, names: tuple[str, ...] = ("s3", "webhook")) -> list[str]:
+    """Stop the named services of the demo in `home` (all by default); the ones that were running."""
     stopped = []
-    for name in ("s3", "webhook"):
+    for name in names:
         pid_file = home / f"{name}.pid"
         if _alive(pid_file):
             pid = int(pid_file.read_text().strip())
