@@ -133,10 +133,11 @@ def test_table_facts_of_many_awkward_tables_at_once(pg18):
     assert "vector" in facts.extensions
 
 
-def test_counts_and_fingerprints_of_more_tables_than_one_query_takes(pg18):
+def test_counts_and_fingerprints_of_more_tables_than_one_query_takes(pg18, monkeypatch):
     """Counts go COUNTS_AT_ONCE tables to a query (UNION ALL): over more tables than one query takes, with awkward
     names in two schemas, a partitioned table and an inheritance parent among them, every table gets its own count,
-    the count its fingerprint (over two connections at once) finds, and the same fingerprint it gets alone."""
+    the count its fingerprint (over two connections at once) finds, and the same fingerprint it gets alone. The
+    biggest tables are fingerprinted first (the sessions would otherwise wait on one that started last)."""
     from backup_assets.core.engines import pg_content, postgres
 
     db = "many_" + secrets.token_hex(4)
@@ -155,11 +156,15 @@ def test_counts_and_fingerprints_of_more_tables_than_one_query_takes(pg18):
         facts = postgres.table_facts(conn, names + extra)
         alone = {str(t): pg_content.fingerprint(conn, t) for t in names + extra}
         assert len(names) + len(extra) > postgres.COUNTS_AT_ONCE
-    at_once = pg_content.fingerprints(postgres.Endpoint(pg18.host, pg18.port, pg18.superuser, db, pg18.password),
-                                      list(reversed(names + extra)))
+    ep = postgres.Endpoint(pg18.host, pg18.port, pg18.superuser, db, pg18.password)
+    at_once = pg_content.fingerprints(ep, list(reversed(names + extra)))
+    order, real = [], pg_content.fingerprint
+    monkeypatch.setattr(pg_content, "fingerprint", lambda conn, t, **kw: order.append(str(t)) or real(conn, t, **kw))
+    pg_content.fingerprints(ep, list(reversed(names + extra)), workers=1)
     with pg18.connect() as conn:
         conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
     assert facts.row_counts == rows
     assert at_once == alone
+    assert set(order[:4]) == {k for k, n in rows.items() if n == 3000}, order[:6]
     assert {k: n for k, (n, _f) in at_once.items()} == rows
     assert len({f for _n, f in at_once.values()}) == len(at_once)  # different content, different fingerprints

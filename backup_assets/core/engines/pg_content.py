@@ -93,10 +93,13 @@ def fingerprint(conn: psycopg.Connection, table: TableName, *, settings_applied:
 
 
 # every table's kind, size and columns in one query: a small database has hundreds of tables, and a query per
-# table and fact was most of a drill's fingerprinting time
+# table and fact was most of a drill's fingerprinting time. The size (what the work is ordered by) is that of all
+# its data with TOAST, a partitioned table's its partitions' (pg_partition_tree lists nothing for a table that is
+# not partitioned: until 2026-12-07 every plain table's size read 0, and the biggest did not go first)
 _TABLES_AT_ONCE = """
 SELECT c.relkind,
-       (SELECT coalesce(sum(pg_relation_size(relid)), 0) FROM pg_partition_tree(c.oid)),
+       CASE WHEN c.relkind = 'p' THEN (SELECT coalesce(sum(pg_table_size(relid)), 0) FROM pg_partition_tree(c.oid))
+            ELSE pg_table_size(c.oid) END,
        (SELECT coalesce(json_agg(json_build_array(a.attname, t.typcategory, t.typname) ORDER BY a.attnum), '[]')
           FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
          WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '')
