@@ -111,6 +111,9 @@ def test_make_backup_shows_in_dagster_one_run_per_partition_and_says_how_far_bac
         checks = instance.event_log_storage.get_latest_asset_check_execution_by_key(
             [dg.AssetCheckKey(base, n) for n in ("base_verified", "wal_continuity", "recovery_point", "pitr_drill")])
         assert len(checks) == 4, checks
+        # the first make backup leaves two commits after a first base backup: the drill has a time to restore to
+        drill = checks[dg.AssetCheckKey(base, "pitr_drill")].event.dagster_event.event_specific_data
+        assert drill.passed, drill.description
         runs = instance.get_runs(filters=dg.RunsFilter(job_name="daily_backups", tags={"backup_assets/trigger": "cli"}))
         assert len(runs) == 1, "one run for the partition, every daily asset in it"
         assert runs[0].tags["backup_assets/command"] == "backup-assets backup --tier daily"

@@ -345,7 +345,23 @@ def backup() -> int:
 
     code = main(["backup", "--tier", "daily"])
     # and a base backup of the server, so a restore to any time from now on works (point-in-time recovery)
+    from backup_assets.catalog import catalog_from_env
+    from backup_assets.core.pitr.base import base_backups
+
+    if not base_backups(catalog_from_env(), "myloware"):
+        # the first time, a base backup before it and two commits in between: its pitr_drill restores to a time
+        # between two commits after the oldest base backup, and a server nobody writes to has none to show
+        code = main(["basebackup", "--source", "myloware"]) or code
+        two_commits(demo_cluster(demo_home()))
     return main(["basebackup", "--source", "myloware", "--dagster"]) or code
+
+
+def two_commits(cluster: LocalCluster) -> None:
+    """Two transactions that commit (each takes a transaction id, so its commit is in the WAL) and change no data."""
+    for _ in range(2):
+        with cluster.connect("myloware") as conn:
+            conn.execute("SELECT pg_current_xact_id()")
+        time.sleep(0.01)
 
 
 def _children(pid: int) -> list[int]:
