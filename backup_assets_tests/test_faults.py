@@ -26,6 +26,7 @@ from backup_assets.core.failpoints import ENV as FAILPOINTS
 from backup_assets.core.owner import Owner
 from backup_assets.core.repository import LocalRepository
 from backup_assets.core.verify.checks import artifact_intact
+from backup_assets.core.verify.records import read_status
 
 from . import zoo
 from .conftest import pg_source, reseal
@@ -305,6 +306,70 @@ def test_a_killed_row_hashing_process_fails_the_checks_naming_the_artifact(pg18,
                  "--drill"]) == 1
     out = capsys.readouterr()
     assert f"{b.artifact_path}: the process fingerprinting the rows ended with exit code -9" in out.out + out.err, out
+    assert not leftovers(catalog, pg18)
+
+
+def test_a_killed_head_start_process_fails_the_checks_and_the_command_says_so(pg18, catalog, tmp_path, monkeypatch):
+    """`backup` runs its first backup in a child process beside Dagster's start (head_start): killed in the middle
+    of the drill, the command itself goes on, records the checks as failed naming how the child ended, exits 1,
+    and the next operation leaves nothing behind."""
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dh"))
+    (tmp_path / "dh").mkdir()
+    (tmp_path / "dh" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    proc = child(catalog, "backup", "--select", "zoo/full", "--partition", "2026-11-22", failpoint="drill.decoded")
+    out, err = (b.decode() for b in proc.communicate(timeout=300))
+    assert proc.returncode == 1, out + err
+    assert "zoo/full_daily 2026-11-22: " in out and "checks FAILED: archive_readable, artifact_intact, restore_drill" in out
+    said = "zoo full daily 2026-11-22: the process that backed it up while Dagster started ended by signal 9 before " \
+           "it said how the backup went"
+    b = LocalRepository(catalog.repository_root).latest("zoo", "full", "daily", "2026-11-22")
+    assert b is not None and artifact_intact(b).passed  # the dump was done; what it did not prove is failed
+    record = read_status(b)
+    assert all(not record[n]["passed"] and record[n]["message"] == said for n in ("artifact_intact", "restore_drill")), record
+    assert main(["--catalog", catalog.catalog_path, "doctor"]) == 0
+    assert not leftovers(catalog, pg18)
+
+
+def test_the_head_start_process_dies_with_the_command(pg18, catalog, zoo_db, tmp_path, monkeypatch):
+    """kill -9 of `backup` while its first backup runs in the child process: the child goes too (no backup goes on
+    unowned; here it waits on a lock the test holds, so it would not end by itself), nothing partial counts, and
+    the next operation leaves nothing behind."""
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dh"))
+    (tmp_path / "dh").mkdir()
+    (tmp_path / "dh" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+        except (OSError, IndexError):
+            return False
+
+    with pg18.connect(zoo_db) as lock:
+        lock.execute("BEGIN")
+        lock.execute("LOCK TABLE public.t IN ACCESS EXCLUSIVE MODE")
+        proc = child(catalog, "backup", "--select", "zoo/full", "--partition", "2026-11-23")
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        deadline = time.monotonic() + 60
+        forked, waiting = [], False
+        while not (forked and waiting) and time.monotonic() < deadline and proc.poll() is None:
+            forked = forked or [int(c) for c in children.read_text().split()
+                                if "backup_assets.cli" in Path(f"/proc/{c}/cmdline").read_text(errors="replace")]
+            with pg18.connect(zoo_db) as look:
+                waiting = look.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0] > 0
+            time.sleep(0.05)
+        assert forked and waiting, "the command's first backup did not wait on the lock in a child process"
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while alive(forked[0]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(forked[0]), "the head start went on after its command was killed"
+        lock.execute("ROLLBACK")
+    assert LocalRepository(catalog.repository_root).latest("zoo", "full", "daily", "2026-11-23") is None
+    deadline = time.monotonic() + 30  # the orphaned pg_dump ends when it finds its reader gone
+    while leftovers(catalog, pg18) and time.monotonic() < deadline:
+        main(["--catalog", catalog.catalog_path, "doctor"])
+        time.sleep(0.2)
     assert not leftovers(catalog, pg18)
 
 

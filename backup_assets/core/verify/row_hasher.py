@@ -36,7 +36,7 @@ class HasherFailed(BackupError):
     """The second process itself failed (not the archive): the pass proves nothing."""
 
 
-def _cores() -> int:
+def cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -45,13 +45,13 @@ def _cores() -> int:
 
 def wanted(decoded_bytes: int) -> bool:
     """Worth a second process: a core to spare and an archive big enough."""
-    return _cores() >= 2 and decoded_bytes >= MIN_BYTES
+    return cores() >= 2 and decoded_bytes >= MIN_BYTES
 
 
 def beside_a_dump() -> bool:
     """Worth a second process for a stream read while it is written (`StreamCheck`): the database server,
     pg_dump and zstd keep about two cores busy, the reader a third, the hashing wants a fourth."""
-    return _cores() >= 4
+    return cores() >= 4
 
 
 class RowHasher:
