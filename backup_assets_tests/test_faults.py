@@ -330,6 +330,27 @@ def test_a_killed_head_start_process_fails_the_checks_and_the_command_says_so(pg
     assert not leftovers(catalog, pg18)
 
 
+@pytest.mark.parametrize("written", [b"", b"\x40\x00\x00\x00\x00\x00\x00\x00" + b"torn", b"\x04" + b"\x00" * 7 + b"junk"])
+def test_a_head_start_child_that_says_nothing_readable_fails_both_futures(written):
+    """What the command's side makes of a child that ended before a whole, readable report: both the backup and its
+    checks fail, naming the exit code, instead of leaving the step waiting."""
+    from backup_assets.core import BackupError
+    from backup_assets.core.backup import head_start
+
+    head = head_start.HeadStart(("zoo", "full", "daily", P), ["artifact_intact"])
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(writer, written)
+        os._exit(3)
+    os.close(writer)
+    head_start._collect(head, pid, reader)
+    for future in (head.dumped, head.checked):
+        with pytest.raises(BackupError, match=f"zoo full daily {P}: the process that backed it up while Dagster "
+                                              "started ended with exit code 3 before it said how the backup went"):
+            future.result(timeout=0)
+
+
 def test_the_head_start_process_dies_with_the_command(pg18, catalog, zoo_db, tmp_path, monkeypatch):
     """kill -9 of `backup` while its first backup runs in the child process: the child goes too (no backup goes on
     unowned; here it waits on a lock the test holds, so it would not end by itself), nothing partial counts, and

@@ -143,13 +143,20 @@ def _collect(head: HeadStart, pid: int, reader: int) -> None:
     """The command's side: each message of the child resolves its future; what the child never sent fails."""
     from backup_assets.core import BackupError
 
-    with os.fdopen(reader, "rb") as pipe:
-        while len(size := pipe.read(FRAME.size)) == FRAME.size:
-            what, ok, value, lines = pickle.loads(pipe.read(FRAME.unpack(size)[0]))
-            head.lines[:] = lines
-            future = head.dumped if what == "dumped" else head.checked
-            future.set_result(value) if ok else future.set_exception(value)
-            head.times[what] = time.time()
+    try:
+        with os.fdopen(reader, "rb") as pipe:
+            while len(size := pipe.read(FRAME.size)) == FRAME.size:
+                frame = pipe.read(FRAME.unpack(size)[0])
+                if len(frame) < FRAME.unpack(size)[0]:
+                    break  # cut short: the child died while it wrote
+                what, ok, value, lines = pickle.loads(frame)
+                head.lines[:] = lines
+                future = head.dumped if what == "dumped" else head.checked
+                if not future.done():
+                    future.set_result(value) if ok else future.set_exception(value)
+                head.times[what] = time.time()
+    except Exception:  # noqa: BLE001 - a frame that does not read: what it would have said is failed below
+        pass
     code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     ended = f"with exit code {code}" if code >= 0 else f"by signal {-code}"
     for future in (head.dumped, head.checked):
