@@ -102,6 +102,13 @@ def test_daemon_runs_the_schedule_backfills_and_alerts(pg18, source_cluster, mot
                DAGSTER_PG_USER=pg18.superuser, DAGSTER_PG_PASSWORD=os.environ[PG18_PASSWORD_ENV])
     for name in ("DAGSTER_PG_HOST", "DAGSTER_PG_PORT", "DAGSTER_PG_DB", "DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD"):
         monkeypatch.setenv(name, env[name])  # this process reads the same instance
+    # the storages are created here first, as `make run` does (demo.prepare_instance): a webserver and a daemon
+    # creating a fresh PostgreSQL storage at the same moment race, and the loser exits on "type instigators already
+    # exists" (the deployments restart it: compose's loop, systemd's Restart=on-failure; this test would not)
+    with dg.DagsterInstance.from_config(str(home)) as first:
+        first.get_runs(limit=1)
+        first.all_instigator_state()
+        first.event_log_storage.get_event_records(dg.EventRecordsFilter(dg.DagsterEventType.RUN_SUCCESS), limit=1)
     bin_dir = Path(sys.executable).parent
     logs = {name: open(tmp_path / f"{name}.log", "wb") for name in ("webserver", "daemon")}
     procs = [
