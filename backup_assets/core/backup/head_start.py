@@ -2,10 +2,10 @@
 
 `backup-assets backup` runs its backups through Dagster, so the UI shows them; in a fresh process Dagster's
 start (importing it, the definitions, the instance) costs more than a small database's dump and checks. So the
-command starts its first backup (the dump, then its checks, as the asset's step takes them) in a thread as
-soon as the catalog is read and the command's input is checked, and the step hands over what that thread
-produced instead of dumping again: the same artifact and the same check results, recorded by the same run,
-only earlier. The thread waits on pg_dump, zstd and the drill's server, so it runs beside Dagster's imports.
+command starts its first backup (the dump, then its checks, as the asset's step takes them) as soon as the
+catalog is read and the command's input is checked, and the step hands over what that head start produced
+instead of dumping again: the same artifact and the same check results, recorded by the same run, only earlier.
+It mostly waits on pg_dump, zstd and the drill's server, so it runs beside Dagster's imports.
 
 Only the process that started it sees a head start (a run launched elsewhere, by the daemon, never does), only
 a step that backs up exactly that source, group, tier and partition takes it, and only once. What no step
