@@ -274,6 +274,9 @@ def test_the_sqlite_drill_fails_when_a_setting_cannot_come_back(write_catalog, t
     assert not outcome.passed and "SQLite journal_mode is False after the restore, the store had True" in outcome.message
 
 
+# a statement on the privileges of the large object (its oid, and the reader role, spelled as an identifier)
+LO_PRIVILEGE = ("DO $$BEGIN EXECUTE format('{statement}', (SELECT oid FROM pg_largeobject_metadata), "
+                "{{reader_literal}}); END$$")
 DAMAGE = {
     "trigger": ("DROP TRIGGER trig_stamp ON trig", "TRIGGER trig trig_stamp in schema public is missing"),
     "trigger comment": ("COMMENT ON TRIGGER trig_stamp ON trig IS NULL", "COMMENT TRIGGER trig_stamp ON trig"),
@@ -288,6 +291,10 @@ DAMAGE = {
                                                                         "the archive holds 1 (3 bytes)"),
     "large object content": ("SELECT lo_put(oid, 0, '\\x01'::bytea) FROM pg_largeobject_metadata",
                              "large objects differ in content"),
+    "large object grant": (LO_PRIVILEGE.format(statement="REVOKE SELECT ON LARGE OBJECT %s FROM %s"),
+                           "privileges differ after the restore: the archive grants SELECT to "),
+    "large object public": (LO_PRIVILEGE.format(statement="GRANT UPDATE ON LARGE OBJECT %s TO PUBLIC"),
+                            "UPDATE to PUBLIC"),
     "extra function": ("CREATE FUNCTION extra() RETURNS int LANGUAGE sql AS 'SELECT 1'",
                        "FUNCTION extra() in schema public exists after the restore but not in the archive"),
 }
@@ -303,6 +310,8 @@ def test_the_drill_names_what_a_restored_copy_lost(pg18, write_catalog, damage, 
             conn.execute(HOSTILE)
             zoo.ensure_role(conn, zoo.READER_ROLE)
             conn.execute(sql.SQL("GRANT SELECT ON comp TO {}").format(sql.Identifier(zoo.READER_ROLE)))
+            conn.execute(LO_PRIVILEGE.format(statement="GRANT SELECT ON LARGE OBJECT %s TO %s").format(
+                reader_literal=sql.Literal(sql.Identifier(zoo.READER_ROLE).as_string(conn)).as_string(conn)))
         catalog = write_catalog({"h": pg_source(pg18, name, groups=GROUPS)})
         run_backup(catalog, "h", "full", "daily", P)
         good = restore_drill(catalog, latest(catalog, "full"))
@@ -317,7 +326,8 @@ def test_the_drill_names_what_a_restored_copy_lost(pg18, write_catalog, damage, 
         def restore_then_damage(catalog_, backup_, target, raw, **kw):
             real(catalog_, backup_, target, raw, **kw)
             with postgres.connect(target) as conn:
-                conn.execute(statement.format(reader=sql.Identifier(zoo.READER_ROLE).as_string(conn)))
+                reader = sql.Identifier(zoo.READER_ROLE).as_string(conn)
+                conn.execute(statement.format(reader=reader, reader_literal=sql.Literal(reader).as_string(conn)))
 
         monkeypatch.setattr(verify_restore_drill, "pg_restore_archive", restore_then_damage)
         outcome = restore_drill(catalog, latest(catalog, "full"))

@@ -108,12 +108,37 @@ def _large_object_metadata(blocks: Counter) -> tuple[Counter, dict[int, dict]]:
                 found.setdefault(int(oid), {"owner": None, "comment": None})["owner"] = owner
             for oid, comment in re.findall(r"^COMMENT ON LARGE OBJECT (\d+) IS '((?:[^']|'')*)';$", text, re.M | re.S):
                 found.setdefault(int(oid), {"owner": None, "comment": None})["comment"] = comment.replace("''", "'")
+            for verb, what, oid, grantee, option in LARGE_OBJECT_ACL.findall(text):
+                found.setdefault(int(oid), {"owner": None, "comment": None}).setdefault("acl", []).append(
+                    (verb, what, grantee, bool(option)))
         else:
             rest[(obj, body)] += n
     return rest, found
 
 
 LARGE_OBJECT_TYPES = {"BLOB", "BLOB METADATA", "LARGE OBJECT"}
+# pg_dump's privileges of a large object: the GRANTs and REVOKEs that make its ACL from the default (its owner's)
+LARGE_OBJECT_ACL = re.compile(r"^(GRANT|REVOKE) (.+?) ON LARGE OBJECT (\d+) (?:TO|FROM) (.+?)( WITH GRANT OPTION)?;$", re.M)
+LARGE_OBJECT_PRIVILEGES = ("SELECT", "UPDATE")
+
+
+def large_object_acl(owner: str, statements: list[tuple[str, str, str, bool]]) -> dict[tuple[str, str], bool]:
+    """{(grantee, privilege): grantable} after pg_dump's statements, applied in order to a large object's default
+    ACL (its owner may read and write it)."""
+    acl = {(owner, p): False for p in LARGE_OBJECT_PRIVILEGES}
+    for verb, what, grantee, option in statements:
+        only_option = what.startswith("GRANT OPTION FOR ")
+        what = what.removeprefix("GRANT OPTION FOR ")
+        privileges = LARGE_OBJECT_PRIVILEGES if what.startswith("ALL") else [p.strip() for p in what.split(",")]
+        for p in privileges:
+            if verb == "GRANT":
+                acl[(grantee, p)] = acl.get((grantee, p), False) or option
+            elif only_option:
+                if (grantee, p) in acl:
+                    acl[(grantee, p)] = False
+            else:
+                acl.pop((grantee, p), None)
+    return acl
 
 
 def compare_texts(archive_text: str, restored_text: str, *, exact: bool, owners: bool = True) -> list[str]:
@@ -179,15 +204,26 @@ def compare(archive: Archive, raw: Path, entries: list[TocEntry] | None, target:
     _, wanted_los = _large_object_metadata(parse_objects(archive_text))
     if wanted_los:
         with postgres.connect(target) as conn:
-            restored_los = {oid: {"owner": owner, "comment": comment} for oid, owner, comment in conn.execute(
-                "SELECT oid::bigint, quote_ident(pg_get_userbyid(lomowner)), obj_description(oid, 'pg_largeobject') "
-                "FROM pg_largeobject_metadata").fetchall()}
+            restored_los = {oid: {"owner": owner, "comment": comment, "acl": {(g, p): grantable for g, p, grantable in acl}}
+                            for oid, owner, comment, acl in conn.execute(_RESTORED_LARGE_OBJECTS).fetchall()}
         result.problems += compare_large_object_metadata(wanted_los, restored_los, owners=not no_owner)
     return result
 
 
+# each large object's owner, comment and privileges (grantee, privilege, grantable; PUBLIC for everyone)
+_RESTORED_LARGE_OBJECTS = """
+SELECT m.oid::bigint, quote_ident(pg_get_userbyid(m.lomowner)), obj_description(m.oid, 'pg_largeobject'),
+       (SELECT coalesce(json_agg(json_build_array(CASE WHEN a.grantee = 0 THEN 'PUBLIC'
+                                                       ELSE quote_ident(pg_get_userbyid(a.grantee)) END,
+                                                  a.privilege_type, a.is_grantable)), '[]')
+          FROM aclexplode(coalesce(m.lomacl, acldefault('L', m.lomowner))) a)
+  FROM pg_largeobject_metadata m
+"""
+
+
 def compare_large_object_metadata(want: dict[int, dict], got: dict[int, dict], *, owners: bool) -> list[str]:
-    """Large objects by oid: each exists, with its owner and comment (their privileges are not compared)."""
+    """Large objects by oid: each exists, with its owner, comment and (where owners and privileges were restored)
+    privileges."""
     problems = []
     for oid in sorted(want):
         if oid not in got:
@@ -199,8 +235,18 @@ def compare_large_object_metadata(want: dict[int, dict], got: dict[int, dict], *
         if owners and want[oid]["owner"] is not None and want[oid]["owner"] != got[oid]["owner"]:
             problems.append(f"LARGE OBJECT {oid} is owned by {got[oid]['owner']} after the restore, "
                             f"the archive says {want[oid]['owner']}")
+        if owners and want[oid]["owner"] is not None and "acl" in got[oid]:
+            wanted_acl = large_object_acl(want[oid]["owner"], want[oid].get("acl", []))
+            if wanted_acl != got[oid]["acl"]:
+                problems.append(f"LARGE OBJECT {oid} privileges differ after the restore: the archive grants "
+                                f"{_acl_words(wanted_acl)}, the restored database {_acl_words(got[oid]['acl'])}")
     problems += [f"LARGE OBJECT {oid} exists after the restore but not in the archive" for oid in sorted(set(got) - set(want))]
     return problems
+
+
+def _acl_words(acl: dict[tuple[str, str], bool]) -> str:
+    return ", ".join(f"{p} to {g}{' with grant option' if grantable else ''}" for (g, p), grantable in sorted(acl.items())) \
+        or "nothing"
 
 
 def large_objects(conn) -> tuple[int, int, str]:
